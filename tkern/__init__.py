@@ -1,0 +1,14 @@
+"""tkern: fused Triton kernels for BatchNorm, LRN, activation + dropout and weight normalization.
+
+CUDA tensors run compiled Triton kernels; CPU tensors run the same kernels in Triton's interpreter
+when TRITON_INTERPRET=1 was set before triton was imported, and otherwise fall back to eager PyTorch
+with one warning.
+"""
+
+from . import nn
+from .activations import ACTIVATIONS
+from .ops.activation_dropout import activation_dropout
+
+__version__ = "0.1.0"
+
+__all__ = ["ACTIVATIONS", "activation_dropout", "nn"]

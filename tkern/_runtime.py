@@ -1,0 +1,120 @@
+"""Where a kernel runs, and the launch rules every op shares.
+
+The runtime rule:
+- tensors on a GPU (any non-CPU device Triton targets) run the compiled Triton kernels;
+- CPU tensors with ``TRITON_INTERPRET=1`` (set before triton is imported) run the very same kernels in
+  Triton's interpreter, which is how the test-suite checks kernels on machines without a GPU;
+- CPU tensors otherwise fall back to eager PyTorch, with one warning per op.
+Tensors on different devices raise ``RuntimeError``, as PyTorch's own ops do.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import triton
+import triton.language as tl
+
+_warned: set[str] = set()
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs kernels in its interpreter (read each call: tests may toggle it)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_same_device(*tensors: torch.Tensor | None) -> torch.device | None:
+    """The common device of the given tensors (``None`` entries ignored); RuntimeError if they differ."""
+    device = None
+    for t in tensors:
+        if t is None:
+            continue
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            raise RuntimeError(
+                f"Expected all tensors to be on the same device, but found at least two devices, "
+                f"{device} and {t.device}!"
+            )
+    return device
+
+
+def use_triton(op: str, *tensors: torch.Tensor | None) -> bool:
+    """Apply the runtime rule for ``op``: True to launch Triton kernels, False for the eager fallback."""
+    device = check_same_device(*tensors)
+    if device is None or device.type != "cpu" or interpreter_enabled():
+        return True
+    if op not in _warned:
+        _warned.add(op)
+        warnings.warn(
+            f"tkern.{op}: CPU tensors without TRITON_INTERPRET=1 run eager PyTorch, not tkern's "
+            f"Triton kernels; move the tensors to a GPU (or set TRITON_INTERPRET=1 before importing "
+            f"triton to run the kernels in Triton's interpreter).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False
+
+
+def compute_dtype(dtype: torch.dtype):
+    """Triton type for the arithmetic: fp64 for fp64 tensors, fp32 for everything else."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """torch type of saved statistics and partial sums: fp64 for fp64, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def num_warps_for(block: int) -> int:
+    """Warps for a block of ``block`` elements: one warp per 256 elements, between 1 and 16."""
+    return max(1, min(16, block // 256))
+
+
+def is_dense(x: torch.Tensor) -> bool:
+    """True when ``x`` covers its memory without gaps or overlaps (any dim order), so an
+    elementwise kernel can walk it as a flat array and ``torch.empty_like`` keeps its strides."""
+    if x.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(zip(x.shape, x.stride()), key=lambda d: d[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def draw_seed(generator: torch.Generator | None = None) -> int:
+    """A Philox seed from torch's default CPU generator (or ``generator``), so that
+    ``torch.manual_seed`` reproduces a run and consecutive calls draw new masks.
+    31 bits keep the kernel's seed argument one integer type, hence one compiled variant."""
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**31 - 1, (), generator=generator, device=device).item())
+
+
+def cdiv(a: int, b: int) -> int:
+    return triton.cdiv(a, b)
+
+
+class DtypeError(TypeError, RuntimeError):
+    """A tensor of a dtype the op does not take.  PyTorch raises RuntimeError or TypeError for
+    this depending on the op; this is both, so either ``except`` clause catches it."""
+
+
+def check_floating(op: str, **tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and not t.is_floating_point():
+            raise DtypeError(f"tkern.{op}: {name} must be a floating-point tensor, got {t.dtype}")
+
+
+def needs_int64(*tensors: torch.Tensor | None, margin: int = 1 << 20) -> bool:
+    """Whether element offsets can pass 2^31 (then kernels index in int64; else int32 is cheaper).
+    ``margin`` covers a last block that overruns the tensor's end."""
+    def span(t: torch.Tensor) -> int:  # elements between the first and one past the last
+        return max(t.numel(), 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()) if n))
+
+    return any(t is not None and span(t) + margin >= 2**31 for t in tensors)

@@ -1,0 +1,5 @@
+"""Drop-in modules: each subclasses (or mirrors) its torch.nn counterpart, same state_dict."""
+
+from .activation_dropout import ActivationDropout
+
+__all__ = ["ActivationDropout"]

@@ -1,0 +1,1 @@
+"""One module per op: its Triton kernels, host launchers and autograd.Function."""
