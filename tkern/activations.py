@@ -106,7 +106,8 @@ def _gelu_tanh_inner(z):
 
 @triton.jit
 def activate(z, ACTIVATION: tl.constexpr, negative_slope, alpha):
-    """act(z) for the pre-activation block ``z`` (fp32 or fp64)."""
+    """act(z) for the pre-activation block ``z`` (fp32 or fp64); ``negative_slope`` and ``alpha``
+    must already be in z's type (see the scalar idiom in docs/CONVENTIONS.md)."""
     if ACTIVATION == "identity":
         y = z
     elif ACTIVATION == "relu":
@@ -138,7 +139,7 @@ def activation_grad(z, ACTIVATION: tl.constexpr, negative_slope, alpha):
     elif ACTIVATION == "relu":
         d = tl.where(z > 0, 1.0, 0.0).to(z.dtype)
     elif ACTIVATION == "leaky_relu":
-        d = tl.where(z > 0, 1.0, negative_slope).to(z.dtype)
+        d = tl.where(z > 0, tl.full(z.shape, 1.0, z.dtype), negative_slope)
     elif ACTIVATION == "sigmoid":
         s = _sigmoid(z)
         d = s * (1.0 - s)

@@ -52,8 +52,9 @@ def _forward_kernel(
     BIAS,  # bias over the last dim (n_cols,), or a dummy when HAS_BIAS is False
     Y,  # output, flat (n_elements,), same layout as X
     n_elements, n_cols,  # element count; length of the last dim (bias index = offset % n_cols)
-    seed, p, scale,  # Philox seed; drop probability; 1 / (1 - p), or 0 when p == 1
-    negative_slope, alpha,  # leaky_relu slope; elu alpha
+    seed, p,  # Philox seed; drop probability
+    scale: tl.float64,  # 1 / (1 - p), or 0 when p == 1
+    negative_slope: tl.float64, alpha: tl.float64,  # leaky_relu slope; elu alpha
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     COMPUTE: tl.constexpr,  # fp32, or fp64 for fp64 tensors
     INT64: tl.constexpr,  # index in int64 (tensors past 2^31 elements)
@@ -62,6 +63,10 @@ def _forward_kernel(
     pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
+    # float arguments in the compute type, exact for fp64 (see docs/CONVENTIONS.md)
+    scale = (tl.zeros([1], COMPUTE) + scale).to(COMPUTE)
+    negative_slope = (tl.zeros([1], COMPUTE) + negative_slope).to(COMPUTE)
+    alpha = (tl.zeros([1], COMPUTE) + alpha).to(COMPUTE)
     lanes = tl.arange(0, QUARTER)
     counters = pid * QUARTER + lanes
     if DROPOUT:
@@ -99,13 +104,18 @@ def _backward_kernel(
     X, BIAS,  # forward's input and bias (the bias a dummy when HAS_BIAS is False)
     DY,  # gradient of y, in X's layout
     DX,  # gradient of x (= gradient of z), in X's layout
-    n_elements, n_cols, seed, p, scale, negative_slope, alpha,  # as in forward
+    n_elements, n_cols, seed, p,  # as in forward
+    scale: tl.float64, negative_slope: tl.float64, alpha: tl.float64,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     COMPUTE: tl.constexpr, INT64: tl.constexpr, QUARTER: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
+    # float arguments in the compute type, exact for fp64 (see docs/CONVENTIONS.md)
+    scale = (tl.zeros([1], COMPUTE) + scale).to(COMPUTE)
+    negative_slope = (tl.zeros([1], COMPUTE) + negative_slope).to(COMPUTE)
+    alpha = (tl.zeros([1], COMPUTE) + alpha).to(COMPUTE)
     lanes = tl.arange(0, QUARTER)
     counters = pid * QUARTER + lanes
     if DROPOUT:

@@ -1,0 +1,273 @@
+"""tkern.activation_dropout and tkern.nn.ActivationDropout against PyTorch."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tkern
+from tkern import _runtime
+from tkern.activations import eager_activation
+from tkern.ops.activation_dropout import BLOCK, QUARTER
+from tkern.testing import assert_close_rule
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+# (activation, approximate): every entry of the table, gelu in both forms
+ACTS = [(a, "none") for a in tkern.ACTIVATIONS] + [("gelu", "tanh")]
+PARAMS = dict(negative_slope=0.2, alpha=1.3)
+
+
+def _eager(x, act, approximate, bias=None):
+    z = x if bias is None else x + bias
+    return eager_activation(z, act, PARAMS["negative_slope"], PARAMS["alpha"], approximate)
+
+
+def _mask(shape, p, device, seed):
+    """The keep-mask tkern draws for ``shape`` with generator seed ``seed``, read off a ones tensor."""
+    g = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
+    ones = torch.ones(shape, device=device)
+    return tkern.activation_dropout(ones, "identity", p, generator=g) != 0
+
+
+@pytest.mark.parametrize("act,approximate", ACTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_activation_matches_torch(device, act, approximate, dtype):
+    shape = (3, 5, 37)
+    x64 = (torch.randn(shape, device=device, dtype=torch.float64) * 3).requires_grad_()
+    b64 = torch.randn(shape[-1], device=device, dtype=torch.float64).requires_grad_()
+    dy64 = torch.randn(shape, device=device, dtype=torch.float64)
+    x, b, dy = (t.detach().to(dtype).requires_grad_(t.requires_grad) for t in (x64, b64, dy64))
+    xt, bt = (t.detach().clone().requires_grad_() for t in (x, b))
+
+    ours = tkern.activation_dropout(x, act, 0.0, bias=b, approximate=approximate, **PARAMS)
+    theirs = _eager(xt, act, approximate, bt)
+    ref = _eager(x64, act, approximate, b64)
+    assert_close_rule(ours, theirs, ref, name=f"{act} forward")
+
+    ours.backward(dy)
+    theirs.backward(dy)
+    ref.backward(dy64)
+    assert_close_rule(x.grad, xt.grad, x64.grad, name=f"{act} dx")
+    assert_close_rule(b.grad, bt.grad, b64.grad, name=f"{act} dbias")
+
+
+@pytest.mark.parametrize("act,approximate", ACTS)
+def test_gradcheck_with_dropout(device, act, approximate):
+    x = torch.randn(3, 7, device=device, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, device=device, dtype=torch.float64, requires_grad=True)
+    gen_device = device if device.type == "cuda" else "cpu"
+    g = torch.Generator(device=gen_device)
+
+    def fn(x, b):  # the same mask on every call: reseed the generator each time
+        g.manual_seed(1234)
+        return tkern.activation_dropout(x, act, 0.3, bias=b, approximate=approximate, generator=g,
+                                        **PARAMS)
+
+    assert torch.autograd.gradcheck(fn, (x, b))
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5, 0.9])
+def test_dropout_statistics_and_survivors(device, p):
+    x = torch.randn(64, 129, device=device) + 0.1  # 4 programs; no exact zeros
+    g = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(7)
+    y = tkern.activation_dropout(x, "identity", p, generator=g)
+    keep = y != 0
+    n = x.numel()
+    kept = keep.sum().item()
+    sigma = math.sqrt(n * p * (1 - p))
+    assert abs(kept - n * (1 - p)) <= 5 * sigma, (kept, n * (1 - p), sigma)
+    # survivors are exactly x / (1 - p), computed as torch does
+    assert torch.equal(y[keep], (x * (1.0 / (1.0 - p)))[keep])
+
+    # the same mask for a non-trivial activation: survivors are act(x) / (1 - p)
+    g.manual_seed(7)
+    ys = tkern.activation_dropout(x, "silu", p, generator=g)
+    assert torch.equal(ys != 0, keep)
+    assert_close_rule(ys[keep], (F.silu(x) / (1 - p))[keep], (F.silu(x.double()) / (1 - p))[keep])
+
+
+def test_gradient_mask_is_forward_mask(device):
+    x = (torch.randn(5, 1000, device=device) + 0.05).requires_grad_()
+    y = tkern.activation_dropout(x, "identity", 0.4)
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad != 0, y != 0)
+    assert torch.allclose(x.grad[y != 0], torch.full_like(x.grad[y != 0], 1 / 0.6))
+
+
+def test_reproducible_and_fresh_masks(device):
+    x = torch.randn(3000, device=device) + 0.1
+    torch.manual_seed(123)
+    a = tkern.activation_dropout(x, "relu", 0.5)
+    b = tkern.activation_dropout(x, "relu", 0.5)
+    torch.manual_seed(123)
+    a2 = tkern.activation_dropout(x, "relu", 0.5)
+    assert torch.equal(a, a2), "torch.manual_seed must reproduce the mask"
+    assert not torch.equal(a != 0, b != 0), "consecutive calls must draw new masks"
+
+
+def test_no_pattern_repeats_between_blocks(device):
+    mask = _mask((4 * BLOCK,), 0.5, device, seed=3)
+    quarters = mask.view(-1, QUARTER)  # each program draws one Philox call per quarter lane
+    for i in range(quarters.shape[0]):
+        for j in range(i + 1, quarters.shape[0]):
+            agree = (quarters[i] == quarters[j]).float().mean().item()
+            assert 0.35 < agree < 0.65, f"quarters {i} and {j} agree on {agree:.2f} of the mask"
+
+
+def test_eval_and_p_zero_give_the_activation(device):
+    x = torch.randn(7, 33, device=device)
+    expected = F.gelu(x)
+    assert torch.allclose(tkern.activation_dropout(x, "gelu", 0.7, training=False), expected, atol=1e-6)
+    assert torch.allclose(tkern.activation_dropout(x, "gelu", 0.0), expected, atol=1e-6)
+    m = tkern.nn.ActivationDropout("gelu", p=0.7).eval()
+    assert torch.allclose(m(x), expected, atol=1e-6)
+    m.train()
+    assert (m(x) == 0).any()
+
+
+def test_p_one_gives_zeros_and_zero_grads(device):
+    x = torch.randn(11, 13, device=device, requires_grad=True)
+    b = torch.randn(13, device=device, requires_grad=True)
+    y = tkern.activation_dropout(x, "elu", 1.0, bias=b)
+    assert torch.equal(y, torch.zeros_like(y))
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    assert torch.equal(b.grad, torch.zeros_like(b))
+
+
+def test_errors(device):
+    x = torch.randn(4, 5, device=device)
+    for p in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="between 0 and 1"):
+            tkern.activation_dropout(x, "relu", p)
+        with pytest.raises(ValueError, match="between 0 and 1"):
+            tkern.nn.ActivationDropout("relu", p)
+    with pytest.raises(ValueError, match="relu.*leaky_relu.*sigmoid.*tanh.*gelu.*silu.*elu"):
+        tkern.activation_dropout(x, "swish")
+    with pytest.raises(ValueError, match="valid activations"):
+        tkern.nn.ActivationDropout("mish")
+    with pytest.raises(RuntimeError, match="approximate"):
+        tkern.activation_dropout(x, "gelu", approximate="fast")
+    with pytest.raises(RuntimeError, match="bias"):
+        tkern.activation_dropout(x, "relu", bias=torch.randn(4, device=device))
+    with pytest.raises(RuntimeError, match="bias"):
+        tkern.activation_dropout(x, "relu", bias=torch.randn(1, 5, device=device))
+    with pytest.raises(TypeError, match="floating"):
+        tkern.activation_dropout(torch.ones(3, dtype=torch.long, device=device), "relu")
+    with pytest.raises(RuntimeError, match="same device"):
+        tkern.activation_dropout(x, "relu", bias=torch.randn(5, device="meta"))
+
+
+def test_empty_tensors(device):
+    for shape in [(0,), (0, 5), (3, 0, 4)]:
+        x = torch.randn(shape, device=device, requires_grad=True)
+        y = tkern.activation_dropout(x, "tanh", 0.3)
+        assert y.shape == x.shape
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_non_contiguous_inputs(device, with_bias):
+    base = torch.randn(9, 6, 10, device=device)
+    views = {
+        "transposed": base.transpose(0, 2),  # dense, permuted
+        "sliced": base[:, ::2, 1:],  # gaps
+        "channels_last": torch.randn(2, 5, 3, 7, device=device).to(memory_format=torch.channels_last),
+    }
+    for name, view in views.items():
+        x = view.clone().requires_grad_()
+        b = torch.randn(x.shape[-1], device=device, requires_grad=True) if with_bias else None
+        y = tkern.activation_dropout(x, "leaky_relu", 0.0, bias=b, negative_slope=0.1)
+        ref = F.leaky_relu(x.detach() + (b.detach() if with_bias else 0), 0.1)
+        assert torch.allclose(y, ref, atol=1e-6), name
+        if not with_bias and name != "sliced":
+            assert y.stride() == x.stride(), f"{name}: layout not kept"
+        dy = torch.randn_like(y).transpose(0, 1).contiguous().transpose(0, 1)  # yet another layout
+        y.backward(dy)
+        assert torch.allclose(x.grad, dy * torch.where(ref > 0, 1.0, 0.1), atol=1e-6), name
+
+
+def test_dropout_mask_on_non_contiguous_matches_grad(device):
+    x = (torch.randn(40, 30, device=device) + 0.1).t().requires_grad_()
+    y = tkern.activation_dropout(x, "identity", 0.5)
+    y.backward(torch.ones_like(y).contiguous())  # dy in a different layout from x
+    assert torch.equal(x.grad != 0, y != 0)
+
+
+def test_saved_tensors_are_x_and_bias_only(device):
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    x = torch.randn(33, 65, device=device, requires_grad=True)
+    b = torch.randn(65, device=device, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = tkern.activation_dropout(x, "gelu", 0.5, bias=b)
+    assert sum(saved) == x.numel() * 4 + b.numel() * 4, saved
+    y.sum().backward()  # backward works from what was saved
+
+
+def test_bias_gradient_fp32_accumulation(device):
+    x = torch.randn(513, 17, device=device, dtype=torch.bfloat16)
+    b = torch.randn(17, device=device, dtype=torch.float32, requires_grad=True)
+    y = tkern.activation_dropout(x, "relu", 0.0, bias=b)
+    assert y.dtype == torch.bfloat16
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    ref = ((x.double() + b.detach().double()) > 0) * dy.double()
+    # dx is rounded to bf16 before the sum, as eager bf16 autograd would do
+    assert torch.allclose(b.grad.double(), ref.sum(0), rtol=2e-2, atol=2e-2)
+
+
+def test_module(device):
+    m = tkern.nn.ActivationDropout("leaky_relu", p=0.25, negative_slope=0.3)
+    assert "activation=leaky_relu" in repr(m) and "p=0.25" in repr(m) and "negative_slope=0.3" in repr(m)
+    assert m.state_dict() == {}
+    x = torch.randn(6, 7, device=device)
+    m.eval()
+    assert torch.allclose(m(x), F.leaky_relu(x, 0.3))
+    assert "approximate='tanh'" in repr(tkern.nn.ActivationDropout("gelu", approximate="tanh"))
+
+
+def test_int64_offset_rule():
+    big = torch.empty(2**31 + 3, device="meta")
+    assert _runtime.needs_int64(big)
+    assert not _runtime.needs_int64(torch.empty(1000))
+    strided = torch.empty(2, device="meta").as_strided((2, 2), (2**31, 1))
+    assert _runtime.needs_int64(strided)
+
+
+def test_over_2_31_elements_on_gpu(device):
+    if device.type != "cuda":
+        pytest.skip("needs a GPU with ~10 GB free: 2^31 elements in fp16")
+    if torch.cuda.mem_get_info()[0] < 12 * 2**30:
+        pytest.skip("not enough free GPU memory")
+    n = 2**31 + 4099
+    x = torch.empty(n, device=device, dtype=torch.float16).uniform_(-2, 2)
+    y = tkern.activation_dropout(x, "relu", 0.0)
+    tail = slice(n - 5000, n)
+    assert torch.equal(y[tail], F.relu(x[tail]))
+    del y, x
+
+
+def test_eager_fallback_warns_once(device, monkeypatch):
+    if device.type != "cpu":
+        pytest.skip("the fallback is for CPU tensors")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_runtime, "_warned", set())
+    x = torch.randn(50, 40) + 0.1
+    with pytest.warns(RuntimeWarning, match="eager PyTorch"):
+        y = tkern.activation_dropout(x, "relu", 0.0)
+    assert torch.allclose(y, F.relu(x))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = tkern.activation_dropout(x, "identity", 0.5)  # no second warning
+    keep = y != 0
+    assert torch.allclose(y[keep], x[keep] * 2)
+    assert abs(keep.float().mean().item() - 0.5) < 0.05
