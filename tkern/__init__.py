@@ -8,7 +8,8 @@ with one warning.
 from . import nn
 from .activations import ACTIVATIONS
 from .ops.activation_dropout import activation_dropout
+from .ops.weight_norm import weight_norm
 
 __version__ = "0.1.0"
 
-__all__ = ["ACTIVATIONS", "activation_dropout", "nn"]
+__all__ = ["ACTIVATIONS", "activation_dropout", "nn", "weight_norm"]
