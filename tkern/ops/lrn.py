@@ -1,0 +1,329 @@
+"""Local Response Normalization across channels, PyTorch's and TensorFlow's semantics.
+
+    y_c = x_c * s_c^(-beta),   s_c = k + a * sum_{c' in W(c)} x_c'^2,   W(c) = [c - before, c + after]
+
+PyTorch (``local_response_norm``): channels on dim 1, before = size // 2, after = (size - 1) // 2,
+a = alpha / size.  TensorFlow (``local_response_normalization``): channels on the last axis,
+before = after = depth_radius, a = alpha.  Both run the same two kernels on an (N, C, S) strided
+view: PyTorch's input as (N, C, prod(spatial)), TensorFlow's as (1, depth, rows), which is the
+channels_last case of the same view.
+
+Design:
+- Forward is one pass: each program owns a [BLOCK_C, BLOCK_S] tile of (channel, position) and sums
+  the squares of its window by reloading the tile shifted by each channel offset in the window.
+  Only the tile and its halo come from DRAM; the shifted reloads hit L1/L2.  Every window sum is
+  summed directly, as torch's avg_pool does, rather than as a running sum over channels, so no
+  cancellation error appears when a large value leaves the window (k = 0 stays accurate).
+- Backward is one analytic pass that reads x and dy and writes dx:
+      dx_i = dy_i * s_i^(-beta) - 2 a beta x_i * sum_{c : i in W(c)} dy_c x_c s_c^(-beta-1)
+  The sum runs over the mirrored window c in [i - after, i + before]; for each such shift the
+  program recomputes s at the shifted channels from x (size loads each, so the cost is
+  O(size^2) cached loads and O(size) pow evaluations per element: cheap for the sizes used in
+  practice, 3 to 9).  autograd saves x alone: s and y are recomputed, which costs no DRAM traffic,
+  while saving them would add a write in forward and a read in backward.
+- Everything goes through strides, so NCHW, channels_last and transposed TensorFlow layouts are
+  read in place and the output keeps the input's memory format.  Only a layout whose spatial dims
+  cannot be merged into one stride (a sliced view, say) is copied first.
+- Math in fp32 (fp64 for fp64).  s^(-beta) = exp(-beta * log s), with beta = 0 giving exactly 1 as
+  torch's pow does (and a zero gradient term, as torch's pow backward does).  Triton passes Python
+  floats as fp32, so each scalar travels as an fp32 (hi, lo) pair that the kernel sums in COMPUTE:
+  fp64 inputs keep a 48-bit alpha, beta and k.
+- Windows are clipped to [-(C-1), C-1] on the host: any size >= 1 works and channels outside
+  [0, C) are zeros (masked loads), as with torch's zero padding.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .. import _runtime as rt
+
+# Elements per tile: bounds registers in backward, which keeps a handful of tiles live.
+TILE = 2048
+# Positions per tile when positions are the contiguous dim (NCHW); channels per tile when channels
+# are (channels_last, TensorFlow).
+BLOCK_CONTIG = 256
+BLOCK_C_CONTIG = 64
+
+
+@triton.jit
+def _scalar(hi, lo, COMPUTE: tl.constexpr):
+    # a Python float passed as an fp32 pair, summed in COMPUTE (exact to ~48 bits for fp64);
+    # tl.cast, not .to: the interpreter hands float arguments over as Python floats
+    return tl.cast(hi, COMPUTE) + tl.cast(lo, COMPUTE)
+
+
+@triton.jit
+def _pow_neg(s, beta):
+    # s^(-beta); pow(s, 0) is 1 for every s in torch, NaN and 0 included
+    return tl.where(beta == 0.0, 1.0, tl.exp(-beta * tl.log(s)))
+
+
+@triton.jit
+def _tile(pid_ns, pid_c, s_tiles, INT64: tl.constexpr, BLOCK_C: tl.constexpr,
+          BLOCK_S: tl.constexpr):
+    # this program's batch index, channel column [BLOCK_C, 1] and position row [1, BLOCK_S]
+    n = pid_ns // s_tiles
+    st = pid_ns % s_tiles
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = st * BLOCK_S + tl.arange(0, BLOCK_S)
+    if INT64:
+        n = n.to(tl.int64)
+        c = c.to(tl.int64)
+        s = s.to(tl.int64)
+    return n, c[:, None], s[None, :]
+
+
+@triton.jit
+def _window_sumsq(X, base, c, s_ok, C, sxc, before, after, COMPUTE: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    # sum of x^2 over channels [c - before, c + after] (zeros outside [0, C)), summed directly
+    acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=COMPUTE)
+    for d in range(-before, after + 1):
+        cd = c + d
+        m = (cd >= 0) & (cd < C) & s_ok
+        v = tl.load(X + base + cd * sxc, mask=m, other=0.0).to(COMPUTE)
+        acc += v * v
+    return acc
+
+
+@triton.jit
+def _lrn_forward_kernel(
+    X,  # input viewed as (N, C, S), strides (sxn, sxc, sxs)
+    Y,  # output (N, C, S), strides (syn, syc, sys)
+    C, S, s_tiles,  # channels; positions; position tiles per batch row
+    sxn, sxc, sxs, syn, syc, sys,
+    before, after,  # window [c - before, c + after], clipped to C - 1 each way
+    k_hi, k_lo, a_hi, a_lo, b_hi, b_lo,  # k, the scale of the square sum, beta: fp32 (hi, lo) pairs
+    COMPUTE: tl.constexpr,  # fp32, or fp64 for fp64 tensors
+    INT64: tl.constexpr,  # index in int64 (offsets past 2^31)
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    n, c, s = _tile(tl.program_id(0), tl.program_id(1), s_tiles, INT64, BLOCK_C, BLOCK_S)
+    s_ok = s < S
+    m = (c < C) & s_ok
+    kk = _scalar(k_hi, k_lo, COMPUTE)
+    aa = _scalar(a_hi, a_lo, COMPUTE)
+    bb = _scalar(b_hi, b_lo, COMPUTE)
+    xbase = n * sxn + s * sxs
+    x = tl.load(X + xbase + c * sxc, mask=m, other=0.0).to(COMPUTE)
+    sq = _window_sumsq(X, xbase, c, s_ok, C, sxc, before, after, COMPUTE, BLOCK_C, BLOCK_S)
+    y = x * _pow_neg(kk + aa * sq, bb)
+    tl.store(Y + n * syn + c * syc + s * sys, y.to(Y.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _lrn_backward_kernel(
+    X,  # forward's input (N, C, S), strides (sxn, sxc, sxs)
+    G,  # gradient of the output (N, C, S), strides (sgn, sgc, sgs)
+    DX,  # gradient of the input (N, C, S), strides (sdn, sdc, sds)
+    C, S, s_tiles,
+    sxn, sxc, sxs, sgn, sgc, sgs, sdn, sdc, sds,
+    before, after,  # forward's window; backward sums over the mirror [i - after, i + before]
+    k_hi, k_lo, a_hi, a_lo, b_hi, b_lo,  # as in forward
+    COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    n, c, s = _tile(tl.program_id(0), tl.program_id(1), s_tiles, INT64, BLOCK_C, BLOCK_S)
+    s_ok = s < S
+    m = (c < C) & s_ok
+    kk = _scalar(k_hi, k_lo, COMPUTE)
+    aa = _scalar(a_hi, a_lo, COMPUTE)
+    bb = _scalar(b_hi, b_lo, COMPUTE)
+    xbase = n * sxn + s * sxs
+    gbase = n * sgn + s * sgs
+    x = tl.load(X + xbase + c * sxc, mask=m, other=0.0).to(COMPUTE)
+    g = tl.load(G + gbase + c * sgc, mask=m, other=0.0).to(COMPUTE)
+    acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=COMPUTE)  # sum of dy_c x_c s_c^(-beta-1)
+    f_self = tl.zeros([BLOCK_C, BLOCK_S], dtype=COMPUTE)  # s_i^(-beta), taken at shift 0
+    for j in range(-after, before + 1):
+        cj = c + j
+        mj = (cj >= 0) & (cj < C) & s_ok
+        xj = tl.load(X + xbase + cj * sxc, mask=mj, other=0.0).to(COMPUTE)
+        gj = tl.load(G + gbase + cj * sgc, mask=mj, other=0.0).to(COMPUTE)
+        sj = kk + aa * _window_sumsq(X, xbase, cj, s_ok, C, sxc, before, after, COMPUTE,
+                                     BLOCK_C, BLOCK_S)
+        fj = _pow_neg(sj, bb)
+        # masked: channels outside [0, C) contribute nothing (and with k = 0 would give 0 * inf)
+        acc += tl.where(mj, gj * xj * (fj / sj), 0.0)
+        f_self = tl.where(j == 0, fj, f_self)
+    # beta = 0: y = x exactly, and torch's pow backward gives the second term as exact zeros
+    dx = g * f_self - tl.where(bb == 0.0, 0.0, (2.0 * aa * bb) * x * acc)
+    tl.store(DX + n * sdn + c * sdc + s * sds, dx.to(DX.dtype.element_ty), mask=m)
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+
+
+def _split(v: float) -> tuple[float, float]:
+    """``v`` as an fp32 pair (hi, lo) with hi + lo == v to ~48 bits (Triton passes floats as fp32)."""
+    with np.errstate(over="ignore"):
+        hi = float(np.float32(v))
+    if not math.isfinite(hi) or not math.isfinite(v):
+        return hi, 0.0
+    return hi, float(np.float32(v - hi))
+
+
+def _view3(t: torch.Tensor, last: bool):
+    """``t`` as the kernels' (N, C, S) view without copying, or None when its strides do not allow
+    it. PyTorch semantics: (N, C, prod(spatial)); TensorFlow: (1, depth, rows)."""
+    try:
+        if last:
+            return t.view(-1, t.shape[-1]).t().unsqueeze(0)
+        return t.view(t.shape[0], t.shape[1], -1)
+    except RuntimeError:
+        return None
+
+
+def _blocks(C: int, S: int, channels_contiguous: bool) -> tuple[int, int]:
+    """Tile shape: the contiguous dim gets the long side so that loads coalesce."""
+    if channels_contiguous:
+        bc = min(triton.next_power_of_2(C), BLOCK_C_CONTIG)
+        bs = min(triton.next_power_of_2(S), max(1, TILE // bc))
+    else:
+        bs = min(triton.next_power_of_2(S), BLOCK_CONTIG)
+        bc = min(triton.next_power_of_2(C), max(1, TILE // bs))
+    return bc, bs
+
+
+def _scalars(cfg):
+    k_hi, k_lo = _split(cfg["k"])
+    a_hi, a_lo = _split(cfg["scale"])
+    b_hi, b_lo = _split(cfg["beta"])
+    return dict(k_hi=k_hi, k_lo=k_lo, a_hi=a_hi, a_lo=a_lo, b_hi=b_hi, b_lo=b_lo)
+
+
+def _launch_args(x3, cfg):
+    _, C, S = x3.shape
+    bc, bs = _blocks(C, S, x3.stride(1) == 1 and C > 1)
+    s_tiles = triton.cdiv(S, bs)
+    grid = (x3.shape[0] * s_tiles, triton.cdiv(C, bc))
+    before = min(cfg["before"], C - 1)
+    after = min(cfg["after"], C - 1)
+    kw = dict(before=before, after=after, **_scalars(cfg), COMPUTE=rt.compute_dtype(x3.dtype),
+              BLOCK_C=bc, BLOCK_S=bs, num_warps=rt.num_warps_for(bc * bs))
+    return grid, (C, S, s_tiles), kw
+
+
+def _kernel_input(x: torch.Tensor, last: bool) -> torch.Tensor:
+    """x itself when the kernels can walk it through strides, else a contiguous copy."""
+    return x if _view3(x, last) is not None else x.contiguous()
+
+
+def _out_like(x: torch.Tensor, last: bool):
+    """A tensor in x's memory format and its (N, C, S) view."""
+    out = torch.empty_like(x)
+    v = _view3(out, last)
+    if v is None:  # a dense layout whose spatial dims do not merge: fall back to row-major
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        v = _view3(out, last)
+    return out, v
+
+
+def _forward(x: torch.Tensor, cfg) -> torch.Tensor:
+    last = cfg["last"]
+    y, y3 = _out_like(x, last)
+    x3 = _view3(x, last)
+    grid, dims, kw = _launch_args(x3, cfg)
+    _lrn_forward_kernel[grid](x3, y3, *dims, *x3.stride(), *y3.stride(),
+                              INT64=rt.needs_int64(x3, y3), **kw)
+    return y
+
+
+def _backward(x: torch.Tensor, g: torch.Tensor, cfg) -> torch.Tensor:
+    last = cfg["last"]
+    g3 = _view3(g, last)
+    if g3 is None:
+        g = g.contiguous()
+        g3 = _view3(g, last)
+    dx, d3 = _out_like(x, last)
+    x3 = _view3(x, last)
+    grid, dims, kw = _launch_args(x3, cfg)
+    _lrn_backward_kernel[grid](x3, g3, d3, *dims, *x3.stride(), *g3.stride(), *d3.stride(),
+                               INT64=rt.needs_int64(x3, g3, d3), **kw)
+    return dx
+
+
+class LocalResponseNormFunction(torch.autograd.Function):
+    """autograd for the fused kernels; saves x alone (s and y are recomputed in backward)."""
+
+    @staticmethod
+    def forward(ctx, x, cfg):
+        x = _kernel_input(x, cfg["last"])
+        ctx.save_for_backward(x)
+        ctx.cfg = cfg
+        return _forward(x, cfg)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        return _backward(x, dy, ctx.cfg), None
+
+
+# ----------------------------------------------------------------------------------------------
+# public functions
+
+
+def _check(op: str, x, size_name: str, size, min_size: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"tkern.{op}: input must be a Tensor, got {type(x).__name__}")
+    if x.dim() < 3:
+        raise ValueError(
+            f"tkern.{op}: expected 3D or higher dimensionality input (got {x.dim()} dimensions)"
+        )
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+        raise TypeError(f"tkern.{op}: {size_name} must be an int, got {type(size).__name__}")
+    if size < min_size:
+        raise ValueError(f"tkern.{op}: {size_name} must be >= {min_size}, got {size}")
+    rt.check_floating(op, input=x)
+
+
+def _eager_tf(x, depth_radius, bias, alpha, beta):
+    """TensorFlow's formula as a small torch composite (the CPU fallback)."""
+    xc = x.to(rt.accum_dtype(x.dtype))
+    sq = F.pad(xc.square(), (depth_radius, depth_radius))
+    sqr_sum = sq.unfold(-1, 2 * depth_radius + 1, 1).sum(-1)
+    return (xc / (bias + alpha * sqr_sum).pow(beta)).to(x.dtype)
+
+
+def local_response_norm(input, size, alpha=1e-4, beta=0.75, k=1.0):
+    """``torch.nn.functional.local_response_norm`` in one fused kernel each way.
+
+    b_c = a_c * (k + alpha / size * sum_{c' = c - size//2}^{c + (size-1)//2} a_c'^2)^(-beta), with
+    channels on dim 1 of an input of rank >= 3 and zeros outside [0, C).  Any size >= 1 (even sizes
+    put the extra channel before c, as torch does); the output keeps the input's memory format.
+    An empty input is returned as is, as torch does.
+    """
+    _check("local_response_norm", input, "size", size, 1)
+    if input.numel() == 0:
+        return input
+    if not rt.use_triton("local_response_norm", input):
+        return F.local_response_norm(input, int(size), alpha, beta, k)
+    size = int(size)
+    cfg = dict(last=False, before=size // 2, after=(size - 1) // 2, scale=float(alpha) / size,
+               beta=float(beta), k=float(k))
+    return LocalResponseNormFunction.apply(input, cfg)
+
+
+def local_response_normalization(input, depth_radius=5, bias=1.0, alpha=1.0, beta=0.5):
+    """TensorFlow's ``tf.nn.local_response_normalization`` (alias ``tf.nn.lrn``).
+
+    output = input / (bias + alpha * sum_{d' = d - r}^{d + r} input_d'^2)^beta over the last axis
+    (r = depth_radius, zeros outside the axis; alpha is not divided by the window).  TensorFlow
+    takes 4-D NHWC input; this takes any rank >= 3 with channels last.
+    """
+    _check("local_response_normalization", input, "depth_radius", depth_radius, 0)
+    if input.numel() == 0:
+        return input
+    r = int(depth_radius)
+    if not rt.use_triton("local_response_normalization", input):
+        return _eager_tf(input, r, float(bias), float(alpha), float(beta))
+    cfg = dict(last=True, before=r, after=r, scale=float(alpha), beta=float(beta), k=float(bias))
+    return LocalResponseNormFunction.apply(input, cfg)
