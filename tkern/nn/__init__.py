@@ -2,5 +2,6 @@
 
 from . import utils
 from .activation_dropout import ActivationDropout
+from .lrn import LocalResponseNorm
 
-__all__ = ["ActivationDropout", "utils"]
+__all__ = ["ActivationDropout", "LocalResponseNorm", "utils"]
