@@ -88,12 +88,15 @@ def is_dense(x: torch.Tensor) -> bool:
     return True
 
 
-def draw_seed(generator: torch.Generator | None = None) -> int:
-    """A Philox seed from torch's default CPU generator (or ``generator``), so that
-    ``torch.manual_seed`` reproduces a run and consecutive calls draw new masks.
-    31 bits keep the kernel's seed argument one integer type, hence one compiled variant."""
-    device = generator.device if generator is not None else "cpu"
-    return int(torch.randint(0, 2**31 - 1, (), generator=generator, device=device).item())
+def draw_seed_tensor(generator: torch.Generator | None = None) -> torch.Tensor:
+    """A Philox seed, as a 0-dim int64 CPU tensor, from torch's default CPU generator (or
+    ``generator``), so that ``torch.manual_seed`` reproduces a run and consecutive calls draw new
+    masks.  A tensor, not an int, so that torch.compile traces the draw; a CPU tensor, so that a
+    kernel launcher reads it without a GPU sync.  31 bits keep the kernel's seed argument one
+    integer type, hence one compiled variant."""
+    seed = torch.randint(0, 2**31 - 1, (), generator=generator,
+                         device=generator.device if generator is not None else "cpu")
+    return seed.cpu()
 
 
 def cdiv(a: int, b: int) -> int:

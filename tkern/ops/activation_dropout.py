@@ -9,10 +9,12 @@ Design:
   counter gives four random words, one per quarter, a quarter of the generator's cost.  Counters are
   global (program * QUARTER + lane), so no two blocks share random numbers.  QUARTER is a fixed
   constant because the mask depends on it: forward and backward must agree.
-- The seed comes from torch's generator (see ``draw_seed``): ``torch.manual_seed`` reproduces a run.
+- The seed comes from torch's generator (see ``draw_seed_tensor``): ``torch.manual_seed`` reproduces a run.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -133,65 +135,84 @@ def _backward_kernel(
                       negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, COMPUTE)
 
 
-def _kernel_args(x, cfg):
+def _kernel_args(x, activation, p, dropout, negative_slope, alpha, has_bias, seed):
     """Launch arguments shared by forward and backward."""
-    p, dropout = cfg["p"], cfg["dropout"]
-    scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
-    n_cols = x.shape[-1] if x.dim() > 0 else 1
     return dict(
-        n_elements=x.numel(), n_cols=max(n_cols, 1), seed=cfg["seed"], p=p, scale=scale,
-        negative_slope=cfg["negative_slope"], alpha=cfg["alpha"],
-        ACTIVATION=cfg["kernel_activation"], HAS_BIAS=cfg["has_bias"], DROPOUT=dropout,
-        COMPUTE=rt.compute_dtype(x.dtype), INT64=rt.needs_int64(x), QUARTER=QUARTER,
-        num_warps=4,
+        n_elements=x.numel(), n_cols=max(x.shape[-1], 1) if x.dim() else 1, seed=seed, p=p,
+        scale=0.0 if p >= 1.0 else 1.0 / (1.0 - p), negative_slope=negative_slope, alpha=alpha,
+        ACTIVATION=activation, HAS_BIAS=has_bias, DROPOUT=dropout,
+        COMPUTE=rt.compute_dtype(x.dtype), INT64=rt.needs_int64(x), QUARTER=QUARTER, num_warps=4,
     )
 
 
-def _flat_input(x: torch.Tensor, has_bias: bool) -> torch.Tensor:
-    """x as the kernels walk it: as it is when dense (any dim order) and, with a bias, row-major;
-    otherwise a contiguous copy."""
-    if x.is_contiguous() or (not has_bias and rt.is_dense(x)):
-        return x
-    return x.contiguous()
+def _walks_as_is(x: torch.Tensor, has_bias: bool) -> bool:
+    """Whether the kernels can walk x's memory as it is: any dense layout, or, with a bias (indexed
+    by offset % n_cols), a row-major one.  Other inputs are copied to contiguous first."""
+    return x.is_contiguous() or (not has_bias and rt.is_dense(x))
 
 
-def _forward(x, bias, cfg):
-    x = _flat_input(x, bias is not None)
+def _empty_output(x: torch.Tensor, has_bias: bool) -> torch.Tensor:
+    return torch.empty_like(x) if _walks_as_is(x, has_bias) else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+# The kernels are registered as torch.library custom ops (with fake implementations and an autograd
+# formula) so that torch.compile(fullgraph=True) traces through them.  The seed travels as a 0-dim
+# CPU tensor: drawing it is then part of the traced graph, and reading it here costs no GPU sync.
+@torch.library.custom_op("tkern::activation_dropout", mutates_args=())
+def _forward_op(x: torch.Tensor, bias: Optional[torch.Tensor], seed: torch.Tensor, activation: str,
+                p: float, dropout: bool, negative_slope: float, alpha: float) -> torch.Tensor:
+    has_bias = bias is not None
+    if not _walks_as_is(x, has_bias):
+        x = x.contiguous()
     y = torch.empty_like(x)
     if x.numel():
-        grid = (triton.cdiv(x.numel(), BLOCK),)
-        _forward_kernel[grid](x, bias if bias is not None else x, y, **_kernel_args(x, cfg))
-    return x, y
+        args = _kernel_args(x, activation, p, dropout, negative_slope, alpha, has_bias, int(seed))
+        _forward_kernel[(triton.cdiv(x.numel(), BLOCK),)](x, bias if has_bias else x, y, **args)
+    return y
 
 
-def _backward(x, bias, dy, cfg):
+@_forward_op.register_fake
+def _(x, bias, seed, activation, p, dropout, negative_slope, alpha):
+    return _empty_output(x, bias is not None)
+
+
+@torch.library.custom_op("tkern::activation_dropout_backward", mutates_args=())
+def _backward_op(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], seed: torch.Tensor,
+                 activation: str, p: float, dropout: bool, negative_slope: float,
+                 alpha: float) -> torch.Tensor:
+    has_bias = bias is not None
+    if not _walks_as_is(x, has_bias):
+        x = x.contiguous()
     if dy.stride() != x.stride():
-        dy = torch.empty_like(x).copy_(dy)  # walk dy in x's layout
+        dy = torch.empty_like(x).copy_(dy)  # walk dy in x's layout: the mask is keyed by offset
     dx = torch.empty_like(x)
     if x.numel():
-        grid = (triton.cdiv(x.numel(), BLOCK),)
-        _backward_kernel[grid](x, bias if bias is not None else x, dy, dx, **_kernel_args(x, cfg))
+        args = _kernel_args(x, activation, p, dropout, negative_slope, alpha, has_bias, int(seed))
+        _backward_kernel[(triton.cdiv(x.numel(), BLOCK),)](x, bias if has_bias else x, dy, dx, **args)
     return dx
 
 
-class ActivationDropoutFunction(torch.autograd.Function):
-    """autograd for the fused kernels; saves x (and the bias), never the mask."""
+@_backward_op.register_fake
+def _(dy, x, bias, seed, activation, p, dropout, negative_slope, alpha):
+    return _empty_output(x, bias is not None)
 
-    @staticmethod
-    def forward(ctx, x, bias, cfg):
-        x_flat, y = _forward(x, bias, cfg)
-        ctx.save_for_backward(x_flat, bias)
-        ctx.cfg = cfg
-        return y
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, bias = ctx.saved_tensors
-        dx = _backward(x, bias, dy, ctx.cfg)
-        dbias = None
-        if bias is not None and ctx.needs_input_grad[1]:
-            dbias = dx.reshape(-1, bias.numel()).sum(0, dtype=rt.accum_dtype(dx.dtype)).to(bias.dtype)
-        return dx, dbias, None
+def _setup_context(ctx, inputs, output):
+    x, bias, seed, *cfg = inputs
+    ctx.save_for_backward(x, bias, seed)  # x and the bias: never the mask
+    ctx.cfg = cfg
+
+
+def _autograd_backward(ctx, dy):
+    x, bias, seed = ctx.saved_tensors
+    dx = _backward_op(dy, x, bias, seed, *ctx.cfg)
+    dbias = None
+    if bias is not None and ctx.needs_input_grad[1]:
+        dbias = dx.reshape(-1, bias.numel()).sum(0, dtype=rt.accum_dtype(dx.dtype)).to(bias.dtype)
+    return dx, dbias, None, None, None, None, None, None
+
+
+_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def _check(x, bias, activation, p, approximate):
@@ -208,14 +229,12 @@ def _check(x, bias, activation, p, approximate):
     return activation
 
 
-def _eager(x, bias, cfg, approximate, generator):
+def _eager(x, bias, activation, p, dropout, negative_slope, alpha, approximate, generator):
     """The CPU fallback, in plain PyTorch (autograd through the composite)."""
     z = x if bias is None else x + bias
-    act = cfg["activation"]
-    y = eager_activation(z, act, cfg["negative_slope"], cfg["alpha"], approximate)
-    if not cfg["dropout"]:
+    y = eager_activation(z, activation, negative_slope, alpha, approximate)
+    if not dropout:
         return y
-    p = cfg["p"]
     keep = torch.rand(y.shape, generator=generator, device=y.device) >= p
     return torch.where(keep, y * (0.0 if p >= 1.0 else 1.0 / (1.0 - p)), 0.0).to(y.dtype)
 
@@ -236,11 +255,8 @@ def activation_dropout(x, activation="relu", p=0.5, training=True, *, bias=None,
     """
     _check(x, bias, activation, p, approximate)
     dropout = bool(training) and p > 0.0
-    cfg = dict(
-        activation=activation or "identity", kernel_activation=kernel_name(activation, approximate),
-        p=float(p), dropout=dropout, negative_slope=float(negative_slope), alpha=float(alpha),
-        has_bias=bias is not None, seed=rt.draw_seed(generator) if dropout else 0,
-    )
     if not rt.use_triton("activation_dropout", x, bias):
-        return _eager(x, bias, cfg, approximate, generator)
-    return ActivationDropoutFunction.apply(x, bias, cfg)
+        return _eager(x, bias, activation, p, dropout, negative_slope, alpha, approximate, generator)
+    seed = rt.draw_seed_tensor(generator) if dropout else torch.zeros((), dtype=torch.int64)
+    return _forward_op(x, bias, seed, kernel_name(activation, approximate), float(p), dropout,
+                       float(negative_slope), float(alpha))
