@@ -9,8 +9,9 @@ from . import nn
 from .activations import ACTIVATIONS
 from .ops.activation_dropout import activation_dropout
 from .ops.lrn import local_response_norm, local_response_normalization
+from .ops.batch_norm import batch_norm
 from .ops.weight_norm import weight_norm
 
 __version__ = "0.1.0"
 
-__all__ = ["ACTIVATIONS", "activation_dropout", "local_response_norm", "local_response_normalization", "nn", "weight_norm"]
+__all__ = ["ACTIVATIONS", "activation_dropout", "local_response_norm", "local_response_normalization", "batch_norm", "nn", "weight_norm"]

@@ -3,5 +3,6 @@
 from . import utils
 from .activation_dropout import ActivationDropout
 from .lrn import LocalResponseNorm
+from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
-__all__ = ["ActivationDropout", "LocalResponseNorm", "utils"]
+__all__ = ["ActivationDropout", "LocalResponseNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "utils"]

@@ -1,0 +1,84 @@
+"""Drop-in BatchNorm1d/2d/3d with an optional fused activation.
+
+Each class subclasses its torch counterpart, so constructor arguments, parameter/buffer names,
+``_check_input_dim``, ``reset_parameters`` and the state_dict (including num_batches_tracked and its
+version-1 loading) are torch's own.  One mixin supplies ``__init__`` (the activation arguments), ``forward`` and
+``extra_repr``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..activations import check_activation
+from ..ops.batch_norm import _batch_norm
+
+
+class _TkernBatchNormMixin:
+    """Shared forward: torch's _BatchNorm.forward semantics, tkern's kernels."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, device=None, dtype=None, *, activation=None,
+                 negative_slope=0.01, alpha=1.0, approximate="none", **kwargs):
+        # kwargs passes on keyword-only arguments of the installed torch (e.g. bias=False)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         **kwargs)
+        check_activation(activation, approximate)
+        self.activation = activation
+        self.negative_slope = negative_slope
+        self.alpha = alpha
+        self.approximate = approximate
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        nbt = None
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                # cumulative average: the kernel takes 1 / num_batches_tracked on the device
+                momentum, nbt = None, self.num_batches_tracked
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        return _batch_norm(
+            input,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.weight, self.bias, bn_training, momentum, self.eps,
+            self.activation, self.negative_slope, self.alpha, self.approximate,
+            num_batches_tracked=nbt,
+        )
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        if self.activation is not None:
+            s += f", activation={self.activation}"
+            if self.activation == "leaky_relu":
+                s += f", negative_slope={self.negative_slope}"
+            elif self.activation == "elu":
+                s += f", alpha={self.alpha}"
+            elif self.activation == "gelu":
+                s += f", approximate={self.approximate!r}"
+        return s
+
+
+class BatchNorm1d(_TkernBatchNormMixin, torch.nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` on tkern kernels, with an optional fused activation.
+
+    Accepts every argument of ``torch.nn.BatchNorm1d`` plus keyword-only ``activation`` (None, or
+    a name in ``tkern.ACTIVATIONS``), ``negative_slope``, ``alpha`` and ``approximate``.
+    Input (N, C) or (N, C, L).
+    """
+
+
+class BatchNorm2d(_TkernBatchNormMixin, torch.nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` on tkern kernels (see :class:`BatchNorm1d`); input (N, C, H, W),
+    NCHW or channels_last."""
+
+
+class BatchNorm3d(_TkernBatchNormMixin, torch.nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` on tkern kernels (see :class:`BatchNorm1d`); input (N, C, D, H, W),
+    contiguous or channels_last_3d."""
+
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]

@@ -1,0 +1,718 @@
+"""BatchNorm (+ fused activation): ``y = act((x - mean) * invstd * weight + bias)`` per channel.
+
+Layout.  Every tensor is viewed as ``[N, C, S]`` (S = the flattened spatial dims, 1 for ``(N, C)``)
+and addressed through its strides, so NCHW, channels_last and channels_last_3d are read in place and
+the output (``torch.empty_like``) keeps the input's memory format.  A kernel walks tiles
+``[BLOCK_S, BLOCK_C]`` of one sample: for NCHW the S axis has unit stride and the tile is long in S;
+for channels_last C has unit stride and the tile is wide in C.  Triton specialises unit strides, so
+the loads vectorise along whichever axis is contiguous.  When the batch and spatial axes merge
+(channels_last, ``(N, C)`` input, N == 1) the view becomes ``[1, C, N*S]`` and tiles run across
+samples.  The reduction domain of a channel (N x S elements) is cut into *units* (one sample, one
+block of S); a program owns a block of channels and a run of consecutive units.
+
+Training forward: three passes over a block of channels, x read twice, y written once.
+1. ``_stats_partial_kernel``: a grid (channel blocks) x (splits).  Each program reduces its units
+   into a partial (count, mean, M2) per channel, written to an fp32 (fp64 for fp64) workspace
+   ``[P, C]``.  Within a tile the data are shifted by the channel's first element and reduced
+   two-pass; tiles are merged with Chan's formula, so 1000 + 0.01 * randn keeps its variance.
+   Splitting matters for few channels and large N x S (C=64 at 112x112): one program per channel
+   would leave most of the GPU idle.
+2. ``_stats_combine_kernel``: one small program per channel block merges the P partials
+   (exact parallel formula: weighted mean, then sum of M2_i + n_i (mean_i - mean)^2), writes the
+   saved mean and invstd and updates running_mean / running_var in place, once (no autotuning).
+   ``momentum=None`` (cumulative average) reads num_batches_tracked on the device: no host sync.
+3. ``_normalize_kernel``: elementwise ``act((x - mean) * (invstd * w) + b)``; ``(x - mean)`` first
+   because ``x * scale + shift`` loses digits when |mean| >> std.
+Eval uses the running stats (invstd from a C-sized torch op) and only pass 3.
+
+Backward saves x, weight, bias and the fp32 mean/invstd; the pre-activation is rebuilt from them.
+1. ``_backward_reduce_kernel``: partial sums of g = dy * act'(z) and g * xhat per channel into
+   ``[P, C]`` (deterministic: no float atomics), then a torch ``sum(0)`` over P.  They are dbias and
+   dweight.
+2. ``_dx_kernel``: elementwise ``dx = w * invstd * (g - sum_g / n - xhat * sum_gx / n)`` in training,
+   ``dx = g * w * invstd`` in eval.
+
+Host building blocks (also used by SyncBatchNorm around torch.distributed collectives):
+- ``bn_partial_stats(x)`` -> (count, mean, m2), each ``[P, C]``: per-split partials of a local batch.
+- ``bn_combine_stats(count, mean, m2, eps, running_mean, running_var, momentum, num_batches_tracked,
+  local=False)`` -> (mean, invstd) with running stats updated in place; ``local=True`` instead
+  returns the merged (count, mean, m2) ``[1, C]`` of the local batch for a collective.
+- ``bn_normalize(x, mean, invstd, weight, bias, activation)`` -> y.
+- ``bn_backward_reduce(x, dy, mean, invstd, weight, bias, activation)`` -> (sum_g, sum_g_xhat), ``[C]``.
+- ``bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g, sum_g_xhat, count, activation)`` -> dx.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .. import _runtime as rt
+from ..activations import activate, activation_grad, eager_activation, kernel_name
+
+# Elements per tile: 16 KiB of fp32 per loop step keeps enough loads in flight to approach memory
+# bandwidth, with few enough registers per thread.
+TILE_BYTES = 16384
+# Channel width of a tile when channels are the contiguous axis: 128 fp32 = 512 contiguous bytes.
+CL_BLOCK_C = 128
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _tile(u, nsb, lanes_s, c, S, sN, sS, sC, n_units, cmask, INT64: tl.constexpr,
+          BLOCK_S: tl.constexpr):
+    """Offsets and mask of unit ``u`` (sample u // nsb, S-block u % nsb) for channels ``c``."""
+    n = u // nsb
+    s = (u - n * nsb) * BLOCK_S + lanes_s
+    # a unit past the end masks everything (a scalar select: the interpreter mistypes bool & scalar)
+    smask = s < tl.where(u < n_units, S, 0)
+    if INT64:
+        n = n.to(tl.int64)
+        s = s.to(tl.int64)
+        c = c.to(tl.int64)
+    offs = n * sN + s[:, None] * sS + c[None, :] * sC
+    mask = smask[:, None] & cmask[None, :]
+    return offs, mask, smask
+
+
+@triton.jit
+def _stats_partial_kernel(
+    X,  # input viewed as [N, C, S] through (sN, sC, sS)
+    PCOUNT, PMEAN, PM2,  # [P, C] partial element count, mean and M2 (sum of squared deviations)
+    C, S, sN, sC, sS,  # channel count, spatial size, strides of X
+    nsb, n_units, units_per_prog,  # S-blocks per sample; units in all; units per program
+    COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    lanes_s = tl.arange(0, BLOCK_S)
+    # Shift: every value of a channel is taken relative to its first element, so the tile sums
+    # stay small when |mean| >> std (x - shift is exact for nearby floats).
+    if INT64:
+        c_off = c.to(tl.int64) * sC
+    else:
+        c_off = c * sC
+    shift = tl.load(X + c_off, mask=cmask, other=0.0).to(COMPUTE)
+    cnt = tl.zeros([BLOCK_C], COMPUTE)
+    mean = tl.zeros([BLOCK_C], COMPUTE)  # of the shifted values
+    m2 = tl.zeros([BLOCK_C], COMPUTE)
+    u0 = pid_p * units_per_prog
+    for i in range(0, units_per_prog):
+        offs, mask, smask = _tile(u0 + i, nsb, lanes_s, c, S, sN, sS, sC, n_units, cmask, INT64,
+                                  BLOCK_S)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(COMPUTE)
+        xs = tl.where(mask, x - shift[None, :], 0.0)
+        t_cnt = tl.sum(smask.to(COMPUTE), 0)
+        t_mean = tl.sum(xs, 0) / tl.maximum(t_cnt, 1.0)
+        d = tl.where(mask, xs - t_mean[None, :], 0.0)
+        t_m2 = tl.sum(d * d, 0)
+        # Chan et al.: merge (cnt, mean, m2) with the tile's (t_cnt, t_mean, t_m2)
+        new_cnt = cnt + t_cnt
+        frac = t_cnt / tl.maximum(new_cnt, 1.0)
+        delta = t_mean - mean
+        mean += delta * frac
+        m2 += t_m2 + delta * delta * cnt * frac
+        cnt = new_cnt
+    out = pid_p * C + c
+    tl.store(PCOUNT + out, cnt, mask=cmask)
+    tl.store(PMEAN + out, tl.where(cnt > 0, mean + shift, 0.0), mask=cmask)
+    tl.store(PM2 + out, m2, mask=cmask)
+
+
+@triton.jit
+def _stats_combine_kernel(
+    PCOUNT, PMEAN, PM2,  # [P, C] partials
+    MEAN, INVSTD,  # [C] outputs: batch mean and 1 / sqrt(var + eps) (INVSTD only when WRITE_INVSTD)
+    OCOUNT, OM2,  # [C] outputs when WRITE_M2: merged count and M2 (MEAN holds the merged mean)
+    RMEAN, RVAR,  # [C] running stats, updated in place when UPDATE
+    NBT,  # num_batches_tracked (int64 scalar) when CUMULATIVE: factor = 1 / NBT
+    P, C,
+    eps_hi, eps_lo, mom_hi, mom_lo,  # eps and momentum as fp32 pairs hi + lo (fp64 precision)
+    UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr, WRITE_INVSTD: tl.constexpr,
+    WRITE_M2: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    lanes_p = tl.arange(0, BLOCK_P)
+    n_tot = tl.zeros([BLOCK_C], COMPUTE)
+    wsum = tl.zeros([BLOCK_C], COMPUTE)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + lanes_p
+        m = (p < P)[:, None] & cmask[None, :]
+        offs = p[:, None] * C + c[None, :]
+        n_i = tl.load(PCOUNT + offs, mask=m, other=0.0).to(COMPUTE)
+        mu_i = tl.load(PMEAN + offs, mask=m, other=0.0).to(COMPUTE)
+        n_tot += tl.sum(n_i, 0)
+        wsum += tl.sum(n_i * mu_i, 0)
+    mean = wsum / tl.maximum(n_tot, 1.0)
+    m2 = tl.zeros([BLOCK_C], COMPUTE)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + lanes_p
+        m = (p < P)[:, None] & cmask[None, :]
+        offs = p[:, None] * C + c[None, :]
+        n_i = tl.load(PCOUNT + offs, mask=m, other=0.0).to(COMPUTE)
+        mu_i = tl.load(PMEAN + offs, mask=m, other=0.0).to(COMPUTE)
+        m2_i = tl.load(PM2 + offs, mask=m, other=0.0).to(COMPUTE)
+        d = mu_i - mean[None, :]
+        m2 += tl.sum(m2_i + n_i * d * d, 0)
+    tl.store(MEAN + c, mean, mask=cmask)
+    if WRITE_M2:
+        tl.store(OCOUNT + c, n_tot, mask=cmask)
+        tl.store(OM2 + c, m2, mask=cmask)
+    if WRITE_INVSTD:
+        eps = tl.cast(eps_hi, COMPUTE) + tl.cast(eps_lo, COMPUTE)
+        var = m2 / tl.maximum(n_tot, 1.0)
+        if COMPUTE == tl.float64:
+            std = tl.sqrt(var + eps)
+        else:
+            std = tl.sqrt_rn(var + eps)  # correctly rounded (tl.sqrt may be approximate)
+        tl.store(INVSTD + c, 1.0 / std, mask=cmask)
+    if UPDATE:
+        if CUMULATIVE:
+            factor = 1.0 / tl.load(NBT).to(COMPUTE)
+        else:
+            factor = tl.cast(mom_hi, COMPUTE) + tl.cast(mom_lo, COMPUTE)
+        # unbiased variance; a single value (possible only through SyncBatchNorm) keeps m2 / n
+        unbiased = m2 / tl.maximum(n_tot - 1.0, 1.0)
+        rm = tl.load(RMEAN + c, mask=cmask, other=0.0)
+        rv = tl.load(RVAR + c, mask=cmask, other=0.0)
+        new_rm = (1.0 - factor) * rm.to(COMPUTE) + factor * mean
+        new_rv = (1.0 - factor) * rv.to(COMPUTE) + factor * unbiased
+        tl.store(RMEAN + c, new_rm.to(rm.dtype), mask=cmask)
+        tl.store(RVAR + c, new_rv.to(rv.dtype), mask=cmask)
+
+
+@triton.jit
+def _channel_params(MEAN, INVSTD, W, B, c, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                    COMPUTE: tl.constexpr):
+    mean = tl.load(MEAN + c, mask=cmask, other=0.0).to(COMPUTE)
+    invstd = tl.load(INVSTD + c, mask=cmask, other=0.0).to(COMPUTE)
+    if HAS_W:
+        w = tl.load(W + c, mask=cmask, other=0.0).to(COMPUTE)
+    else:
+        w = tl.full([c.shape[0]], 1.0, COMPUTE)
+    if HAS_B:
+        b = tl.load(B + c, mask=cmask, other=0.0).to(COMPUTE)
+    else:
+        b = tl.zeros([c.shape[0]], COMPUTE)
+    return mean, invstd, w, b
+
+
+@triton.jit
+def _normalize_kernel(
+    X,  # input [N, C, S] through (sxN, sxC, sxS)
+    Y,  # output [N, C, S] through (syN, syC, syS)
+    MEAN, INVSTD,  # [C] statistics used (batch or running), COMPUTE dtype
+    W, B,  # [C] affine weight and bias (dummies when HAS_W / HAS_B is False)
+    C, S, sxN, sxC, sxS, syN, syC, syS,
+    nsb, n_units, units_per_prog,
+    negative_slope, alpha,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACTIVATION: tl.constexpr,
+    COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    lanes_s = tl.arange(0, BLOCK_S)
+    mean, invstd, w, b = _channel_params(MEAN, INVSTD, W, B, c, cmask, HAS_W, HAS_B, COMPUTE)
+    scale = invstd * w
+    u0 = pid_p * units_per_prog
+    for i in range(0, units_per_prog):
+        xo, mask, smask = _tile(u0 + i, nsb, lanes_s, c, S, sxN, sxS, sxC, n_units, cmask, INT64,
+                                BLOCK_S)
+        yo, mask, smask = _tile(u0 + i, nsb, lanes_s, c, S, syN, syS, syC, n_units, cmask, INT64,
+                                BLOCK_S)
+        x = tl.load(X + xo, mask=mask, other=0.0).to(COMPUTE)
+        z = (x - mean[None, :]) * scale[None, :] + b[None, :]
+        y = activate(z, ACTIVATION, negative_slope, alpha)
+        tl.store(Y + yo, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_pre_activation(x, dy, mean, invstd, w, b, negative_slope, alpha,
+                         ACTIVATION: tl.constexpr):
+    """xhat and g = dy * act'(z), with z rebuilt from x and the saved statistics."""
+    xhat = (x - mean[None, :]) * invstd[None, :]
+    if ACTIVATION == "identity":
+        g = dy
+    else:
+        z = xhat * w[None, :] + b[None, :]
+        g = dy * activation_grad(z, ACTIVATION, negative_slope, alpha)
+    return xhat, g
+
+
+@triton.jit
+def _backward_reduce_kernel(
+    X, DY,  # [N, C, S] through their strides
+    MEAN, INVSTD, W, B,  # [C] saved statistics and affine parameters
+    PSUM_G, PSUM_GX,  # [P, C] partial sums of g and g * xhat
+    C, S, sxN, sxC, sxS, sdN, sdC, sdS,
+    nsb, n_units, units_per_prog,
+    negative_slope, alpha,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACTIVATION: tl.constexpr,
+    COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    lanes_s = tl.arange(0, BLOCK_S)
+    mean, invstd, w, b = _channel_params(MEAN, INVSTD, W, B, c, cmask, HAS_W, HAS_B, COMPUTE)
+    acc_g = tl.zeros([BLOCK_C], COMPUTE)
+    acc_gx = tl.zeros([BLOCK_C], COMPUTE)
+    u0 = pid_p * units_per_prog
+    for i in range(0, units_per_prog):
+        xo, mask, smask = _tile(u0 + i, nsb, lanes_s, c, S, sxN, sxS, sxC, n_units, cmask, INT64,
+                                BLOCK_S)
+        do, mask, smask = _tile(u0 + i, nsb, lanes_s, c, S, sdN, sdS, sdC, n_units, cmask, INT64,
+                                BLOCK_S)
+        x = tl.load(X + xo, mask=mask, other=0.0).to(COMPUTE)
+        dy = tl.load(DY + do, mask=mask, other=0.0).to(COMPUTE)
+        xhat, g = _grad_pre_activation(x, dy, mean, invstd, w, b, negative_slope, alpha, ACTIVATION)
+        g = tl.where(mask, g, 0.0)
+        acc_g += tl.sum(g, 0)
+        acc_gx += tl.sum(g * xhat, 0)
+    out = pid_p * C + c
+    tl.store(PSUM_G + out, acc_g, mask=cmask)
+    tl.store(PSUM_GX + out, acc_gx, mask=cmask)
+
+
+@triton.jit
+def _dx_kernel(
+    X, DY, DX,  # [N, C, S] through their strides
+    MEAN, INVSTD, W, B,  # [C] saved statistics and affine parameters
+    SUM_G, SUM_GX,  # [C] sums of g and g * xhat over the (global) batch; unused in eval
+    C, S, sxN, sxC, sxS, sdN, sdC, sdS, soN, soC, soS,
+    nsb, n_units, units_per_prog,
+    inv_n_hi, inv_n_lo,  # 1 / count as an fp32 pair (hi + lo)
+    negative_slope, alpha,
+    TRAINING: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACTIVATION: tl.constexpr,
+    COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    lanes_s = tl.arange(0, BLOCK_S)
+    mean, invstd, w, b = _channel_params(MEAN, INVSTD, W, B, c, cmask, HAS_W, HAS_B, COMPUTE)
+    scale = invstd * w
+    if TRAINING:
+        inv_n = tl.cast(inv_n_hi, COMPUTE) + tl.cast(inv_n_lo, COMPUTE)
+        mean_g = tl.load(SUM_G + c, mask=cmask, other=0.0).to(COMPUTE) * inv_n
+        mean_gx = tl.load(SUM_GX + c, mask=cmask, other=0.0).to(COMPUTE) * inv_n
+    u0 = pid_p * units_per_prog
+    for i in range(0, units_per_prog):
+        xo, mask, smask = _tile(u0 + i, nsb, lanes_s, c, S, sxN, sxS, sxC, n_units, cmask, INT64,
+                                BLOCK_S)
+        do, mask, smask = _tile(u0 + i, nsb, lanes_s, c, S, sdN, sdS, sdC, n_units, cmask, INT64,
+                                BLOCK_S)
+        oo, mask, smask = _tile(u0 + i, nsb, lanes_s, c, S, soN, soS, soC, n_units, cmask, INT64,
+                                BLOCK_S)
+        x = tl.load(X + xo, mask=mask, other=0.0).to(COMPUTE)
+        dy = tl.load(DY + do, mask=mask, other=0.0).to(COMPUTE)
+        xhat, g = _grad_pre_activation(x, dy, mean, invstd, w, b, negative_slope, alpha, ACTIVATION)
+        if TRAINING:
+            g = g - mean_g[None, :] - xhat * mean_gx[None, :]
+        dx = g * scale[None, :]
+        tl.store(DX + oo, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# launch planning
+
+
+def _split_f32(v: float) -> tuple[float, float]:
+    """``v`` as hi + lo, both exactly representable in fp32 (Triton passes floats as fp32)."""
+    hi = float(torch.tensor(v, dtype=torch.float32))
+    return hi, float(torch.tensor(v - hi, dtype=torch.float32))
+
+
+def _ncs_strides(t: torch.Tensor):
+    """(sN, sC, sS) of ``t`` seen as [N, C, S], or None when its spatial dims cannot be flattened
+    into one stride (then the caller copies)."""
+    if t.dim() == 2:
+        return t.stride(0), t.stride(1), 1
+    dims = [(n, st) for n, st in zip(t.shape[2:], t.stride()[2:]) if n != 1]
+    if not dims:
+        return t.stride(0), t.stride(1), 1
+    for (n0, s0), (n1, s1) in zip(dims, dims[1:]):
+        if s0 != s1 * n1:
+            return None
+    return t.stride(0), t.stride(1), dims[-1][1]
+
+
+class _View:
+    """How the kernels address one input: sizes, merged-or-not, and a tensor's strides."""
+
+    def __init__(self, x: torch.Tensor):
+        self.N, self.C = x.shape[0], x.shape[1]
+        self.S = 1
+        for n in x.shape[2:]:
+            self.S *= n
+        sN, _, sS = _ncs_strides(x)
+        # batch and spatial merge when sample n + 1 starts where sample n ends in S order
+        self.merged = self.N == 1 or self.S == 1 or sN == self.S * sS
+        self.rows, self.cols = (1, self.N * self.S) if self.merged else (self.N, self.S)
+
+    def strides(self, t: torch.Tensor):
+        st = _ncs_strides(t)
+        if st is None:
+            return None
+        sN, sC, sS = st
+        if not self.merged:
+            return sN, sC, sS
+        if self.S == 1:
+            return 0, sC, sN
+        if self.N == 1:
+            return 0, sC, sS
+        if sN != self.S * sS:
+            return None
+        return 0, sC, sS
+
+
+def _prepare_input(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels can address it: dense with flattenable spatial dims, else a copy."""
+    if rt.is_dense(x) and _ncs_strides(x) is not None:
+        return x
+    if not rt.is_dense(x):
+        x = torch.empty_like(x).copy_(x)  # dense, in the memory format torch suggests for x
+        if _ncs_strides(x) is not None:
+            return x
+    return x.contiguous()
+
+
+def _like(t: torch.Tensor, x: torch.Tensor, view: _View) -> torch.Tensor:
+    """``t`` (e.g. the incoming gradient) in a layout ``view`` can address; copies only if needed."""
+    if view.strides(t) is not None:
+        return t
+    return torch.empty_like(x).copy_(t)
+
+
+_sm_count: dict = {}
+
+
+def _target_programs(device: torch.device, reduction: bool) -> int:
+    """Programs to aim for: a few waves on a GPU; a handful in the interpreter, where each program
+    costs numpy calls."""
+    if device.type == "cpu":
+        return 4
+    key = (device.type, device.index)
+    if key not in _sm_count:
+        try:
+            _sm_count[key] = torch.cuda.get_device_properties(device).multi_processor_count
+        except Exception:  # a device torch.cuda cannot describe
+            _sm_count[key] = 108
+    return (4 if reduction else 64) * _sm_count[key]
+
+
+def plan(x: torch.Tensor, reduction: bool = True) -> dict:
+    """Tile shape and grid for ``x`` ([N, C, *spatial], already prepared).  ``num_partials`` is
+    the number of splits per channel (rows of the statistics workspace)."""
+    view = _View(x)
+    C, cols = view.C, view.cols
+    sN, sC, sS = view.strides(x)
+    tile = max(16, TILE_BYTES // x.element_size())
+    if sS == 1 and cols > 1 and sC != 1:  # spatial axis contiguous (NCHW): long in S
+        block_s = min(triton.next_power_of_2(cols), tile)
+        block_c = min(triton.next_power_of_2(max(C, 1)), max(1, tile // block_s))
+    else:  # channels contiguous (channels_last, (N, C)): wide in C
+        block_c = min(triton.next_power_of_2(max(C, 1)), CL_BLOCK_C)
+        block_s = min(triton.next_power_of_2(max(cols, 1)), max(1, tile // block_c))
+    nsb = triton.cdiv(cols, block_s)
+    n_units = view.rows * nsb
+    c_blocks = triton.cdiv(C, block_c)
+    splits = max(1, min(n_units, triton.cdiv(_target_programs(x.device, reduction), c_blocks), 65535))
+    units_per_prog = triton.cdiv(n_units, splits)
+    splits = triton.cdiv(n_units, units_per_prog)
+    return dict(view=view, BLOCK_S=block_s, BLOCK_C=block_c, nsb=nsb, n_units=n_units,
+                units_per_prog=units_per_prog, grid=(c_blocks, splits), num_partials=splits,
+                num_warps=rt.num_warps_for(block_s * block_c))
+
+
+def _launch_args(p: dict) -> dict:
+    return dict(nsb=p["nsb"], n_units=p["n_units"], units_per_prog=p["units_per_prog"],
+                BLOCK_S=p["BLOCK_S"], BLOCK_C=p["BLOCK_C"], num_warps=p["num_warps"])
+
+
+# ----------------------------------------------------------------------------------------------
+# host building blocks (x already prepared with _prepare_input, numel > 0)
+
+
+def bn_partial_stats(x: torch.Tensor):
+    """Per-split partial statistics of a local batch: (count, mean, m2), each [P, C] in the
+    accumulation dtype (fp32, fp64 for fp64)."""
+    p = plan(x, reduction=True)
+    view = p["view"]
+    sN, sC, sS = view.strides(x)
+    P, C = p["num_partials"], view.C
+    acc = rt.accum_dtype(x.dtype)
+    ws = torch.empty((3, P, C), dtype=acc, device=x.device)
+    _stats_partial_kernel[p["grid"]](
+        x, ws[0], ws[1], ws[2], C, view.cols, sN, sC, sS,
+        COMPUTE=rt.compute_dtype(x.dtype), INT64=rt.needs_int64(x), **_launch_args(p))
+    return ws[0], ws[1], ws[2]
+
+
+def bn_combine_stats(count, mean, m2, eps, running_mean=None, running_var=None, momentum=0.1,
+                     num_batches_tracked=None, local=False):
+    """Merge partials ([P, C] each).  Default: returns (mean, invstd) [C] and, when running stats
+    are given, updates them in place with the unbiased variance and ``momentum`` (or, when
+    ``momentum`` is None, with 1 / ``num_batches_tracked``, read on the device).
+    ``local=True``: returns the merged (count, mean, m2) as [1, C] tensors instead (for a collective)."""
+    P, C = mean.shape
+    acc = mean.dtype
+    compute = tl.float64 if acc == torch.float64 else tl.float32
+    out_mean = torch.empty((1, C) if local else (C,), dtype=acc, device=mean.device)
+    invstd = out_mean if local else torch.empty(C, dtype=acc, device=mean.device)
+    out_count = torch.empty((1, C), dtype=acc, device=mean.device) if local else out_mean
+    out_m2 = torch.empty((1, C), dtype=acc, device=mean.device) if local else out_mean
+    update = running_mean is not None and not local
+    cumulative = update and momentum is None
+    block_p = min(triton.next_power_of_2(P), 32)
+    block_c = min(triton.next_power_of_2(C), 128)
+    eps_hi, eps_lo = _split_f32(float(eps))
+    mom_hi, mom_lo = _split_f32(0.0 if momentum is None else float(momentum))
+    _stats_combine_kernel[(triton.cdiv(C, block_c),)](
+        count, mean, m2, out_mean, invstd, out_count, out_m2,
+        running_mean if update else out_mean, running_var if update else out_mean,
+        num_batches_tracked if cumulative else out_mean,
+        P, C, eps_hi, eps_lo, mom_hi, mom_lo,
+        UPDATE=update, CUMULATIVE=cumulative, WRITE_INVSTD=not local, WRITE_M2=local,
+        COMPUTE=compute, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
+    if local:
+        return out_count, out_mean, out_m2
+    return out_mean, invstd
+
+
+def _affine_args(weight, bias, x):
+    return dict(HAS_W=weight is not None, HAS_B=bias is not None), (
+        weight if weight is not None else x, bias if bias is not None else x)
+
+
+def bn_normalize(x, mean, invstd, weight, bias, activation="identity", negative_slope=0.01,
+                 alpha=1.0):
+    """``act((x - mean) * invstd * weight + bias)``; ``activation`` is a kernel name."""
+    y = torch.empty_like(x)
+    if x.numel() == 0:
+        return y
+    p = plan(x, reduction=False)
+    view = p["view"]
+    flags, (w, b) = _affine_args(weight, bias, x)
+    _normalize_kernel[p["grid"]](
+        x, y, mean, invstd, w, b, view.C, view.cols, *view.strides(x), *view.strides(y),
+        negative_slope=float(negative_slope), alpha=float(alpha), ACTIVATION=activation,
+        COMPUTE=rt.compute_dtype(x.dtype), INT64=rt.needs_int64(x, y), **flags, **_launch_args(p))
+    return y
+
+
+def bn_backward_reduce(x, dy, mean, invstd, weight, bias, activation="identity",
+                       negative_slope=0.01, alpha=1.0):
+    """Per-channel (sum g, sum g * xhat) with g = dy * act'(z): [C] each, accumulation dtype."""
+    acc = rt.accum_dtype(x.dtype)
+    C = x.shape[1]
+    if x.numel() == 0:
+        z = torch.zeros(C, dtype=acc, device=x.device)
+        return z, z.clone()
+    p = plan(x, reduction=True)
+    view = p["view"]
+    dy = _like(dy, x, view)
+    ws = torch.empty((2, p["num_partials"], C), dtype=acc, device=x.device)
+    flags, (w, b) = _affine_args(weight, bias, x)
+    _backward_reduce_kernel[p["grid"]](
+        x, dy, mean, invstd, w, b, ws[0], ws[1], C, view.cols, *view.strides(x),
+        *view.strides(dy), negative_slope=float(negative_slope), alpha=float(alpha),
+        ACTIVATION=activation, COMPUTE=rt.compute_dtype(x.dtype), INT64=rt.needs_int64(x, dy),
+        **flags, **_launch_args(p))
+    sums = ws.sum(1)  # deterministic combine over the splits
+    return sums[0], sums[1]
+
+
+def bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g=None, sum_gx=None, count=1,
+                   activation="identity", negative_slope=0.01, alpha=1.0, training=True):
+    """dx.  Training: from the (global) sums of g and g * xhat and the (global) element count per
+    channel (pass sums already divided by the count and ``count=1`` if the count is on a device).
+    Eval (``training=False``): ``g * weight * invstd``."""
+    dx = torch.empty_like(x)
+    if x.numel() == 0:
+        return dx
+    p = plan(x, reduction=False)
+    view = p["view"]
+    dy = _like(dy, x, view)
+    flags, (w, b) = _affine_args(weight, bias, x)
+    inv_hi, inv_lo = _split_f32(1.0 / max(int(count), 1))
+    _dx_kernel[p["grid"]](
+        x, dy, dx, mean, invstd, w, b, sum_g if training else mean, sum_gx if training else mean,
+        view.C, view.cols, *view.strides(x), *view.strides(dy), *view.strides(dx),
+        inv_n_hi=inv_hi, inv_n_lo=inv_lo, negative_slope=float(negative_slope),
+        alpha=float(alpha), TRAINING=training, ACTIVATION=activation,
+        COMPUTE=rt.compute_dtype(x.dtype), INT64=rt.needs_int64(x, dy, dx), **flags,
+        **_launch_args(p))
+    return dx
+
+
+def num_partials(x: torch.Tensor) -> int:
+    """How many splits per channel the statistics pass uses for ``x`` (1 = one program per
+    channel block); exposed for tests and tuning."""
+    return plan(_prepare_input(x), reduction=True)["num_partials"]
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd
+
+
+def _eval_stats(running_mean, running_var, eps, acc):
+    mean = running_mean.to(acc)
+    invstd = torch.rsqrt(running_var.to(acc) + eps)
+    return mean, invstd
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """Saves x, weight, bias and the fp32 (fp64) mean/invstd used; never the pre-activation."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked, cfg):
+        x = _prepare_input(x)
+        acc = rt.accum_dtype(x.dtype)
+        C = x.shape[1]
+        count = x.numel() // C if C else 0
+        if cfg["training"]:
+            if x.numel() == 0:  # nothing to normalize; running stats stay as they are (as torch)
+                mean = torch.zeros(C, dtype=acc, device=x.device)
+                invstd = torch.ones(C, dtype=acc, device=x.device)
+            else:
+                mean, invstd = bn_combine_stats(
+                    *bn_partial_stats(x), cfg["eps"], running_mean, running_var, cfg["momentum"],
+                    num_batches_tracked)
+        else:
+            mean, invstd = _eval_stats(running_mean, running_var, cfg["eps"], acc)
+        y = bn_normalize(x, mean, invstd, weight, bias, cfg["kernel_activation"],
+                         cfg["negative_slope"], cfg["alpha"])
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.cfg = cfg
+        ctx.count = count
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        cfg = ctx.cfg
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        act = (cfg["kernel_activation"], cfg["negative_slope"], cfg["alpha"])
+        training = cfg["training"]
+        sum_g = sum_gx = None
+        if (need_x and training) or need_w or need_b:
+            sum_g, sum_gx = bn_backward_reduce(x, dy, mean, invstd, weight, bias, *act)
+        dx = dw = db = None
+        if need_x:
+            dx = bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g, sum_gx, ctx.count, *act,
+                                training=training)
+        if need_w:
+            dw = sum_gx.to(weight.dtype)
+        if need_b:
+            db = sum_g.to(bias.dtype)
+        return dx, dw, db, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# public function
+
+
+class _DtypeNotImplemented(rt.DtypeError, NotImplementedError):
+    """Integer input: torch raises NotImplementedError; this is that and DtypeError."""
+
+
+def _check(input, running_mean, running_var, weight, bias, training, eps):
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"tkern.batch_norm: input must be a Tensor, got {type(input).__name__}")
+    if training:
+        size = input.shape
+        if len(size) == 0:
+            raise IndexError("tkern.batch_norm: input must have at least 2 dims (N, C, ...), got 0")
+        n = size[0]
+        for d in size[2:]:
+            n *= d
+        if n == 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {size}")
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    if not training and running_mean is None:
+        raise RuntimeError("tkern.batch_norm: running_mean must be defined in evaluation mode")
+    if input.dim() < 2:
+        raise (IndexError if running_mean is None else RuntimeError)(
+            f"tkern.batch_norm: expected input of shape (N, C, ...), got {tuple(input.shape)}")
+    if not input.is_floating_point():
+        raise _DtypeNotImplemented(
+            f"tkern.batch_norm: input must be a floating-point tensor, got {input.dtype}")
+    C = input.shape[1]
+    low = input.dtype in (torch.float16, torch.bfloat16)
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        if t is None:
+            continue
+        if t.numel() != C:
+            raise RuntimeError(f"tkern.batch_norm: {name} should contain {C} elements not {t.numel()}")
+        if t.dtype != input.dtype and not (low and t.dtype == torch.float32):
+            raise rt.DtypeError(
+                f"tkern.batch_norm: {name} must have the input's dtype ({input.dtype})"
+                f"{' or float32' if low else ''}, got {t.dtype}")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and training and not t.is_contiguous():
+            raise RuntimeError(f"tkern.batch_norm: {name} must be contiguous to be updated in place")
+
+
+def _flat(t):
+    return None if t is None else t.reshape(-1)
+
+
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                activation, negative_slope, alpha, approximate, num_batches_tracked=None):
+    """Shared body of ``batch_norm`` and the modules.  ``momentum=None`` (modules only) means the
+    cumulative average 1 / num_batches_tracked, read on the device."""
+    kact = kernel_name(activation, approximate)
+    _check(input, running_mean, running_var, weight, bias, training, eps)
+    if not rt.use_triton("batch_norm", input, running_mean, running_var, weight, bias):
+        if momentum is None:
+            momentum = 1.0 / float(num_batches_tracked) if num_batches_tracked is not None else 0.0
+        y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return eager_activation(y, activation, negative_slope, alpha, approximate)
+    update = training and running_mean is not None
+    if update and momentum is None and num_batches_tracked is None:
+        raise ValueError("tkern.batch_norm: momentum=None needs num_batches_tracked")
+    cfg = dict(training=bool(training), momentum=momentum, eps=float(eps), kernel_activation=kact,
+               negative_slope=float(negative_slope), alpha=float(alpha))
+    return BatchNormFunction.apply(
+        input, _flat(weight), _flat(bias), _flat(running_mean) if update or not training else None,
+        _flat(running_var) if update or not training else None, num_batches_tracked, cfg)
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5, *, activation=None, negative_slope=0.01, alpha=1.0,
+               approximate="none"):
+    """``torch.nn.functional.batch_norm`` followed by a fused activation, in Triton.
+
+    Arguments and errors as ``F.batch_norm``; ``activation`` (None = identity) is one of
+    ``tkern.ACTIVATIONS``, with ``negative_slope`` (leaky_relu), ``alpha`` (elu) and
+    ``approximate`` (gelu).  Input (N, C, *) of any floating dtype, NCHW or channels_last
+    (read through strides, output in the same memory format); fp16/bf16 input may come with fp32
+    weight, bias and running stats.  Training updates running_mean/running_var in place with the
+    unbiased batch variance.
+    """
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(f"tkern.batch_norm: momentum must be float, not {type(momentum).__name__}")
+    if not isinstance(training, bool):
+        raise TypeError(f"tkern.batch_norm: training must be bool, not {type(training).__name__}")
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, float(momentum),
+                       eps, activation, negative_slope, alpha, approximate)
