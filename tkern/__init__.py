@@ -7,6 +7,7 @@ with one warning.
 
 from . import nn
 from .activations import ACTIVATIONS
+from .conversion import convert
 from .ops.activation_dropout import activation_dropout
 from .ops.lrn import local_response_norm, local_response_normalization
 from .ops.batch_norm import batch_norm
@@ -14,4 +15,4 @@ from .ops.weight_norm import weight_norm
 
 __version__ = "0.1.0"
 
-__all__ = ["ACTIVATIONS", "activation_dropout", "local_response_norm", "local_response_normalization", "batch_norm", "nn", "weight_norm"]
+__all__ = ["ACTIVATIONS", "convert", "activation_dropout", "local_response_norm", "local_response_normalization", "batch_norm", "nn", "weight_norm"]
