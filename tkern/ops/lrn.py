@@ -173,10 +173,14 @@ def _split(v: float) -> tuple[float, float]:
 
 def _view3(t: torch.Tensor, last: bool):
     """``t`` as the kernels' (N, C, S) view without copying, or None when its strides do not allow
-    it. PyTorch semantics: (N, C, prod(spatial)); TensorFlow: (1, depth, rows)."""
-    try:
-        if last:
+    it. PyTorch semantics: (N, C, prod(spatial)).  TensorFlow: (1, depth, rows) when the rows
+    merge (NHWC memory), else (N, depth, prod(middle dims)) (NCHW memory viewed as NHWC)."""
+    if last:
+        try:
             return t.view(-1, t.shape[-1]).t().unsqueeze(0)
+        except RuntimeError:
+            t = t.movedim(-1, 1)
+    try:
         return t.view(t.shape[0], t.shape[1], -1)
     except RuntimeError:
         return None
@@ -305,6 +309,8 @@ def local_response_norm(input, size, alpha=1e-4, beta=0.75, k=1.0):
     if input.numel() == 0:
         return input
     if not rt.use_triton("local_response_norm", input):
+        if input.dtype in (torch.float16, torch.bfloat16):  # torch's CPU avg_pool3d lacks them
+            return F.local_response_norm(input.float(), int(size), alpha, beta, k).to(input.dtype)
         return F.local_response_norm(input, int(size), alpha, beta, k)
     size = int(size)
     cfg = dict(last=False, before=size // 2, after=(size - 1) // 2, scale=float(alpha) / size,

@@ -1,0 +1,287 @@
+"""tkern.local_response_norm (PyTorch semantics), tkern.local_response_normalization (TensorFlow
+semantics) and tkern.nn.LocalResponseNorm, against PyTorch and a TensorFlow reference written here
+from TF's formula.  Tensors are tiny: the kernels run in Triton's interpreter on CPU."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tkern
+from tkern.testing import assert_close_rule
+
+LOW = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def _tf_reference(x, depth_radius, bias, alpha, beta):
+    """tf.nn.local_response_normalization from its documented formula, one channel at a time:
+    sqr_sum[..., d] = sum(input[..., d - r : d + r + 1] ** 2); output = input / (bias + alpha * sqr_sum) ** beta
+    """
+    depth = x.shape[-1]
+    cols = []
+    for d in range(depth):
+        lo, hi = max(0, d - depth_radius), min(depth, d + depth_radius + 1)
+        sqr_sum = (x[..., lo:hi] ** 2).sum(-1)
+        cols.append(x[..., d] / (bias + alpha * sqr_sum) ** beta)
+    return torch.stack(cols, -1)
+
+
+def _same_dtype(fn, x, *args):
+    """PyTorch's result at x's dtype; torch's CPU avg_pool3d has no fp16/bf16 kernel, so there it
+    is computed in fp32 and rounded once (an error no larger than torch's own would be)."""
+    try:
+        return fn(x, *args)
+    except (NotImplementedError, RuntimeError):
+        out = fn(x.float(), *args)
+        return tuple(o.to(x.dtype) for o in out) if isinstance(out, tuple) else out.to(x.dtype)
+
+
+def _grads(fn, x, g, *args):
+    x = x.detach().requires_grad_(True)
+    y = fn(x, *args)
+    (gx,) = torch.autograd.grad(y, x, g)
+    return y.detach(), gx
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch semantics
+
+
+def test_module_db_samples(device):
+    common_modules = pytest.importorskip("torch.testing._internal.common_modules")
+    info = next((m for m in common_modules.module_db if m.module_cls is torch.nn.LocalResponseNorm),
+                None)
+    if info is None:
+        pytest.skip("module_db has no LocalResponseNorm entry")
+    for dtype in (torch.float32, torch.float64):
+        samples = info.module_inputs_func(info, device=device, dtype=dtype, requires_grad=True,
+                                          training=True)
+        assert samples
+        for sample in samples:
+            args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
+            ours_m = tkern.nn.LocalResponseNorm(*args, **kwargs)
+            ref_m = torch.nn.LocalResponseNorm(*args, **kwargs)
+            (x,) = sample.forward_input.args
+            g = torch.randn_like(x)
+            y, gx = _grads(ours_m, x, g)
+            y_t, gx_t = _grads(ref_m, x, g)
+            y_64, gx_64 = _grads(ref_m, x.double(), g.double())
+            assert_close_rule(y, y_t, y_64, name=f"forward {args}")
+            assert_close_rule(gx, gx_t, gx_64, name=f"grad {args}")
+
+
+@pytest.mark.parametrize("rank", [3, 4, 5])
+@pytest.mark.parametrize("size", range(1, 10))
+def test_sizes_ranks_channels(device, size, rank):
+    """Every size 1..9 (even ones put the extra channel before c), channels below and above it."""
+    spatial = {3: (3,), 4: (2, 3), 5: (2, 1, 3)}[rank]
+    for channels in (3, 11):
+        x = torch.randn(2, channels, *spatial, device=device, dtype=torch.float64)
+        g = torch.randn_like(x)
+        y, gx = _grads(tkern.local_response_norm, x, g, size, 0.7, 0.75, 1.3)
+        y_ref, gx_ref = _grads(F.local_response_norm, x, g, size, 0.7, 0.75, 1.3)
+        torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("size", [2, 5])
+def test_low_precision(device, dtype, size):
+    # unit-scale inputs and a large alpha so that the normalizer actually varies
+    x = torch.randn(3, 13, 5, 3, device=device, dtype=dtype)
+    g = torch.randn_like(x)
+    params = (size, 2.0, 0.75, 1.0)
+    y, gx = _grads(tkern.local_response_norm, x, g, *params)
+    y_t, gx_t = _same_dtype(lambda a, *p: _grads(F.local_response_norm, a, g.to(a.dtype), *p), x,
+                            *params)
+    y_64, gx_64 = _grads(F.local_response_norm, x.double(), g.double(), *params)
+    assert_close_rule(y, y_t, y_64, name="forward")
+    assert_close_rule(gx, gx_t, gx_64, name="grad")
+
+
+def test_gradcheck_pytorch(device):
+    # an even size: the window is asymmetric, so the mirrored backward window is tested
+    x = torch.randn(1, 5, 2, device=device, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a: tkern.local_response_norm(a, 4, 0.9, 0.75, 0.7), (x,), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("fmt, shape", [(torch.channels_last, (2, 7, 3, 2)),
+                                        (torch.channels_last_3d, (2, 7, 2, 1, 3))])
+def test_channels_last(device, fmt, shape):
+    x = torch.randn(shape, device=device, dtype=torch.float32).to(memory_format=fmt)
+    g = torch.randn_like(x)  # channels_last as well
+    y, gx = _grads(tkern.local_response_norm, x, g, 4, 0.5, 0.75, 1.0)
+    assert y.is_contiguous(memory_format=fmt) and gx.is_contiguous(memory_format=fmt)
+    y_t, gx_t = _grads(F.local_response_norm, x, g, 4, 0.5, 0.75, 1.0)
+    y_64, gx_64 = _grads(F.local_response_norm, x.double(), g.double(), 4, 0.5, 0.75, 1.0)
+    assert_close_rule(y, y_t, y_64, name="forward")
+    assert_close_rule(gx, gx_t, gx_64, name="grad")
+    # a contiguous gradient for a channels_last input is read through its own strides
+    gc = g.contiguous()
+    _, gx_c = _grads(tkern.local_response_norm, x, gc, 4, 0.5, 0.75, 1.0)
+    assert_close_rule(gx_c, gx_t, gx_64, name="grad (contiguous dy)")
+
+
+def test_strided_views(device):
+    base = torch.randn(2, 9, 4, 5, device=device, dtype=torch.float64)
+    for x in (base[:, ::2], base[..., 1:4], base.transpose(2, 3), base.expand(3, 2, 9, 4, 5)[1]):
+        g = torch.randn_like(x)
+        y, gx = _grads(tkern.local_response_norm, x, g, 3, 0.6, 0.8, 1.1)
+        y_ref, gx_ref = _grads(F.local_response_norm, x.contiguous(), g, 3, 0.6, 0.8, 1.1)
+        torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_edge_parameters(device):
+    x = torch.randn(2, 6, 5, device=device, dtype=torch.float64)
+    g = torch.randn_like(x)
+    # a window far wider than C, k = 0, and a negative beta
+    for params in ((1000, 0.3, 0.75, 1.0), (3, 0.5, 0.75, 0.0), (4, 0.2, -0.5, 2.0)):
+        y, gx = _grads(tkern.local_response_norm, x, g, *params)
+        y_ref, gx_ref = _grads(F.local_response_norm, x, g, *params)
+        torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12, msg=str(params))
+        torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12, msg=str(params))
+    # beta = 0: pow(s, 0) is 1 even where s = 0, and the gradient is dy exactly
+    x0 = x.clone()
+    x0[:, :3] = 0.0
+    y, gx = _grads(tkern.local_response_norm, x0, g, 3, 1.0, 0.0, 0.0)
+    assert torch.equal(y, x0) and torch.equal(gx, g)
+
+
+def test_scalar_precision_fp64(device):
+    # alpha, beta and k that fp32 cannot hold: fp64 results must not round them to fp32
+    x = torch.randn(2, 5, 7, device=device, dtype=torch.float64)
+    params = (3, 0.1234567890123, 0.7654321098765, 1.1111111111111)
+    torch.testing.assert_close(tkern.local_response_norm(x, *params),
+                               F.local_response_norm(x, *params), rtol=1e-13, atol=1e-13)
+
+
+def test_module(device):
+    m = tkern.nn.LocalResponseNorm(3, alpha=0.2, beta=0.6, k=1.5)
+    assert isinstance(m, torch.nn.LocalResponseNorm)
+    ref = torch.nn.LocalResponseNorm(3, alpha=0.2, beta=0.6, k=1.5)
+    assert repr(m) == repr(ref) and m.state_dict().keys() == ref.state_dict().keys()
+    x = torch.randn(2, 5, 3, 2, device=device, dtype=torch.float64)
+    torch.testing.assert_close(m(x), ref(x), rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# TensorFlow semantics
+
+
+@pytest.mark.parametrize("depth_radius", [0, 1, 2, 5])
+def test_tensorflow_semantics(device, depth_radius):
+    for shape in ((2, 3, 2, 3), (3, 2, 11)):  # depth below and above the window
+        x = torch.randn(shape, device=device, dtype=torch.float64)
+        g = torch.randn_like(x)
+        params = (depth_radius, 1.5, 0.3, 0.6)
+        y, gx = _grads(tkern.local_response_normalization, x, g, *params)
+        y_ref, gx_ref = _grads(_tf_reference, x, g, *params)
+        torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_tensorflow_defaults_and_layouts(device):
+    x = torch.randn(2, 3, 4, 13, device=device, dtype=torch.float64)
+    torch.testing.assert_close(tkern.local_response_normalization(x),
+                               _tf_reference(x, 5, 1.0, 1.0, 0.5), rtol=1e-12, atol=1e-12)
+    # NCHW memory viewed as NHWC (channels not contiguous), and a sliced view
+    for v in (torch.randn(2, 13, 3, 4, device=device, dtype=torch.float64).permute(0, 2, 3, 1),
+              x[:, :, 1:3, ::2]):
+        g = torch.randn_like(v)
+        y, gx = _grads(tkern.local_response_normalization, v, g, 2, 0.5, 0.2, 0.75)
+        y_ref, gx_ref = _grads(_tf_reference, v, g, 2, 0.5, 0.2, 0.75)
+        torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12)
+        assert y.stride() == torch.empty_like(v).stride()
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_tensorflow_low_precision(device, dtype):
+    x = torch.randn(3, 5, 17, device=device, dtype=dtype)
+    g = torch.randn_like(x)
+    params = (2, 1.0, 0.5, 0.75)
+    y, gx = _grads(tkern.local_response_normalization, x, g, *params)
+    y_t, gx_t = _grads(_tf_reference, x, g, *params)
+    y_64, gx_64 = _grads(_tf_reference, x.double(), g.double(), *params)
+    assert_close_rule(y, y_t, y_64, name="forward")
+    assert_close_rule(gx, gx_t, gx_64, name="grad")
+
+
+def test_gradcheck_tensorflow(device):
+    x = torch.randn(1, 2, 5, device=device, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a: tkern.local_response_normalization(a, 2, 0.8, 0.6, 0.7), (x,), eps=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------
+# shared behaviour
+
+
+def test_saves_only_x(device):
+    for fn, args in ((tkern.local_response_norm, (3,)), (tkern.local_response_normalization, (1,))):
+        x = torch.randn(2, 5, 3, device=device, dtype=torch.float32, requires_grad=True)
+        packed = []
+
+        def pack(t):
+            packed.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = fn(x, *args)
+        assert len(packed) == 1, f"{fn.__name__} saved {len(packed)} tensors"
+        assert packed[0].shape == x.shape and torch.equal(packed[0], x.detach())
+        y.sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_empty(device):
+    for shape in ((0, 4, 3), (2, 0, 3, 2), (2, 4, 0)):
+        x = torch.randn(shape, device=device, requires_grad=True)
+        for y in (tkern.local_response_norm(x, 3), tkern.local_response_normalization(x, 1),
+                  tkern.nn.LocalResponseNorm(2)(x)):
+            assert y.shape == x.shape and y.dtype == x.dtype
+            y.sum().backward()
+
+
+def test_errors(device):
+    x = torch.randn(2, 5, 3, device=device)
+    for bad in (torch.randn(5, device=device), torch.randn(2, 5, device=device)):
+        with pytest.raises(ValueError):
+            tkern.local_response_norm(bad, 3)
+        with pytest.raises(ValueError):
+            tkern.local_response_normalization(bad, 1)
+        with pytest.raises(ValueError):
+            tkern.nn.LocalResponseNorm(3)(bad)
+    for size in (0, -2):
+        with pytest.raises(ValueError):
+            tkern.local_response_norm(x, size)
+    with pytest.raises(ValueError):
+        tkern.local_response_normalization(x, -1)
+    with pytest.raises(TypeError):
+        tkern.local_response_norm(x, 2.5)
+    for dtype in (torch.int64, torch.int32, torch.bool):
+        xi = torch.ones(2, 5, 3, device=device, dtype=dtype)
+        with pytest.raises(TypeError):
+            tkern.local_response_norm(xi, 3)
+        with pytest.raises(TypeError):
+            tkern.local_response_normalization(xi, 1)
+
+
+def test_eager_fallback(device, monkeypatch):
+    """CPU without the interpreter runs eager PyTorch (warning once): same results."""
+    if device.type != "cpu":
+        pytest.skip("the eager fallback is for CPU tensors")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(2, 7, 3, 2, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        torch.testing.assert_close(tkern.local_response_norm(x, 4, 0.5, 0.7, 1.2),
+                                   F.local_response_norm(x, 4, 0.5, 0.7, 1.2))
+        torch.testing.assert_close(tkern.local_response_normalization(x, 1, 1.2, 0.5, 0.7),
+                                   _tf_reference(x, 1, 1.2, 0.5, 0.7))
+        xh = x.half()
+        assert_close_rule(tkern.local_response_norm(xh, 3, 0.5), F.local_response_norm(
+            xh.float(), 3, 0.5).half(), F.local_response_norm(x, 3, 0.5))
