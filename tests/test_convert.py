@@ -140,3 +140,17 @@ def test_root_module_and_user_subclasses():
 
     m = tkern.convert(nn.Sequential(MyBN(3), nn.ReLU()))
     assert type(m[0]) is MyBN and isinstance(m[1], tkern.nn.ActivationDropout)
+
+
+def test_example_training_script_runs(device):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "examples" / "train_alexnet.py"
+    spec = importlib.util.spec_from_file_location("train_alexnet", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    args = ["--steps", "2", "--batch", "2", "--image", "67", "--width", "4", "--hidden", "16", "--classes", "5"]
+    results = example.main(args)
+    for losses, ms, _ in results.values():
+        assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses))) and ms > 0
