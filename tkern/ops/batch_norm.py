@@ -83,7 +83,8 @@ def _tile(u, nsb, lanes_s, c, S, sN, sS, sC, n_units, cmask, INT64: tl.constexpr
 @triton.jit
 def _stats_partial_kernel(
     X,  # input viewed as [N, C, S] through (sN, sC, sS)
-    PCOUNT, PMEAN, PM2,  # [P, C] partial element count, mean and M2 (sum of squared deviations)
+    PCOUNT, PMEAN, PM2,  # [P, C] partial element count, mean (minus SHIFT) and M2
+    SHIFT,  # [C] output: each channel's first element, the origin of the partial means
     C, S, sN, sC, sS,  # channel count, spatial size, strides of X
     nsb, n_units, units_per_prog,  # S-blocks per sample; units in all; units per program
     COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -122,20 +123,25 @@ def _stats_partial_kernel(
         cnt = new_cnt
     out = pid_p * C + c
     tl.store(PCOUNT + out, cnt, mask=cmask)
-    tl.store(PMEAN + out, tl.where(cnt > 0, mean + shift, 0.0), mask=cmask)
+    tl.store(PMEAN + out, mean, mask=cmask)
     tl.store(PM2 + out, m2, mask=cmask)
+    if pid_p == 0:
+        tl.store(SHIFT + c, shift, mask=cmask)
 
 
 @triton.jit
 def _stats_combine_kernel(
-    PCOUNT, PMEAN, PM2,  # [P, C] partials
-    MEAN, INVSTD,  # [C] outputs: batch mean and 1 / sqrt(var + eps) (INVSTD only when WRITE_INVSTD)
+    PCOUNT, PMEAN, PM2,  # [P, C] partials (means relative to SHIFT when HAS_SHIFT)
+    SHIFT,  # [C] origin of the partial means
+    MEAN, MEAN_LO, INVSTD,  # [C] outputs: batch mean as hi + lo, 1 / sqrt(var + eps)
+                            # (MEAN_LO and INVSTD only when WRITE_INVSTD)
     OCOUNT, OM2,  # [C] outputs when WRITE_M2: merged count and M2 (MEAN holds the merged mean)
     RMEAN, RVAR,  # [C] running stats, updated in place when UPDATE
     NBT,  # num_batches_tracked (int64 scalar) when CUMULATIVE: factor = 1 / NBT
     P, C,
     eps_hi, eps_lo, mom_hi, mom_lo,  # eps and momentum as fp32 pairs hi + lo (fp64 precision)
-    UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr, WRITE_INVSTD: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr,
+    WRITE_INVSTD: tl.constexpr,
     WRITE_M2: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -162,7 +168,16 @@ def _stats_combine_kernel(
         m2_i = tl.load(PM2 + offs, mask=m, other=0.0).to(COMPUTE)
         d = mu_i - mean[None, :]
         m2 += tl.sum(m2_i + n_i * d * d, 0)
-    tl.store(MEAN + c, mean, mask=cmask)
+    if HAS_SHIFT:
+        shift = tl.load(SHIFT + c, mask=cmask, other=0.0).to(COMPUTE)
+    else:
+        shift = tl.zeros([BLOCK_C], COMPUTE)
+    # The mean in two parts: hi, the stored precision, and lo, what hi rounded away.  With
+    # |mean| >> std the rounding of hi alone would shift every xhat by up to ulp(mean) * invstd.
+    # (Fast2Sum: exact when |shift| >= |mean|, the usual case of a large mean.)
+    mean_hi = shift + mean
+    mean_lo = (shift - mean_hi) + mean
+    tl.store(MEAN + c, mean_hi, mask=cmask)
     if WRITE_M2:
         tl.store(OCOUNT + c, n_tot, mask=cmask)
         tl.store(OM2 + c, m2, mask=cmask)
@@ -174,6 +189,7 @@ def _stats_combine_kernel(
         else:
             std = tl.sqrt_rn(var + eps)  # correctly rounded (tl.sqrt may be approximate)
         tl.store(INVSTD + c, 1.0 / std, mask=cmask)
+        tl.store(MEAN_LO + c, mean_lo, mask=cmask)
     if UPDATE:
         if CUMULATIVE:
             factor = 1.0 / tl.load(NBT).to(COMPUTE)
@@ -183,16 +199,20 @@ def _stats_combine_kernel(
         unbiased = m2 / tl.maximum(n_tot - 1.0, 1.0)
         rm = tl.load(RMEAN + c, mask=cmask, other=0.0)
         rv = tl.load(RVAR + c, mask=cmask, other=0.0)
-        new_rm = (1.0 - factor) * rm.to(COMPUTE) + factor * mean
+        new_rm = (1.0 - factor) * rm.to(COMPUTE) + factor * (mean_hi + mean_lo)
         new_rv = (1.0 - factor) * rv.to(COMPUTE) + factor * unbiased
         tl.store(RMEAN + c, new_rm.to(rm.dtype), mask=cmask)
         tl.store(RVAR + c, new_rv.to(rv.dtype), mask=cmask)
 
 
 @triton.jit
-def _channel_params(MEAN, INVSTD, W, B, c, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                    COMPUTE: tl.constexpr):
+def _channel_params(MEAN, MEAN_LO, INVSTD, W, B, c, cmask, HAS_LO: tl.constexpr,
+                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, COMPUTE: tl.constexpr):
     mean = tl.load(MEAN + c, mask=cmask, other=0.0).to(COMPUTE)
+    if HAS_LO:
+        mean_lo = tl.load(MEAN_LO + c, mask=cmask, other=0.0).to(COMPUTE)
+    else:
+        mean_lo = tl.zeros([c.shape[0]], COMPUTE)
     invstd = tl.load(INVSTD + c, mask=cmask, other=0.0).to(COMPUTE)
     if HAS_W:
         w = tl.load(W + c, mask=cmask, other=0.0).to(COMPUTE)
@@ -202,19 +222,28 @@ def _channel_params(MEAN, INVSTD, W, B, c, cmask, HAS_W: tl.constexpr, HAS_B: tl
         b = tl.load(B + c, mask=cmask, other=0.0).to(COMPUTE)
     else:
         b = tl.zeros([c.shape[0]], COMPUTE)
-    return mean, invstd, w, b
+    return mean, mean_lo, invstd, w, b
+
+
+@triton.jit
+def _centered(x, mean, mean_lo, HAS_LO: tl.constexpr):
+    # x - hi is exact when x is near the mean; lo then corrects what hi rounded away
+    xc = x - mean[None, :]
+    if HAS_LO:
+        xc = xc - mean_lo[None, :]
+    return xc
 
 
 @triton.jit
 def _normalize_kernel(
     X,  # input [N, C, S] through (sxN, sxC, sxS)
     Y,  # output [N, C, S] through (syN, syC, syS)
-    MEAN, INVSTD,  # [C] statistics used (batch or running), COMPUTE dtype
+    MEAN, MEAN_LO, INVSTD,  # [C] statistics used (batch or running); MEAN_LO when HAS_LO
     W, B,  # [C] affine weight and bias (dummies when HAS_W / HAS_B is False)
     C, S, sxN, sxC, sxS, syN, syC, syS,
     nsb, n_units, units_per_prog,
     negative_slope, alpha,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_LO: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACTIVATION: tl.constexpr,
     COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
@@ -222,7 +251,8 @@ def _normalize_kernel(
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     lanes_s = tl.arange(0, BLOCK_S)
-    mean, invstd, w, b = _channel_params(MEAN, INVSTD, W, B, c, cmask, HAS_W, HAS_B, COMPUTE)
+    mean, mean_lo, invstd, w, b = _channel_params(MEAN, MEAN_LO, INVSTD, W, B, c, cmask, HAS_LO,
+                                                  HAS_W, HAS_B, COMPUTE)
     scale = invstd * w
     u0 = pid_p * units_per_prog
     for i in range(0, units_per_prog):
@@ -231,16 +261,16 @@ def _normalize_kernel(
         yo, mask, smask = _tile(u0 + i, nsb, lanes_s, c, S, syN, syS, syC, n_units, cmask, INT64,
                                 BLOCK_S)
         x = tl.load(X + xo, mask=mask, other=0.0).to(COMPUTE)
-        z = (x - mean[None, :]) * scale[None, :] + b[None, :]
+        z = _centered(x, mean, mean_lo, HAS_LO) * scale[None, :] + b[None, :]
         y = activate(z, ACTIVATION, negative_slope, alpha)
         tl.store(Y + yo, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _grad_pre_activation(x, dy, mean, invstd, w, b, negative_slope, alpha,
-                         ACTIVATION: tl.constexpr):
+def _grad_pre_activation(x, dy, mean, mean_lo, invstd, w, b, negative_slope, alpha,
+                         HAS_LO: tl.constexpr, ACTIVATION: tl.constexpr):
     """xhat and g = dy * act'(z), with z rebuilt from x and the saved statistics."""
-    xhat = (x - mean[None, :]) * invstd[None, :]
+    xhat = _centered(x, mean, mean_lo, HAS_LO) * invstd[None, :]
     if ACTIVATION == "identity":
         g = dy
     else:
@@ -252,12 +282,12 @@ def _grad_pre_activation(x, dy, mean, invstd, w, b, negative_slope, alpha,
 @triton.jit
 def _backward_reduce_kernel(
     X, DY,  # [N, C, S] through their strides
-    MEAN, INVSTD, W, B,  # [C] saved statistics and affine parameters
+    MEAN, MEAN_LO, INVSTD, W, B,  # [C] saved statistics (MEAN_LO when HAS_LO) and affine parameters
     PSUM_G, PSUM_GX,  # [P, C] partial sums of g and g * xhat
     C, S, sxN, sxC, sxS, sdN, sdC, sdS,
     nsb, n_units, units_per_prog,
     negative_slope, alpha,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_LO: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACTIVATION: tl.constexpr,
     COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
@@ -265,7 +295,8 @@ def _backward_reduce_kernel(
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     lanes_s = tl.arange(0, BLOCK_S)
-    mean, invstd, w, b = _channel_params(MEAN, INVSTD, W, B, c, cmask, HAS_W, HAS_B, COMPUTE)
+    mean, mean_lo, invstd, w, b = _channel_params(MEAN, MEAN_LO, INVSTD, W, B, c, cmask, HAS_LO,
+                                                  HAS_W, HAS_B, COMPUTE)
     acc_g = tl.zeros([BLOCK_C], COMPUTE)
     acc_gx = tl.zeros([BLOCK_C], COMPUTE)
     u0 = pid_p * units_per_prog
@@ -276,7 +307,8 @@ def _backward_reduce_kernel(
                                 BLOCK_S)
         x = tl.load(X + xo, mask=mask, other=0.0).to(COMPUTE)
         dy = tl.load(DY + do, mask=mask, other=0.0).to(COMPUTE)
-        xhat, g = _grad_pre_activation(x, dy, mean, invstd, w, b, negative_slope, alpha, ACTIVATION)
+        xhat, g = _grad_pre_activation(x, dy, mean, mean_lo, invstd, w, b, negative_slope, alpha,
+                                       HAS_LO, ACTIVATION)
         g = tl.where(mask, g, 0.0)
         acc_g += tl.sum(g, 0)
         acc_gx += tl.sum(g * xhat, 0)
@@ -288,13 +320,14 @@ def _backward_reduce_kernel(
 @triton.jit
 def _dx_kernel(
     X, DY, DX,  # [N, C, S] through their strides
-    MEAN, INVSTD, W, B,  # [C] saved statistics and affine parameters
+    MEAN, MEAN_LO, INVSTD, W, B,  # [C] saved statistics (MEAN_LO when HAS_LO) and affine parameters
     SUM_G, SUM_GX,  # [C] sums of g and g * xhat over the (global) batch; unused in eval
     C, S, sxN, sxC, sxS, sdN, sdC, sdS, soN, soC, soS,
     nsb, n_units, units_per_prog,
     inv_n_hi, inv_n_lo,  # 1 / count as an fp32 pair (hi + lo)
     negative_slope, alpha,
-    TRAINING: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACTIVATION: tl.constexpr,
+    TRAINING: tl.constexpr, HAS_LO: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
@@ -302,7 +335,8 @@ def _dx_kernel(
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     lanes_s = tl.arange(0, BLOCK_S)
-    mean, invstd, w, b = _channel_params(MEAN, INVSTD, W, B, c, cmask, HAS_W, HAS_B, COMPUTE)
+    mean, mean_lo, invstd, w, b = _channel_params(MEAN, MEAN_LO, INVSTD, W, B, c, cmask, HAS_LO,
+                                                  HAS_W, HAS_B, COMPUTE)
     scale = invstd * w
     if TRAINING:
         inv_n = tl.cast(inv_n_hi, COMPUTE) + tl.cast(inv_n_lo, COMPUTE)
@@ -318,7 +352,8 @@ def _dx_kernel(
                                 BLOCK_S)
         x = tl.load(X + xo, mask=mask, other=0.0).to(COMPUTE)
         dy = tl.load(DY + do, mask=mask, other=0.0).to(COMPUTE)
-        xhat, g = _grad_pre_activation(x, dy, mean, invstd, w, b, negative_slope, alpha, ACTIVATION)
+        xhat, g = _grad_pre_activation(x, dy, mean, mean_lo, invstd, w, b, negative_slope, alpha,
+                                       HAS_LO, ACTIVATION)
         if TRAINING:
             g = g - mean_g[None, :] - xhat * mean_gx[None, :]
         dx = g * scale[None, :]
@@ -447,33 +482,44 @@ def _launch_args(p: dict) -> dict:
 
 
 def bn_partial_stats(x: torch.Tensor):
-    """Per-split partial statistics of a local batch: (count, mean, m2), each [P, C] in the
-    accumulation dtype (fp32, fp64 for fp64)."""
+    """Per-split partial statistics of a local batch (x prepared, numel > 0):
+    (count, mean, m2, shift): count, mean and m2 are [P, C], mean relative to ``shift`` [C] (each
+    channel's first element); all in the accumulation dtype (fp32, fp64 for fp64)."""
     p = plan(x, reduction=True)
     view = p["view"]
     sN, sC, sS = view.strides(x)
     P, C = p["num_partials"], view.C
     acc = rt.accum_dtype(x.dtype)
-    ws = torch.empty((3, P, C), dtype=acc, device=x.device)
+    ws = torch.empty((3 * P + 1, C), dtype=acc, device=x.device)
+    count, mean, m2, shift = ws[:P], ws[P:2 * P], ws[2 * P:3 * P], ws[3 * P]
     _stats_partial_kernel[p["grid"]](
-        x, ws[0], ws[1], ws[2], C, view.cols, sN, sC, sS,
+        x, count, mean, m2, shift, C, view.cols, sN, sC, sS,
         COMPUTE=rt.compute_dtype(x.dtype), INT64=rt.needs_int64(x), **_launch_args(p))
-    return ws[0], ws[1], ws[2]
+    return count, mean, m2, shift
 
 
-def bn_combine_stats(count, mean, m2, eps, running_mean=None, running_var=None, momentum=0.1,
-                     num_batches_tracked=None, local=False):
-    """Merge partials ([P, C] each).  Default: returns (mean, invstd) [C] and, when running stats
-    are given, updates them in place with the unbiased variance and ``momentum`` (or, when
-    ``momentum`` is None, with 1 / ``num_batches_tracked``, read on the device).
-    ``local=True``: returns the merged (count, mean, m2) as [1, C] tensors instead (for a collective)."""
+def bn_combine_stats(count, mean, m2, shift=None, eps=1e-5, running_mean=None, running_var=None,
+                     momentum=0.1, num_batches_tracked=None, local=False):
+    """Merge partials (count, mean, m2: [P, C] each; means relative to ``shift`` [C] if given).
+
+    Default: returns (mean, mean_lo, invstd), [C] each: the batch mean as hi + lo (lo keeps the
+    digits hi rounds away when |mean| >> std) and 1 / sqrt(biased var + eps); running stats, when
+    given, are updated in place with the unbiased variance and ``momentum`` (``momentum=None``:
+    factor 1 / ``num_batches_tracked``, read on the device).
+    ``local=True``: returns the merged (count, mean, m2) as [1, C] tensors, mean absolute, ready
+    to be gathered across processes and merged again (``shift=None``)."""
     P, C = mean.shape
     acc = mean.dtype
+    dev = mean.device
     compute = tl.float64 if acc == torch.float64 else tl.float32
-    out_mean = torch.empty((1, C) if local else (C,), dtype=acc, device=mean.device)
-    invstd = out_mean if local else torch.empty(C, dtype=acc, device=mean.device)
-    out_count = torch.empty((1, C), dtype=acc, device=mean.device) if local else out_mean
-    out_m2 = torch.empty((1, C), dtype=acc, device=mean.device) if local else out_mean
+    if local:
+        out = torch.empty((3, 1, C), dtype=acc, device=dev)
+        out_count, out_mean, out_m2 = out[0], out[1], out[2]
+        mean_lo = invstd = out_mean  # unused
+    else:
+        out = torch.empty((3, C), dtype=acc, device=dev)
+        out_mean, mean_lo, invstd = out[0], out[1], out[2]
+        out_count = out_m2 = out_mean  # unused
     update = running_mean is not None and not local
     cumulative = update and momentum is None
     block_p = min(triton.next_power_of_2(P), 32)
@@ -481,53 +527,59 @@ def bn_combine_stats(count, mean, m2, eps, running_mean=None, running_var=None, 
     eps_hi, eps_lo = _split_f32(float(eps))
     mom_hi, mom_lo = _split_f32(0.0 if momentum is None else float(momentum))
     _stats_combine_kernel[(triton.cdiv(C, block_c),)](
-        count, mean, m2, out_mean, invstd, out_count, out_m2,
+        count, mean, m2, shift if shift is not None else mean, out_mean, mean_lo, invstd,
+        out_count, out_m2,
         running_mean if update else out_mean, running_var if update else out_mean,
         num_batches_tracked if cumulative else out_mean,
         P, C, eps_hi, eps_lo, mom_hi, mom_lo,
-        UPDATE=update, CUMULATIVE=cumulative, WRITE_INVSTD=not local, WRITE_M2=local,
+        HAS_SHIFT=shift is not None, UPDATE=update, CUMULATIVE=cumulative,
+        WRITE_INVSTD=not local, WRITE_M2=local,
         COMPUTE=compute, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
     if local:
         return out_count, out_mean, out_m2
-    return out_mean, invstd
+    return out_mean, mean_lo, invstd
 
 
-def _affine_args(weight, bias, x):
-    return dict(HAS_W=weight is not None, HAS_B=bias is not None), (
-        weight if weight is not None else x, bias if bias is not None else x)
+def _stat_args(x, mean, mean_lo, invstd, weight, bias):
+    """Pointer arguments and flags shared by the normalize and backward kernels."""
+    flags = dict(HAS_LO=mean_lo is not None, HAS_W=weight is not None, HAS_B=bias is not None)
+    ptrs = (mean, mean_lo if mean_lo is not None else mean, invstd,
+            weight if weight is not None else mean, bias if bias is not None else mean)
+    return ptrs, flags
 
 
 def bn_normalize(x, mean, invstd, weight, bias, activation="identity", negative_slope=0.01,
-                 alpha=1.0):
-    """``act((x - mean) * invstd * weight + bias)``; ``activation`` is a kernel name."""
+                 alpha=1.0, mean_lo=None):
+    """``act((x - mean - mean_lo) * invstd * weight + bias)``; ``activation`` is a kernel name
+    (``activations.kernel_name``).  Output in x's dtype and memory format."""
     y = torch.empty_like(x)
     if x.numel() == 0:
         return y
     p = plan(x, reduction=False)
     view = p["view"]
-    flags, (w, b) = _affine_args(weight, bias, x)
+    ptrs, flags = _stat_args(x, mean, mean_lo, invstd, weight, bias)
     _normalize_kernel[p["grid"]](
-        x, y, mean, invstd, w, b, view.C, view.cols, *view.strides(x), *view.strides(y),
+        x, y, *ptrs, view.C, view.cols, *view.strides(x), *view.strides(y),
         negative_slope=float(negative_slope), alpha=float(alpha), ACTIVATION=activation,
         COMPUTE=rt.compute_dtype(x.dtype), INT64=rt.needs_int64(x, y), **flags, **_launch_args(p))
     return y
 
 
 def bn_backward_reduce(x, dy, mean, invstd, weight, bias, activation="identity",
-                       negative_slope=0.01, alpha=1.0):
-    """Per-channel (sum g, sum g * xhat) with g = dy * act'(z): [C] each, accumulation dtype."""
+                       negative_slope=0.01, alpha=1.0, mean_lo=None):
+    """Per-channel (sum g, sum g * xhat) over the local batch, g = dy * act'(z): [C] each in the
+    accumulation dtype.  They are dbias and dweight, and what SyncBatchNorm all-reduces."""
     acc = rt.accum_dtype(x.dtype)
     C = x.shape[1]
     if x.numel() == 0:
-        z = torch.zeros(C, dtype=acc, device=x.device)
-        return z, z.clone()
+        return torch.zeros((2, C), dtype=acc, device=x.device).unbind(0)
     p = plan(x, reduction=True)
     view = p["view"]
     dy = _like(dy, x, view)
     ws = torch.empty((2, p["num_partials"], C), dtype=acc, device=x.device)
-    flags, (w, b) = _affine_args(weight, bias, x)
+    ptrs, flags = _stat_args(x, mean, mean_lo, invstd, weight, bias)
     _backward_reduce_kernel[p["grid"]](
-        x, dy, mean, invstd, w, b, ws[0], ws[1], C, view.cols, *view.strides(x),
+        x, dy, *ptrs, ws[0], ws[1], C, view.cols, *view.strides(x),
         *view.strides(dy), negative_slope=float(negative_slope), alpha=float(alpha),
         ACTIVATION=activation, COMPUTE=rt.compute_dtype(x.dtype), INT64=rt.needs_int64(x, dy),
         **flags, **_launch_args(p))
@@ -536,7 +588,8 @@ def bn_backward_reduce(x, dy, mean, invstd, weight, bias, activation="identity",
 
 
 def bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g=None, sum_gx=None, count=1,
-                   activation="identity", negative_slope=0.01, alpha=1.0, training=True):
+                   activation="identity", negative_slope=0.01, alpha=1.0, training=True,
+                   mean_lo=None):
     """dx.  Training: from the (global) sums of g and g * xhat and the (global) element count per
     channel (pass sums already divided by the count and ``count=1`` if the count is on a device).
     Eval (``training=False``): ``g * weight * invstd``."""
@@ -546,10 +599,10 @@ def bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g=None, sum_gx=None, c
     p = plan(x, reduction=False)
     view = p["view"]
     dy = _like(dy, x, view)
-    flags, (w, b) = _affine_args(weight, bias, x)
+    ptrs, flags = _stat_args(x, mean, mean_lo, invstd, weight, bias)
     inv_hi, inv_lo = _split_f32(1.0 / max(int(count), 1))
     _dx_kernel[p["grid"]](
-        x, dy, dx, mean, invstd, w, b, sum_g if training else mean, sum_gx if training else mean,
+        x, dy, dx, *ptrs, sum_g if training else mean, sum_gx if training else mean,
         view.C, view.cols, *view.strides(x), *view.strides(dy), *view.strides(dx),
         inv_n_hi=inv_hi, inv_n_lo=inv_lo, negative_slope=float(negative_slope),
         alpha=float(alpha), TRAINING=training, ACTIVATION=activation,
@@ -571,49 +624,50 @@ def num_partials(x: torch.Tensor) -> int:
 def _eval_stats(running_mean, running_var, eps, acc):
     mean = running_mean.to(acc)
     invstd = torch.rsqrt(running_var.to(acc) + eps)
-    return mean, invstd
+    return mean, None, invstd
 
 
 class BatchNormFunction(torch.autograd.Function):
-    """Saves x, weight, bias and the fp32 (fp64) mean/invstd used; never the pre-activation."""
+    """Saves x, weight, bias and the fp32 (fp64) statistics used; never the pre-activation."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked, cfg):
         x = _prepare_input(x)
         acc = rt.accum_dtype(x.dtype)
         C = x.shape[1]
-        count = x.numel() // C if C else 0
         if cfg["training"]:
             if x.numel() == 0:  # nothing to normalize; running stats stay as they are (as torch)
-                mean = torch.zeros(C, dtype=acc, device=x.device)
+                mean, mean_lo, invstd = torch.zeros(C, dtype=acc, device=x.device), None, None
                 invstd = torch.ones(C, dtype=acc, device=x.device)
             else:
-                mean, invstd = bn_combine_stats(
-                    *bn_partial_stats(x), cfg["eps"], running_mean, running_var, cfg["momentum"],
-                    num_batches_tracked)
+                mean, mean_lo, invstd = bn_combine_stats(
+                    *bn_partial_stats(x), eps=cfg["eps"], running_mean=running_mean,
+                    running_var=running_var, momentum=cfg["momentum"],
+                    num_batches_tracked=num_batches_tracked)
         else:
-            mean, invstd = _eval_stats(running_mean, running_var, cfg["eps"], acc)
+            mean, mean_lo, invstd = _eval_stats(running_mean, running_var, cfg["eps"], acc)
         y = bn_normalize(x, mean, invstd, weight, bias, cfg["kernel_activation"],
-                         cfg["negative_slope"], cfg["alpha"])
-        ctx.save_for_backward(x, weight, bias, mean, invstd)
+                         cfg["negative_slope"], cfg["alpha"], mean_lo=mean_lo)
+        ctx.save_for_backward(x, weight, bias, mean, mean_lo, invstd)
         ctx.cfg = cfg
-        ctx.count = count
+        ctx.count = x.numel() // C if C else 0
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, mean, invstd = ctx.saved_tensors
+        x, weight, bias, mean, mean_lo, invstd = ctx.saved_tensors
         cfg = ctx.cfg
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         act = (cfg["kernel_activation"], cfg["negative_slope"], cfg["alpha"])
         training = cfg["training"]
         sum_g = sum_gx = None
         if (need_x and training) or need_w or need_b:
-            sum_g, sum_gx = bn_backward_reduce(x, dy, mean, invstd, weight, bias, *act)
+            sum_g, sum_gx = bn_backward_reduce(x, dy, mean, invstd, weight, bias, *act,
+                                               mean_lo=mean_lo)
         dx = dw = db = None
         if need_x:
             dx = bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g, sum_gx, ctx.count, *act,
-                                training=training)
+                                training=training, mean_lo=mean_lo)
         if need_w:
             dw = sum_gx.to(weight.dtype)
         if need_b:

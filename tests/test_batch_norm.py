@@ -1,0 +1,389 @@
+"""tkern.batch_norm and tkern.nn.BatchNorm1d/2d/3d against PyTorch."""
+
+import itertools
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tkern
+from tkern.activations import eager_activation
+from tkern.ops import batch_norm as bn_ops
+from tkern.testing import assert_close_rule
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+ACTS = [(a, "none") for a in tkern.ACTIVATIONS] + [("gelu", "tanh")]
+PARAMS = dict(negative_slope=0.2, alpha=1.3)
+MODULES = {1: "BatchNorm1d", 2: "BatchNorm2d", 3: "BatchNorm3d"}
+
+
+def _pair(name, *args, **kwargs):
+    """A torch module and a tkern module of the same kind with identical random state."""
+    ref = getattr(torch.nn, name)(*args, **kwargs)
+    ours = getattr(tkern.nn, name)(*args, **kwargs)
+    with torch.no_grad():
+        for t in ref.parameters():
+            t.copy_(torch.randn_like(t) * 0.5 + 1.0)
+        if ref.running_mean is not None:
+            ref.running_mean.copy_(torch.randn_like(ref.running_mean))
+            ref.running_var.copy_(torch.rand_like(ref.running_var) + 0.5)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _close(ours, theirs, name):
+    """fp64 comparison (both sides fp64): tkern must match to ~1e-9."""
+    if theirs is None:
+        assert ours is None, f"{name}: expected None"
+        return
+    assert ours is not None, f"{name}: missing"
+    assert_close_rule(ours, theirs, theirs, name=name)
+
+
+def _step(ref, ours, x, dy):
+    """One forward/backward of both modules on the same input; compares everything observable."""
+    xr = x.detach().clone().requires_grad_()
+    xo = x.detach().clone().requires_grad_()
+    yr, yo = ref(xr), ours(xo)
+    _close(yo, yr, "output")
+    if yr.requires_grad:
+        yr.backward(dy)
+        yo.backward(dy)
+        _close(xo.grad, xr.grad, "dx")
+        for (n, pr), (_, po) in zip(ref.named_parameters(), ours.named_parameters()):
+            _close(po.grad, pr.grad, f"d{n}")
+    for (n, br), (_, bo) in zip(ref.named_buffers(), ours.named_buffers()):
+        if br.dtype == torch.long:
+            assert torch.equal(bo, br), f"{n}: {bo} != {br}"
+        else:
+            _close(bo, br, n)
+
+
+# ------------------------------------------------------------------------------------------------
+# PyTorch's own module samples
+
+
+def _module_db():
+    try:
+        from torch.testing._internal.common_modules import module_db
+    except Exception as e:  # expecttest missing, or torch's internals moved
+        pytest.skip(f"torch.testing._internal.common_modules unavailable: {e!r}")
+    return {m.name: m for m in module_db if "BatchNorm" in m.name}
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("name", ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"])
+def test_module_db_samples(device, name, training):
+    infos = _module_db()
+    info = infos.get(f"nn.{name}")
+    if info is None:
+        pytest.skip(f"nn.{name} not in module_db")
+    samples = info.module_inputs_func(info, device=device, dtype=torch.float64, requires_grad=True,
+                                      training=training)
+    assert samples
+    for sample in samples:
+        args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
+        ref, ours = _pair(name, *args, **kwargs, device=device, dtype=torch.float64)
+        assert isinstance(ours, type(ref))
+        ref.train(training)
+        ours.train(training)
+        (x,) = sample.forward_input.args
+        for _ in range(2):
+            _step(ref, ours, x, torch.randn_like(x))
+
+
+# ------------------------------------------------------------------------------------------------
+# options over several steps
+
+
+@pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("track", [True, False])
+@pytest.mark.parametrize("momentum", [0.3, None])
+def test_option_combinations(device, affine, bias, track, momentum):
+    ref, ours = _pair("BatchNorm2d", 5, eps=1e-3, momentum=momentum, affine=affine,
+                      track_running_stats=track, bias=bias, device=device, dtype=torch.float64)
+    for mode in ("train", "train", "eval", "train", "eval"):
+        ref.train(mode == "train")
+        ours.train(mode == "train")
+        x = torch.randn(3, 5, 4, 3, device=device, dtype=torch.float64) * 2 + 0.5
+        _step(ref, ours, x, torch.randn_like(x))
+
+
+def test_module_attributes_and_repr():
+    m = tkern.nn.BatchNorm2d(4, activation="leaky_relu", negative_slope=0.3)
+    assert isinstance(m, torch.nn.BatchNorm2d)
+    assert m.activation == "leaky_relu"
+    assert "activation=leaky_relu" in repr(m) and "negative_slope=0.3" in repr(m)
+    plain = tkern.nn.BatchNorm1d(3)
+    assert plain.activation is None
+    assert repr(plain) == repr(torch.nn.BatchNorm1d(3))
+    assert tkern.nn.BatchNorm3d(2, bias=False).bias is None
+    with pytest.raises(ValueError, match="unknown activation"):
+        tkern.nn.BatchNorm2d(4, activation="swish")
+
+
+# ------------------------------------------------------------------------------------------------
+# dtypes, layouts, sizes, numerics
+
+
+def _functional_case(device, dtype, shape, training, act="identity", approximate="none",
+                     memory_format=None, x64=None):
+    """tkern vs torch at ``dtype`` vs torch in fp64, forward, backward and running stats.
+    fp16/bf16 inputs take fp32 weight, bias and running stats, as under autocast."""
+    C = shape[1]
+    pdtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    if x64 is None:
+        x64 = torch.randn(shape, device=device, dtype=torch.float64) * 1.5 + 0.3
+    x = x64.to(dtype)
+    x64 = x.double()  # the reference sees the same (rounded) values
+    if memory_format is not None:
+        x = x.contiguous(memory_format=memory_format)
+    w64 = torch.rand(C, device=device, dtype=torch.float64) + 0.5
+    b64 = torch.randn(C, device=device, dtype=torch.float64)
+    w64, b64 = w64.to(pdtype).double(), b64.to(pdtype).double()
+    rm64 = torch.randn(C, device=device, dtype=torch.float64).to(pdtype).double()
+    rv64 = (torch.rand(C, device=device, dtype=torch.float64) + 0.5).to(pdtype).double()
+    dy64 = torch.randn(shape, device=device, dtype=torch.float64).to(dtype).double()
+
+    def run(fn, xin, dt, pdt):
+        xin = xin.detach().clone().requires_grad_()
+        w = w64.to(pdt).requires_grad_()
+        b = b64.to(pdt).requires_grad_()
+        rm, rv = rm64.to(pdt), rv64.to(pdt)
+        y = fn(xin, rm, rv, w, b)
+        y.backward(dy64.to(dt))
+        return y, xin.grad, w.grad, b.grad, rm, rv
+
+    def torch_fn(xin, rm, rv, w, b):
+        y = F.batch_norm(xin, rm, rv, w, b, training, 0.2, 1e-4)
+        return eager_activation(y, act, approximate=approximate, **PARAMS)
+
+    def ours_fn(xin, rm, rv, w, b):
+        return tkern.batch_norm(xin, rm, rv, w, b, training, 0.2, 1e-4, activation=act,
+                                approximate=approximate, **PARAMS)
+
+    ours = run(ours_fn, x, dtype, pdtype)
+    theirs = run(torch_fn, x.clone(), dtype, pdtype)
+    ref = run(torch_fn, x64, torch.float64, torch.float64)
+    for name, o, t, r in zip(("output", "dx", "dweight", "dbias", "running_mean", "running_var"),
+                             ours, theirs, ref):
+        assert_close_rule(o, t, r, name=name)
+    return ours
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dtypes(device, dtype, training):
+    _functional_case(device, dtype, (5, 7, 3, 4), training, act="relu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,fmt", [((3, 6, 5, 7), torch.channels_last),
+                                       ((2, 5, 3, 2, 3), torch.channels_last_3d)])
+def test_channels_last(device, shape, fmt, dtype):
+    x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    assert bn_ops._prepare_input(x) is x  # read through its strides, no copy
+    y, dx = _functional_case(device, dtype, shape, True, memory_format=fmt)[:2]
+    assert y.is_contiguous(memory_format=fmt)
+    assert dx.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("shape", [(7, 13), (3, 131), (5, 3, 1, 17), (2, 3, 11, 1, 5), (1, 4, 13),
+                                   (3, 2, 4099)])
+def test_odd_sizes(device, shape):
+    _functional_case(device, torch.float32, shape, True)
+
+
+def test_strided_views(device):
+    """Non-dense inputs (a channel slice; a transposed spatial pair) and a non-contiguous dy."""
+    base = torch.randn(4, 9, 5, 6, device=device)
+    for x in (base[:, 2:7], base.transpose(2, 3)):
+        for training in (True, False):
+            ours = tkern.batch_norm(x, torch.zeros(x.shape[1], device=device),
+                                    torch.ones(x.shape[1], device=device), training=training)
+            theirs = F.batch_norm(x, torch.zeros(x.shape[1], device=device),
+                                  torch.ones(x.shape[1], device=device), training=training)
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    x = torch.randn(3, 4, 5, device=device, requires_grad=True)
+    xt = x.detach().clone().requires_grad_()
+    dy = torch.randn(5, 4, 3, device=device).permute(2, 1, 0)  # dy in another layout than x
+    tkern.batch_norm(x, None, None, training=True).backward(dy)
+    F.batch_norm(xt, None, None, training=True).backward(dy)
+    torch.testing.assert_close(x.grad, xt.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_large_mean_is_stable(device):
+    x64 = 1000.0 + 0.01 * torch.randn(6, 4, 9, 7, device=device, dtype=torch.float64)
+    y = _functional_case(device, torch.float32, x64.shape, True, x64=x64)[0]
+    assert 0.5 < y.float().std().item() < 3.0
+
+
+@pytest.mark.parametrize("fmt", [None, torch.channels_last])
+def test_split_path_small_c_large_spatial(device, fmt):
+    shape = (8, 2, 64, 64)
+    x = torch.randn(shape, device=device)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    assert bn_ops.num_partials(x) > 1  # several programs per channel
+    _functional_case(device, torch.float32, shape, True, memory_format=fmt, x64=x.double() * 3 + 2)
+
+
+@pytest.mark.parametrize("act,approximate", ACTS)
+def test_fused_activation(device, act, approximate):
+    _functional_case(device, torch.float32, (4, 3, 5), True, act=act, approximate=approximate)
+
+
+def test_fused_activation_eval_and_module(device):
+    _functional_case(device, torch.float32, (4, 3, 5), False, act="gelu")
+    ref = torch.nn.Sequential(torch.nn.BatchNorm1d(3), torch.nn.ELU(1.3)).to(device).double()
+    ours = tkern.nn.BatchNorm1d(3, activation="elu", alpha=1.3).to(device).double()
+    ours.load_state_dict(ref[0].state_dict())
+    x = torch.randn(4, 3, 5, device=device, dtype=torch.float64, requires_grad=True)
+    xt = x.detach().clone().requires_grad_()
+    dy = torch.randn_like(x)
+    torch.autograd.backward(ours(x), dy)
+    torch.autograd.backward(ref(xt), dy)
+    _close(x.grad, xt.grad, "dx")
+    _close(ours.weight.grad, ref[0].weight.grad, "dweight")
+    _close(ours.running_var, ref[0].running_var, "running_var")
+
+
+# ------------------------------------------------------------------------------------------------
+# gradcheck (fp64, functional form)
+
+
+@pytest.mark.parametrize("training,act", [(True, None), (True, "tanh"), (False, None),
+                                          (False, "silu")])
+def test_gradcheck(device, training, act):
+    x = torch.randn(3, 2, 4, device=device, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(2, device=device, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(2, device=device, dtype=torch.float64, requires_grad=True)
+    rm = torch.randn(2, device=device, dtype=torch.float64)
+    rv = torch.rand(2, device=device, dtype=torch.float64) + 0.5
+
+    def fn(x, w, b):  # running stats cloned: gradcheck calls fn many times
+        return tkern.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5,
+                                activation=act)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# state_dict, zero batch, errors, fallback
+
+
+def test_state_dict_interchange(device):
+    ref = torch.nn.BatchNorm2d(4, momentum=None).to(device)
+    ours = tkern.nn.BatchNorm2d(4, momentum=None, activation="relu").to(device)
+    x = torch.randn(3, 4, 5, 5, device=device)
+    ref(x)
+    ours(x * 2 + 1)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    for k, v in ours.state_dict().items():
+        assert v.dtype == ref.state_dict()[k].dtype and v.shape == ref.state_dict()[k].shape
+    # tkern -> torch
+    fresh_ref = torch.nn.BatchNorm2d(4, momentum=None).to(device)
+    fresh_ref.load_state_dict(ours.state_dict())
+    for k, v in ours.state_dict().items():
+        assert torch.equal(fresh_ref.state_dict()[k], v)
+    # torch -> tkern, then both continue identically
+    fresh_ours = tkern.nn.BatchNorm2d(4, momentum=None).to(device)
+    fresh_ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 4, 5, 5, device=device)
+    torch.testing.assert_close(fresh_ours(x), ref(x))
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(fresh_ours.state_dict()[k], v)
+    # old checkpoints without num_batches_tracked load as torch's do
+    sd = ref.state_dict()
+    del sd["num_batches_tracked"]
+    sd._metadata = {"": {"version": 1}}
+    fresh_ref = torch.nn.BatchNorm2d(4, momentum=None).to(device)
+    fresh_ours.load_state_dict(sd)
+    fresh_ref.load_state_dict(sd)
+    assert torch.equal(fresh_ours.num_batches_tracked, fresh_ref.num_batches_tracked)
+
+
+@pytest.mark.parametrize("name,shape", [("BatchNorm1d", (0, 5, 9)), ("BatchNorm2d", (0, 5, 2, 2))])
+def test_zero_batch(device, name, shape):
+    ref, ours = _pair(name, 5, device=device, dtype=torch.float64)
+    x = torch.randn(shape, device=device, dtype=torch.float64)
+    _step(ref, ours, x, torch.randn_like(x))
+    assert ours.weight.grad is not None and torch.equal(ours.weight.grad, torch.zeros_like(ours.weight))
+    assert ours.num_batches_tracked.item() == 1
+
+
+def test_errors(device):
+    x = torch.randn(4, 3, 5, device=device)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    with pytest.raises(ValueError, match="expected 4D input"):
+        tkern.nn.BatchNorm2d(3).to(device)(x)
+    with pytest.raises(ValueError, match="expected 2D or 3D input"):
+        tkern.nn.BatchNorm1d(3).to(device)(x[..., None])
+    with pytest.raises(ValueError, match="expected 5D input"):
+        tkern.nn.BatchNorm3d(3).to(device)(x)
+    with pytest.raises(RuntimeError, match="should contain 3 elements not 4"):
+        tkern.nn.BatchNorm1d(4).to(device)(x)
+    for bad in ("weight", "bias"):
+        kwargs = {bad: torch.ones(4, device=device)}
+        with pytest.raises(RuntimeError, match=f"{bad} should contain"):
+            tkern.batch_norm(x, rm, rv, training=True, **kwargs)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        tkern.batch_norm(torch.randn(1, 3, 1, device=device), None, None, training=True)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        tkern.nn.BatchNorm1d(3).to(device)(torch.randn(1, 3, device=device))
+    tkern.nn.BatchNorm1d(3).to(device).eval()(torch.randn(1, 3, device=device))  # fine in eval
+    with pytest.raises(ValueError, match="eps must be positive"):
+        tkern.batch_norm(x, rm, rv, training=True, eps=0.0)
+    with pytest.raises(ValueError, match="eps must be non-negative"):
+        tkern.batch_norm(x, rm, rv, training=False, eps=-1.0)
+    with pytest.raises(ValueError, match="both be None"):
+        tkern.batch_norm(x, rm, None, training=True)
+    with pytest.raises(RuntimeError, match="running_mean must be defined"):
+        tkern.batch_norm(x, None, None, training=False)
+    with pytest.raises(TypeError):
+        tkern.batch_norm(x, rm, rv, training=True, momentum=None)  # as F.batch_norm
+    with pytest.raises(NotImplementedError):
+        tkern.batch_norm(x.to(torch.int32), rm, rv, training=True)
+    with pytest.raises(RuntimeError):
+        tkern.batch_norm(x, rm.half(), rv.half(), training=True)
+    with pytest.raises(ValueError, match="unknown activation"):
+        tkern.batch_norm(x, rm, rv, training=True, activation="swish")
+    with pytest.raises(RuntimeError, match="approximate"):
+        tkern.batch_norm(x, rm, rv, training=True, activation="gelu", approximate="fast")
+    with pytest.raises(IndexError):
+        tkern.batch_norm(torch.randn(3, device=device), None, None, training=True)
+    if device.type != "cpu":
+        with pytest.raises(RuntimeError, match="same device"):
+            tkern.batch_norm(x, rm.cpu(), rv.cpu(), training=True)
+
+
+def test_functional_without_running_stats_and_determinism(device):
+    x = torch.randn(6, 4, 7, device=device, requires_grad=True)
+    w = torch.rand(4, device=device, requires_grad=True)
+    dy = torch.randn_like(x)
+    grads = []
+    for _ in range(2):
+        y = tkern.batch_norm(x, None, None, w, None, training=True)
+        grads.append(torch.autograd.grad(y, (x, w), dy))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))  # no atomics: bitwise repeatable
+    yt = F.batch_norm(x, None, None, w, None, training=True)
+    torch.testing.assert_close(y, yt)
+    for a, b in zip(grads[0], torch.autograd.grad(yt, (x, w), dy)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_eager_fallback_without_interpreter(device, monkeypatch):
+    if device.type != "cpu":
+        pytest.skip("the fallback is for CPU tensors")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(bn_ops.rt, "_warned", set())
+    m = tkern.nn.BatchNorm1d(3, momentum=None, activation="relu")
+    ref = torch.nn.BatchNorm1d(3, momentum=None)
+    x = torch.randn(5, 3, 4)
+    with pytest.warns(RuntimeWarning, match="eager PyTorch"):
+        y = m(x)
+    torch.testing.assert_close(y, F.relu(ref(x)))
+    torch.testing.assert_close(m(x * 2), F.relu(ref(x * 2)))
+    torch.testing.assert_close(m.running_var, ref.running_var)
+    assert m.num_batches_tracked.item() == 2
