@@ -183,7 +183,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def main(argv: list[str] | None = None, provider_hook=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     import triton
@@ -225,7 +225,15 @@ def main(argv: list[str] | None = None, provider_hook=None) -> int:
                  time_budget=args.time_budget,
                  compile_dynamic={"auto": None, "true": True, "false": False}[args.compile_dynamic])
     progress = Progress(0, enabled=not args.no_progress)
-    result = Sweep(cfg, progress, provider_hook).run()
+    threads = torch.get_num_threads()
+    if not gpu:
+        # Single-threaded eager on CPU: the interpreter is single-threaded too, and on a shared
+        # machine waking intra-op threads costs whole scheduler ticks (eager times jump ~16 ms).
+        torch.set_num_threads(1)
+    try:
+        result = Sweep(cfg, progress).run()
+    finally:
+        torch.set_num_threads(threads)
     elapsed = time.monotonic() - t0
 
     meta = {

@@ -164,7 +164,7 @@ def plot(rows: list[dict], out_dir: Path, title_note: str = "") -> list[Path]:
         ops_rows = [r for r in rows if r["op"] == op]
         panels = list(dict.fromkeys((r["shape"], r["layout"]) for r in ops_rows))
         dtypes = list(dict.fromkeys(r["dtype"] for r in ops_rows))
-        fig, axes = plt.subplots(len(panels), 2, figsize=(12, 2.8 * len(panels) + 0.8), squeeze=False)
+        fig, axes = plt.subplots(len(panels), 2, figsize=(12, 2.8 * len(panels) + 1.0), squeeze=False)
         for (shape, layout), (ax_bw, ax_sp) in zip(panels, axes):
             sel = [r for r in ops_rows if r["shape"] == shape and r["layout"] == layout]
             for prov in PROVIDERS:
@@ -192,9 +192,11 @@ def plot(rows: list[dict], out_dir: Path, title_note: str = "") -> list[Path]:
         handles += [Line2D([], [], color="black", linestyle=s, label=m) for m, s in _STYLES.items()]
         handles += [Line2D([], [], color="black", linestyle="", marker=_MARKERS[i % len(_MARKERS)],
                            label=d) for i, d in enumerate(dtypes)]
-        fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False)
-        fig.suptitle(f"{op} {title_note}", fontsize=10, y=0.995)
-        fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (2.8 * len(panels) + 0.8)))
+        height = fig.get_figheight()  # title, then the legend, then the panels (in inches)
+        fig.suptitle(f"{op} {title_note}", fontsize=10, y=1 - 0.08 / height, va="top")
+        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 1 - 0.35 / height),
+                   ncol=len(handles), fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.75 / height))
         path = out_dir / f"{op}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)

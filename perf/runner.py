@@ -63,12 +63,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 class Sweep:
-    def __init__(self, cfg: Config, progress: Progress | None = None,
-                 provider_hook: Callable[[str, Case, Callable | None], Callable | None] | None = None):
+    def __init__(self, cfg: Config, progress: Progress | None = None):
         self.cfg = cfg
         self.progress = progress or Progress(0, enabled=False)
-        # provider_hook(provider, case, fn) -> fn: lets tests swap a provider's function
-        self.provider_hook = provider_hook
         self.result = SweepResult()
 
     # ----------------------------------------------------------------------------------- set-up
@@ -102,8 +99,6 @@ class Sweep:
                 fn = case.tkern
             else:
                 fn = self._compile(case.eager) if self._compile_available() else None
-            if self.provider_hook is not None:
-                fn = self.provider_hook(p, case, fn)
             out[p] = fn
         return out
 

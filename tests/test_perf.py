@@ -1,0 +1,217 @@
+"""Tests of the perf harness itself (python -m perf), on a reduced op set.
+
+On CPU the tkern provider runs in Triton's interpreter; the same file runs on CUDA (do_bench timer,
+torch.compile provider included).
+"""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+import perf  # noqa: F401
+from perf import cli, report
+from perf.cases import local_response_norm as lrn_case
+from perf.cases import activation_dropout as ad_case
+from perf.runner import COLUMNS, WRONG
+
+META_KEYS = {"device", "torch", "triton", "commit", "timestamp", "peak_gbps"}
+GPU = torch.cuda.is_available()
+
+
+def _run(tmp_path, *extra, name="out"):
+    out = tmp_path / name
+    status = cli.main(["--quick", "--no-progress", "--out", str(out), *extra])
+    return status, out
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """Quick mode end to end: two ops (one with a bias+GELU dropout case), three batch sizes."""
+    tmp = tmp_path_factory.mktemp("perf")
+    out = tmp / "quick"
+    status = cli.main(["--quick", "--no-progress", "--ops", "activation_dropout,lrn",
+                       "--layouts", "contiguous", "--out", str(out)])
+    return status, out
+
+
+def _csv_rows(path):
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader)
+        return header, [dict(zip(header, r)) for r in reader]
+
+
+def test_quick_end_to_end(quick_run, capsys):
+    status, out = quick_run
+    assert status == 0
+    header, rows = _csv_rows(out / "results.csv")
+    assert header == COLUMNS
+    ops = {r["op"] for r in rows}
+    assert ops == {"activation_dropout", "local_response_norm"}
+    for op in ops:
+        assert len({int(r["batch"]) for r in rows if r["op"] == op}) >= 3
+    # every (case, batch) has each provider in each mode
+    assert {r["mode"] for r in rows} == {"fwd", "bwd", "full"}
+    assert {r["provider"] for r in rows} == {"eager", "torch.compile", "tkern"}
+    for r in rows:
+        if r["provider"] == "torch.compile" and not GPU:
+            assert all(r[m] == "n/a" for m in COLUMNS[7:14]), r
+            continue
+        assert r["ms_p50"] not in ("n/a", WRONG), r
+        p50, p20, p80 = float(r["ms_p50"]), float(r["ms_p20"]), float(r["ms_p80"])
+        assert 0 < p20 <= p50 <= p80
+        assert float(r["gbps"]) > 0 and float(r["pct_peak"]) > 0
+        if r["provider"] == "eager":
+            assert float(r["speedup_vs_eager"]) == pytest.approx(1.0)
+        assert math.isnan(float(r["peak_mem_mb"])) != GPU
+    if pytest.importorskip("matplotlib"):
+        assert (out / "activation_dropout.png").stat().st_size > 0
+        assert (out / "local_response_norm.png").stat().st_size > 0
+
+
+def test_json_schema(quick_run):
+    _, out = quick_run
+    doc = json.loads((out / "results.json").read_text())
+    assert set(doc) == {"meta", "rows"}
+    assert META_KEYS <= set(doc["meta"])
+    assert doc["meta"]["peak_gbps"] > 0
+    assert doc["meta"]["failures"] == []
+    _, csv_rows = _csv_rows(out / "results.csv")
+    assert len(doc["rows"]) == len(csv_rows) > 0
+    for r in doc["rows"]:
+        assert list(r) == COLUMNS
+        assert isinstance(r["batch"], int)
+    if not GPU:
+        assert "NOT GPU results" in doc["meta"]["note"]
+
+
+def test_cpu_banner_and_table(tmp_path, capsys):
+    status, out = _run(tmp_path, "--ops", "lrn", "--batches", "1", "--modes", "fwd", "--no-plots")
+    assert status == 0
+    captured = capsys.readouterr()
+    assert "tkern GB/s" in captured.out and "local_response_norm" in captured.out
+    if not GPU:
+        assert "NOT GPU results" in captured.err and "NOT GPU results" in captured.out
+
+
+def _garbage_lrn(x):
+    return lrn_case.eager_lrn(x) * 1.5 + 0.1
+
+
+class _WrongGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return lrn_case.eager_lrn(x.detach())
+
+    @staticmethod
+    def backward(ctx, dy):
+        return 2 * dy
+
+
+@pytest.mark.parametrize("bad", ["output", "grad", "raises"])
+def test_wrong_provider_fails_loudly(tmp_path, monkeypatch, capsys, bad):
+    def raises(x):
+        raise RuntimeError("kernel exploded")
+
+    fn = {"output": _garbage_lrn, "grad": _WrongGrad.apply, "raises": raises}[bad]
+    monkeypatch.setattr(lrn_case, "tkern_lrn", fn)
+    status, out = _run(tmp_path, "--ops", "lrn", "--batches", "1,2", "--no-plots")
+    assert status & cli.EXIT_WRONG
+    _, rows = _csv_rows(out / "results.csv")
+    tk = [r for r in rows if r["provider"] == "tkern"]
+    assert len(tk) == 6 and all(r["ms_p50"] == WRONG for r in tk)
+    assert all(r["ms_p50"] not in ("n/a", WRONG) for r in rows if r["provider"] == "eager")
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert len(meta["failures"]) == 2 and {f["provider"] for f in meta["failures"]} == {"tkern"}
+    err = capsys.readouterr().err
+    assert "FAILED" in err and "provider=tkern" in err
+
+
+def test_wrong_dropout_rate_fails(tmp_path, monkeypatch):
+    # right activation, wrong p: only the statistical check can see it
+    monkeypatch.setattr(ad_case, "_conv_fns", lambda p: (
+        lambda x: torch.nn.functional.dropout(torch.relu(x), p, True),
+        lambda x: torch.relu(x),
+        lambda x: torch.nn.functional.dropout(torch.relu(x), 0.5, True) * (0.5 / (1 - p))))
+    monkeypatch.setattr(ad_case, "QUICK_CONV", (16, 12, 12))
+    status, out = _run(tmp_path, "--ops", "activation_dropout", "--layouts", "channels_last",
+                       "--batches", "2", "--modes", "fwd", "--no-plots")
+    assert status & cli.EXIT_WRONG
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert [f["provider"] for f in meta["failures"]] == ["tkern"]
+    assert "dropped fraction" in meta["failures"][0]["error"]
+
+
+def _with_scaled_times(src, dst, factor):
+    doc = json.loads(src.read_text())
+    for r in doc["rows"]:
+        if isinstance(r["ms_p50"], float):
+            r["ms_p50"] *= factor
+    dst.write_text(json.dumps(doc))
+
+
+def test_gate(tmp_path, quick_run, capsys):
+    _, out = quick_run
+    results = out / "results.json"
+    rows = report.read_rows(results)
+    # an equal baseline never trips; nor does one made slower than reality
+    matched, bad = report.compare(rows, rows, 0.10)
+    assert matched > 0 and bad == []
+    # a baseline made 20% faster trips the 10% gate on every timed row, not the 30% one
+    fast = [{**r, "ms_p50": r["ms_p50"] / 1.2} if report.is_num(r["ms_p50"]) else r for r in rows]
+    matched, bad = report.compare(rows, fast, 0.10)
+    assert len(bad) == matched > 0
+    assert report.compare(rows, fast, 0.30)[1] == []
+    assert "slower than the baseline" in report.format_offenders(bad, 0.10)
+
+    # through the command line, against a real fresh run
+    lrn = ["--ops", "lrn", "--batches", "1,2", "--modes", "fwd", "--no-plots"]
+    status, first = _run(tmp_path, *lrn, name="first")
+    assert status == 0
+    _with_scaled_times(first / "results.json", tmp_path / "faster.json", 0.01)
+    _with_scaled_times(first / "results.json", tmp_path / "slower.json", 100.0)
+    capsys.readouterr()
+    status, _ = _run(tmp_path, *lrn, "--compare", str(tmp_path / "faster.json"), "--max-slowdown",
+                     "0.10", name="second")
+    assert status == cli.EXIT_GATE
+    err = capsys.readouterr().err
+    assert "perf gate" in err and "local_response_norm" in err
+    status, _ = _run(tmp_path, *lrn, "--compare", str(tmp_path / "slower.json"), name="third")
+    assert status == 0
+    # a baseline that matches nothing is an error, not a silent pass
+    status, _ = _run(tmp_path, "--ops", "lrn", "--batches", "4", "--modes", "fwd", "--no-plots",
+                     "--compare", str(tmp_path / "slower.json"), name="fourth")
+    assert status == cli.EXIT_GATE
+
+
+def test_missing_op_is_skipped(tmp_path, monkeypatch, capsys):
+    import tkern
+
+    monkeypatch.delattr(tkern, "weight_norm", raising=False)
+    status, out = _run(tmp_path, "--ops", "weight_norm", "--no-plots")
+    assert status == 0
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert "op not available" in meta["skipped_ops"]["weight_norm"]
+    assert "op not available" in capsys.readouterr().err
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = capsys.readouterr().out
+    for opt in ("--ops", "--dtypes", "--batches", "--modes", "--layouts", "--providers", "--quick",
+                "--out", "--compare", "--max-slowdown", "--time-budget", "--gate-providers"):
+        assert opt in text
+    for action in cli.build_parser()._actions:
+        assert action.help, action.option_strings
+
+
+def test_batch_and_dtype_parsing():
+    assert cli.parse_batches("pow2:16") == [1, 2, 4, 8, 16]
+    assert cli.parse_batches("8,2,2") == [2, 8]
+    assert cli.parse_dtypes("bf16,float32") == [torch.bfloat16, torch.float32]
+    with pytest.raises(Exception):
+        cli.parse_batches("0")
