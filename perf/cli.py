@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                    default=["contiguous", "channels_last"],
                    help="comma list of contiguous (NCHW for 4-D; alias nchw) and channels_last; "
                         "default both (ops without a channels_last case run contiguous only)")
+    p.add_argument("--shapes", type=_csv, default=None,
+                   help="comma list of per-sample shapes to keep, as printed in the shape column "
+                        "(e.g. 64x112x112,2048x7x7); default every shape of the chosen ops")
     p.add_argument("--providers", type=_choices(list(PROVIDERS), {"compile": "torch.compile"}),
                    default=list(PROVIDERS),
                    help="comma list of eager, torch.compile (alias compile), tkern; default all. "
@@ -220,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {device_name(device)}; copy bandwidth {peak:.1f} GB/s (pct_peak is against it)",
           file=sys.stderr)
     cfg = Config(ops=args.ops, dtypes=dtypes, batches=batches, modes=args.modes,
-                 layouts=args.layouts, providers=args.providers, quick=args.quick, device=device,
+                 layouts=args.layouts, shapes=args.shapes, providers=args.providers, quick=args.quick, device=device,
                  device_name=device_name(device), timer=timer, peak_gbps=peak,
                  time_budget=args.time_budget,
                  compile_dynamic={"auto": None, "true": True, "false": False}[args.compile_dynamic])

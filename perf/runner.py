@@ -46,6 +46,7 @@ class Config:
     device_name: str
     timer: Timer
     peak_gbps: float
+    shapes: list[str] | None = None  # keep only these shape strings
     time_budget: float | None = None  # seconds for the whole sweep
     compile_dynamic: bool | None = None  # torch.compile(dynamic=...)
 
@@ -111,9 +112,10 @@ class Sweep:
                 self.result.skipped_ops[op] = reason
                 self.note(f"skipping {op}: {reason}")
                 continue
-            cases = [c for c in cases_for(op, self.cfg.quick) if c.layout in self.cfg.layouts]
+            cases = [c for c in cases_for(op, self.cfg.quick) if c.layout in self.cfg.layouts
+                     and (not self.cfg.shapes or c.shape_str in self.cfg.shapes)]
             if not cases:
-                self.note(f"skipping {op}: no case in layouts {','.join(self.cfg.layouts)}")
+                self.note(f"skipping {op}: no case with the chosen layouts and shapes")
                 continue
             plan.append((op, cases))
         return plan
