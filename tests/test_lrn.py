@@ -216,6 +216,22 @@ def test_gradcheck_tensorflow(device):
         lambda a: tkern.local_response_normalization(a, 2, 0.8, 0.6, 0.7), (x,), eps=1e-6, atol=1e-7)
 
 
+def test_documented_mappings(device):
+    """docs/lrn.md: TensorFlow's parametrization onto torch's, and cuDNN's even window as the
+    channel-flipped torch window (cuDNN: lookBehind = (n-1)//2, lookAhead = n//2, alpha / n)."""
+    x = torch.randn(2, 7, 3, 2, device=device, dtype=torch.float64)
+    r, bias, alpha, beta = 2, 1.5, 0.1, 0.7
+    torch.testing.assert_close(
+        tkern.local_response_normalization(x.movedim(1, -1), r, bias, alpha, beta).movedim(-1, 1),
+        tkern.local_response_norm(x, 2 * r + 1, alpha * (2 * r + 1), beta, bias),
+        rtol=1e-12, atol=1e-12)
+    n, C = 4, x.shape[1]
+    sq = torch.stack([(x[:, max(0, c - (n - 1) // 2):c + n // 2 + 1] ** 2).sum(1) for c in range(C)], 1)
+    cudnn = x / (bias + alpha / n * sq) ** beta
+    torch.testing.assert_close(tkern.local_response_norm(x.flip(1), n, alpha, beta, bias).flip(1),
+                               cudnn, rtol=1e-12, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------------------------
 # shared behaviour
 
@@ -235,6 +251,7 @@ def test_saves_only_x(device):
         assert packed[0].shape == x.shape and torch.equal(packed[0], x.detach())
         y.sum().backward()
         assert x.grad is not None and torch.isfinite(x.grad).all()
+        assert packed[0].data_ptr() == x.data_ptr()  # x itself, not a copy
 
 
 def test_empty(device):

@@ -49,7 +49,7 @@ from .. import _runtime as rt
 TILE = 2048
 # Positions per tile when positions are the contiguous dim (NCHW); channels per tile when channels
 # are (channels_last, TensorFlow).
-BLOCK_CONTIG = 256
+BLOCK_CONTIG = 128
 BLOCK_C_CONTIG = 64
 
 
@@ -266,6 +266,7 @@ class LocalResponseNormFunction(torch.autograd.Function):
         return _forward(x, cfg)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
         return _backward(x, dy, ctx.cfg), None
