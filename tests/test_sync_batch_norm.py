@@ -1,0 +1,174 @@
+"""tkern.nn.SyncBatchNorm on gloo (CPU, interpreter) against single-process nn.BatchNorm over the
+concatenated batch.  Each world size is one spawn running every scenario, to keep start-up costs
+(each process imports torch and triton) down."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import tkern
+from tkern.activations import eager_activation
+
+C, H, W = 3, 2, 3
+SPLITS = {  # per world size: batch sizes per rank, even and uneven (with an empty rank)
+    1: ([4], [5]),
+    2: ([3, 3], [4, 0]),
+    3: ([2, 2, 2], [3, 0, 2]),
+}
+SCENARIOS = [  # (split index, momentum, activation, channels_last)
+    (0, 0.1, None, False),
+    (1, None, "relu", False),
+    (1, 0.3, "gelu", True),
+]
+
+
+def _data(sizes, seed):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    x = torch.randn(n, C, H, W, generator=g) * 2 + 5
+    dy = torch.randn(n, C, H, W, generator=g)
+    return x, dy
+
+
+def _local(t, sizes, rank):
+    start = sum(sizes[:rank])
+    return t[start:start + sizes[rank]]
+
+
+def _worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    results = {}
+    for i, (split, momentum, act, cl) in enumerate(SCENARIOS):
+        sizes = SPLITS[world][split]
+        torch.manual_seed(0)
+        m = tkern.nn.SyncBatchNorm(C, momentum=momentum, activation=act)
+        with torch.no_grad():
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-0.5, 0.5)
+        steps = []
+        for step in range(2):
+            x, dy = _data(sizes, seed=10 * i + step)
+            x = _local(x, sizes, rank).clone()
+            if cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            x.requires_grad_()
+            y = m(x)
+            y.backward(_local(dy, sizes, rank))
+            dw, db = m.weight.grad.clone(), m.bias.grad.clone()
+            dist.all_reduce(dw)  # what DDP's reduction (times world) would hold
+            dist.all_reduce(db)
+            m.weight.grad = m.bias.grad = None
+            steps.append(dict(y=y.detach(), dx=x.grad, dw=dw, db=db,
+                              cl=y.is_contiguous(memory_format=torch.channels_last)))
+        m.eval()
+        x, _ = _data(sizes, seed=99)
+        steps.append(dict(y=m(_local(x, sizes, rank))))
+        results[i] = dict(steps=steps, running_mean=m.running_mean.clone(),
+                          running_var=m.running_var.clone(), nbt=m.num_batches_tracked.clone())
+
+    # under DistributedDataParallel, uneven non-empty batches
+    sizes = [2 + r for r in range(world)]
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(C, 4, 1), tkern.nn.SyncBatchNorm(4, activation="silu"))
+    with tkern.nn.SyncBatchNorm.allow_cpu_ddp():  # DDP refuses any SyncBatchNorm on CPU otherwise
+        ddp = nn.parallel.DistributedDataParallel(model)
+    x, _ = _data(sizes, seed=5)
+    out = ddp(_local(x, sizes, rank))
+    dy = torch.randn(sum(sizes), 4, H, W, generator=torch.Generator().manual_seed(6))
+    out.backward(_local(dy, sizes, rank))
+    results["ddp"] = dict(y=out.detach(), grads={n: p.grad * world for n, p in model.named_parameters()},
+                          running_var=model[1].running_var.clone())
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _reference_bn(momentum, act):
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(C, momentum=momentum)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return bn
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sync_batch_norm_matches_single_process(tmp_path, device, world):
+    if device.type != "cpu":
+        pytest.skip("these gloo tests run on CPU tensors")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    close = dict(rtol=1e-4, atol=1e-5)
+
+    for i, (split, momentum, act, cl) in enumerate(SCENARIOS):
+        sizes = SPLITS[world][split]
+        bn = _reference_bn(momentum, act)
+        for step in range(2):
+            x, dy = _data(sizes, seed=10 * i + step)
+            x = x.clone().requires_grad_()
+            y = eager_activation(bn(x), act)
+            y.backward(dy)
+            got = [r[i]["steps"][step] for r in ranks]
+            torch.testing.assert_close(torch.cat([g["y"] for g in got]), y.detach(), **close)
+            torch.testing.assert_close(torch.cat([g["dx"] for g in got]), x.grad, **close)
+            for g in got:
+                torch.testing.assert_close(g["dw"], bn.weight.grad, **close)
+                torch.testing.assert_close(g["db"], bn.bias.grad, **close)
+                if cl and g["y"].shape[0] > 1:
+                    assert g["cl"], "channels_last input must give channels_last output"
+            bn.weight.grad = bn.bias.grad = None
+        for r in ranks:
+            torch.testing.assert_close(r[i]["running_mean"], bn.running_mean, **close)
+            torch.testing.assert_close(r[i]["running_var"], bn.running_var, **close)
+            assert r[i]["nbt"].item() == bn.num_batches_tracked.item() == 2
+        bn.eval()
+        x, _ = _data(sizes, seed=99)
+        expected = eager_activation(bn(x), act)
+        torch.testing.assert_close(torch.cat([r[i]["steps"][2]["y"] for r in ranks]), expected, **close)
+
+    sizes = [2 + r for r in range(world)]
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(C, 4, 1), nn.BatchNorm2d(4), nn.SiLU())
+    x, _ = _data(sizes, seed=5)
+    out = model(x)
+    out.backward(torch.randn(sum(sizes), 4, H, W, generator=torch.Generator().manual_seed(6)))
+    torch.testing.assert_close(torch.cat([r["ddp"]["y"] for r in ranks]), out.detach(), **close)
+    for r in ranks:
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(r["ddp"]["grads"][n], p.grad, **close, msg=n)
+        torch.testing.assert_close(r["ddp"]["running_var"], model[1].running_var, **close)
+
+
+def test_without_process_group_behaves_as_batch_norm(device):
+    assert not (dist.is_available() and dist.is_initialized())
+    sync = tkern.nn.SyncBatchNorm(C, activation="relu").to(device)
+    bn = tkern.nn.BatchNorm2d(C, activation="relu").to(device)
+    x = torch.randn(4, C, H, W, device=device) + 1
+    torch.testing.assert_close(sync(x), bn(x))
+    torch.testing.assert_close(sync.running_var, bn.running_var)
+    assert sync.num_batches_tracked.item() == 1
+    with pytest.raises(ValueError):
+        sync(torch.randn(C, device=device))
+
+
+def test_convert_sync_batchnorm_keeps_parameters_buffers_and_activation():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), tkern.nn.BatchNorm1d(4, activation="elu", alpha=0.5),
+                          nn.Sequential(nn.SyncBatchNorm(4)))
+    model[1].running_mean.uniform_()
+    weight = model[1].weight
+    keys = list(model.state_dict())
+    converted = tkern.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert list(converted.state_dict()) == keys
+    for m in (converted[1], converted[2], converted[3][0]):
+        assert type(m) is tkern.nn.SyncBatchNorm
+    assert converted[1].weight is weight
+    assert torch.equal(converted[1].running_mean, model[1].running_mean)
+    assert (converted[2].activation, converted[2].alpha) == ("elu", 0.5)
+    assert "activation=elu" in repr(converted[2])
+    single = tkern.nn.SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm3d(2))
+    assert type(single) is tkern.nn.SyncBatchNorm and single.num_features == 2

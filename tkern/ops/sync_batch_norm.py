@@ -1,0 +1,173 @@
+"""SyncBatchNorm: BatchNorm over the global batch of a torch.distributed process group.
+
+tkern's BatchNorm kernels do the local work; torch.distributed does the talking, one collective
+each way:
+- forward: the local (mean, M2) per channel and the local count, 2C + 1 values, are all-gathered;
+  every rank merges the world's partials with Chan's formula (the same combine kernel BatchNorm
+  uses for its splits, so 1000 + 0.01 * randn stays exact), updates the running stats as if one
+  process had seen the global batch (unbiased with the global count), and normalizes locally.
+  Gathering (mean, M2) rather than all-reducing (sum, sum of squares) keeps the merge stable.
+- backward: the local sum(g) and sum(g * xhat), 2C values (g = dy * act'(z)), are all-reduced;
+  dx follows from the global sums.  dweight and dbias stay local (DDP reduces them), as torch's.
+
+Per step and rank: forward sends 2C + 1 values and receives (2C + 1) x world_size (all_gather
+grows linearly with the world); backward all-reduces 2C values (a ring all-reduce moves about
+2 x 2C values per rank, whatever the world size).  A rank with an empty batch still takes part,
+contributing count 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .. import _runtime as rt
+from ..activations import eager_activation
+from .batch_norm import (_prepare_input, bn_backward_dx, bn_backward_reduce, bn_combine_stats,
+                         bn_normalize, bn_partial_stats)
+
+
+def _all_gather_stats(packed: torch.Tensor, group) -> torch.Tensor:
+    world = dist.get_world_size(group)
+    out = [torch.empty_like(packed) for _ in range(world)]
+    dist.all_gather(out, packed, group=group)
+    return torch.stack(out)
+
+
+def _check_global_count(total: torch.Tensor, shape) -> None:
+    if int(total) <= 1:  # torch makes the same check (a host read) in its SyncBatchNorm
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {tuple(shape)} "
+            f"and {int(total)} value(s) per channel over the process group")
+
+
+class SyncBatchNormFunction(torch.autograd.Function):
+    """Training-mode BatchNorm with statistics synchronised over ``group``; Triton kernels."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked, cfg, group):
+        x = _prepare_input(x)
+        C = x.shape[1]
+        acc = rt.accum_dtype(x.dtype)
+        if x.numel():
+            count, mean, m2 = bn_combine_stats(*bn_partial_stats(x), local=True)  # [1, C] each
+            packed = torch.cat([mean[0], m2[0], count[0, :1]])
+        else:
+            packed = torch.zeros(2 * C + 1, dtype=acc, device=x.device)
+        world = _all_gather_stats(packed, group)  # [W, 2C + 1]
+        counts = world[:, 2 * C:].expand(-1, C).contiguous()
+        total = world[:, 2 * C].sum()
+        _check_global_count(total, x.shape)
+        mean, mean_lo, invstd = bn_combine_stats(
+            counts, world[:, :C].contiguous(), world[:, C:2 * C].contiguous(), None,
+            eps=cfg["eps"], running_mean=running_mean, running_var=running_var,
+            momentum=cfg["momentum"], num_batches_tracked=num_batches_tracked)
+        y = bn_normalize(x, mean, invstd, weight, bias, cfg["kernel_activation"],
+                         cfg["negative_slope"], cfg["alpha"], mean_lo=mean_lo)
+        ctx.save_for_backward(x, weight, bias, mean, mean_lo, invstd, total)
+        ctx.cfg, ctx.group = cfg, group
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, mean, mean_lo, invstd, total = ctx.saved_tensors
+        cfg = ctx.cfg
+        act = (cfg["kernel_activation"], cfg["negative_slope"], cfg["alpha"])
+        sum_g, sum_gx = bn_backward_reduce(x, dy, mean, invstd, weight, bias, *act, mean_lo=mean_lo)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            sums = torch.cat([sum_g, sum_gx])
+            dist.all_reduce(sums, group=ctx.group)
+            C = x.shape[1]
+            # the global count lives on the device: pass the means and count=1
+            dx = bn_backward_dx(x, dy, mean, invstd, weight, bias, sums[:C] / total,
+                                sums[C:] / total, 1, *act, training=True, mean_lo=mean_lo)
+        dw = sum_gx.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        db = sum_g.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None, None, None, None
+
+
+class EagerSyncBatchNormFunction(torch.autograd.Function):
+    """The same algorithm in plain PyTorch: the CPU fallback without Triton's interpreter."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked, cfg, group):
+        C = x.shape[1]
+        acc = rt.accum_dtype(x.dtype)
+        dims = [0] + list(range(2, x.dim()))
+        xf = x.to(acc)
+        n = x.numel() // C if C else 0
+        if n:
+            var, mean = torch.var_mean(xf, dim=dims, correction=0)
+            packed = torch.cat([mean, var * n, torch.tensor([float(n)], dtype=acc, device=x.device)])
+        else:
+            packed = torch.zeros(2 * C + 1, dtype=acc, device=x.device)
+        world = _all_gather_stats(packed, group)
+        counts, means, m2s = world[:, 2 * C:], world[:, :C], world[:, C:2 * C]
+        total = counts.sum()
+        _check_global_count(total, x.shape)
+        mean = (counts * means).sum(0) / total
+        var = (m2s + counts * (means - mean) ** 2).sum(0) / total
+        invstd = torch.rsqrt(var + cfg["eps"])
+        if running_mean is not None:
+            momentum = cfg["momentum"]
+            if momentum is None:
+                momentum = 1.0 / float(num_batches_tracked)
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            unbiased = var * total / (total - 1)
+            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        shape = [1, C] + [1] * (x.dim() - 2)
+        xhat = (xf - mean.view(shape)) * invstd.view(shape)
+        z = xhat
+        if weight is not None:
+            z = z * weight.to(acc).view(shape)
+        if bias is not None:
+            z = z + bias.to(acc).view(shape)
+        y = eager_activation(z, cfg["activation"], cfg["negative_slope"], cfg["alpha"],
+                             cfg["approximate"])
+        ctx.save_for_backward(x, weight, bias, mean, invstd, total)
+        ctx.cfg, ctx.group = cfg, group
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, mean, invstd, total = ctx.saved_tensors
+        cfg = ctx.cfg
+        C = x.shape[1]
+        acc = mean.dtype
+        shape = [1, C] + [1] * (x.dim() - 2)
+        dims = [0] + list(range(2, x.dim()))
+        xhat = (x.to(acc) - mean.view(shape)) * invstd.view(shape)
+        with torch.enable_grad():
+            z = xhat * (weight.to(acc).view(shape) if weight is not None else 1.0)
+            z = (z + (bias.to(acc).view(shape) if bias is not None else 0.0)).detach().requires_grad_()
+            a = eager_activation(z, cfg["activation"], cfg["negative_slope"], cfg["alpha"],
+                                 cfg["approximate"])
+            (g,) = torch.autograd.grad(a, z, dy.to(acc))
+        sum_g, sum_gx = g.sum(dims), (g * xhat).sum(dims)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            sums = torch.cat([sum_g, sum_gx])
+            dist.all_reduce(sums, group=ctx.group)
+            w = weight.to(acc).view(shape) if weight is not None else 1.0
+            dx = (w * invstd.view(shape) * (g - (sums[:C] / total).view(shape)
+                                             - xhat * (sums[C:] / total).view(shape))).to(x.dtype)
+        dw = sum_gx.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        db = sum_g.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None, None, None, None
+
+
+def sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps, group, *,
+                    activation="identity", kernel_activation="identity", negative_slope=0.01,
+                    alpha=1.0, approximate="none", num_batches_tracked=None):
+    """Training-mode BatchNorm over the global batch of ``group`` (world size > 1).
+    ``momentum=None`` means the cumulative average 1 / num_batches_tracked."""
+    cfg = dict(momentum=momentum, eps=float(eps), activation=activation,
+               kernel_activation=kernel_activation, negative_slope=float(negative_slope),
+               alpha=float(alpha), approximate=approximate)
+    flat = [None if t is None else t.reshape(-1) for t in (weight, bias)]
+    nbt = num_batches_tracked if momentum is None else None
+    fn = SyncBatchNormFunction
+    if not rt.use_triton("SyncBatchNorm", input, running_mean, running_var, weight, bias):
+        fn = EagerSyncBatchNormFunction
+    return fn.apply(input, *flat, running_mean, running_var, nbt, cfg, group)
