@@ -19,10 +19,11 @@ SPLITS = {  # per world size: batch sizes per rank, even and uneven (with an emp
     2: ([3, 3], [4, 0]),
     3: ([2, 2, 2], [3, 0, 2]),
 }
-SCENARIOS = [  # (split index, momentum, activation, channels_last)
-    (0, 0.1, None, False),
-    (1, None, "relu", False),
-    (1, 0.3, "gelu", True),
+SCENARIOS = [  # (split index, momentum, activation, channels_last, eager fallback)
+    (0, 0.1, None, False, False),
+    (1, None, "relu", False, False),
+    (1, 0.3, "gelu", True, False),
+    (1, None, "elu", False, True),  # CPU without the interpreter: the plain-PyTorch path
 ]
 
 
@@ -42,7 +43,8 @@ def _local(t, sizes, rank):
 def _worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     results = {}
-    for i, (split, momentum, act, cl) in enumerate(SCENARIOS):
+    for i, (split, momentum, act, cl, eager) in enumerate(SCENARIOS):
+        os.environ["TRITON_INTERPRET"] = "0" if eager else "1"  # the runtime rule reads it per call
         sizes = SPLITS[world][split]
         torch.manual_seed(0)
         m = tkern.nn.SyncBatchNorm(C, momentum=momentum, activation=act)
@@ -69,6 +71,7 @@ def _worker(rank, world, init_file, out_dir):
         steps.append(dict(y=m(_local(x, sizes, rank))))
         results[i] = dict(steps=steps, running_mean=m.running_mean.clone(),
                           running_var=m.running_var.clone(), nbt=m.num_batches_tracked.clone())
+    os.environ["TRITON_INTERPRET"] = "1"
 
     # under DistributedDataParallel, uneven non-empty batches
     sizes = [2 + r for r in range(world)]
@@ -105,7 +108,7 @@ def test_sync_batch_norm_matches_single_process(tmp_path, device, world):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     close = dict(rtol=1e-4, atol=1e-5)
 
-    for i, (split, momentum, act, cl) in enumerate(SCENARIOS):
+    for i, (split, momentum, act, cl, _) in enumerate(SCENARIOS):
         sizes = SPLITS[world][split]
         bn = _reference_bn(momentum, act)
         for step in range(2):
