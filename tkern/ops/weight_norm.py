@@ -24,6 +24,8 @@ Design:
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -38,17 +40,6 @@ SPLIT_BELOW = 128  # fewer slice programs than this: split the reduction over R
 SPLIT_TARGET = 1024  # about this many programs after splitting
 
 ROWS, COLS, GENERAL = 0, 1, 2
-
-
-@triton.jit
-def _offsets(d, r, D, R, inner, LAYOUT: tl.constexpr):
-    # d: [BLOCK_D, 1] slice index, r: [1, BLOCK_R] index within the slice -> element offsets
-    if LAYOUT == 0:  # ROWS: slice d is the contiguous row d
-        return d * R + r
-    elif LAYOUT == 1:  # COLS: slice d is column d of an [R, D] matrix
-        return r * D + d
-    else:
-        return (r // inner) * (D * inner) + d * inner + r % inner
 
 
 @triton.jit
@@ -81,6 +72,12 @@ def _weight_norm_kernel(
     dmask1 = d1 < D
     d = d1[:, None]
     dmask = dmask1[:, None]
+    if LAYOUT == 0:  # ROWS: slice d is the contiguous row d
+        d_part = d * R
+    elif LAYOUT == 1:  # COLS: slice d is column d of an [R, D] matrix
+        d_part = d
+    else:  # GENERAL: element (o, d, i) with r = o * inner + i
+        d_part = d * inner
     r_start = pid_r * chunk
     r_end = tl.minimum(r_start + chunk, R)
     lanes = tl.arange(0, BLOCK_R)
@@ -92,7 +89,14 @@ def _weight_norm_kernel(
         if ONE_PASS:
             r = (r_start + lanes)[None, :]
             mask = dmask & (r < r_end)
-            offs = _offsets(d, r, D, R, inner, LAYOUT)
+            # element offset = d_part (slice) + a term in r, per layout (written out in each loop
+            # body: a nested jit helper costs a Python patch per call in the interpreter)
+            if LAYOUT == 0:
+                offs = d_part + r
+            elif LAYOUT == 1:
+                offs = d_part + r * D
+            else:
+                offs = d_part + (r // inner) * (D * inner) + r % inner
             x = tl.load(V + offs, mask=mask, other=0.0).to(COMPUTE)
             if BACKWARD:
                 y = tl.load(GW + offs, mask=mask, other=0.0).to(COMPUTE)
@@ -104,7 +108,12 @@ def _weight_norm_kernel(
             for start in range(r_start, r_end, BLOCK_R):
                 r = (start + lanes)[None, :]
                 mask = dmask & (r < r_end)
-                offs = _offsets(d, r, D, R, inner, LAYOUT)
+                if LAYOUT == 0:
+                    offs = d_part + r
+                elif LAYOUT == 1:
+                    offs = d_part + r * D
+                else:
+                    offs = d_part + (r // inner) * (D * inner) + r % inner
                 x = tl.load(V + offs, mask=mask, other=0.0).to(COMPUTE)
                 if BACKWARD:
                     acc += x * tl.load(GW + offs, mask=mask, other=0.0).to(COMPUTE)
@@ -146,7 +155,12 @@ def _weight_norm_kernel(
             for start in range(r_start, r_end, BLOCK_R):
                 r = (start + lanes)[None, :]
                 mask = dmask & (r < r_end)
-                offs = _offsets(d, r, D, R, inner, LAYOUT)
+                if LAYOUT == 0:
+                    offs = d_part + r
+                elif LAYOUT == 1:
+                    offs = d_part + r * D
+                else:
+                    offs = d_part + (r // inner) * (D * inner) + r % inner
                 x = tl.load(V + offs, mask=mask, other=0.0).to(COMPUTE)
                 if BACKWARD:
                     y = tl.load(GW + offs, mask=mask, other=0.0).to(COMPUTE)
@@ -245,7 +259,7 @@ def _backward(gw, v, g, norm, dim):
     compute = tl.float64 if stat == torch.float64 or gw.dtype == torch.float64 else tl.float32
     int64 = rt.needs_int64(v)
     gw = gw.contiguous()  # walked in v's (contiguous) layout; expanded grads get materialised
-    grad_v = torch.empty_like(v)
+    grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if plan["split"] == 1:
         grad_g = torch.empty(D, dtype=g.dtype, device=v.device)
         _launch(plan, v, gw, g, norm, norm, norm, grad_v, grad_g, D, inner, backward=True,
@@ -261,27 +275,53 @@ def _backward(gw, v, g, norm, dim):
     return grad_v, grad_g
 
 
-class WeightNormFunction(torch.autograd.Function):
-    """autograd for the fused kernels; saves v, g (flat) and the fp32 norms."""
+# The launchers are torch.library custom ops (fake implementations, autograd formula), so that
+# torch.compile(fullgraph=True) traces a weight-normed model through them.  The forward op also
+# returns the norms: backward's saved state, never used as a differentiable output.
+@torch.library.custom_op("tkern::weight_norm", mutates_args=())
+def _forward_op(v: torch.Tensor, g: torch.Tensor, dim: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    out_dtype = torch.result_type(v, g)
+    # parameters are contiguous; anything else is copied once.  g is read flat, unit stride.
+    return _forward(v.contiguous(), g.reshape(-1).contiguous(), dim, out_dtype)
 
-    @staticmethod
-    def forward(ctx, v, g, dim, out_dtype):
-        v_c = v.contiguous()  # parameters are contiguous; anything else is copied once
-        g_flat = g.reshape(-1)
-        w, norm = _forward(v_c, g_flat, dim, out_dtype)
-        ctx.save_for_backward(v_c, g_flat, norm)
-        ctx.dim = dim
-        ctx.g_shape = g.shape
-        ctx.v_dtype = v.dtype
-        return w
 
-    @staticmethod
-    def backward(ctx, gw):
-        v, g, norm = ctx.saved_tensors
-        grad_v, grad_g = _backward(gw, v, g, norm, ctx.dim)
-        grad_g = grad_g.reshape(ctx.g_shape)
-        return (grad_v if ctx.needs_input_grad[0] else None,
-                grad_g if ctx.needs_input_grad[1] else None, None, None)
+@_forward_op.register_fake
+def _(v, g, dim):
+    D = 1 if dim is None else v.shape[dim]
+    stat = rt.accum_dtype(torch.float64 if torch.float64 in (v.dtype, g.dtype) else v.dtype)
+    return (v.new_empty(v.shape, dtype=torch.result_type(v, g)), v.new_empty((D,), dtype=stat))
+
+
+@torch.library.custom_op("tkern::weight_norm_backward", mutates_args=())
+def _backward_op(gw: torch.Tensor, v: torch.Tensor, g: torch.Tensor, norm: torch.Tensor,
+                 dim: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_v, grad_g = _backward(gw, v.contiguous(), g.reshape(-1).contiguous(), norm, dim)
+    return grad_v, grad_g.reshape(g.shape)
+
+
+@_backward_op.register_fake
+def _(gw, v, g, norm, dim):
+    return v.new_empty(v.shape), g.new_empty(g.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    v, g, dim = inputs
+    _, norm = output
+    ctx.mark_non_differentiable(norm)
+    ctx.save_for_backward(v, g, norm)  # v, g and the fp32 norms: no re-reduction of v^2
+    ctx.dim = dim
+
+
+def _autograd_backward(ctx, gw, _grad_norm):
+    if gw is None:
+        return None, None, None
+    v, g, norm = ctx.saved_tensors
+    grad_v, grad_g = _backward_op(gw, v, g, norm, ctx.dim)
+    return (grad_v if ctx.needs_input_grad[0] else None,
+            grad_g if ctx.needs_input_grad[1] else None, None)
+
+
+_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def _normalize_dim(dim, ndim: int):
@@ -336,7 +376,6 @@ def weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int | None = 0) -> torch.
             f"tkern.weight_norm: g must have {n_slices} element(s) (v.shape[{dim}] for v of shape "
             f"{tuple(v.shape)}), got shape {tuple(g.shape)}"
         )
-    out_dtype = torch.result_type(v, g)
     if not rt.use_triton("weight_norm", v, g) or v.numel() == 0:
-        return _eager(v, g, nd, out_dtype)
-    return WeightNormFunction.apply(v, g, nd, out_dtype)
+        return _eager(v, g, nd, torch.result_type(v, g))
+    return _forward_op(v, g, nd)[0]
