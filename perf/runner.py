@@ -130,7 +130,7 @@ class Sweep:
         total = sum(len(self.cfg.dtypes) * len(self.batches(c)) for _, cases in plan for c in cases)
         self.progress.reset(total)
         start = time.monotonic()
-        deadline = start + self.cfg.time_budget if self.cfg.time_budget else math.inf
+        deadline = start + self.cfg.time_budget if self.cfg.time_budget is not None else math.inf
         for i, (op, cases) in enumerate(plan):
             now = time.monotonic()
             # Each op gets an equal share of what is left, so a slow op cannot starve the others.

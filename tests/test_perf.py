@@ -215,3 +215,36 @@ def test_batch_and_dtype_parsing():
     assert cli.parse_dtypes("bf16,float32") == [torch.bfloat16, torch.float32]
     with pytest.raises(Exception):
         cli.parse_batches("0")
+
+
+def test_time_budget_stops_cleanly(tmp_path, capsys):
+    status, out = _run(tmp_path, "--ops", "lrn,activation_dropout", "--time-budget", "0",
+                       "--no-plots")
+    assert status == 0
+    header, rows = _csv_rows(out / "results.csv")
+    assert header == COLUMNS and rows == []
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert any("time budget" in n for n in meta["notes"])
+    assert "time budget" in capsys.readouterr().err
+
+
+def test_out_of_memory_ends_the_sweep(tmp_path, monkeypatch):
+    make = lrn_case._make
+
+    def make_oom(shape, layout):
+        inner = make(shape, layout)
+
+        def f(batch, dtype, device):
+            if batch >= 2:
+                raise torch.OutOfMemoryError("simulated: out of memory")
+            return inner(batch, dtype, device)
+
+        return f
+
+    monkeypatch.setattr(lrn_case, "_make", make_oom)
+    status, out = _run(tmp_path, "--ops", "lrn", "--batches", "1,2,4", "--modes", "fwd", "--no-plots")
+    assert status == 0
+    _, rows = _csv_rows(out / "results.csv")
+    assert {int(r["batch"]) for r in rows} == {1}
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert any("out of memory at batch 2" in n for n in meta["notes"])
