@@ -103,6 +103,22 @@ def test_gradcheck(device, dim):
     assert torch.autograd.gradcheck(lambda a, b: tkern.weight_norm(a, b, dim), (v, g))
 
 
+@pytest.mark.parametrize("dim", [1, None])
+def test_gradgradcheck(device, dim):
+    """Double backward (create_graph=True), as torch's weight norm supports."""
+    v = torch.randn(3, 2, 2, device=device, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(torch.norm_except_dim(v, 2, _torch_dim(dim)).shape, device=device,
+                    dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda a, b: tkern.weight_norm(a, b, dim), (v, g))
+    # gradgradcheck differentiates whatever backward computes: check its values against torch too
+    gw = torch.randn(v.shape, device=device, dtype=torch.float64)
+    ours = torch.autograd.grad(tkern.weight_norm(v, g, dim), (v, g), gw, create_graph=True)
+    theirs = torch.autograd.grad(torch._weight_norm(v, g, _torch_dim(dim)), (v, g), gw)
+    for a, b in zip(ours, theirs):
+        assert a.requires_grad
+        torch.testing.assert_close(a, b)
+
+
 def test_gradcheck_split_path(device, monkeypatch):
     monkeypatch.setattr(wn_mod, "TILE", 4)
     monkeypatch.setattr(wn_mod, "ONE_PASS_MAX", 4)

@@ -312,11 +312,28 @@ def _setup_context(ctx, inputs, output):
     ctx.dim = dim
 
 
+def _differentiable_backward(gw, v, g, dim):
+    """The same gradients in torch ops, differentiable: used only under create_graph=True
+    (double backward), where the kernel's outputs would carry no graph."""
+    outer, D, inner = _geometry(v.shape, dim)
+    ct = torch.float64 if torch.float64 in (v.dtype, g.dtype, gw.dtype) else torch.float32
+    v3 = v.reshape(outer, D, inner).to(ct)
+    gw3 = gw.reshape(outer, D, inner).to(ct)
+    g3 = g.reshape(1, D, 1).to(ct)
+    norm = v3.square().sum((0, 2), keepdim=True).sqrt()
+    dot = (gw3 * v3).sum((0, 2), keepdim=True)
+    grad_v = g3 / norm * (gw3 - v3 * (dot / (norm * norm)))
+    return grad_v.reshape(v.shape).to(v.dtype), (dot / norm).reshape(g.shape).to(g.dtype)
+
+
 def _autograd_backward(ctx, gw, _grad_norm):
     if gw is None:
         return None, None, None
     v, g, norm = ctx.saved_tensors
-    grad_v, grad_g = _backward_op(gw, v, g, norm, ctx.dim)
+    if torch.is_grad_enabled():  # backward with create_graph=True
+        grad_v, grad_g = _differentiable_backward(gw, v, g, ctx.dim)
+    else:
+        grad_v, grad_g = _backward_op(gw, v, g, norm, ctx.dim)
     return (grad_v if ctx.needs_input_grad[0] else None,
             grad_g if ctx.needs_input_grad[1] else None, None)
 
