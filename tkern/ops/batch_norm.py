@@ -64,9 +64,9 @@ CL_BLOCK_C = 128
 
 
 @triton.jit
-def _tile(u, nsb, lanes_s, c, S, sN, sS, sC, n_units, cmask, INT64: tl.constexpr,
-          BLOCK_S: tl.constexpr):
-    """Offsets and mask of unit ``u`` (sample u // nsb, S-block u % nsb) for channels ``c``."""
+def _unit(u, nsb, lanes_s, S, n_units, INT64: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Sample index, spatial indices and their mask of unit ``u`` (sample u // nsb, S-block
+    u % nsb)."""
     n = u // nsb
     s = (u - n * nsb) * BLOCK_S + lanes_s
     # a unit past the end masks everything (a scalar select: the interpreter mistypes bool & scalar)
@@ -74,10 +74,13 @@ def _tile(u, nsb, lanes_s, c, S, sN, sS, sC, n_units, cmask, INT64: tl.constexpr
     if INT64:
         n = n.to(tl.int64)
         s = s.to(tl.int64)
-        c = c.to(tl.int64)
-    offs = n * sN + s[:, None] * sS + c[None, :] * sC
-    mask = smask[:, None] & cmask[None, :]
-    return offs, mask, smask
+    return n, s, smask
+
+
+@triton.jit
+def _offsets(n, s, c, sN, sS, sC):
+    """Offsets of the tile (spatial s) x (channels c) of sample n in a tensor of strides sN, sS, sC."""
+    return n * sN + s[:, None] * sS + c.to(s.dtype)[None, :] * sC  # s is int64 under INT64
 
 
 @triton.jit
@@ -106,8 +109,9 @@ def _stats_partial_kernel(
     m2 = tl.zeros([BLOCK_C], COMPUTE)
     u0 = pid_p * units_per_prog
     for i in range(0, units_per_prog):
-        offs, mask, smask = _tile(u0 + i, nsb, lanes_s, c, S, sN, sS, sC, n_units, cmask, INT64,
-                                  BLOCK_S)
+        n, s, smask = _unit(u0 + i, nsb, lanes_s, S, n_units, INT64, BLOCK_S)
+        mask = smask[:, None] & cmask[None, :]
+        offs = _offsets(n, s, c, sN, sS, sC)
         x = tl.load(X + offs, mask=mask, other=0.0).to(COMPUTE)
         xs = tl.where(mask, x - shift[None, :], 0.0)
         t_cnt = tl.sum(smask.to(COMPUTE), 0)
@@ -256,10 +260,10 @@ def _normalize_kernel(
     scale = invstd * w
     u0 = pid_p * units_per_prog
     for i in range(0, units_per_prog):
-        xo, mask, smask = _tile(u0 + i, nsb, lanes_s, c, S, sxN, sxS, sxC, n_units, cmask, INT64,
-                                BLOCK_S)
-        yo, mask, smask = _tile(u0 + i, nsb, lanes_s, c, S, syN, syS, syC, n_units, cmask, INT64,
-                                BLOCK_S)
+        n, s, smask = _unit(u0 + i, nsb, lanes_s, S, n_units, INT64, BLOCK_S)
+        mask = smask[:, None] & cmask[None, :]
+        xo = _offsets(n, s, c, sxN, sxS, sxC)
+        yo = _offsets(n, s, c, syN, syS, syC)
         x = tl.load(X + xo, mask=mask, other=0.0).to(COMPUTE)
         z = _centered(x, mean, mean_lo, HAS_LO) * scale[None, :] + b[None, :]
         y = activate(z, ACTIVATION, negative_slope, alpha)
@@ -301,10 +305,10 @@ def _backward_reduce_kernel(
     acc_gx = tl.zeros([BLOCK_C], COMPUTE)
     u0 = pid_p * units_per_prog
     for i in range(0, units_per_prog):
-        xo, mask, smask = _tile(u0 + i, nsb, lanes_s, c, S, sxN, sxS, sxC, n_units, cmask, INT64,
-                                BLOCK_S)
-        do, mask, smask = _tile(u0 + i, nsb, lanes_s, c, S, sdN, sdS, sdC, n_units, cmask, INT64,
-                                BLOCK_S)
+        n, s, smask = _unit(u0 + i, nsb, lanes_s, S, n_units, INT64, BLOCK_S)
+        mask = smask[:, None] & cmask[None, :]
+        xo = _offsets(n, s, c, sxN, sxS, sxC)
+        do = _offsets(n, s, c, sdN, sdS, sdC)
         x = tl.load(X + xo, mask=mask, other=0.0).to(COMPUTE)
         dy = tl.load(DY + do, mask=mask, other=0.0).to(COMPUTE)
         xhat, g = _grad_pre_activation(x, dy, mean, mean_lo, invstd, w, b, negative_slope, alpha,
@@ -344,12 +348,11 @@ def _dx_kernel(
         mean_gx = tl.load(SUM_GX + c, mask=cmask, other=0.0).to(COMPUTE) * inv_n
     u0 = pid_p * units_per_prog
     for i in range(0, units_per_prog):
-        xo, mask, smask = _tile(u0 + i, nsb, lanes_s, c, S, sxN, sxS, sxC, n_units, cmask, INT64,
-                                BLOCK_S)
-        do, mask, smask = _tile(u0 + i, nsb, lanes_s, c, S, sdN, sdS, sdC, n_units, cmask, INT64,
-                                BLOCK_S)
-        oo, mask, smask = _tile(u0 + i, nsb, lanes_s, c, S, soN, soS, soC, n_units, cmask, INT64,
-                                BLOCK_S)
+        n, s, smask = _unit(u0 + i, nsb, lanes_s, S, n_units, INT64, BLOCK_S)
+        mask = smask[:, None] & cmask[None, :]
+        xo = _offsets(n, s, c, sxN, sxS, sxC)
+        do = _offsets(n, s, c, sdN, sdS, sdC)
+        oo = _offsets(n, s, c, soN, soS, soC)
         x = tl.load(X + xo, mask=mask, other=0.0).to(COMPUTE)
         dy = tl.load(DY + do, mask=mask, other=0.0).to(COMPUTE)
         xhat, g = _grad_pre_activation(x, dy, mean, mean_lo, invstd, w, b, negative_slope, alpha,
@@ -437,8 +440,8 @@ _sm_count: dict = {}
 def _target_programs(device: torch.device, reduction: bool) -> int:
     """Programs to aim for: a few waves on a GPU; a handful in the interpreter, where each program
     costs numpy calls."""
-    if device.type == "cpu":
-        return 4
+    if device.type == "cpu":  # the interpreter: each program costs Python per op
+        return 4 if reduction else 1
     key = (device.type, device.index)
     if key not in _sm_count:
         try:
