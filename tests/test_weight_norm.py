@@ -232,8 +232,18 @@ def test_bad_inputs_raise_like_torch(device):
         tkern.weight_norm(torch.tensor(2.0, device=device), torch.tensor(1.0, device=device), 0)
     with pytest.raises(RuntimeError, match="tkern.weight_norm"):
         tkern.weight_norm(v, torch.randn(2, 1, 1, device=device), 0)
+    for dim in (0, 1, -1):  # torch: NotImplementedError (its fused kernel) or RuntimeError
+        with pytest.raises(NotImplementedError, match="tkern.weight_norm"):
+            tkern.weight_norm(v.int(), g.int(), dim)
+        with pytest.raises(RuntimeError):
+            tkern.weight_norm(v.int(), g.int(), dim)
     with pytest.raises(TypeError, match="tkern.weight_norm"):
-        tkern.weight_norm(v.int(), g.int(), 0)
+        tkern.weight_norm(v, g, 0.0)
+    # an integer g with a floating v promotes, as torch's composite does; dim accepts int-likes
+    gi = torch.randint(1, 4, (1, 4, 1), device=device)
+    w = tkern.weight_norm(v, gi, torch.tensor(1))
+    assert w.dtype == v.dtype
+    torch.testing.assert_close(w, torch._weight_norm(v, gi, 1))
 
 
 def test_cpu_fallback_without_interpreter(monkeypatch):

@@ -16,6 +16,9 @@ Design:
   (deterministic, no atomics), pass 2 applies.  No host sync anywhere.
 - Forward saves v, g and the norms (fp32; fp64 for fp64), so backward never re-reduces v^2.
   Backward: grad_g = sum(gw*v)/||v||, grad_v = g/||v|| * (gw - v*sum(gw*v)/||v||^2).
+- The launchers are torch.library custom ops (``tkern::weight_norm``, ``tkern::weight_norm_backward``)
+  with fake implementations, so torch.compile traces through them.  Under create_graph=True
+  (double backward) the gradients come from torch ops instead, which autograd can differentiate.
 - Semantics follow ``torch._weight_norm``: dim=-1 (and None) is the whole-tensor norm, as in
   torch (``norm_except_dim`` treats -1 specially); other negative dims wrap.  A zero-norm slice
   divides by zero exactly as torch does (NaN outputs and gradients for that slice).  The output
@@ -24,6 +27,7 @@ Design:
 
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -341,15 +345,27 @@ def _autograd_backward(ctx, gw, _grad_norm):
 _forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
+class _DtypeNotImplemented(rt.DtypeError, NotImplementedError):
+    """torch raises NotImplementedError (dim 0 / last) or RuntimeError (other dims) for an integer
+    v; this is both (and TypeError, as every tkern dtype error)."""
+
+
 def _normalize_dim(dim, ndim: int):
     """torch's rule: None and -1 are the whole tensor (returned as None); other dims wrap."""
     if ndim == 0:
         raise IndexError(
             f"tkern.weight_norm: dimension specified as {dim} but tensor has no dimensions")
-    if dim is None or dim == -1:
+    if dim is None:
         return None
-    if not isinstance(dim, int) or isinstance(dim, bool):
-        raise TypeError(f"tkern.weight_norm: dim must be an int or None, got {type(dim).__name__}")
+    if isinstance(dim, bool):
+        raise TypeError("tkern.weight_norm: dim must be an int or None, got bool")
+    try:
+        dim = operator.index(dim)  # ints, numpy ints, 0-dim integer tensors
+    except TypeError:
+        raise TypeError(
+            f"tkern.weight_norm: dim must be an int or None, got {type(dim).__name__}") from None
+    if dim == -1:
+        return None
     if not -ndim <= dim < ndim:
         raise IndexError(
             f"tkern.weight_norm: Dimension out of range (expected to be in range of "
@@ -385,7 +401,11 @@ def weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int | None = 0) -> torch.
     Returns ``w`` of ``v``'s shape and dtype ``torch.result_type(v, g)``.  Norms are accumulated
     in fp32 (fp64 for fp64).  A slice whose norm is zero gives NaN, as in PyTorch.
     """
-    rt.check_floating("weight_norm", v=v, g=g)
+    if not v.is_floating_point():
+        raise _DtypeNotImplemented(
+            f"tkern.weight_norm: v must be a floating-point tensor, got {v.dtype}")
+    if g.is_complex():
+        raise _DtypeNotImplemented(f"tkern.weight_norm: g must be a real tensor, got {g.dtype}")
     nd = _normalize_dim(dim, v.dim())
     n_slices = 1 if nd is None else v.shape[nd]
     if g.numel() != n_slices:
