@@ -7,6 +7,7 @@ import datetime as _dt
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import torch
 
 import perf  # noqa: F401  (decides TRITON_INTERPRET before triton is imported)
 
-EXIT_WRONG, EXIT_GATE = 1, 4
+EXIT_WRONG, EXIT_GATE, EXIT_INTERRUPTED = 1, 4, 8
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -44,8 +45,9 @@ Outputs in --out: results.csv, results.json, one PNG per op; a table on stdout; 
 Ops whose tkern function does not exist yet are skipped with a message."""
 
 EPILOG = """\
-exit status: 0 all good; 1 a provider failed its check (or raised); 4 the --compare gate tripped
-(or matched no row); 5 both; 2 bad arguments.
+exit status: a sum of 1 (a provider failed its check or raised), 4 (the --compare gate tripped or
+matched no row) and 8 (interrupted by Ctrl-C or SIGTERM: the outputs hold the rows measured so far,
+written after every op); 0 all good; 2 bad arguments.
 
 examples:
   python -m perf --quick                         # CPU: interpreter smoke run, ~1-2 minutes
@@ -186,6 +188,20 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _on_sigterm(handler):
+    """Install ``handler`` for SIGTERM; returns the previous one (None off the main thread)."""
+    if handler is None:
+        return None
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
@@ -233,23 +249,31 @@ def main(argv: list[str] | None = None) -> int:
         # Single-threaded eager on CPU: the interpreter is single-threaded too, and on a shared
         # machine waking intra-op threads costs whole scheduler ticks (eager times jump ~16 ms).
         torch.set_num_threads(1)
+    commit = git_commit()
+
+    def write(result) -> None:
+        meta = {
+            "device": cfg.device_name, "torch": torch.__version__, "triton": triton.__version__,
+            "commit": commit, "timestamp": date.isoformat(timespec="seconds"), "peak_gbps": peak,
+            "backend": "cuda" if gpu else "cpu-interpreter",
+            "note": "" if gpu else CPU_BANNER,
+            "argv": sys.argv[1:] if argv is None else list(argv),
+            "elapsed_s": round(time.monotonic() - t0, 1),
+            "failures": result.failures, "skipped_ops": result.skipped_ops, "notes": result.notes,
+            "interrupted": result.interrupted,
+        }
+        report.write_csv(result.rows, out / "results.csv")
+        report.write_json(meta, result.rows, out / "results.json")
+
+    # SIGTERM (e.g. from `timeout`) stops the sweep like Ctrl-C: the outputs are still written.
+    old_handler = _on_sigterm(_raise_interrupt)
     try:
-        result = Sweep(cfg, progress).run()
+        result = Sweep(cfg, progress, checkpoint=write).run()
     finally:
         torch.set_num_threads(threads)
+        _on_sigterm(old_handler)
     elapsed = time.monotonic() - t0
-
-    meta = {
-        "device": cfg.device_name, "torch": torch.__version__, "triton": triton.__version__,
-        "commit": git_commit(), "timestamp": date.isoformat(timespec="seconds"), "peak_gbps": peak,
-        "backend": "cuda" if gpu else "cpu-interpreter",
-        "note": "" if gpu else CPU_BANNER,
-        "argv": sys.argv[1:] if argv is None else list(argv),
-        "elapsed_s": round(elapsed, 1),
-        "failures": result.failures, "skipped_ops": result.skipped_ops, "notes": result.notes,
-    }
-    report.write_csv(result.rows, out / "results.csv")
-    report.write_json(meta, result.rows, out / "results.json")
+    write(result)
     pngs = [] if args.no_plots else report.plot(result.rows, out, title_note=(
         f"on {cfg.device_name}" + ("" if gpu else " (CPU-interpreter timings, not GPU results)")))
 
@@ -264,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
           + (f" and {len(pngs)} PNG(s)" if pngs else "") + f" in {elapsed:.0f} s")
 
     status = 0
+    if result.interrupted:
+        status |= EXIT_INTERRUPTED
+        print("\nINTERRUPTED: the sweep stopped early; outputs hold the rows measured so far",
+              file=sys.stderr)
     if result.failures:
         status |= EXIT_WRONG
         print(f"\nFAILED: {len(result.failures)} provider check(s) failed (rows marked WRONG):",

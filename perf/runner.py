@@ -57,6 +57,7 @@ class SweepResult:
     failures: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     skipped_ops: dict = field(default_factory=dict)
+    interrupted: bool = False
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -64,9 +65,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 class Sweep:
-    def __init__(self, cfg: Config, progress: Progress | None = None):
+    def __init__(self, cfg: Config, progress: Progress | None = None,
+                 checkpoint: Callable[[SweepResult], None] | None = None):
         self.cfg = cfg
         self.progress = progress or Progress(0, enabled=False)
+        self.checkpoint = checkpoint  # called with the result so far after each op
         self.result = SweepResult()
 
     # ----------------------------------------------------------------------------------- set-up
@@ -131,11 +134,17 @@ class Sweep:
         self.progress.reset(total)
         start = time.monotonic()
         deadline = start + self.cfg.time_budget if self.cfg.time_budget is not None else math.inf
-        for i, (op, cases) in enumerate(plan):
-            now = time.monotonic()
-            # Each op gets an equal share of what is left, so a slow op cannot starve the others.
-            op_deadline = now + (deadline - now) / (len(plan) - i) if deadline < math.inf else math.inf
-            self._run_op(op, cases, op_deadline)
+        try:
+            for i, (op, cases) in enumerate(plan):
+                now = time.monotonic()
+                # Each op gets an equal share of what is left, so a slow op cannot starve the others.
+                op_deadline = now + (deadline - now) / (len(plan) - i) if deadline < math.inf else math.inf
+                self._run_op(op, cases, op_deadline)
+                if self.checkpoint is not None:
+                    self.checkpoint(self.result)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (see cli): keep what was measured
+            self.result.interrupted = True
+            self.note("interrupted: the sweep stopped early; rows measured so far are kept")
         self.progress.close()
         return self.result
 
