@@ -45,12 +45,15 @@ import triton.language as tl
 
 from .. import _runtime as rt
 
-# Elements per tile: bounds registers in backward, which keeps a handful of tiles live.
+# Elements per tile, and per thread: ptxas (sm_90) gives the backward kernel ~64 registers at four
+# fp32 elements a thread (forward ~40), so two 512-thread programs fit an SM; eight a thread doubles
+# the registers and halves occupancy.
 TILE = 2048
+ELEMENTS_PER_THREAD = 4
 # Positions per tile when positions are the contiguous dim (NCHW); channels per tile when channels
-# are (channels_last, TensorFlow).
+# are (channels_last, TensorFlow): 32 fp32 channels are one 128-byte line, and 96/192/256 split evenly.
 BLOCK_CONTIG = 128
-BLOCK_C_CONTIG = 64
+BLOCK_C_CONTIG = 32
 
 
 @triton.jit
@@ -67,9 +70,13 @@ def _pow_neg(s, beta):
 
 
 @triton.jit
-def _tile(pid_ns, pid_c, s_tiles, INT64: tl.constexpr, BLOCK_C: tl.constexpr,
-          BLOCK_S: tl.constexpr):
-    # this program's batch index, channel column [BLOCK_C, 1] and position row [1, BLOCK_S]
+def _tile(c_tiles, s_tiles, INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    # this program's batch index, channel column [BLOCK_C, 1] and position row [1, BLOCK_S].
+    # Channel tiles vary fastest in launch order, so the halo a tile reads from its neighbours'
+    # channels is still in L2 (it was read by the programs launched just before).
+    pid = tl.program_id(0)
+    pid_c = pid % c_tiles
+    pid_ns = pid // c_tiles
     n = pid_ns // s_tiles
     st = pid_ns % s_tiles
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -98,7 +105,7 @@ def _window_sumsq(X, base, c, s_ok, C, sxc, before, after, COMPUTE: tl.constexpr
 def _lrn_forward_kernel(
     X,  # input viewed as (N, C, S), strides (sxn, sxc, sxs)
     Y,  # output (N, C, S), strides (syn, syc, sys)
-    C, S, s_tiles,  # channels; positions; position tiles per batch row
+    C, S, c_tiles, s_tiles,  # channels; positions; channel tiles; position tiles per batch row
     sxn, sxc, sxs, syn, syc, sys,
     before, after,  # window [c - before, c + after], clipped to C - 1 each way
     k_hi, k_lo, a_hi, a_lo, b_hi, b_lo,  # k, the scale of the square sum, beta: fp32 (hi, lo) pairs
@@ -106,7 +113,7 @@ def _lrn_forward_kernel(
     INT64: tl.constexpr,  # index in int64 (offsets past 2^31)
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    n, c, s = _tile(tl.program_id(0), tl.program_id(1), s_tiles, INT64, BLOCK_C, BLOCK_S)
+    n, c, s = _tile(c_tiles, s_tiles, INT64, BLOCK_C, BLOCK_S)
     s_ok = s < S
     m = (c < C) & s_ok
     kk = _scalar(k_hi, k_lo, COMPUTE)
@@ -124,13 +131,13 @@ def _lrn_backward_kernel(
     X,  # forward's input (N, C, S), strides (sxn, sxc, sxs)
     G,  # gradient of the output (N, C, S), strides (sgn, sgc, sgs)
     DX,  # gradient of the input (N, C, S), strides (sdn, sdc, sds)
-    C, S, s_tiles,
+    C, S, c_tiles, s_tiles,
     sxn, sxc, sxs, sgn, sgc, sgs, sdn, sdc, sds,
     before, after,  # forward's window; backward sums over the mirror [i - after, i + before]
     k_hi, k_lo, a_hi, a_lo, b_hi, b_lo,  # as in forward
     COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    n, c, s = _tile(tl.program_id(0), tl.program_id(1), s_tiles, INT64, BLOCK_C, BLOCK_S)
+    n, c, s = _tile(c_tiles, s_tiles, INT64, BLOCK_C, BLOCK_S)
     s_ok = s < S
     m = (c < C) & s_ok
     kk = _scalar(k_hi, k_lo, COMPUTE)
@@ -207,48 +214,57 @@ def _scalars(cfg):
 def _launch_args(x3, cfg):
     _, C, S = x3.shape
     bc, bs = _blocks(C, S, x3.stride(1) == 1 and C > 1)
-    s_tiles = triton.cdiv(S, bs)
-    grid = (x3.shape[0] * s_tiles, triton.cdiv(C, bc))
+    c_tiles, s_tiles = triton.cdiv(C, bc), triton.cdiv(S, bs)
+    grid = (c_tiles * x3.shape[0] * s_tiles,)
     before = min(cfg["before"], C - 1)
     after = min(cfg["after"], C - 1)
     kw = dict(before=before, after=after, **_scalars(cfg), COMPUTE=rt.compute_dtype(x3.dtype),
-              BLOCK_C=bc, BLOCK_S=bs, num_warps=rt.num_warps_for(bc * bs))
-    return grid, (C, S, s_tiles), kw
+              BLOCK_C=bc, BLOCK_S=bs,
+              num_warps=max(1, min(16, bc * bs // (32 * ELEMENTS_PER_THREAD))))
+    return grid, (C, S, c_tiles, s_tiles), kw
 
 
-def _kernel_input(x: torch.Tensor, last: bool) -> torch.Tensor:
-    """x itself when the kernels can walk it through strides, else a contiguous copy."""
-    return x if _view3(x, last) is not None else x.contiguous()
+def _walk(last: bool, *ts: torch.Tensor):
+    """(N, C, S) views of ``ts`` sharing one decomposition (the kernels index every tensor with
+    the same n, c, s), copying a tensor to row-major only where its strides do not allow it."""
+    ts = [t if _view3(t, last) is not None else t.contiguous() for t in ts]
+    vs = [_view3(t, last) for t in ts]
+    if any(v.shape != vs[0].shape for v in vs):
+        # TensorFlow semantics: one tensor walked as (N, depth, middle) (NCHW memory seen as NHWC),
+        # another as (1, depth, rows); row-major tensors all walk as (1, depth, rows)
+        ts = [t.contiguous() for t in ts]
+        vs = [_view3(t, last) for t in ts]
+    return ts, vs
 
 
-def _out_like(x: torch.Tensor, last: bool):
-    """A tensor in x's memory format and its (N, C, S) view."""
+def _empty(x: torch.Tensor, last: bool) -> torch.Tensor:
+    """An output buffer in x's memory format, walked in x's decomposition where possible."""
+    x3 = _view3(x, last)
     out = torch.empty_like(x)
     v = _view3(out, last)
-    if v is None:  # a dense layout whose spatial dims do not merge: fall back to row-major
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-        v = _view3(out, last)
-    return out, v
+    if v is not None and v.shape == x3.shape:
+        return out
+    if last and x3.shape[0] != 1:  # x walked as (N, depth, middle): allocate NCHW memory
+        shape = (x.shape[0], x.shape[-1], *x.shape[1:-1])
+        return torch.empty(shape, dtype=x.dtype, device=x.device).movedim(1, -1)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _forward(x: torch.Tensor, cfg) -> torch.Tensor:
+def _forward(x: torch.Tensor, cfg):
+    """y, and the x that backward must be given (x itself unless its layout needed a copy)."""
     last = cfg["last"]
-    y, y3 = _out_like(x, last)
-    x3 = _view3(x, last)
+    if _view3(x, last) is None:
+        x = x.contiguous()
+    (x, y), (x3, y3) = _walk(last, x, _empty(x, last))
     grid, dims, kw = _launch_args(x3, cfg)
     _lrn_forward_kernel[grid](x3, y3, *dims, *x3.stride(), *y3.stride(),
                               INT64=rt.needs_int64(x3, y3), **kw)
-    return y
+    return y, x
 
 
 def _backward(x: torch.Tensor, g: torch.Tensor, cfg) -> torch.Tensor:
     last = cfg["last"]
-    g3 = _view3(g, last)
-    if g3 is None:
-        g = g.contiguous()
-        g3 = _view3(g, last)
-    dx, d3 = _out_like(x, last)
-    x3 = _view3(x, last)
+    (x, g, dx), (x3, g3, d3) = _walk(last, x, g, _empty(x, last))
     grid, dims, kw = _launch_args(x3, cfg)
     _lrn_backward_kernel[grid](x3, g3, d3, *dims, *x3.stride(), *g3.stride(), *d3.stride(),
                                INT64=rt.needs_int64(x3, g3, d3), **kw)
@@ -260,10 +276,10 @@ class LocalResponseNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, cfg):
-        x = _kernel_input(x, cfg["last"])
-        ctx.save_for_backward(x)
+        y, x_walked = _forward(x, cfg)
+        ctx.save_for_backward(x_walked)
         ctx.cfg = cfg
-        return _forward(x, cfg)
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
