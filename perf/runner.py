@@ -206,11 +206,19 @@ class Sweep:
     def _run_group(self, case: Case, dtype: torch.dtype, batch: int,
                    providers: dict[str, Callable | None]) -> list[dict]:
         cfg = self.cfg
-        inp = case.make(batch, dtype, cfg.device)
         reference_fn = case.reference or case.eager
         compare = case.compare or compare_exact
-        # The fp64 reference and eager at the input's dtype, for the tolerance rule.
-        ref = run_once(reference_fn, inp.to_reference())
+        try:
+            inp = case.make(batch, dtype, cfg.device)
+            # The fp64 reference and eager at the input's dtype, for the tolerance rule.
+            ref = run_once(reference_fn, inp.to_reference())
+        except _OOM:
+            raise
+        except Exception as e:  # noqa: BLE001 - nothing can be checked: every provider's row fails
+            err = RuntimeError(f"the float64 reference failed: {type(e).__name__}: {e}")
+            return [row for p, fn in providers.items()
+                    for row in (self._marked_rows(case, dtype, batch, p, NA) if fn is None
+                                else self._fail(case, dtype, batch, p, err))]
         eager_error = None
         try:
             torch_same = run_once(reference_fn, inp.for_provider())
@@ -238,7 +246,13 @@ class Sweep:
                 rows += self._fail(case, dtype, batch, provider, e)
                 continue
             del actual
-            measured = self._time(fn, pin, case, dtype, batch)
+            try:
+                measured = self._time(fn, pin)
+            except _OOM:
+                raise
+            except Exception as e:  # noqa: BLE001 - e.g. a backward that cannot be replayed
+                rows += self._fail(case, dtype, batch, provider, e)
+                continue
             for mode, (p50, p20, p80, peak) in measured.items():
                 timings[(provider, mode)] = (p50, p20, p80, peak)
         del ref, torch_same
@@ -254,7 +268,7 @@ class Sweep:
         rows.sort(key=lambda r: order.get((r["provider"], r["mode"]), 0))
         return rows
 
-    def _time(self, fn: Callable, inp: Inputs, case: Case, dtype, batch) -> dict[str, tuple]:
+    def _time(self, fn: Callable, inp: Inputs) -> dict[str, tuple]:
         args, gargs, dy = inp.args, inp.grad_args(), inp.dy
         timer, device = self.cfg.timer, self.cfg.device
 

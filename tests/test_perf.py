@@ -248,3 +248,21 @@ def test_out_of_memory_ends_the_sweep(tmp_path, monkeypatch):
     assert {int(r["batch"]) for r in rows} == {1}
     meta = json.loads((out / "results.json").read_text())["meta"]
     assert any("out of memory at batch 2" in n for n in meta["notes"])
+
+
+def test_provider_failing_while_timed_fails_its_row(tmp_path, monkeypatch):
+    calls = []
+
+    def flaky(x):  # right the first time (the check), then broken
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("launch failed")
+        return lrn_case.eager_lrn(x)
+
+    monkeypatch.setattr(lrn_case, "tkern_lrn", flaky)
+    status, out = _run(tmp_path, "--ops", "lrn", "--batches", "1", "--no-plots")
+    assert status & cli.EXIT_WRONG
+    _, rows = _csv_rows(out / "results.csv")
+    assert [r["ms_p50"] for r in rows if r["provider"] == "tkern"] == [WRONG] * 3
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert "launch failed" in meta["failures"][0]["error"]
