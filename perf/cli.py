@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rep-ms", type=float, default=None,
                    help="do_bench measuring time per measurement, GPU (default 100; 20 with --quick)")
     p.add_argument("--cpu-reps", type=int, default=3,
-                   help="timed repetitions per measurement on CPU, after one warm-up (default 3)")
+                   help="timed repetitions per measurement on CPU, after one warm-up (default 3; "
+                        "calls cheaper than that repeat until 20 ms, at most 50 times)")
     p.add_argument("--compile-dynamic", choices=["auto", "true", "false"], default="auto",
                    help="torch.compile(dynamic=...): auto (torch's default: the batch dimension "
                         "turns dynamic after the first recompile), true, or false (one static "

@@ -40,8 +40,10 @@ echo "== perf sweep (budget ${SWEEP_BUDGET}s)"
 GATE=()
 [ -n "${PERF_COMPARE:-}" ] && GATE=(--compare "$PERF_COMPARE" --max-slowdown "${PERF_MAX_SLOWDOWN:-0.10}")
 # bf16 (the training dtype that matters), three batch sizes, every op, shape and layout; torch.compile
-# static per shape (what a fixed-batch training run gets).  Shortened do_bench windows keep the
-# whole sweep inside the budget; the harness stops cleanly and still writes outputs if it runs out.
+# with torch's default shape handling (static first, the batch dimension dynamic after one
+# recompile: two compiles per case).  Shortened do_bench windows keep the sweep inside the budget,
+# which the harness shares equally between ops; when it runs out the harness stops cleanly and
+# still writes its outputs.
 timeout -k 15 $(( SWEEP_BUDGET + 35 )) python -m perf --dtypes bfloat16 --batches 16,64,256 \
   --warmup-ms 5 --rep-ms 25 --time-budget "$SWEEP_BUDGET" --out "$DIR" ${PERF_ARGS:-} "${GATE[@]}"
 PERF_RC=$?
