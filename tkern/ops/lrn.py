@@ -5,13 +5,14 @@
 PyTorch (``local_response_norm``): channels on dim 1, before = size // 2, after = (size - 1) // 2,
 a = alpha / size.  TensorFlow (``local_response_normalization``): channels on the last axis,
 before = after = depth_radius, a = alpha.  Both run the same two kernels on an (N, C, S) strided
-view: PyTorch's input as (N, C, prod(spatial)), TensorFlow's as (1, depth, rows), which is the
-channels_last case of the same view.
+view: PyTorch's input as (N, C, prod(spatial)), TensorFlow's as (1, depth, rows) (the
+channels_last case of the same view) or, for NCHW memory seen as NHWC, (N, depth, prod(middle)).
 
 Design:
 - Forward is one pass: each program owns a [BLOCK_C, BLOCK_S] tile of (channel, position) and sums
   the squares of its window by reloading the tile shifted by each channel offset in the window.
-  Only the tile and its halo come from DRAM; the shifted reloads hit L1/L2.  Every window sum is
+  Only the tile and its halo come from DRAM; the shifted reloads hit L1, and the 1-D grid puts
+  channel tiles fastest so a halo was just read by the neighbouring program (L2).  Every window sum is
   summed directly, as torch's avg_pool does, rather than as a running sum over channels, so no
   cancellation error appears when a large value leaves the window (k = 0 stays accurate).
 - Backward is one analytic pass that reads x and dy and writes dx:
