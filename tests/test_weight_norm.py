@@ -95,6 +95,22 @@ def test_int64_indexing_path(device, monkeypatch):
     _check_against_torch((5, 131), 0, device, torch.float32)
 
 
+def test_int64_rule():
+    """Which shapes index in int64: masked lanes past the end count (meta tensors, no memory)."""
+    def needs(shape, dim):
+        v = torch.empty(shape, device="meta")
+        nd = wn_mod._normalize_dim(dim, len(shape))
+        outer, D, inner = wn_mod._geometry(shape, nd)
+        return wn_mod._needs_int64(v, wn_mod._plan(outer, D, inner), D, inner)
+
+    assert not needs((32 * 4096, 4096), 0)  # the harness's largest stack stays int32
+    assert not needs((512, 512, 3, 3), 1)
+    assert needs((1 << 16, 1 << 15), 0)  # 2^31 elements
+    # 2M elements below 2^31, but a last row block's masked lanes reach ~2^28 past the end
+    assert needs(((1 << 10) - 1, 1 << 21), 1)
+    assert not _runtime.needs_int64(torch.empty(((1 << 10) - 1, 1 << 21), device="meta"))
+
+
 @pytest.mark.parametrize("dim", [0, 1, 2, -1, -2, None])
 def test_gradcheck(device, dim):
     v = torch.randn(3, 4, 2, device=device, dtype=torch.float64, requires_grad=True)

@@ -207,6 +207,19 @@ def _plan(outer: int, D: int, inner: int) -> dict:
                 split=split, chunk=chunk, R=R)
 
 
+def _needs_int64(v, plan, D, inner):
+    """int64 offsets when an offset can pass 2^31, masked lanes of a last block included: they
+    run past the end by up to BLOCK_D slices and BLOCK_R slice elements, in the layout's strides."""
+    block_d, block_r, R = plan["block_d"], plan["block_r"], plan["R"]
+    if plan["layout"] == ROWS:
+        over = block_d * R + block_r
+    elif plan["layout"] == COLS:
+        over = block_r * D + block_d
+    else:  # an r past R lands up to BLOCK_R // inner + 1 outer steps of D * inner further
+        over = (block_r // inner + 1) * D * inner + block_d * inner
+    return rt.needs_int64(v, margin=over + (1 << 20))
+
+
 def _launch(plan, v, gw, g, norm, dot, part, out, gg, D, inner, *, backward, reduce, apply,
             compute, int64):
     one_pass = plan["one_pass"] and plan["split"] == 1
@@ -240,7 +253,7 @@ def _forward(v, g, dim, out_dtype):
     plan = _plan(outer, D, inner)
     stat = rt.accum_dtype(torch.float64 if torch.float64 in (v.dtype, g.dtype) else v.dtype)
     compute = tl.float64 if stat == torch.float64 else tl.float32
-    int64 = rt.needs_int64(v)
+    int64 = _needs_int64(v, plan, D, inner)
     w = torch.empty(v.shape, dtype=out_dtype, device=v.device)
     norm = torch.empty(D, dtype=stat, device=v.device)
     if plan["split"] == 1:
@@ -261,7 +274,7 @@ def _backward(gw, v, g, norm, dim):
     plan = _plan(outer, D, inner)
     stat = norm.dtype
     compute = tl.float64 if stat == torch.float64 or gw.dtype == torch.float64 else tl.float32
-    int64 = rt.needs_int64(v)
+    int64 = _needs_int64(v, plan, D, inner)
     gw = gw.contiguous()  # walked in v's (contiguous) layout; expanded grads get materialised
     grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if plan["split"] == 1:
