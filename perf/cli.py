@@ -214,6 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     from .runner import Config, Sweep
     from .timing import Timer, copy_bandwidth
 
+    baseline = None
+    if args.compare is not None:  # read it first: a bad path should not cost a whole sweep
+        try:
+            baseline = report.read_rows(args.compare)
+        except (OSError, ValueError, KeyError) as e:
+            print(f"python -m perf: cannot read the baseline {args.compare}: {e}", file=sys.stderr)
+            return 2
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
     if not gpu and not rt.interpreter_enabled():
@@ -239,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {device_name(device)}; copy bandwidth {peak:.1f} GB/s (pct_peak is against it)",
           file=sys.stderr)
     cfg = Config(ops=args.ops, dtypes=dtypes, batches=batches, modes=args.modes,
-                 layouts=args.layouts, shapes=args.shapes, providers=args.providers, quick=args.quick, device=device,
+                 layouts=args.layouts, shapes=args.shapes, providers=args.providers,
+                 quick=args.quick, device=device,
                  device_name=device_name(device), timer=timer, peak_gbps=peak,
                  time_budget=args.time_budget,
                  compile_dynamic={"auto": None, "true": True, "false": False}[args.compile_dynamic])
@@ -274,7 +282,15 @@ def main(argv: list[str] | None = None) -> int:
         _on_sigterm(old_handler)
     elapsed = time.monotonic() - t0
     write(result)
-    pngs = [] if args.no_plots else report.plot(result.rows, out, title_note=(
+    plots = not args.no_plots
+    if plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            plots = False
+            print("matplotlib is not installed (pip install -e '.[perf]'): no PNGs written",
+                  file=sys.stderr)
+    pngs = [] if not plots else report.plot(result.rows, out, title_note=(
         f"on {cfg.device_name}" + ("" if gpu else " (CPU-interpreter timings, not GPU results)")))
 
     print(report.table(result.rows, args.providers) if result.rows else "(no rows measured)")
@@ -300,7 +316,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {f['op']} {f['shape']} {f['layout']} {f['dtype']} batch={f['batch']} "
                   f"provider={f['provider']}: {f['error']}", file=sys.stderr)
     if args.compare is not None:
-        baseline = report.read_rows(args.compare)
         matched, bad = report.compare(result.rows, baseline, args.max_slowdown, args.gate_providers)
         if matched == 0:
             status |= EXIT_GATE
