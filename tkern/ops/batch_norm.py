@@ -13,16 +13,19 @@ block of S); a program owns a block of channels and a run of consecutive units.
 Training forward: three passes over a block of channels, x read twice, y written once.
 1. ``_stats_partial_kernel``: a grid (channel blocks) x (splits).  Each program reduces its units
    into a partial (count, mean, M2) per channel, written to an fp32 (fp64 for fp64) workspace
-   ``[P, C]``.  Within a tile the data are shifted by the channel's first element and reduced
-   two-pass; tiles are merged with Chan's formula, so 1000 + 0.01 * randn keeps its variance.
+   ``[P, C]``.  Values are taken relative to the channel's first element (the shift), each tile
+   is reduced two-pass and tiles are merged with Chan's formula, so 1000 + 0.01 * randn keeps
+   its variance.
    Splitting matters for few channels and large N x S (C=64 at 112x112): one program per channel
    would leave most of the GPU idle.
 2. ``_stats_combine_kernel``: one small program per channel block merges the P partials
    (exact parallel formula: weighted mean, then sum of M2_i + n_i (mean_i - mean)^2), writes the
    saved mean and invstd and updates running_mean / running_var in place, once (no autotuning).
+   The mean is saved as hi + lo (shift + shifted mean, split exactly): an fp32 mean alone would
+   move every xhat by up to ulp(mean) * invstd, 3e-3 for 1000 + 0.01 * randn.
    ``momentum=None`` (cumulative average) reads num_batches_tracked on the device: no host sync.
-3. ``_normalize_kernel``: elementwise ``act((x - mean) * (invstd * w) + b)``; ``(x - mean)`` first
-   because ``x * scale + shift`` loses digits when |mean| >> std.
+3. ``_normalize_kernel``: elementwise ``act((x - hi - lo) * (invstd * w) + b)``; centring first
+   because ``x * scale + (b - mean * scale)`` loses digits when |mean| >> std.
 Eval uses the running stats (invstd from a C-sized torch op) and only pass 3.
 
 Backward saves x, weight, bias and the fp32 mean/invstd; the pre-activation is rebuilt from them.
@@ -33,13 +36,18 @@ Backward saves x, weight, bias and the fp32 mean/invstd; the pre-activation is r
    ``dx = g * w * invstd`` in eval.
 
 Host building blocks (also used by SyncBatchNorm around torch.distributed collectives):
-- ``bn_partial_stats(x)`` -> (count, mean, m2), each ``[P, C]``: per-split partials of a local batch.
-- ``bn_combine_stats(count, mean, m2, eps, running_mean, running_var, momentum, num_batches_tracked,
-  local=False)`` -> (mean, invstd) with running stats updated in place; ``local=True`` instead
-  returns the merged (count, mean, m2) ``[1, C]`` of the local batch for a collective.
-- ``bn_normalize(x, mean, invstd, weight, bias, activation)`` -> y.
-- ``bn_backward_reduce(x, dy, mean, invstd, weight, bias, activation)`` -> (sum_g, sum_g_xhat), ``[C]``.
-- ``bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g, sum_g_xhat, count, activation)`` -> dx.
+(x prepared by ``_prepare_input``; ``activation`` is a kernel name from ``kernel_name``)
+- ``bn_partial_stats(x)`` -> (count, mean, m2, shift): ``[P, C]`` partials of the local batch, the
+  means relative to ``shift`` ``[C]``.
+- ``bn_combine_stats(count, mean, m2, shift, eps, running_mean, running_var, momentum,
+  num_batches_tracked)`` -> (mean, mean_lo, invstd), running stats updated in place once;
+  with ``local=True`` -> the merged (count, mean, m2) ``[1, C]`` of the local batch (absolute
+  mean), to all_gather and pass back in (``shift=None``) for the global statistics.
+- ``bn_normalize(x, mean, invstd, weight, bias, activation, mean_lo=...)`` -> y.
+- ``bn_backward_reduce(x, dy, mean, invstd, weight, bias, activation, mean_lo=...)``
+  -> (sum_g, sum_g_xhat), ``[C]`` each: dbias, dweight, and what a SyncBatchNorm all-reduces.
+- ``bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g, sum_g_xhat, count, activation,
+  training, mean_lo=...)`` -> dx, from global sums and the global count.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from .. import _runtime as rt
 from ..activations import activate, activation_grad, eager_activation, kernel_name
@@ -657,6 +666,7 @@ class BatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the kernels build no graph: double backward raises instead of lying
     def backward(ctx, dy):
         x, weight, bias, mean, mean_lo, invstd = ctx.saved_tensors
         cfg = ctx.cfg
