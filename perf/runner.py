@@ -234,7 +234,13 @@ class Sweep:
                 rows += self._marked_rows(case, dtype, batch, provider, NA)
                 continue
             if provider == "eager" and eager_error is not None:
-                rows += self._fail(case, dtype, batch, provider, eager_error)
+                # PyTorch lacking a kernel (LRN has no half-precision CPU kernel) is not a wrong
+                # provider: its rows say n/a, and the others are checked against the rounded
+                # float64 reference instead.
+                self.note(f"eager n/a for {case.op} {case.shape_str} {case.layout} "
+                          f"{dtype_name(dtype)} batch={batch}: {type(eager_error).__name__}: "
+                          f"{str(eager_error).splitlines()[0][:200] if str(eager_error) else ''}")
+                rows += self._marked_rows(case, dtype, batch, provider, NA)
                 continue
             pin = inp.for_provider()
             try:
