@@ -19,8 +19,8 @@ Design:
       dx_i = dy_i * s_i^(-beta) - 2 a beta x_i * sum_{c : i in W(c)} dy_c x_c s_c^(-beta-1)
   The sum runs over the mirrored window c in [i - after, i + before]; for each such shift the
   program recomputes s at the shifted channels from x (size loads each, so the cost is
-  O(size^2) cached loads and O(size) pow evaluations per element: cheap for the sizes used in
-  practice, 3 to 9).  autograd saves x alone: s and y are recomputed, which costs no DRAM traffic,
+  O(size^2) cached loads and O(size) log/exp pairs per element: cheap for the sizes used in
+  practice, 3 to 9; a running sum would be O(size) but cancels badly when k is small).  autograd saves x alone: s and y are recomputed, which costs no DRAM traffic,
   while saving them would add a write in forward and a read in backward.
 - Everything goes through strides, so NCHW, channels_last and transposed TensorFlow layouts are
   read in place and the output keeps the input's memory format.  Only a layout whose spatial dims
@@ -149,7 +149,7 @@ def _lrn_backward_kernel(
     x = tl.load(X + xbase + c * sxc, mask=m, other=0.0).to(COMPUTE)
     g = tl.load(G + gbase + c * sgc, mask=m, other=0.0).to(COMPUTE)
     acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=COMPUTE)  # sum of dy_c x_c s_c^(-beta-1)
-    f_self = tl.zeros([BLOCK_C, BLOCK_S], dtype=COMPUTE)  # s_i^(-beta), taken at shift 0
+    log_s = tl.zeros([BLOCK_C, BLOCK_S], dtype=COMPUTE)  # log s_i, taken at shift 0
     for j in range(-after, before + 1):
         cj = c + j
         mj = (cj >= 0) & (cj < C) & s_ok
@@ -157,12 +157,15 @@ def _lrn_backward_kernel(
         gj = tl.load(G + gbase + cj * sgc, mask=mj, other=0.0).to(COMPUTE)
         sj = kk + aa * _window_sumsq(X, xbase, cj, s_ok, C, sxc, before, after, COMPUTE,
                                      BLOCK_C, BLOCK_S)
-        fj = _pow_neg(sj, bb)
-        # masked: channels outside [0, C) contribute nothing (and with k = 0 would give 0 * inf)
-        acc += tl.where(mj, gj * xj * (fj / sj), 0.0)
-        f_self = tl.where(j == 0, fj, f_self)
-    # beta = 0: y = x exactly, and torch's pow backward gives the second term as exact zeros
-    dx = g * f_self - tl.where(bb == 0.0, 0.0, (2.0 * aa * bb) * x * acc)
+        lj = tl.log(sj)
+        # s^(-beta-1) as one exp (no divide); masked: channels outside [0, C) contribute nothing
+        # (with k = 0 they would give 0 * inf)
+        acc += tl.where(mj, gj * xj * tl.exp((-bb - 1.0) * lj), 0.0)
+        log_s = tl.where(j == 0, lj, log_s)
+    # beta = 0: y = x exactly (s^0 = 1 even at s = 0), and torch's pow backward gives the second
+    # term as exact zeros
+    f = tl.where(bb == 0.0, 1.0, tl.exp(-bb * log_s))
+    dx = g * f - tl.where(bb == 0.0, 0.0, (2.0 * aa * bb) * x * acc)
     tl.store(DX + n * sdn + c * sdc + s * sds, dx.to(DX.dtype.element_ty), mask=m)
 
 
