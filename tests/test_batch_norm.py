@@ -389,3 +389,49 @@ def test_eager_fallback_without_interpreter(device, monkeypatch):
     torch.testing.assert_close(m(x * 2), F.relu(ref(x * 2)))
     torch.testing.assert_close(m.running_var, ref.running_var)
     assert m.num_batches_tracked.item() == 2
+
+
+def test_building_blocks_merge_like_one_batch(device):
+    """What SyncBatchNorm does around its collectives, without them: local stats of two shards,
+    merged, then normalize/backward with global sums equal the single-batch result."""
+    x = torch.randn(7, 3, 5, device=device, dtype=torch.float64) * 2 + 5
+    dy = torch.randn_like(x)
+    w = torch.rand(3, device=device, dtype=torch.float64) + 0.5
+    b = torch.randn(3, device=device, dtype=torch.float64)
+    shards = (x[:2], x[2:])  # uneven
+    local = [bn_ops.bn_combine_stats(*bn_ops.bn_partial_stats(s.contiguous()), local=True)
+             for s in shards + (x[:0],)]  # and an empty rank
+    count, mean, m2 = (torch.cat(t) for t in zip(*local))  # the all_gather
+    rm, rv = torch.zeros(3, device=device, dtype=torch.float64), torch.ones(3, device=device,
+                                                                           dtype=torch.float64)
+    g_mean, g_lo, invstd = bn_ops.bn_combine_stats(count, mean, m2, None, eps=1e-5,
+                                                   running_mean=rm, running_var=rv, momentum=0.1)
+    rm_ref, rv_ref = torch.zeros_like(rm), torch.ones_like(rv)
+    xr = x.clone().requires_grad_()
+    y_ref = F.batch_norm(xr, rm_ref, rv_ref, w, b, True, 0.1, 1e-5)
+    y_ref.backward(dy)
+    _close(rm, rm_ref, "running_mean")
+    _close(rv, rv_ref, "running_var")
+    sums = [bn_ops.bn_backward_reduce(s.contiguous(), d.contiguous(), g_mean, invstd, w, b,
+                                      mean_lo=g_lo) for s, d in zip(shards, dy.split([2, 5]))]
+    sum_g, sum_gx = (sum(t) for t in zip(*sums))  # the all_reduce
+    for s, d, start in zip(shards, dy.split([2, 5]), (0, 2)):
+        s, d = s.contiguous(), d.contiguous()
+        y = bn_ops.bn_normalize(s, g_mean, invstd, w, b, mean_lo=g_lo)
+        _close(y, y_ref[start:start + s.shape[0]].detach(), "output shard")
+        dx = bn_ops.bn_backward_dx(s, d, g_mean, invstd, w, b, sum_g, sum_gx, x.shape[0] * 5,
+                                   mean_lo=g_lo)
+        _close(dx, xr.grad[start:start + s.shape[0]], "dx shard")
+
+
+def test_no_channels_and_double_backward(device):
+    x = torch.randn(4, 0, 3, device=device, requires_grad=True)
+    y = tkern.batch_norm(x, None, None, training=True)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    x = torch.randn(4, 3, device=device, requires_grad=True)
+    y = tkern.batch_norm(x, None, None, training=True, activation="tanh")
+    (gx,) = torch.autograd.grad(y, x, torch.randn_like(y), create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.sum().backward()  # not silently wrong

@@ -477,7 +477,7 @@ def plan(x: torch.Tensor, reduction: bool = True) -> dict:
     n_units = view.rows * nsb
     c_blocks = triton.cdiv(C, block_c)
     splits = max(1, min(n_units, triton.cdiv(_target_programs(x.device, reduction), c_blocks), 65535))
-    units_per_prog = triton.cdiv(n_units, splits)
+    units_per_prog = max(1, triton.cdiv(n_units, splits))
     splits = triton.cdiv(n_units, units_per_prog)
     return dict(view=view, BLOCK_S=block_s, BLOCK_C=block_c, nsb=nsb, n_units=n_units,
                 units_per_prog=units_per_prog, grid=(c_blocks, splits), num_partials=splits,
@@ -496,12 +496,16 @@ def _launch_args(p: dict) -> dict:
 def bn_partial_stats(x: torch.Tensor):
     """Per-split partial statistics of a local batch (x prepared, numel > 0):
     (count, mean, m2, shift): count, mean and m2 are [P, C], mean relative to ``shift`` [C] (each
-    channel's first element); all in the accumulation dtype (fp32, fp64 for fp64)."""
+    channel's first element); all in the accumulation dtype (fp32, fp64 for fp64).  An empty x
+    gives one partial of count 0."""
+    acc = rt.accum_dtype(x.dtype)
+    if x.numel() == 0:  # an empty local batch (a SyncBatchNorm rank) contributes count 0
+        ws = torch.zeros((4, x.shape[1]), dtype=acc, device=x.device)
+        return ws[0:1], ws[1:2], ws[2:3], ws[3]
     p = plan(x, reduction=True)
     view = p["view"]
     sN, sC, sS = view.strides(x)
     P, C = p["num_partials"], view.C
-    acc = rt.accum_dtype(x.dtype)
     ws = torch.empty((3 * P + 1, C), dtype=acc, device=x.device)
     count, mean, m2, shift = ws[:P], ws[P:2 * P], ws[2 * P:3 * P], ws[3 * P]
     _stats_partial_kernel[p["grid"]](
