@@ -19,6 +19,7 @@ DIR="${OUT:-perf/results}/$(date -u +%Y-%m-%d)-${CARD}"
 mkdir -p "$DIR"
 LOG="$DIR/gpu_check.log"
 exec > >(tee "$LOG") 2>&1
+TEE_PID=$!
 
 echo "== tkern gpu_check $(date -u +%FT%TZ) commit $(git describe --always --dirty 2>/dev/null || echo unknown)"
 nvidia-smi || echo "nvidia-smi not available"
@@ -50,4 +51,9 @@ PERF_RC=$?
 echo "== perf exit status: $PERF_RC (sum of 1: a provider failed its check, 4: gate, 8: interrupted; 124/137: killed)"
 echo "== done in $(( $(date +%s) - START ))s; outputs in $DIR:"
 ls -l "$DIR"
-[ "$TESTS_RC" = 0 ] && [ "$PERF_RC" = 0 ]
+RC=0
+[ "$TESTS_RC" = 0 ] && [ "$PERF_RC" = 0 ] || RC=1
+# let tee finish the log before the outputs are collected
+exec 1>&- 2>&-
+wait "$TEE_PID" 2>/dev/null
+exit "$RC"
