@@ -189,11 +189,11 @@ def _view3(t: torch.Tensor, last: bool):
     if last:
         try:
             return t.view(-1, t.shape[-1]).t().unsqueeze(0)
-        except RuntimeError:
+        except (RuntimeError, ValueError):  # ValueError under fake tensors
             t = t.movedim(-1, 1)
     try:
         return t.view(t.shape[0], t.shape[1], -1)
-    except RuntimeError:
+    except (RuntimeError, ValueError):  # ValueError under fake tensors
         return None
 
 
@@ -254,42 +254,73 @@ def _empty(x: torch.Tensor, last: bool) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _forward(x: torch.Tensor, cfg):
-    """y, and the x that backward must be given (x itself unless its layout needed a copy)."""
-    last = cfg["last"]
+def _forward_buffers(x: torch.Tensor, last: bool):
+    """(x, y) as the forward kernel walks them: x itself unless its layout needs a copy, and an
+    output in x's memory format.  Metadata only, so the fake implementation shares it."""
     if _view3(x, last) is None:
         x = x.contiguous()
-    (x, y), (x3, y3) = _walk(last, x, _empty(x, last))
+    (x, y), _ = _walk(last, x, _empty(x, last))
+    return x, y
+
+
+def _cfg(last, before, after, scale, beta, k):
+    return dict(last=last, before=before, after=after, scale=scale, beta=beta, k=k)
+
+
+# The kernels are torch.library custom ops (fake implementations, an autograd formula) so that
+# torch.compile(fullgraph=True) traces through them.  autograd saves x alone.
+@torch.library.custom_op("tkern::local_response_norm", mutates_args=())
+def _forward_op(x: torch.Tensor, last: bool, before: int, after: int, scale: float, beta: float,
+                k: float) -> torch.Tensor:
+    cfg = _cfg(last, before, after, scale, beta, k)
+    x, y = _forward_buffers(x, last)
+    x3, y3 = _view3(x, last), _view3(y, last)
     grid, dims, kw = _launch_args(x3, cfg)
     _lrn_forward_kernel[grid](x3, y3, *dims, *x3.stride(), *y3.stride(),
                               INT64=rt.needs_int64(x3, y3), **kw)
-    return y, x
+    return y
 
 
-def _backward(x: torch.Tensor, g: torch.Tensor, cfg) -> torch.Tensor:
-    last = cfg["last"]
-    (x, g, dx), (x3, g3, d3) = _walk(last, x, g, _empty(x, last))
+@_forward_op.register_fake
+def _(x, last, before, after, scale, beta, k):
+    return _forward_buffers(x, last)[1]
+
+
+@torch.library.custom_op("tkern::local_response_norm_backward", mutates_args=())
+def _backward_op(x: torch.Tensor, dy: torch.Tensor, last: bool, before: int, after: int,
+                 scale: float, beta: float, k: float) -> torch.Tensor:
+    cfg = _cfg(last, before, after, scale, beta, k)
+    x, _ = _forward_buffers(x, last)
+    (x, dy, dx), (x3, g3, d3) = _walk(last, x, dy, _empty(x, last))
     grid, dims, kw = _launch_args(x3, cfg)
     _lrn_backward_kernel[grid](x3, g3, d3, *dims, *x3.stride(), *g3.stride(), *d3.stride(),
                                INT64=rt.needs_int64(x3, g3, d3), **kw)
     return dx
 
 
-class LocalResponseNormFunction(torch.autograd.Function):
-    """autograd for the fused kernels; saves x alone (s and y are recomputed in backward)."""
+@_backward_op.register_fake
+def _(x, dy, last, before, after, scale, beta, k):
+    x, _ = _forward_buffers(x, last)
+    (_, _, dx), _ = _walk(last, x, dy, _empty(x, last))
+    return dx
 
-    @staticmethod
-    def forward(ctx, x, cfg):
-        y, x_walked = _forward(x, cfg)
-        ctx.save_for_backward(x_walked)
-        ctx.cfg = cfg
-        return y
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        (x,) = ctx.saved_tensors
-        return _backward(x, dy, ctx.cfg), None
+def _setup_context(ctx, inputs, output):
+    x, *cfg = inputs
+    ctx.save_for_backward(x)  # x alone: s and y are recomputed in backward
+    ctx.cfg = cfg
+
+
+def _autograd_backward(ctx, dy):
+    (x,) = ctx.saved_tensors
+    return (_backward_op(x, dy, *ctx.cfg),) + (None,) * len(ctx.cfg)
+
+
+_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def _apply(x, last, before, after, scale, beta, k):
+    return _forward_op(x, last, before, after, float(scale), float(beta), float(k))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,9 +365,7 @@ def local_response_norm(input, size, alpha=1e-4, beta=0.75, k=1.0):
             return F.local_response_norm(input.float(), int(size), alpha, beta, k).to(input.dtype)
         return F.local_response_norm(input, int(size), alpha, beta, k)
     size = int(size)
-    cfg = dict(last=False, before=size // 2, after=(size - 1) // 2, scale=float(alpha) / size,
-               beta=float(beta), k=float(k))
-    return LocalResponseNormFunction.apply(input, cfg)
+    return _apply(input, False, size // 2, (size - 1) // 2, float(alpha) / size, beta, k)
 
 
 def local_response_normalization(input, depth_radius=5, bias=1.0, alpha=1.0, beta=0.5):
@@ -352,5 +381,4 @@ def local_response_normalization(input, depth_radius=5, bias=1.0, alpha=1.0, bet
     r = int(depth_radius)
     if not rt.use_triton("local_response_normalization", input):
         return _eager_tf(input, r, float(bias), float(alpha), float(beta))
-    cfg = dict(last=True, before=r, after=r, scale=float(alpha), beta=float(beta), k=float(bias))
-    return LocalResponseNormFunction.apply(input, cfg)
+    return _apply(input, True, r, r, alpha, beta, bias)
