@@ -151,8 +151,8 @@ _MARKERS = ["o", "s", "^", "D"]
 
 
 def plot(rows: list[dict], out_dir: Path, title_note: str = "") -> list[Path]:
-    """One PNG per op: a row of panels per (shape, layout); left GB/s, right speedup vs eager;
-    x is the batch size; colour = provider, line style = mode, marker = dtype."""
+    """One PNG per op: a row of panels per (shape, layout); left GB/s, right speedup vs eager
+    (log scales); x is the batch size; colour = provider, line style = mode, marker = dtype."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,6 +183,8 @@ def plot(rows: list[dict], out_dir: Path, title_note: str = "") -> list[Path]:
             ax_bw.set_title(f"{op} {shape} {layout}: GB/s (minimal bytes)", fontsize=9)
             ax_sp.set_title(f"{op} {shape} {layout}: speedup vs eager", fontsize=9)
             ax_sp.axhline(1.0, color="black", linewidth=0.6)
+            ax_bw.set_yscale("log")  # GB/s and ratios span orders of magnitude across batches
+            ax_sp.set_yscale("log", base=2)
             for ax in (ax_bw, ax_sp):
                 ax.set_xscale("log", base=2)
                 ax.set_xlabel("batch size", fontsize=8)
@@ -196,7 +198,7 @@ def plot(rows: list[dict], out_dir: Path, title_note: str = "") -> list[Path]:
         fig.suptitle(f"{op} {title_note}", fontsize=10, y=1 - 0.08 / height, va="top")
         fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 1 - 0.35 / height),
                    ncol=len(handles), fontsize=8, frameon=False)
-        fig.tight_layout(rect=(0, 0, 1, 1 - 0.75 / height))
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / height))
         path = out_dir / f"{op}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
