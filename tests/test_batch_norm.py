@@ -435,3 +435,37 @@ def test_no_channels_and_double_backward(device):
     (gx,) = torch.autograd.grad(y, x, torch.randn_like(y), create_graph=True)
     with pytest.raises(RuntimeError):
         gx.sum().backward()  # not silently wrong
+
+
+def test_opcheck(device):
+    x = torch.randn(4, 3, 5, device=device, requires_grad=True)
+    w = torch.rand(3, device=device, requires_grad=True)
+    b = torch.randn(3, device=device, requires_grad=True)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    torch.library.opcheck(bn_ops._stats_op, (x.detach(), rm, rv, None, 0.1, 1e-5))
+    nbt = torch.tensor(3, device=device)
+    torch.library.opcheck(bn_ops._stats_op, (x.detach().transpose(0, 2), rm, rv, nbt, None, 1e-5))
+    stats = bn_ops._stats_op(x.detach(), None, None, None, 0.0, 1e-5)
+    torch.library.opcheck(bn_ops._forward_op, (x, w, b, stats, True, "relu", 0.01, 1.0))
+    torch.library.opcheck(bn_ops._forward_op, (x, None, b, stats, False, "elu", 0.01, 0.5))
+    torch.library.opcheck(bn_ops._backward_op, (torch.randn(4, 3, 5, device=device), x.detach(),
+                                                w.detach(), None, stats, True, "silu", 0.01, 1.0,
+                                                True, True))
+
+
+def test_torch_compile_fullgraph(device):
+    backend = "inductor" if device.type == "cuda" else "aot_eager"
+    m = tkern.nn.BatchNorm1d(3, activation="relu", momentum=None).to(device)
+    ref = tkern.nn.BatchNorm1d(3, activation="relu", momentum=None).to(device)
+    compiled = torch.compile(m, fullgraph=True, backend=backend)
+    for _ in range(2):
+        x = torch.randn(5, 3, 4, device=device, requires_grad=True)
+        xr = x.detach().clone().requires_grad_()
+        y, yr = compiled(x), ref(xr)
+        y.sum().backward()
+        yr.sum().backward()
+        torch.testing.assert_close(y, yr)
+        torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(m.weight.grad, ref.weight.grad)
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(m.state_dict()[k], v)

@@ -52,11 +52,12 @@ Host building blocks (also used by SyncBatchNorm around torch.distributed collec
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from .. import _runtime as rt
 from ..activations import activate, activation_grad, eager_activation, kernel_name
@@ -515,7 +516,7 @@ def bn_partial_stats(x: torch.Tensor):
 
 
 def bn_combine_stats(count, mean, m2, shift=None, eps=1e-5, running_mean=None, running_var=None,
-                     momentum=0.1, num_batches_tracked=None, local=False):
+                     momentum=0.1, num_batches_tracked=None, local=False, as_rows=False):
     """Merge partials (count, mean, m2: [P, C] each; means relative to ``shift`` [C] if given).
 
     Default: returns (mean, mean_lo, invstd), [C] each: the batch mean as hi + lo (lo keeps the
@@ -523,7 +524,8 @@ def bn_combine_stats(count, mean, m2, shift=None, eps=1e-5, running_mean=None, r
     given, are updated in place with the unbiased variance and ``momentum`` (``momentum=None``:
     factor 1 / ``num_batches_tracked``, read on the device).
     ``local=True``: returns the merged (count, mean, m2) as [1, C] tensors, mean absolute, ready
-    to be gathered across processes and merged again (``shift=None``)."""
+    to be gathered across processes and merged again (``shift=None``).
+    ``as_rows=True``: the same results as one [3, C] (or [3, 1, C]) tensor, one row each."""
     P, C = mean.shape
     acc = mean.dtype
     dev = mean.device
@@ -551,6 +553,8 @@ def bn_combine_stats(count, mean, m2, shift=None, eps=1e-5, running_mean=None, r
         HAS_SHIFT=shift is not None, UPDATE=update, CUMULATIVE=cumulative,
         WRITE_INVSTD=not local, WRITE_M2=local,
         COMPUTE=compute, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
+    if as_rows:
+        return out
     if local:
         return out_count, out_mean, out_m2
     return out_mean, mean_lo, invstd
@@ -637,59 +641,99 @@ def num_partials(x: torch.Tensor) -> int:
 # autograd
 
 
-def _eval_stats(running_mean, running_var, eps, acc):
-    mean = running_mean.to(acc)
-    invstd = torch.rsqrt(running_var.to(acc) + eps)
-    return mean, None, invstd
+# The launchers are torch.library custom ops (fake implementations, an autograd formula) so that
+# torch.compile(fullgraph=True) traces through them.  Two forward ops, because an op that mutates
+# its inputs cannot carry an autograd formula: ``tkern::batch_norm_stats`` (mutates the running
+# stats, no gradient: it sees x detached) and ``tkern::batch_norm_normalize`` (functional, whose
+# backward holds the whole gradient, including the batch statistics' dependence on x in training).
+# The statistics travel as one [3, C] tensor: mean, mean_lo, invstd.
 
 
-class BatchNormFunction(torch.autograd.Function):
-    """Saves x, weight, bias and the fp32 (fp64) statistics used; never the pre-activation."""
+def _stats_eval(running_mean, running_var, eps, acc):
+    zeros = torch.zeros_like(running_mean, dtype=acc)
+    return torch.stack((running_mean.to(acc), zeros, torch.rsqrt(running_var.to(acc) + eps)))
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked, cfg):
-        x = _prepare_input(x)
-        acc = rt.accum_dtype(x.dtype)
-        C = x.shape[1]
-        if cfg["training"]:
-            if x.numel() == 0:  # nothing to normalize; running stats stay as they are (as torch)
-                mean, mean_lo, invstd = torch.zeros(C, dtype=acc, device=x.device), None, None
-                invstd = torch.ones(C, dtype=acc, device=x.device)
-            else:
-                mean, mean_lo, invstd = bn_combine_stats(
-                    *bn_partial_stats(x), eps=cfg["eps"], running_mean=running_mean,
-                    running_var=running_var, momentum=cfg["momentum"],
-                    num_batches_tracked=num_batches_tracked)
-        else:
-            mean, mean_lo, invstd = _eval_stats(running_mean, running_var, cfg["eps"], acc)
-        y = bn_normalize(x, mean, invstd, weight, bias, cfg["kernel_activation"],
-                         cfg["negative_slope"], cfg["alpha"], mean_lo=mean_lo)
-        ctx.save_for_backward(x, weight, bias, mean, mean_lo, invstd)
-        ctx.cfg = cfg
-        ctx.count = x.numel() // C if C else 0
-        return y
 
-    @staticmethod
-    @once_differentiable  # the kernels build no graph: double backward raises instead of lying
-    def backward(ctx, dy):
-        x, weight, bias, mean, mean_lo, invstd = ctx.saved_tensors
-        cfg = ctx.cfg
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        act = (cfg["kernel_activation"], cfg["negative_slope"], cfg["alpha"])
-        training = cfg["training"]
-        sum_g = sum_gx = None
-        if (need_x and training) or need_w or need_b:
-            sum_g, sum_gx = bn_backward_reduce(x, dy, mean, invstd, weight, bias, *act,
-                                               mean_lo=mean_lo)
-        dx = dw = db = None
-        if need_x:
-            dx = bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g, sum_gx, ctx.count, *act,
-                                training=training, mean_lo=mean_lo)
-        if need_w:
-            dw = sum_gx.to(weight.dtype)
-        if need_b:
-            db = sum_g.to(bias.dtype)
-        return dx, dw, db, None, None, None, None
+@torch.library.custom_op("tkern::batch_norm_stats", mutates_args=("running_mean", "running_var"))
+def _stats_op(x: torch.Tensor, running_mean: Optional[torch.Tensor],
+              running_var: Optional[torch.Tensor], num_batches_tracked: Optional[torch.Tensor],
+              momentum: Optional[float], eps: float) -> torch.Tensor:
+    """Batch statistics [3, C] (mean, mean_lo, invstd); running stats updated in place."""
+    x = _prepare_input(x)
+    acc = rt.accum_dtype(x.dtype)
+    if x.numel() == 0:  # nothing to normalize; running stats stay as they are (as torch)
+        stats = torch.zeros((3, x.shape[1]), dtype=acc, device=x.device)
+        stats[2].fill_(1.0)
+        return stats
+    return bn_combine_stats(*bn_partial_stats(x), eps=eps, running_mean=running_mean,
+                            running_var=running_var, momentum=momentum,
+                            num_batches_tracked=num_batches_tracked, as_rows=True)
+
+
+@_stats_op.register_fake
+def _(x, running_mean, running_var, num_batches_tracked, momentum, eps):
+    return x.new_empty((3, x.shape[1]), dtype=rt.accum_dtype(x.dtype))
+
+
+@torch.library.custom_op("tkern::batch_norm_normalize", mutates_args=())
+def _forward_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                stats: torch.Tensor, training: bool, activation: str, negative_slope: float,
+                alpha: float) -> torch.Tensor:
+    x = _prepare_input(x)
+    return bn_normalize(x, stats[0], stats[2], weight, bias, activation, negative_slope, alpha,
+                        mean_lo=stats[1])
+
+
+@_forward_op.register_fake
+def _(x, weight, bias, stats, training, activation, negative_slope, alpha):
+    return torch.empty_like(_prepare_input(x))
+
+
+@torch.library.custom_op("tkern::batch_norm_backward", mutates_args=())
+def _backward_op(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+                 bias: Optional[torch.Tensor], stats: torch.Tensor, training: bool,
+                 activation: str, negative_slope: float, alpha: float, need_x: bool,
+                 need_wb: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx or an empty tensor, sum g * xhat = dweight, sum g = dbias), sums in the accum dtype."""
+    x = _prepare_input(x)
+    mean, mean_lo, invstd = stats[0], stats[1], stats[2]
+    act = (activation, negative_slope, alpha)
+    C = x.shape[1]
+    if (need_x and training) or need_wb:
+        sum_g, sum_gx = bn_backward_reduce(x, dy, mean, invstd, weight, bias, *act,
+                                           mean_lo=mean_lo)
+    else:
+        sum_g = sum_gx = stats.new_zeros(C)
+    dx = x.new_empty(0)
+    if need_x:
+        count = x.numel() // C if C else 0
+        dx = bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g, sum_gx, count, *act,
+                            training=training, mean_lo=mean_lo)
+    return dx, sum_gx.clone(), sum_g.clone()
+
+
+@_backward_op.register_fake
+def _(dy, x, weight, bias, stats, training, activation, negative_slope, alpha, need_x, need_wb):
+    x = _prepare_input(x)
+    dx = torch.empty_like(x) if need_x else x.new_empty(0)
+    return dx, stats.new_empty(x.shape[1]), stats.new_empty(x.shape[1])
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, stats, training, activation, negative_slope, alpha = inputs
+    ctx.save_for_backward(x, weight, bias, stats)  # never the pre-activation
+    ctx.cfg = (training, activation, negative_slope, alpha)
+
+
+def _autograd_backward(ctx, dy):
+    x, weight, bias, stats = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    dx, dw, db = _backward_op(dy, x, weight, bias, stats, *ctx.cfg, need_x, need_w or need_b)
+    return (dx if need_x else None, dw.to(weight.dtype) if need_w else None,
+            db.to(bias.dtype) if need_b else None) + (None,) * 5
+
+
+_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -745,7 +789,7 @@ def _check(input, running_mean, running_var, weight, bias, training, eps):
 
 
 def _flat(t):
-    return None if t is None else t.reshape(-1)
+    return t if t is None or t.dim() == 1 else t.reshape(-1)
 
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
@@ -762,11 +806,16 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     update = training and running_mean is not None
     if update and momentum is None and num_batches_tracked is None:
         raise ValueError("tkern.batch_norm: momentum=None needs num_batches_tracked")
-    cfg = dict(training=bool(training), momentum=momentum, eps=float(eps), kernel_activation=kact,
-               negative_slope=float(negative_slope), alpha=float(alpha))
-    return BatchNormFunction.apply(
-        input, _flat(weight), _flat(bias), _flat(running_mean) if update or not training else None,
-        _flat(running_var) if update or not training else None, num_batches_tracked, cfg)
+    if training:
+        stats = _stats_op(input.detach(), _flat(running_mean) if update else None,
+                          _flat(running_var) if update else None,
+                          num_batches_tracked if update and momentum is None else None,
+                          momentum if update else 0.0, float(eps))
+    else:
+        stats = _stats_eval(_flat(running_mean), _flat(running_var), float(eps),
+                            rt.accum_dtype(input.dtype))
+    return _forward_op(input, _flat(weight), _flat(bias), stats, bool(training), kact,
+                       float(negative_slope), float(alpha))
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
