@@ -47,6 +47,20 @@ ROWS, COLS, GENERAL = 0, 1, 2
 
 
 @triton.jit
+def _cast(x, dst, RTNE: tl.constexpr):
+    """``x.to(dst)``.  Triton's interpreter truncates fp32 -> bf16 where GPUs round to nearest
+    even; with RTNE (interpreter runs only) the rounding is done here on the bits, so that the
+    interpreter gives the GPU's (and torch's) bf16 results."""
+    if RTNE:
+        x = x.to(tl.float32)
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + (((bits >> 16) & 1) + 0x7FFF)
+        r = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+        x = tl.where(x != x, x, r)  # NaN stays NaN
+    return x.to(dst)
+
+
+@triton.jit
 def _weight_norm_kernel(
     V,  # v, contiguous, viewed [outer, D, inner]
     GW,  # backward: gradient of w, v's layout; forward: unused (V passed)
@@ -66,6 +80,11 @@ def _weight_norm_kernel(
     BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     COMPUTE: tl.constexpr,  # fp32, or fp64 when any input is fp64
     INT64: tl.constexpr,  # int64 offsets (tensors near 2^31 elements)
+    OUT_RTNE: tl.constexpr, GG_RTNE: tl.constexpr,  # interpreter, bf16 OUT / GG: round explicitly
+    # forward only, torch's dtype rule for its composite path (see _scale_rounding): round the
+    # norm to NORM_TY, then g / norm to RATIO_TY.  MODE 0: no rounding, 1: cast, 2: cast with the
+    # interpreter's bf16 rounding fixed.
+    NORM_TY: tl.constexpr, NORM_MODE: tl.constexpr, RATIO_TY: tl.constexpr, RATIO_MODE: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -134,7 +153,7 @@ def _weight_norm_kernel(
             norm = tl.load(NORM + d1, mask=dmask1, other=1.0).to(COMPUTE)
             if REDUCE:
                 dot = total
-                tl.store(GG + d1, (dot / norm).to(GG.dtype.element_ty), mask=dmask1)
+                tl.store(GG + d1, _cast(dot / norm, GG.dtype.element_ty, GG_RTNE), mask=dmask1)
             else:
                 dot = tl.load(DOT + d1, mask=dmask1, other=0.0).to(COMPUTE)
             a = (g / norm)[:, None]
@@ -146,7 +165,12 @@ def _weight_norm_kernel(
                 norm = tl.where(dmask1, norm, 1.0)  # lanes past D: no 0/0 (masked anyway)
             else:
                 norm = tl.load(NORM + d1, mask=dmask1, other=1.0).to(COMPUTE)
-            a = (g / norm)[:, None]  # as torch: v * (g / norm); zero norm -> inf/NaN like torch
+            if NORM_MODE != 0:
+                norm = _cast(norm, NORM_TY, NORM_MODE == 2).to(COMPUTE)
+            a = g / norm  # as torch: v * (g / norm); zero norm -> inf/NaN like torch
+            if RATIO_MODE != 0:
+                a = _cast(a, RATIO_TY, RATIO_MODE == 2).to(COMPUTE)
+            a = a[:, None]
             c = a  # unused
 
         if ONE_PASS and REDUCE:
@@ -154,7 +178,7 @@ def _weight_norm_kernel(
                 out = a * (y - x * c)
             else:
                 out = x * a
-            tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
+            tl.store(OUT + offs, _cast(out, OUT.dtype.element_ty, OUT_RTNE), mask=mask)
         else:
             for start in range(r_start, r_end, BLOCK_R):
                 r = (start + lanes)[None, :]
@@ -171,7 +195,7 @@ def _weight_norm_kernel(
                     out = a * (y - x * c)
                 else:
                     out = x * a
-                tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
+                tl.store(OUT + offs, _cast(out, OUT.dtype.element_ty, OUT_RTNE), mask=mask)
 
 
 def _next_pow2(n: int) -> int:
@@ -221,7 +245,7 @@ def _needs_int64(v, plan, D, inner):
 
 
 def _launch(plan, v, gw, g, norm, dot, part, out, gg, D, inner, *, backward, reduce, apply,
-            compute, int64):
+            compute, int64, rounding=None):
     one_pass = plan["one_pass"] and plan["split"] == 1
     grid = (plan["n_d"], plan["split"])
     block = plan["block_d"] * plan["block_r"]
@@ -229,8 +253,41 @@ def _launch(plan, v, gw, g, norm, dot, part, out, gg, D, inner, *, backward, red
         v, gw, g, norm, dot, part, out, gg, D, plan["R"], inner, plan["chunk"],
         BACKWARD=backward, REDUCE=reduce, APPLY=apply, ONE_PASS=one_pass, LAYOUT=plan["layout"],
         BLOCK_D=plan["block_d"], BLOCK_R=plan["block_r"], COMPUTE=compute, INT64=int64,
-        num_warps=rt.num_warps_for(block),
+        OUT_RTNE=_interp_bf16(out), GG_RTNE=_interp_bf16(gg), num_warps=rt.num_warps_for(block),
+        **(rounding or dict(NORM_TY=compute, NORM_MODE=0, RATIO_TY=compute, RATIO_MODE=0)),
     )
+
+
+_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+       torch.float64: tl.float64}
+
+
+def _scale_rounding(v, g, dim, compute_torch, device_is_cpu):
+    """Where the forward rounds its per-slice scale, so that outputs equal torch's.
+
+    torch's fused kernels (v and g of one dtype, not fp16, dim 0 or the last) compute the norm
+    and g / norm in fp32 and round w once: no rounding here.  Everywhere else torch computes
+    ``v * (g / norm_except_dim(v))`` in the tensors' dtypes: the norm rounded to v's dtype and the
+    ratio to promote(g, v).  Following that keeps tkern equal to torch, and a weight split by
+    ``right_inverse`` (g = its rounded norm) comes back unchanged (g / norm == 1 exactly).
+    The norm itself is still accumulated in fp32 (fp64) and saved unrounded for backward."""
+    fused = (v.dtype == g.dtype and v.dtype != torch.float16 and dim is not None
+             and dim in (0, v.dim() - 1))
+    size = torch.empty((), dtype=compute_torch).element_size()
+    interp = device_is_cpu and rt.interpreter_enabled()
+
+    def mode(dtype):
+        if fused or dtype.itemsize >= size:
+            return 0
+        return 2 if interp and dtype == torch.bfloat16 else 1
+
+    ratio = torch.promote_types(g.dtype, v.dtype)
+    return dict(NORM_TY=_TL[v.dtype], NORM_MODE=mode(v.dtype), RATIO_TY=_TL[ratio],
+                RATIO_MODE=mode(ratio))
+
+
+def _interp_bf16(t):
+    return t.dtype == torch.bfloat16 and t.device.type == "cpu" and rt.interpreter_enabled()
 
 
 def _geometry(shape, dim):
@@ -254,18 +311,19 @@ def _forward(v, g, dim, out_dtype):
     stat = rt.accum_dtype(torch.float64 if torch.float64 in (v.dtype, g.dtype) else v.dtype)
     compute = tl.float64 if stat == torch.float64 else tl.float32
     int64 = _needs_int64(v, plan, D, inner)
+    rounding = _scale_rounding(v, g, dim, stat, v.device.type == "cpu")
     w = torch.empty(v.shape, dtype=out_dtype, device=v.device)
     norm = torch.empty(D, dtype=stat, device=v.device)
     if plan["split"] == 1:
         _launch(plan, v, v, g, norm, norm, norm, w, norm, D, inner, backward=False, reduce=True,
-                apply=True, compute=compute, int64=int64)
+                apply=True, compute=compute, int64=int64, rounding=rounding)
     else:
         part = torch.empty(plan["split"], D, dtype=stat, device=v.device)
         _launch(plan, v, v, g, norm, norm, part, w, norm, D, inner, backward=False, reduce=True,
                 apply=False, compute=compute, int64=int64)
         torch.sqrt(part.sum(0), out=norm)
         _launch(plan, v, v, g, norm, norm, part, w, norm, D, inner, backward=False, reduce=False,
-                apply=True, compute=compute, int64=int64)
+                apply=True, compute=compute, int64=int64, rounding=rounding)
     return w, norm
 
 
