@@ -23,6 +23,9 @@ Design:
   torch (``norm_except_dim`` treats -1 specially); other negative dims wrap.  A zero-norm slice
   divides by zero exactly as torch does (NaN outputs and gradients for that slice).  The output
   dtype is ``torch.result_type(v, g)``, the dtype of torch's ``v * (g / norm)``.
+- Precision: the norm is always accumulated in fp32 (fp64 for fp64) and saved unrounded.  The
+  per-slice scale g / norm is rounded exactly where torch rounds it (``_scale_rounding``), so fp16
+  and bf16 outputs equal torch's and a weight split by ``right_inverse`` comes back unchanged.
 """
 
 from __future__ import annotations
@@ -449,12 +452,11 @@ def _eager(v, g, dim, out_dtype):
     """The CPU fallback (and empty tensors): torch's own op, with g read flat like the kernels."""
     canon = [1] * v.dim() if dim is None else [v.shape[dim] if i == dim else 1 for i in range(v.dim())]
     torch_dim = -1 if dim is None else dim
-    g = g.reshape(canon)
     if v.dtype == g.dtype:
-        return torch._weight_norm(v, g, torch_dim)
-    # torch's fused CPU path rejects mixed dtypes; its composite, in the promoted dtype
-    v = v.to(out_dtype)
-    return v * (g.to(out_dtype) / torch.norm_except_dim(v, 2, torch_dim))
+        return torch._weight_norm(v, g.reshape(canon), torch_dim)
+    # torch's fused CPU kernel rejects mixed dtypes: its composite formula, as for other dims
+    g = g if g.dim() == 0 else g.reshape(canon)
+    return (v * (g / torch.norm_except_dim(v, 2, torch_dim))).to(out_dtype)
 
 
 def weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int | None = 0) -> torch.Tensor:
