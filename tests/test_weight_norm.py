@@ -322,8 +322,8 @@ def test_cpu_fallback_without_interpreter(monkeypatch):
     torch.testing.assert_close(w, torch._weight_norm(v, g, 0))
     w16 = tkern.weight_norm(v.half(), g.float(), 0)  # mixed dtypes promote here too
     assert w16.dtype == torch.float32
-    g1 = torch.randn(1, 7)
-    torch.testing.assert_close(tkern.weight_norm(v.half(), g1, 1), torch._weight_norm(v.half(), g1, 1),
+    v3, g1 = torch.randn(5, 7, 3).half(), torch.randn(1, 7, 1)  # a middle dim: torch's composite
+    torch.testing.assert_close(tkern.weight_norm(v3, g1, 1), torch._weight_norm(v3, g1, 1),
                                rtol=0, atol=0)
 
 
