@@ -186,7 +186,7 @@ def test_mixed_dtypes_promote_like_torch(device, v_dtype, g_dtype):
     assert ours[0].dtype == theirs[0].dtype == out_dtype
     assert ours[1].dtype == v_dtype and ours[2].dtype == g_dtype
     assert_close_rule(ours[0], theirs[0], ref[0], name="w")
-    # torch's own fp16 norm is coarser than tkern's fp32 one: compare gradients with the dtype's atol
+    # torch's own fp16 norm is coarser than tkern's fp32 one: gradients within the dtype's atol
     torch.testing.assert_close(ours[1].double(), ref[1].detach(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(ours[2].double(), ref[2].detach(), rtol=2e-2, atol=2e-2)
     for dim in (0, 2, None):  # where torch's fused CPU kernel rejects mixed dtypes

@@ -25,7 +25,8 @@ class WeightNorm(_TorchWeightNorm):
         return _weight_norm_op(weight_v, weight_g, self.dim)
 
 
-def weight_norm(module: torch.nn.Module, name: str = "weight", dim: int | None = 0) -> torch.nn.Module:
+def weight_norm(module: torch.nn.Module, name: str = "weight",
+                dim: int | None = 0) -> torch.nn.Module:
     """Apply weight normalization to ``module.<name>`` (in place; returns the module), as
     ``torch.nn.utils.parametrizations.weight_norm`` does, computed by ``tkern.weight_norm``.
 

@@ -16,9 +16,10 @@ Design:
   (deterministic, no atomics), pass 2 applies.  No host sync anywhere.
 - Forward saves v, g and the norms (fp32; fp64 for fp64), so backward never re-reduces v^2.
   Backward: grad_g = sum(gw*v)/||v||, grad_v = g/||v|| * (gw - v*sum(gw*v)/||v||^2).
-- The launchers are torch.library custom ops (``tkern::weight_norm``, ``tkern::weight_norm_backward``)
-  with fake implementations, so torch.compile traces through them.  Under create_graph=True
-  (double backward) the gradients come from torch ops instead, which autograd can differentiate.
+- The launchers are torch.library custom ops (``tkern::weight_norm``,
+  ``tkern::weight_norm_backward``) with fake implementations, so torch.compile traces through
+  them.  Under create_graph=True (double backward) the gradients come from torch ops instead,
+  which autograd can differentiate.
 - Semantics follow ``torch._weight_norm``: dim=-1 (and None) is the whole-tensor norm, as in
   torch (``norm_except_dim`` treats -1 specially); other negative dims wrap.  A zero-norm slice
   divides by zero exactly as torch does (NaN outputs and gradients for that slice).  The output
@@ -43,7 +44,7 @@ from .. import _runtime as rt
 TILE = 4096  # elements per program per loop step
 ONE_PASS_MAX = 8192  # a slice block up to this many elements is held in registers (single pass)
 COLS_BLOCK_D = 32  # adjacent columns per program for the last-dim layout (128 B of fp32)
-SPLIT_BELOW = 128  # fewer slice programs than this: split the reduction over R
+SPLIT_BELOW = 256  # fewer slice programs than this (~2 per H100 SM): split the reduction
 SPLIT_TARGET = 1024  # about this many programs after splitting
 
 ROWS, COLS, GENERAL = 0, 1, 2
@@ -87,7 +88,8 @@ def _weight_norm_kernel(
     # forward only, torch's dtype rule for its composite path (see _scale_rounding): round the
     # norm to NORM_TY, then g / norm to RATIO_TY.  MODE 0: no rounding, 1: cast, 2: cast with the
     # interpreter's bf16 rounding fixed.
-    NORM_TY: tl.constexpr, NORM_MODE: tl.constexpr, RATIO_TY: tl.constexpr, RATIO_MODE: tl.constexpr,
+    NORM_TY: tl.constexpr, NORM_MODE: tl.constexpr,
+    RATIO_TY: tl.constexpr, RATIO_MODE: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -357,7 +359,8 @@ def _backward(gw, v, g, norm, dim):
 # torch.compile(fullgraph=True) traces a weight-normed model through them.  The forward op also
 # returns the norms: backward's saved state, never used as a differentiable output.
 @torch.library.custom_op("tkern::weight_norm", mutates_args=())
-def _forward_op(v: torch.Tensor, g: torch.Tensor, dim: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward_op(v: torch.Tensor, g: torch.Tensor,
+                dim: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
     out_dtype = torch.result_type(v, g)
     # parameters are contiguous; anything else is copied once.  g is read flat, unit stride.
     return _forward(v.contiguous(), g.reshape(-1).contiguous(), dim, out_dtype)
@@ -450,7 +453,7 @@ def _normalize_dim(dim, ndim: int):
 
 def _eager(v, g, dim, out_dtype):
     """The CPU fallback (and empty tensors): torch's own op, with g read flat like the kernels."""
-    canon = [1] * v.dim() if dim is None else [v.shape[dim] if i == dim else 1 for i in range(v.dim())]
+    canon = [v.shape[i] if i == dim else 1 for i in range(v.dim())]  # dim None: all ones
     torch_dim = -1 if dim is None else dim
     if v.dtype == g.dtype:
         return torch._weight_norm(v, g.reshape(canon), torch_dim)
