@@ -401,10 +401,10 @@ def test_building_blocks_merge_like_one_batch(device):
     shards = (x[:2], x[2:])  # uneven
     local = [bn_ops.bn_combine_stats(*bn_ops.bn_partial_stats(s.contiguous()), local=True)
              for s in shards + (x[:0],)]  # and an empty rank
-    count, mean, m2 = (torch.cat(t) for t in zip(*local))  # the all_gather
+    count, mean, m2, mean_lo = (torch.cat(t) for t in zip(*local))  # the all_gather
     rm, rv = torch.zeros(3, device=device, dtype=torch.float64), torch.ones(3, device=device,
                                                                            dtype=torch.float64)
-    g_mean, g_lo, invstd = bn_ops.bn_combine_stats(count, mean, m2, None, eps=1e-5,
+    g_mean, g_lo, invstd = bn_ops.bn_combine_stats(count, mean, m2, mean_lo, eps=1e-5,
                                                    running_mean=rm, running_var=rv, momentum=0.1)
     rm_ref, rv_ref = torch.zeros_like(rm), torch.ones_like(rv)
     xr = x.clone().requires_grad_()

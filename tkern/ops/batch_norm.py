@@ -13,16 +13,17 @@ block of S); a program owns a block of channels and a run of consecutive units.
 Training forward: three passes over a block of channels, x read twice, y written once.
 1. ``_stats_partial_kernel``: a grid (channel blocks) x (splits).  Each program reduces its units
    into a partial (count, mean, M2) per channel, written to an fp32 (fp64 for fp64) workspace
-   ``[P, C]``.  Values are taken relative to the channel's first element (the shift), each tile
-   is reduced two-pass and tiles are merged with Chan's formula, so 1000 + 0.01 * randn keeps
-   its variance.
+   ``[P, C]``.  Values are shifted by the mean of the program's first tile and summed per lane
+   (sum and sum of squares), with one cross-lane reduction at the end: the loop is loads and
+   FMAs, and the variance from shifted sums stays accurate (the bound is in the kernel), so
+   1000 + 0.01 * randn keeps its variance.  Partial means are kept as hi + lo (TwoSum).
    Splitting matters for few channels and large N x S (C=64 at 112x112): one program per channel
    would leave most of the GPU idle.
 2. ``_stats_combine_kernel``: one small program per channel block merges the P partials
    (exact parallel formula: weighted mean, then sum of M2_i + n_i (mean_i - mean)^2), writes the
    saved mean and invstd and updates running_mean / running_var in place, once (no autotuning).
-   The mean is saved as hi + lo (shift + shifted mean, split exactly): an fp32 mean alone would
-   move every xhat by up to ulp(mean) * invstd, 3e-3 for 1000 + 0.01 * randn.
+   The mean is saved as hi + lo (TwoSum): an fp32 mean alone would move every xhat by up to
+   ulp(mean) * invstd, 3e-3 for 1000 + 0.01 * randn.
    ``momentum=None`` (cumulative average) reads num_batches_tracked on the device: no host sync.
 3. ``_normalize_kernel``: elementwise ``act((x - hi - lo) * (invstd * w) + b)``; centring first
    because ``x * scale + (b - mean * scale)`` loses digits when |mean| >> std.
@@ -37,12 +38,11 @@ Backward saves x, weight, bias and the fp32 mean/invstd; the pre-activation is r
 
 Host building blocks (also used by SyncBatchNorm around torch.distributed collectives):
 (x prepared by ``_prepare_input``; ``activation`` is a kernel name from ``kernel_name``)
-- ``bn_partial_stats(x)`` -> (count, mean, m2, shift): ``[P, C]`` partials of the local batch, the
-  means relative to ``shift`` ``[C]``.
-- ``bn_combine_stats(count, mean, m2, shift, eps, running_mean, running_var, momentum,
+- ``bn_partial_stats(x)`` -> (count, mean, m2, mean_lo): ``[P, C]`` partials of the local batch.
+- ``bn_combine_stats(count, mean, m2, mean_lo, eps, running_mean, running_var, momentum,
   num_batches_tracked)`` -> (mean, mean_lo, invstd), running stats updated in place once;
-  with ``local=True`` -> the merged (count, mean, m2) ``[1, C]`` of the local batch (absolute
-  mean), to all_gather and pass back in (``shift=None``) for the global statistics.
+  with ``local=True`` -> the merged (count, mean, m2, mean_lo) ``[1, C]`` of the local batch, to
+  all_gather (``[world, C]`` each) and pass back in for the global statistics.
 - ``bn_normalize(x, mean, invstd, weight, bias, activation, mean_lo=...)`` -> y.
 - ``bn_backward_reduce(x, dy, mean, invstd, weight, bias, activation, mean_lo=...)``
   -> (sum_g, sum_g_xhat), ``[C]`` each: dbias, dweight, and what a SyncBatchNorm all-reduces.
@@ -94,10 +94,19 @@ def _offsets(n, s, c, sN, sS, sC):
 
 
 @triton.jit
+def _two_sum(a, b):
+    """(hi, lo) with hi = fl(a + b) and hi + lo == a + b exactly (Knuth's TwoSum; adds only, so
+    FMA contraction cannot disturb it)."""
+    hi = a + b
+    bb = hi - a
+    lo = (a - (hi - bb)) + (b - bb)
+    return hi, lo
+
+
+@triton.jit
 def _stats_partial_kernel(
     X,  # input viewed as [N, C, S] through (sN, sC, sS)
-    PCOUNT, PMEAN, PM2,  # [P, C] partial element count, mean (minus SHIFT) and M2
-    SHIFT,  # [C] output: each channel's first element, the origin of the partial means
+    PCOUNT, PMEAN, PMEAN_LO, PM2,  # [P, C] partial count, mean as hi + lo, M2 (sum of squared dev.)
     C, S, sN, sC, sS,  # channel count, spatial size, strides of X
     nsb, n_units, units_per_prog,  # S-blocks per sample; units in all; units per program
     COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -107,60 +116,59 @@ def _stats_partial_kernel(
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     lanes_s = tl.arange(0, BLOCK_S)
-    # Shift: every value of a channel is taken relative to its first element, so the tile sums
-    # stay small when |mean| >> std (x - shift is exact for nearby floats).
-    if INT64:
-        c_off = c.to(tl.int64) * sC
-    else:
-        c_off = c * sC
-    shift = tl.load(X + c_off, mask=cmask, other=0.0).to(COMPUTE)
-    cnt = tl.zeros([BLOCK_C], COMPUTE)
-    mean = tl.zeros([BLOCK_C], COMPUTE)  # of the shifted values
-    m2 = tl.zeros([BLOCK_C], COMPUTE)
     u0 = pid_p * units_per_prog
+    # Shift: the mean of the program's first tile.  Values are summed as xs = x - shift per lane
+    # (no reductions in the loop) and the variance comes from shifted sums, M2 = S2 - S1^2 / n,
+    # whose cancellation grows with (shift - mean)^2 / var.  The first tile is part of the
+    # program's data, so that ratio is at most (tiles per program), a few hundred at worst: a few
+    # ulps on the variance, never catastrophic, whatever |mean| / std is.
+    n, s, smask = _unit(u0, nsb, lanes_s, S, n_units, INT64, BLOCK_S)
+    mask = smask[:, None] & cmask[None, :]
+    x = tl.load(X + _offsets(n, s, c, sN, sS, sC), mask=mask, other=0.0).to(COMPUTE)
+    shift = tl.sum(x, 0) / tl.maximum(tl.sum(smask.to(COMPUTE), 0), 1.0)
+    cnt = tl.zeros([BLOCK_S], COMPUTE)  # per lane: valid elements seen
+    s1 = tl.zeros([BLOCK_S, BLOCK_C], COMPUTE)
+    s2 = tl.zeros([BLOCK_S, BLOCK_C], COMPUTE)
     for i in range(0, units_per_prog):
         n, s, smask = _unit(u0 + i, nsb, lanes_s, S, n_units, INT64, BLOCK_S)
         mask = smask[:, None] & cmask[None, :]
-        offs = _offsets(n, s, c, sN, sS, sC)
-        x = tl.load(X + offs, mask=mask, other=0.0).to(COMPUTE)
+        x = tl.load(X + _offsets(n, s, c, sN, sS, sC), mask=mask, other=0.0).to(COMPUTE)
         xs = tl.where(mask, x - shift[None, :], 0.0)
-        t_cnt = tl.sum(smask.to(COMPUTE), 0)
-        t_mean = tl.sum(xs, 0) / tl.maximum(t_cnt, 1.0)
-        d = tl.where(mask, xs - t_mean[None, :], 0.0)
-        t_m2 = tl.sum(d * d, 0)
-        # Chan et al.: merge (cnt, mean, m2) with the tile's (t_cnt, t_mean, t_m2)
-        new_cnt = cnt + t_cnt
-        frac = t_cnt / tl.maximum(new_cnt, 1.0)
-        delta = t_mean - mean
-        mean += delta * frac
-        m2 += t_m2 + delta * delta * cnt * frac
-        cnt = new_cnt
+        cnt += smask.to(COMPUTE)
+        s1 += xs
+        s2 += xs * xs
+    n_tot = tl.sum(cnt, 0)
+    sum1 = tl.sum(s1, 0)
+    mean_s = sum1 / tl.maximum(n_tot, 1.0)  # relative to shift
+    m2 = tl.maximum(tl.sum(s2, 0) - sum1 * mean_s, 0.0)
+    # the absolute mean as hi + lo: hi alone (fp32) would lose ulp(mean) when |mean| >> std
+    hi, lo = _two_sum(shift, mean_s)
     out = pid_p * C + c
-    tl.store(PCOUNT + out, cnt, mask=cmask)
-    tl.store(PMEAN + out, mean, mask=cmask)
+    tl.store(PCOUNT + out, tl.zeros([BLOCK_C], COMPUTE) + n_tot, mask=cmask)
+    tl.store(PMEAN + out, hi, mask=cmask)
+    tl.store(PMEAN_LO + out, lo, mask=cmask)
     tl.store(PM2 + out, m2, mask=cmask)
-    if pid_p == 0:
-        tl.store(SHIFT + c, shift, mask=cmask)
 
 
 @triton.jit
 def _stats_combine_kernel(
-    PCOUNT, PMEAN, PM2,  # [P, C] partials (means relative to SHIFT when HAS_SHIFT)
-    SHIFT,  # [C] origin of the partial means
-    MEAN, MEAN_LO, INVSTD,  # [C] outputs: batch mean as hi + lo, 1 / sqrt(var + eps)
-                            # (MEAN_LO and INVSTD only when WRITE_INVSTD)
-    OCOUNT, OM2,  # [C] outputs when WRITE_M2: merged count and M2 (MEAN holds the merged mean)
+    PCOUNT, PMEAN, PMEAN_LO, PM2,  # [P, C] partials: count, mean as hi + lo (PMEAN_LO if HAS_LO), M2
+    MEAN, MEAN_LO,  # [C] outputs: merged mean as hi + lo
+    INVSTD,  # [C] output when WRITE_INVSTD: 1 / sqrt(biased var + eps)
+    OCOUNT, OM2,  # [C] outputs when WRITE_M2: merged count and M2
     RMEAN, RVAR,  # [C] running stats, updated in place when UPDATE
     NBT,  # num_batches_tracked (int64 scalar) when CUMULATIVE: factor = 1 / NBT
     P, C,
     eps_hi, eps_lo, mom_hi, mom_lo,  # eps and momentum as fp32 pairs hi + lo (fp64 precision)
-    HAS_SHIFT: tl.constexpr, UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr,
-    WRITE_INVSTD: tl.constexpr,
-    WRITE_M2: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_LO: tl.constexpr, UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr,
+    WRITE_INVSTD: tl.constexpr, WRITE_M2: tl.constexpr, COMPUTE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     lanes_p = tl.arange(0, BLOCK_P)
+    # pass 1: count and a reference near the mean (its rounding does not matter: every partial
+    # mean is taken relative to it, exactly when close)
     n_tot = tl.zeros([BLOCK_C], COMPUTE)
     wsum = tl.zeros([BLOCK_C], COMPUTE)
     for p0 in range(0, P, BLOCK_P):
@@ -168,30 +176,39 @@ def _stats_combine_kernel(
         m = (p < P)[:, None] & cmask[None, :]
         offs = p[:, None] * C + c[None, :]
         n_i = tl.load(PCOUNT + offs, mask=m, other=0.0).to(COMPUTE)
-        mu_i = tl.load(PMEAN + offs, mask=m, other=0.0).to(COMPUTE)
+        hi_i = tl.load(PMEAN + offs, mask=m, other=0.0).to(COMPUTE)
         n_tot += tl.sum(n_i, 0)
-        wsum += tl.sum(n_i * mu_i, 0)
-    mean = wsum / tl.maximum(n_tot, 1.0)
+        wsum += tl.sum(n_i * hi_i, 0)
+    ref = wsum / tl.maximum(n_tot, 1.0)
+    # pass 2: the mean relative to ref
+    dsum = tl.zeros([BLOCK_C], COMPUTE)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + lanes_p
+        m = (p < P)[:, None] & cmask[None, :]
+        offs = p[:, None] * C + c[None, :]
+        n_i = tl.load(PCOUNT + offs, mask=m, other=0.0).to(COMPUTE)
+        d_i = tl.load(PMEAN + offs, mask=m, other=0.0).to(COMPUTE) - ref[None, :]
+        if HAS_LO:
+            d_i += tl.load(PMEAN_LO + offs, mask=m, other=0.0).to(COMPUTE)
+        dsum += tl.sum(n_i * d_i, 0)
+    mean_d = dsum / tl.maximum(n_tot, 1.0)
+    # pass 3: M2 = sum of M2_i + n_i (mean_i - mean)^2 (exact parallel formula)
     m2 = tl.zeros([BLOCK_C], COMPUTE)
     for p0 in range(0, P, BLOCK_P):
         p = p0 + lanes_p
         m = (p < P)[:, None] & cmask[None, :]
         offs = p[:, None] * C + c[None, :]
         n_i = tl.load(PCOUNT + offs, mask=m, other=0.0).to(COMPUTE)
-        mu_i = tl.load(PMEAN + offs, mask=m, other=0.0).to(COMPUTE)
-        m2_i = tl.load(PM2 + offs, mask=m, other=0.0).to(COMPUTE)
-        d = mu_i - mean[None, :]
-        m2 += tl.sum(m2_i + n_i * d * d, 0)
-    if HAS_SHIFT:
-        shift = tl.load(SHIFT + c, mask=cmask, other=0.0).to(COMPUTE)
-    else:
-        shift = tl.zeros([BLOCK_C], COMPUTE)
-    # The mean in two parts: hi, the stored precision, and lo, what hi rounded away.  With
-    # |mean| >> std the rounding of hi alone would shift every xhat by up to ulp(mean) * invstd.
-    # (Fast2Sum: exact when |shift| >= |mean|, the usual case of a large mean.)
-    mean_hi = shift + mean
-    mean_lo = (shift - mean_hi) + mean
+        d_i = tl.load(PMEAN + offs, mask=m, other=0.0).to(COMPUTE) - ref[None, :]
+        if HAS_LO:
+            d_i += tl.load(PMEAN_LO + offs, mask=m, other=0.0).to(COMPUTE)
+        d_i -= mean_d[None, :]
+        m2 += tl.sum(tl.load(PM2 + offs, mask=m, other=0.0).to(COMPUTE) + n_i * d_i * d_i, 0)
+    # The mean as hi + lo: with |mean| >> std, the rounding of hi alone would move every xhat by
+    # up to ulp(mean) * invstd (3e-3 for 1000 + 0.01 * randn in fp32).
+    mean_hi, mean_lo = _two_sum(ref, mean_d)
     tl.store(MEAN + c, mean_hi, mask=cmask)
+    tl.store(MEAN_LO + c, mean_lo, mask=cmask)
     if WRITE_M2:
         tl.store(OCOUNT + c, n_tot, mask=cmask)
         tl.store(OM2 + c, m2, mask=cmask)
@@ -203,7 +220,6 @@ def _stats_combine_kernel(
         else:
             std = tl.sqrt_rn(var + eps)  # correctly rounded (tl.sqrt may be approximate)
         tl.store(INVSTD + c, 1.0 / std, mask=cmask)
-        tl.store(MEAN_LO + c, mean_lo, mask=cmask)
     if UPDATE:
         if CUMULATIVE:
             factor = 1.0 / tl.load(NBT).to(COMPUTE)
@@ -311,8 +327,9 @@ def _backward_reduce_kernel(
     lanes_s = tl.arange(0, BLOCK_S)
     mean, mean_lo, invstd, w, b = _channel_params(MEAN, MEAN_LO, INVSTD, W, B, c, cmask, HAS_LO,
                                                   HAS_W, HAS_B, COMPUTE)
-    acc_g = tl.zeros([BLOCK_C], COMPUTE)
-    acc_gx = tl.zeros([BLOCK_C], COMPUTE)
+    # per-lane sums, reduced across lanes once at the end (no reductions inside the loop)
+    acc_g = tl.zeros([BLOCK_S, BLOCK_C], COMPUTE)
+    acc_gx = tl.zeros([BLOCK_S, BLOCK_C], COMPUTE)
     u0 = pid_p * units_per_prog
     for i in range(0, units_per_prog):
         n, s, smask = _unit(u0 + i, nsb, lanes_s, S, n_units, INT64, BLOCK_S)
@@ -324,11 +341,11 @@ def _backward_reduce_kernel(
         xhat, g = _grad_pre_activation(x, dy, mean, mean_lo, invstd, w, b, negative_slope, alpha,
                                        HAS_LO, ACTIVATION)
         g = tl.where(mask, g, 0.0)
-        acc_g += tl.sum(g, 0)
-        acc_gx += tl.sum(g * xhat, 0)
+        acc_g += g
+        acc_gx += g * xhat
     out = pid_p * C + c
-    tl.store(PSUM_G + out, acc_g, mask=cmask)
-    tl.store(PSUM_GX + out, acc_gx, mask=cmask)
+    tl.store(PSUM_G + out, tl.sum(acc_g, 0), mask=cmask)
+    tl.store(PSUM_GX + out, tl.sum(acc_gx, 0), mask=cmask)
 
 
 @triton.jit
@@ -495,48 +512,47 @@ def _launch_args(p: dict) -> dict:
 
 
 def bn_partial_stats(x: torch.Tensor):
-    """Per-split partial statistics of a local batch (x prepared, numel > 0):
-    (count, mean, m2, shift): count, mean and m2 are [P, C], mean relative to ``shift`` [C] (each
-    channel's first element); all in the accumulation dtype (fp32, fp64 for fp64).  An empty x
-    gives one partial of count 0."""
+    """Per-split partial statistics of a local batch (x prepared): (count, mean, m2, mean_lo),
+    each [P, C] in the accumulation dtype (fp32, fp64 for fp64); the mean of a partial is
+    mean + mean_lo.  An empty x gives one partial of count 0."""
     acc = rt.accum_dtype(x.dtype)
     if x.numel() == 0:  # an empty local batch (a SyncBatchNorm rank) contributes count 0
-        ws = torch.zeros((4, x.shape[1]), dtype=acc, device=x.device)
-        return ws[0:1], ws[1:2], ws[2:3], ws[3]
+        return torch.zeros((4, 1, x.shape[1]), dtype=acc, device=x.device).unbind(0)
     p = plan(x, reduction=True)
     view = p["view"]
     sN, sC, sS = view.strides(x)
     P, C = p["num_partials"], view.C
-    ws = torch.empty((3 * P + 1, C), dtype=acc, device=x.device)
-    count, mean, m2, shift = ws[:P], ws[P:2 * P], ws[2 * P:3 * P], ws[3 * P]
+    count, mean, m2, mean_lo = torch.empty((4, P, C), dtype=acc, device=x.device).unbind(0)
     _stats_partial_kernel[p["grid"]](
-        x, count, mean, m2, shift, C, view.cols, sN, sC, sS,
+        x, count, mean, mean_lo, m2, C, view.cols, sN, sC, sS,
         COMPUTE=rt.compute_dtype(x.dtype), INT64=rt.needs_int64(x), **_launch_args(p))
-    return count, mean, m2, shift
+    return count, mean, m2, mean_lo
 
 
-def bn_combine_stats(count, mean, m2, shift=None, eps=1e-5, running_mean=None, running_var=None,
-                     momentum=0.1, num_batches_tracked=None, local=False, as_rows=False):
-    """Merge partials (count, mean, m2: [P, C] each; means relative to ``shift`` [C] if given).
+def bn_combine_stats(count, mean, m2, mean_lo=None, eps=1e-5, running_mean=None,
+                     running_var=None, momentum=0.1, num_batches_tracked=None, local=False,
+                     as_rows=False):
+    """Merge partials (count, mean, m2 and optional mean_lo: [P, C] each, as bn_partial_stats
+    returns them, or gathered from several processes).
 
     Default: returns (mean, mean_lo, invstd), [C] each: the batch mean as hi + lo (lo keeps the
     digits hi rounds away when |mean| >> std) and 1 / sqrt(biased var + eps); running stats, when
     given, are updated in place with the unbiased variance and ``momentum`` (``momentum=None``:
     factor 1 / ``num_batches_tracked``, read on the device).
-    ``local=True``: returns the merged (count, mean, m2) as [1, C] tensors, mean absolute, ready
-    to be gathered across processes and merged again (``shift=None``).
-    ``as_rows=True``: the same results as one [3, C] (or [3, 1, C]) tensor, one row each."""
+    ``local=True``: returns the merged (count, mean, m2, mean_lo) as [1, C] tensors, one partial
+    per process, ready to be gathered across processes and merged again.
+    ``as_rows=True``: the same results as one [3, C] (or [4, 1, C]) tensor, one row each."""
     P, C = mean.shape
     acc = mean.dtype
     dev = mean.device
     compute = tl.float64 if acc == torch.float64 else tl.float32
     if local:
-        out = torch.empty((3, 1, C), dtype=acc, device=dev)
-        out_count, out_mean, out_m2 = out[0], out[1], out[2]
-        mean_lo = invstd = out_mean  # unused
+        out = torch.empty((4, 1, C), dtype=acc, device=dev)
+        out_count, out_mean, out_m2, out_lo = out.unbind(0)
+        invstd = out_mean  # unused
     else:
         out = torch.empty((3, C), dtype=acc, device=dev)
-        out_mean, mean_lo, invstd = out[0], out[1], out[2]
+        out_mean, out_lo, invstd = out.unbind(0)
         out_count = out_m2 = out_mean  # unused
     update = running_mean is not None and not local
     cumulative = update and momentum is None
@@ -545,19 +561,19 @@ def bn_combine_stats(count, mean, m2, shift=None, eps=1e-5, running_mean=None, r
     eps_hi, eps_lo = _split_f32(float(eps))
     mom_hi, mom_lo = _split_f32(0.0 if momentum is None else float(momentum))
     _stats_combine_kernel[(triton.cdiv(C, block_c),)](
-        count, mean, m2, shift if shift is not None else mean, out_mean, mean_lo, invstd,
+        count, mean, mean_lo if mean_lo is not None else mean, m2, out_mean, out_lo, invstd,
         out_count, out_m2,
         running_mean if update else out_mean, running_var if update else out_mean,
         num_batches_tracked if cumulative else out_mean,
         P, C, eps_hi, eps_lo, mom_hi, mom_lo,
-        HAS_SHIFT=shift is not None, UPDATE=update, CUMULATIVE=cumulative,
+        HAS_LO=mean_lo is not None, UPDATE=update, CUMULATIVE=cumulative,
         WRITE_INVSTD=not local, WRITE_M2=local,
         COMPUTE=compute, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
     if as_rows:
         return out
     if local:
-        return out_count, out_mean, out_m2
-    return out_mean, mean_lo, invstd
+        return out_count, out_mean, out_m2, out_lo
+    return out_mean, out_lo, invstd
 
 
 def _stat_args(x, mean, mean_lo, invstd, weight, bias):
