@@ -16,10 +16,11 @@ Design:
   (deterministic, no atomics), pass 2 applies.  No host sync anywhere.
 - Forward saves v, g and the norms (fp32; fp64 for fp64), so backward never re-reduces v^2.
   Backward: grad_g = sum(gw*v)/||v||, grad_v = g/||v|| * (gw - v*sum(gw*v)/||v||^2).
-- The launchers are torch.library custom ops (``tkern::weight_norm``,
-  ``tkern::weight_norm_backward``) with fake implementations, so torch.compile traces through
-  them.  Under create_graph=True (double backward) the gradients come from torch ops instead,
-  which autograd can differentiate.
+- Eager calls go through a torch.autograd.Function (cheap on the host); under torch.compile the
+  same launchers run as torch.library custom ops (``tkern::weight_norm``,
+  ``tkern::weight_norm_backward``) with fake implementations, so compile traces through them.
+  Under create_graph=True (double backward) the gradients come from torch ops instead, which
+  autograd can differentiate.
 - Semantics follow ``torch._weight_norm``: dim=-1 (and None) is the whole-tensor norm, as in
   torch (``norm_except_dim`` treats -1 specially); other negative dims wrap.  A zero-norm slice
   divides by zero exactly as torch does (NaN outputs and gradients for that slice).  The output
@@ -31,6 +32,7 @@ Design:
 
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Optional
 
@@ -203,12 +205,24 @@ def _weight_norm_kernel(
                 tl.store(OUT + offs, _cast(out, OUT.dtype.element_ty, OUT_RTNE), mask=mask)
 
 
+# Host helpers in plain integer arithmetic (triton.cdiv is a jit function, slow to call),
+# so that the launch path costs little next to a ~20 us kernel.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _next_pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    return 1 << (max(int(n), 1) - 1).bit_length()
 
 
 def _plan(outer: int, D: int, inner: int) -> dict:
     """Block sizes, layout and split for a contiguous ``[outer, D, inner]`` tensor."""
+    return _plan_cached(outer, D, inner, TILE, ONE_PASS_MAX, COLS_BLOCK_D, SPLIT_BELOW,
+                        SPLIT_TARGET)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan_cached(outer, D, inner, TILE, ONE_PASS_MAX, COLS_BLOCK_D, SPLIT_BELOW, SPLIT_TARGET):
     R = outer * inner
     if outer == 1:
         layout = ROWS
@@ -225,13 +239,13 @@ def _plan(outer: int, D: int, inner: int) -> dict:
         block_r, one_pass = r_pow, True
     else:
         block_r, one_pass = max(1, TILE // block_d), False
-    n_d = triton.cdiv(D, block_d)
+    n_d = _cdiv(D, block_d)
     split, chunk = 1, R
     if not one_pass and n_d < SPLIT_BELOW:
-        steps = triton.cdiv(R, block_r)
-        want = min(steps, triton.cdiv(SPLIT_TARGET, n_d))
-        chunk = triton.cdiv(steps, want) * block_r
-        split = triton.cdiv(R, chunk)
+        steps = _cdiv(R, block_r)
+        want = min(steps, _cdiv(SPLIT_TARGET, n_d))
+        chunk = _cdiv(steps, want) * block_r
+        split = _cdiv(R, chunk)
     return dict(layout=layout, block_d=block_d, block_r=block_r, one_pass=one_pass, n_d=n_d,
                 split=split, chunk=chunk, R=R)
 
@@ -278,7 +292,7 @@ def _scale_rounding(v, g, dim, compute_torch, device_is_cpu):
     The norm itself is still accumulated in fp32 (fp64) and saved unrounded for backward."""
     fused = (v.dtype == g.dtype and v.dtype != torch.float16 and dim is not None
              and dim in (0, v.dim() - 1))
-    size = torch.empty((), dtype=compute_torch).element_size()
+    size = compute_torch.itemsize
     interp = device_is_cpu and rt.interpreter_enabled()
 
     def mode(dtype):
@@ -355,42 +369,14 @@ def _backward(gw, v, g, norm, dim):
     return grad_v, grad_g
 
 
-# The launchers are torch.library custom ops (fake implementations, autograd formula), so that
-# torch.compile(fullgraph=True) traces a weight-normed model through them.  The forward op also
-# returns the norms: backward's saved state, never used as a differentiable output.
-@torch.library.custom_op("tkern::weight_norm", mutates_args=())
-def _forward_op(v: torch.Tensor, g: torch.Tensor,
-                dim: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    out_dtype = torch.result_type(v, g)
+def _forward_impl(v, g, dim):
     # parameters are contiguous; anything else is copied once.  g is read flat, unit stride.
-    return _forward(v.contiguous(), g.reshape(-1).contiguous(), dim, out_dtype)
+    return _forward(v.contiguous(), g.reshape(-1).contiguous(), dim, torch.result_type(v, g))
 
 
-@_forward_op.register_fake
-def _(v, g, dim):
-    D = 1 if dim is None else v.shape[dim]
-    stat = rt.accum_dtype(torch.float64 if torch.float64 in (v.dtype, g.dtype) else v.dtype)
-    return (v.new_empty(v.shape, dtype=torch.result_type(v, g)), v.new_empty((D,), dtype=stat))
-
-
-@torch.library.custom_op("tkern::weight_norm_backward", mutates_args=())
-def _backward_op(gw: torch.Tensor, v: torch.Tensor, g: torch.Tensor, norm: torch.Tensor,
-                 dim: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _backward_impl(gw, v, g, norm, dim):
     grad_v, grad_g = _backward(gw, v.contiguous(), g.reshape(-1).contiguous(), norm, dim)
     return grad_v, grad_g.reshape(g.shape)
-
-
-@_backward_op.register_fake
-def _(gw, v, g, norm, dim):
-    return v.new_empty(v.shape), g.new_empty(g.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    v, g, dim = inputs
-    _, norm = output
-    ctx.mark_non_differentiable(norm)
-    ctx.save_for_backward(v, g, norm)  # v, g and the fp32 norms: no re-reduction of v^2
-    ctx.dim = dim
 
 
 def _differentiable_backward(gw, v, g, dim):
@@ -407,19 +393,71 @@ def _differentiable_backward(gw, v, g, dim):
     return grad_v.reshape(v.shape).to(v.dtype), (dot / norm).reshape(g.shape).to(g.dtype)
 
 
-def _autograd_backward(ctx, gw, _grad_norm):
+def _grads(ctx, gw, kernel_backward):
     if gw is None:
         return None, None, None
-    v, g, norm = ctx.saved_tensors
+    v, g, norm = ctx.saved_tensors  # v, g and the fp32 norms: no re-reduction of v^2
     if torch.is_grad_enabled():  # backward with create_graph=True
         grad_v, grad_g = _differentiable_backward(gw, v, g, ctx.dim)
     else:
-        grad_v, grad_g = _backward_op(gw, v, g, norm, ctx.dim)
+        grad_v, grad_g = kernel_backward(gw, v, g, norm, ctx.dim)
     return (grad_v if ctx.needs_input_grad[0] else None,
             grad_g if ctx.needs_input_grad[1] else None, None)
 
 
-_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+class _WeightNormFunction(torch.autograd.Function):
+    """Eager autograd: the launchers called directly (a custom op's Python dispatch costs more
+    than the kernel itself on a 4096x4096 weight)."""
+
+    @staticmethod
+    def forward(ctx, v, g, dim):
+        w, norm = _forward_impl(v, g, dim)
+        ctx.save_for_backward(v, g, norm)
+        ctx.dim = dim
+        return w
+
+    @staticmethod
+    def backward(ctx, gw):
+        return _grads(ctx, gw, _backward_impl)
+
+
+# Under torch.compile the same launchers run as torch.library custom ops (fake implementations,
+# autograd formula), so that torch.compile(fullgraph=True) traces a weight-normed model through
+# them.  The forward op also returns the norms: backward's saved state, never differentiated.
+@torch.library.custom_op("tkern::weight_norm", mutates_args=())
+def _forward_op(v: torch.Tensor, g: torch.Tensor,
+                dim: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward_impl(v, g, dim)
+
+
+@_forward_op.register_fake
+def _(v, g, dim):
+    D = 1 if dim is None else v.shape[dim]
+    stat = rt.accum_dtype(torch.float64 if torch.float64 in (v.dtype, g.dtype) else v.dtype)
+    return (v.new_empty(v.shape, dtype=torch.result_type(v, g)), v.new_empty((D,), dtype=stat))
+
+
+@torch.library.custom_op("tkern::weight_norm_backward", mutates_args=())
+def _backward_op(gw: torch.Tensor, v: torch.Tensor, g: torch.Tensor, norm: torch.Tensor,
+                 dim: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward_impl(gw, v, g, norm, dim)
+
+
+@_backward_op.register_fake
+def _(gw, v, g, norm, dim):
+    return v.new_empty(v.shape), g.new_empty(g.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    v, g, dim = inputs
+    _, norm = output
+    ctx.mark_non_differentiable(norm)
+    ctx.save_for_backward(v, g, norm)
+    ctx.dim = dim
+
+
+_forward_op.register_autograd(lambda ctx, gw, _grad_norm: _grads(ctx, gw, _backward_op),
+                              setup_context=_setup_context)
 
 
 class _DtypeNotImplemented(rt.DtypeError, NotImplementedError):
@@ -491,4 +529,6 @@ def weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int | None = 0) -> torch.
         )
     if not rt.use_triton("weight_norm", v, g) or v.numel() == 0:
         return _eager(v, g, nd, torch.result_type(v, g))
-    return _forward_op(v, g, nd)[0]
+    if torch.compiler.is_compiling():
+        return _forward_op(v, g, nd)[0]
+    return _WeightNormFunction.apply(v, g, nd)
