@@ -64,6 +64,16 @@ def test_matches_torch_every_dim(device, shape, dtype):
         _check_against_torch(shape, dim, device, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_harness_row_structure(device, dtype):
+    """The perf harness's weights (Linear 4096 wide, conv 512x3x3 per output channel) with fewer
+    rows: the production block sizes (one pass over 4096 and over 4608 of 8192 lanes)."""
+    for shape in ((8, 4096), (16, 512, 3, 3)):
+        plan = wn_mod._plan(*wn_mod._geometry(shape, 0))
+        assert plan["one_pass"] and plan["split"] == 1 and plan["block_r"] >= 4096
+        _check_against_torch(shape, 0, device, dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_one_dim_and_layout_paths(device, dtype, monkeypatch):
     """Every kernel path on small tensors: one pass, looped, split reduction, per layout."""
@@ -146,6 +156,8 @@ def test_gradcheck_split_path(device, monkeypatch):
     assert torch.autograd.gradcheck(lambda a, b: tkern.weight_norm(a, b, 0), (v, g))
 
 
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning",
+                            "ignore:invalid value:RuntimeWarning")  # the interpreter's numpy
 @pytest.mark.parametrize("dim,dtype", [(0, torch.float32), (1, torch.float32), (2, torch.float32),
                                        (None, torch.float32), (0, torch.bfloat16)])
 def test_zero_norm_slice_like_torch(device, dim, dtype):
