@@ -293,6 +293,17 @@ def test_torch_compile_fullgraph(device):
         torch.testing.assert_close(a, p.grad)
 
 
+def test_torch_func_grad(device):
+    """torch.func.grad through functional_call of a weight-normed module."""
+    m = tkern.nn.utils.weight_norm(torch.nn.Linear(5, 3).to(device))
+    params = {k: p.detach() for k, p in m.named_parameters()}
+    x = torch.randn(4, 5, device=device)
+    grads = torch.func.grad(lambda p: torch.func.functional_call(m, p, (x,)).square().sum())(params)
+    m(x).square().sum().backward()
+    for k, p in m.named_parameters():
+        torch.testing.assert_close(grads[k], p.grad)
+
+
 def test_bad_inputs_raise_like_torch(device):
     v = torch.randn(3, 4, 5, device=device)
     g = torch.randn(3, 1, 1, device=device)

@@ -410,14 +410,15 @@ class _WeightNormFunction(torch.autograd.Function):
     than the kernel itself on a 4096x4096 weight)."""
 
     @staticmethod
-    def forward(ctx, v, g, dim):
-        w, norm = _forward_impl(v, g, dim)
-        ctx.save_for_backward(v, g, norm)
-        ctx.dim = dim
-        return w
+    def forward(v, g, dim):  # setup_context style, so torch.func.grad works too
+        return _forward_impl(v, g, dim)
 
     @staticmethod
-    def backward(ctx, gw):
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, gw, _grad_norm):
         return _grads(ctx, gw, _backward_impl)
 
 
@@ -531,4 +532,4 @@ def weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int | None = 0) -> torch.
         return _eager(v, g, nd, torch.result_type(v, g))
     if torch.compiler.is_compiling():
         return _forward_op(v, g, nd)[0]
-    return _WeightNormFunction.apply(v, g, nd)
+    return _WeightNormFunction.apply(v, g, nd)[0]
