@@ -469,3 +469,13 @@ def test_torch_compile_fullgraph(device):
     torch.testing.assert_close(m.weight.grad, ref.weight.grad)
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(m.state_dict()[k], v)
+
+
+@pytest.mark.parametrize("programs", [3, 528])
+def test_gpu_like_plans_and_int64_offsets(device, monkeypatch, programs):
+    """The launch plans a GPU gets (many splits, tail units past the end, several units per
+    program) and the int64 index path, on small tensors."""
+    monkeypatch.setattr(bn_ops, "_target_programs", lambda dev, reduction: programs)
+    monkeypatch.setattr(bn_ops.rt, "needs_int64", lambda *t, **k: programs == 3)
+    for shape, fmt in (((5, 3, 7, 9), None), ((5, 3, 7, 9), torch.channels_last), ((11, 6), None)):
+        _functional_case(device, torch.float32, shape, True, act="silu", memory_format=fmt)
