@@ -1,9 +1,10 @@
 """Drop-in BatchNorm1d/2d/3d with an optional fused activation.
 
 Each class subclasses its torch counterpart, so constructor arguments, parameter/buffer names,
-``_check_input_dim``, ``reset_parameters`` and the state_dict (including num_batches_tracked and its
-version-1 loading) are torch's own.  One mixin supplies ``__init__`` (the activation arguments), ``forward`` and
-``extra_repr``.
+``_check_input_dim``, ``reset_parameters`` and the state_dict (including num_batches_tracked and
+its version-1 loading) are torch's own.  One mixin supplies ``__init__`` (the activation
+arguments), ``forward`` and ``extra_repr``.  The activation is not part of the state_dict (like
+the other constructor arguments), so checkpoints move freely between torch and tkern.
 """
 
 from __future__ import annotations

@@ -33,8 +33,8 @@ Backward saves x, weight, bias and the fp32 mean/invstd; the pre-activation is r
 1. ``_backward_reduce_kernel``: partial sums of g = dy * act'(z) and g * xhat per channel into
    ``[P, C]`` (deterministic: no float atomics), then a torch ``sum(0)`` over P.  They are dbias and
    dweight.
-2. ``_dx_kernel``: elementwise ``dx = w * invstd * (g - sum_g / n - xhat * sum_gx / n)`` in training,
-   ``dx = g * w * invstd`` in eval.
+2. ``_dx_kernel``: elementwise ``dx = w * invstd * (g - sum_g / n - xhat * sum_gx / n)`` in
+   training, ``dx = g * w * invstd`` in eval.
 
 Host building blocks (also used by SyncBatchNorm around torch.distributed collectives):
 (x prepared by ``_prepare_input``; ``activation`` is a kernel name from ``kernel_name``)
@@ -89,7 +89,7 @@ def _unit(u, nsb, lanes_s, S, n_units, INT64: tl.constexpr, BLOCK_S: tl.constexp
 
 @triton.jit
 def _offsets(n, s, c, sN, sS, sC):
-    """Offsets of the tile (spatial s) x (channels c) of sample n in a tensor of strides sN, sS, sC."""
+    """Offsets of the tile (spatial s) x (channels c) of sample n, for strides sN, sS, sC."""
     return n * sN + s[:, None] * sS + c.to(s.dtype)[None, :] * sC  # s is int64 under INT64
 
 
@@ -152,7 +152,7 @@ def _stats_partial_kernel(
 
 @triton.jit
 def _stats_combine_kernel(
-    PCOUNT, PMEAN, PMEAN_LO, PM2,  # [P, C] partials: count, mean as hi + lo (PMEAN_LO if HAS_LO), M2
+    PCOUNT, PMEAN, PMEAN_LO, PM2,  # [P, C] partials: count, mean as hi + lo (lo if HAS_LO), M2
     MEAN, MEAN_LO,  # [C] outputs: merged mean as hi + lo
     INVSTD,  # [C] output when WRITE_INVSTD: 1 / sqrt(biased var + eps)
     OCOUNT, OM2,  # [C] outputs when WRITE_M2: merged count and M2
@@ -455,7 +455,7 @@ def _prepare_input(x: torch.Tensor) -> torch.Tensor:
 
 
 def _like(t: torch.Tensor, x: torch.Tensor, view: _View) -> torch.Tensor:
-    """``t`` (e.g. the incoming gradient) in a layout ``view`` can address; copies only if needed."""
+    """``t`` (e.g. the incoming gradient) in a layout ``view`` can address; copies if needed."""
     if view.strides(t) is not None:
         return t
     return torch.empty_like(x).copy_(t)
@@ -494,7 +494,8 @@ def plan(x: torch.Tensor, reduction: bool = True) -> dict:
     nsb = triton.cdiv(cols, block_s)
     n_units = view.rows * nsb
     c_blocks = triton.cdiv(C, block_c)
-    splits = max(1, min(n_units, triton.cdiv(_target_programs(x.device, reduction), c_blocks), 65535))
+    target = _target_programs(x.device, reduction)
+    splits = max(1, min(n_units, triton.cdiv(target, c_blocks), 65535))
     units_per_prog = max(1, triton.cdiv(n_units, splits))
     splits = triton.cdiv(n_units, units_per_prog)
     return dict(view=view, BLOCK_S=block_s, BLOCK_C=block_c, nsb=nsb, n_units=n_units,
@@ -794,14 +795,16 @@ def _check(input, running_mean, running_var, weight, bias, training, eps):
         if t is None:
             continue
         if t.numel() != C:
-            raise RuntimeError(f"tkern.batch_norm: {name} should contain {C} elements not {t.numel()}")
+            raise RuntimeError(
+                f"tkern.batch_norm: {name} should contain {C} elements not {t.numel()}")
         if t.dtype != input.dtype and not (low and t.dtype == torch.float32):
             raise rt.DtypeError(
                 f"tkern.batch_norm: {name} must have the input's dtype ({input.dtype})"
                 f"{' or float32' if low else ''}, got {t.dtype}")
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         if t is not None and training and not t.is_contiguous():
-            raise RuntimeError(f"tkern.batch_norm: {name} must be contiguous to be updated in place")
+            raise RuntimeError(
+                f"tkern.batch_norm: {name} must be contiguous to be updated in place")
 
 
 def _flat(t):
