@@ -155,12 +155,7 @@ def _empty_output(x: torch.Tensor, has_bias: bool) -> torch.Tensor:
     return torch.empty_like(x) if _walks_as_is(x, has_bias) else torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-# The kernels are registered as torch.library custom ops (with fake implementations and an autograd
-# formula) so that torch.compile(fullgraph=True) traces through them.  The seed travels as a 0-dim
-# CPU tensor: drawing it is then part of the traced graph, and reading it here costs no GPU sync.
-@torch.library.custom_op("tkern::activation_dropout", mutates_args=())
-def _forward_op(x: torch.Tensor, bias: Optional[torch.Tensor], seed: torch.Tensor, activation: str,
-                p: float, dropout: bool, negative_slope: float, alpha: float) -> torch.Tensor:
+def _forward_impl(x, bias, seed, activation, p, dropout, negative_slope, alpha):
     has_bias = bias is not None
     if not _walks_as_is(x, has_bias):
         x = x.contiguous()
@@ -171,15 +166,7 @@ def _forward_op(x: torch.Tensor, bias: Optional[torch.Tensor], seed: torch.Tenso
     return y
 
 
-@_forward_op.register_fake
-def _(x, bias, seed, activation, p, dropout, negative_slope, alpha):
-    return _empty_output(x, bias is not None)
-
-
-@torch.library.custom_op("tkern::activation_dropout_backward", mutates_args=())
-def _backward_op(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], seed: torch.Tensor,
-                 activation: str, p: float, dropout: bool, negative_slope: float,
-                 alpha: float) -> torch.Tensor:
+def _backward_impl(dy, x, bias, seed, activation, p, dropout, negative_slope, alpha):
     has_bias = bias is not None
     if not _walks_as_is(x, has_bias):
         x = x.contiguous()
@@ -192,6 +179,52 @@ def _backward_op(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor]
     return dx
 
 
+def _grads(ctx, dy, backward):
+    """(dx, dbias) from what forward saved: x, the bias and the seed, never the mask."""
+    x, bias, seed = ctx.saved_tensors
+    dx = backward(dy, x, bias, seed, *ctx.cfg)
+    dbias = None
+    if bias is not None and ctx.needs_input_grad[1]:
+        dbias = dx.reshape(-1, bias.numel()).sum(0, dtype=rt.accum_dtype(dx.dtype)).to(bias.dtype)
+    return dx, dbias
+
+
+class _ActivationDropoutFunction(torch.autograd.Function):
+    """Eager autograd: dispatching a torch.library op costs tens of microseconds per call, as much
+    as the kernel on a few-MB tensor, so eager calls take this path and torch.compile the ops."""
+
+    @staticmethod
+    def forward(ctx, x, bias, seed, *cfg):
+        ctx.save_for_backward(x, bias, seed)
+        ctx.cfg = cfg
+        return _forward_impl(x, bias, seed, *cfg)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return (*_grads(ctx, dy, _backward_impl), None) + (None,) * len(ctx.cfg)
+
+
+# The same kernels as torch.library custom ops (fake implementations, an autograd formula), which
+# torch.compile(fullgraph=True) traces through.  The seed travels as a 0-dim CPU tensor: drawing it
+# is part of the traced graph, and reading it here costs no GPU sync.
+@torch.library.custom_op("tkern::activation_dropout", mutates_args=())
+def _forward_op(x: torch.Tensor, bias: Optional[torch.Tensor], seed: torch.Tensor, activation: str,
+                p: float, dropout: bool, negative_slope: float, alpha: float) -> torch.Tensor:
+    return _forward_impl(x, bias, seed, activation, p, dropout, negative_slope, alpha)
+
+
+@_forward_op.register_fake
+def _(x, bias, seed, activation, p, dropout, negative_slope, alpha):
+    return _empty_output(x, bias is not None)
+
+
+@torch.library.custom_op("tkern::activation_dropout_backward", mutates_args=())
+def _backward_op(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], seed: torch.Tensor,
+                 activation: str, p: float, dropout: bool, negative_slope: float,
+                 alpha: float) -> torch.Tensor:
+    return _backward_impl(dy, x, bias, seed, activation, p, dropout, negative_slope, alpha)
+
+
 @_backward_op.register_fake
 def _(dy, x, bias, seed, activation, p, dropout, negative_slope, alpha):
     return _empty_output(x, bias is not None)
@@ -199,20 +232,13 @@ def _(dy, x, bias, seed, activation, p, dropout, negative_slope, alpha):
 
 def _setup_context(ctx, inputs, output):
     x, bias, seed, *cfg = inputs
-    ctx.save_for_backward(x, bias, seed)  # x and the bias: never the mask
+    ctx.save_for_backward(x, bias, seed)
     ctx.cfg = cfg
 
 
-def _autograd_backward(ctx, dy):
-    x, bias, seed = ctx.saved_tensors
-    dx = _backward_op(dy, x, bias, seed, *ctx.cfg)
-    dbias = None
-    if bias is not None and ctx.needs_input_grad[1]:
-        dbias = dx.reshape(-1, bias.numel()).sum(0, dtype=rt.accum_dtype(dx.dtype)).to(bias.dtype)
-    return dx, dbias, None, None, None, None, None, None
-
-
-_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+_forward_op.register_autograd(
+    lambda ctx, dy: (*_grads(ctx, dy, _backward_op), None) + (None,) * len(ctx.cfg),
+    setup_context=_setup_context)
 
 
 def _check(x, bias, activation, p, approximate):
@@ -258,5 +284,8 @@ def activation_dropout(x, activation="relu", p=0.5, training=True, *, bias=None,
     if not rt.use_triton("activation_dropout", x, bias):
         return _eager(x, bias, activation, p, dropout, negative_slope, alpha, approximate, generator)
     seed = rt.draw_seed_tensor(generator) if dropout else torch.zeros((), dtype=torch.int64)
-    return _forward_op(x, bias, seed, kernel_name(activation, approximate), float(p), dropout,
-                       float(negative_slope), float(alpha))
+    args = (x, bias, seed, kernel_name(activation, approximate), float(p), dropout,
+            float(negative_slope), float(alpha))
+    if torch.compiler.is_compiling():
+        return _forward_op(*args)
+    return _ActivationDropoutFunction.apply(*args)

@@ -267,18 +267,47 @@ def _cfg(last, before, after, scale, beta, k):
     return dict(last=last, before=before, after=after, scale=scale, beta=beta, k=k)
 
 
-# The kernels are torch.library custom ops (fake implementations, an autograd formula) so that
-# torch.compile(fullgraph=True) traces through them.  autograd saves x alone.
-@torch.library.custom_op("tkern::local_response_norm", mutates_args=())
-def _forward_op(x: torch.Tensor, last: bool, before: int, after: int, scale: float, beta: float,
-                k: float) -> torch.Tensor:
-    cfg = _cfg(last, before, after, scale, beta, k)
+def _forward_impl(x, last, before, after, scale, beta, k):
     x, y = _forward_buffers(x, last)
     x3, y3 = _view3(x, last), _view3(y, last)
-    grid, dims, kw = _launch_args(x3, cfg)
+    grid, dims, kw = _launch_args(x3, _cfg(last, before, after, scale, beta, k))
     _lrn_forward_kernel[grid](x3, y3, *dims, *x3.stride(), *y3.stride(),
                               INT64=rt.needs_int64(x3, y3), **kw)
     return y
+
+
+def _backward_impl(x, dy, last, before, after, scale, beta, k):
+    x, _ = _forward_buffers(x, last)
+    (x, dy, dx), (x3, g3, d3) = _walk(last, x, dy, _empty(x, last))
+    grid, dims, kw = _launch_args(x3, _cfg(last, before, after, scale, beta, k))
+    _lrn_backward_kernel[grid](x3, g3, d3, *dims, *x3.stride(), *g3.stride(), *d3.stride(),
+                               INT64=rt.needs_int64(x3, g3, d3), **kw)
+    return dx
+
+
+class _LocalResponseNormFunction(torch.autograd.Function):
+    """Eager autograd (a torch.library op costs tens of microseconds per call to dispatch; eager
+    calls take this path, torch.compile the ops below).  Saves x alone: s and y are recomputed."""
+
+    @staticmethod
+    def forward(ctx, x, *cfg):
+        ctx.save_for_backward(x)
+        ctx.cfg = cfg
+        return _forward_impl(x, *cfg)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        return (_backward_impl(x, dy, *ctx.cfg),) + (None,) * len(ctx.cfg)
+
+
+# The same kernels as torch.library custom ops (fake implementations, an autograd formula), which
+# torch.compile(fullgraph=True) traces through.
+@torch.library.custom_op("tkern::local_response_norm", mutates_args=())
+def _forward_op(x: torch.Tensor, last: bool, before: int, after: int, scale: float, beta: float,
+                k: float) -> torch.Tensor:
+    return _forward_impl(x, last, before, after, scale, beta, k)
 
 
 @_forward_op.register_fake
@@ -289,13 +318,7 @@ def _(x, last, before, after, scale, beta, k):
 @torch.library.custom_op("tkern::local_response_norm_backward", mutates_args=())
 def _backward_op(x: torch.Tensor, dy: torch.Tensor, last: bool, before: int, after: int,
                  scale: float, beta: float, k: float) -> torch.Tensor:
-    cfg = _cfg(last, before, after, scale, beta, k)
-    x, _ = _forward_buffers(x, last)
-    (x, dy, dx), (x3, g3, d3) = _walk(last, x, dy, _empty(x, last))
-    grid, dims, kw = _launch_args(x3, cfg)
-    _lrn_backward_kernel[grid](x3, g3, d3, *dims, *x3.stride(), *g3.stride(), *d3.stride(),
-                               INT64=rt.needs_int64(x3, g3, d3), **kw)
-    return dx
+    return _backward_impl(x, dy, last, before, after, scale, beta, k)
 
 
 @_backward_op.register_fake
@@ -307,7 +330,7 @@ def _(x, dy, last, before, after, scale, beta, k):
 
 def _setup_context(ctx, inputs, output):
     x, *cfg = inputs
-    ctx.save_for_backward(x)  # x alone: s and y are recomputed in backward
+    ctx.save_for_backward(x)
     ctx.cfg = cfg
 
 
@@ -320,7 +343,10 @@ _forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def _apply(x, last, before, after, scale, beta, k):
-    return _forward_op(x, last, before, after, float(scale), float(beta), float(k))
+    args = (x, last, before, after, float(scale), float(beta), float(k))
+    if torch.compiler.is_compiling():
+        return _forward_op(*args)
+    return _LocalResponseNormFunction.apply(*args)
 
 
 # ----------------------------------------------------------------------------------------------
