@@ -603,13 +603,15 @@ def bn_normalize(x, mean, invstd, weight, bias, activation="identity", negative_
 
 
 def bn_backward_reduce(x, dy, mean, invstd, weight, bias, activation="identity",
-                       negative_slope=0.01, alpha=1.0, mean_lo=None):
+                       negative_slope=0.01, alpha=1.0, mean_lo=None, as_rows=False):
     """Per-channel (sum g, sum g * xhat) over the local batch, g = dy * act'(z): [C] each in the
-    accumulation dtype.  They are dbias and dweight, and what SyncBatchNorm all-reduces."""
+    accumulation dtype.  They are dbias and dweight, and what SyncBatchNorm all-reduces
+    (``as_rows=True``: one [2, C] tensor)."""
     acc = rt.accum_dtype(x.dtype)
     C = x.shape[1]
     if x.numel() == 0:
-        return torch.zeros((2, C), dtype=acc, device=x.device).unbind(0)
+        sums = torch.zeros((2, C), dtype=acc, device=x.device)
+        return sums if as_rows else sums.unbind(0)
     p = plan(x, reduction=True)
     view = p["view"]
     dy = _like(dy, x, view)
@@ -621,7 +623,7 @@ def bn_backward_reduce(x, dy, mean, invstd, weight, bias, activation="identity",
         ACTIVATION=activation, COMPUTE=rt.compute_dtype(x.dtype), INT64=rt.needs_int64(x, dy),
         **flags, **_launch_args(p))
     sums = ws.sum(1)  # deterministic combine over the splits
-    return sums[0], sums[1]
+    return sums if as_rows else sums.unbind(0)
 
 
 def bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g=None, sum_gx=None, count=1,
@@ -710,30 +712,31 @@ def _(x, weight, bias, stats, training, activation, negative_slope, alpha):
 def _backward_op(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
                  bias: Optional[torch.Tensor], stats: torch.Tensor, training: bool,
                  activation: str, negative_slope: float, alpha: float, need_x: bool,
-                 need_wb: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx or an empty tensor, sum g * xhat = dweight, sum g = dbias), sums in the accum dtype."""
+                 need_wb: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx or an empty tensor, sums [2, C]: sum g = dbias, sum g * xhat = dweight)."""
     x = _prepare_input(x)
     mean, mean_lo, invstd = stats[0], stats[1], stats[2]
     act = (activation, negative_slope, alpha)
     C = x.shape[1]
     if (need_x and training) or need_wb:
-        sum_g, sum_gx = bn_backward_reduce(x, dy, mean, invstd, weight, bias, *act,
-                                           mean_lo=mean_lo)
+        sums = bn_backward_reduce(x, dy, mean, invstd, weight, bias, *act, mean_lo=mean_lo,
+                                  as_rows=True)
     else:
-        sum_g = sum_gx = stats.new_zeros(C)
+        sums = stats.new_zeros((2, C))
+    sum_g, sum_gx = sums[0], sums[1]
     dx = x.new_empty(0)
     if need_x:
         count = x.numel() // C if C else 0
         dx = bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g, sum_gx, count, *act,
                             training=training, mean_lo=mean_lo)
-    return dx, sum_gx.clone(), sum_g.clone()
+    return dx, sums
 
 
 @_backward_op.register_fake
 def _(dy, x, weight, bias, stats, training, activation, negative_slope, alpha, need_x, need_wb):
     x = _prepare_input(x)
     dx = torch.empty_like(x) if need_x else x.new_empty(0)
-    return dx, stats.new_empty(x.shape[1]), stats.new_empty(x.shape[1])
+    return dx, stats.new_empty((2, x.shape[1]))
 
 
 def _setup_context(ctx, inputs, output):
@@ -745,9 +748,9 @@ def _setup_context(ctx, inputs, output):
 def _autograd_backward(ctx, dy):
     x, weight, bias, stats = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    dx, dw, db = _backward_op(dy, x, weight, bias, stats, *ctx.cfg, need_x, need_w or need_b)
-    return (dx if need_x else None, dw.to(weight.dtype) if need_w else None,
-            db.to(bias.dtype) if need_b else None) + (None,) * 5
+    dx, sums = _backward_op(dy, x, weight, bias, stats, *ctx.cfg, need_x, need_w or need_b)
+    return (dx if need_x else None, sums[1].to(weight.dtype) if need_w else None,
+            sums[0].to(bias.dtype) if need_b else None) + (None,) * 5
 
 
 _forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
