@@ -444,11 +444,17 @@ def test_opcheck(device):
     nbt = torch.tensor(3, device=device)
     torch.library.opcheck(bn_ops._stats_op, (x.detach().transpose(0, 2), rm, rv, nbt, None, 1e-5))
     stats = bn_ops._stats_op(x.detach(), None, None, None, 0.0, 1e-5)
-    torch.library.opcheck(bn_ops._forward_op, (x, w, b, stats, True, "relu", 0.01, 1.0))
-    torch.library.opcheck(bn_ops._forward_op, (x, None, b, stats, False, "elu", 0.01, 0.5))
-    torch.library.opcheck(bn_ops._backward_op, (torch.randn(4, 3, 5, device=device), x.detach(),
-                                                w.detach(), None, stats, True, "silu", 0.01, 1.0,
-                                                True, True))
+    torch.library.opcheck(bn_ops._forward_op,
+                          (x, w, b, stats, None, None, 1e-5, True, "relu", 0.01, 1.0))
+    rv = torch.rand(3, device=device) + 0.5
+    torch.library.opcheck(bn_ops._forward_op,  # eval: from the running stats
+                          (x, None, b, None, rm, rv, 1e-3, False, "elu", 0.01, 0.5))
+    dy = torch.randn(4, 3, 5, device=device)
+    for training in (True, False):
+        torch.library.opcheck(bn_ops._backward_op,
+                              (dy, x.detach(), w.detach(), None, stats if training else None,
+                               None if training else rm, None if training else rv, 1e-5,
+                               training, "silu", 0.01, 1.0, True, True))
 
 
 def test_torch_compile_fullgraph(device):

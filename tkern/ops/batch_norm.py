@@ -27,7 +27,7 @@ Training forward: three passes over a block of channels, x read twice, y written
    ``momentum=None`` (cumulative average) reads num_batches_tracked on the device: no host sync.
 3. ``_normalize_kernel``: elementwise ``act((x - hi - lo) * (invstd * w) + b)``; centring first
    because ``x * scale + (b - mean * scale)`` loses digits when |mean| >> std.
-Eval uses the running stats (invstd from a C-sized torch op) and only pass 3.
+Eval uses the running stats and only pass 3 (one launch: the kernel takes invstd from running_var).
 
 Backward saves x, weight, bias and the fp32 mean/invstd; the pre-activation is rebuilt from them.
 1. ``_backward_reduce_kernel``: partial sums of g = dy * act'(z) and g * xhat per channel into
@@ -215,11 +215,7 @@ def _stats_combine_kernel(
     if WRITE_INVSTD:
         eps = tl.cast(eps_hi, COMPUTE) + tl.cast(eps_lo, COMPUTE)
         var = m2 / tl.maximum(n_tot, 1.0)
-        if COMPUTE == tl.float64:
-            std = tl.sqrt(var + eps)
-        else:
-            std = tl.sqrt_rn(var + eps)  # correctly rounded (tl.sqrt may be approximate)
-        tl.store(INVSTD + c, 1.0 / std, mask=cmask)
+        tl.store(INVSTD + c, _inv_sqrt(var + eps, COMPUTE), mask=cmask)
     if UPDATE:
         if CUMULATIVE:
             factor = 1.0 / tl.load(NBT).to(COMPUTE)
@@ -236,14 +232,28 @@ def _stats_combine_kernel(
 
 
 @triton.jit
-def _channel_params(MEAN, MEAN_LO, INVSTD, W, B, c, cmask, HAS_LO: tl.constexpr,
-                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, COMPUTE: tl.constexpr):
+def _inv_sqrt(v, COMPUTE: tl.constexpr):
+    if COMPUTE == tl.float64:
+        r = 1.0 / tl.sqrt(v)
+    else:
+        r = 1.0 / tl.sqrt_rn(v)  # correctly rounded (tl.sqrt may be approximate)
+    return r
+
+
+@triton.jit
+def _channel_params(MEAN, MEAN_LO, INVSTD, W, B, c, cmask, eps, HAS_LO: tl.constexpr,
+                    FROM_VAR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                    COMPUTE: tl.constexpr):
+    """Per-channel statistics and affine parameters; with FROM_VAR, INVSTD holds the (running)
+    variance and invstd = 1 / sqrt(var + eps) is taken here (eval: no separate launch)."""
     mean = tl.load(MEAN + c, mask=cmask, other=0.0).to(COMPUTE)
     if HAS_LO:
         mean_lo = tl.load(MEAN_LO + c, mask=cmask, other=0.0).to(COMPUTE)
     else:
         mean_lo = tl.zeros([c.shape[0]], COMPUTE)
-    invstd = tl.load(INVSTD + c, mask=cmask, other=0.0).to(COMPUTE)
+    invstd = tl.load(INVSTD + c, mask=cmask, other=1.0).to(COMPUTE)
+    if FROM_VAR:
+        invstd = _inv_sqrt(invstd + eps, COMPUTE)
     if HAS_W:
         w = tl.load(W + c, mask=cmask, other=0.0).to(COMPUTE)
     else:
@@ -273,7 +283,9 @@ def _normalize_kernel(
     C, S, sxN, sxC, sxS, syN, syC, syS,
     nsb, n_units, units_per_prog,
     negative_slope, alpha,
-    HAS_LO: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACTIVATION: tl.constexpr,
+    eps_hi, eps_lo,  # eps as an fp32 pair, used with FROM_VAR (INVSTD then holds the variance)
+    HAS_LO: tl.constexpr, FROM_VAR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
@@ -281,8 +293,9 @@ def _normalize_kernel(
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     lanes_s = tl.arange(0, BLOCK_S)
-    mean, mean_lo, invstd, w, b = _channel_params(MEAN, MEAN_LO, INVSTD, W, B, c, cmask, HAS_LO,
-                                                  HAS_W, HAS_B, COMPUTE)
+    eps = tl.cast(eps_hi, COMPUTE) + tl.cast(eps_lo, COMPUTE)
+    mean, mean_lo, invstd, w, b = _channel_params(MEAN, MEAN_LO, INVSTD, W, B, c, cmask, eps,
+                                                  HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE)
     scale = invstd * w
     u0 = pid_p * units_per_prog
     for i in range(0, units_per_prog):
@@ -317,7 +330,9 @@ def _backward_reduce_kernel(
     C, S, sxN, sxC, sxS, sdN, sdC, sdS,
     nsb, n_units, units_per_prog,
     negative_slope, alpha,
-    HAS_LO: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACTIVATION: tl.constexpr,
+    eps_hi, eps_lo,  # eps as an fp32 pair, used with FROM_VAR (INVSTD then holds the variance)
+    HAS_LO: tl.constexpr, FROM_VAR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
@@ -325,8 +340,9 @@ def _backward_reduce_kernel(
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     lanes_s = tl.arange(0, BLOCK_S)
-    mean, mean_lo, invstd, w, b = _channel_params(MEAN, MEAN_LO, INVSTD, W, B, c, cmask, HAS_LO,
-                                                  HAS_W, HAS_B, COMPUTE)
+    eps = tl.cast(eps_hi, COMPUTE) + tl.cast(eps_lo, COMPUTE)
+    mean, mean_lo, invstd, w, b = _channel_params(MEAN, MEAN_LO, INVSTD, W, B, c, cmask, eps,
+                                                  HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE)
     # per-lane sums, reduced across lanes once at the end (no reductions inside the loop)
     acc_g = tl.zeros([BLOCK_S, BLOCK_C], COMPUTE)
     acc_gx = tl.zeros([BLOCK_S, BLOCK_C], COMPUTE)
@@ -357,7 +373,9 @@ def _dx_kernel(
     nsb, n_units, units_per_prog,
     inv_n_hi, inv_n_lo,  # 1 / count as an fp32 pair (hi + lo)
     negative_slope, alpha,
-    TRAINING: tl.constexpr, HAS_LO: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    eps_hi, eps_lo,  # eps as an fp32 pair, used with FROM_VAR (INVSTD then holds the variance)
+    TRAINING: tl.constexpr, HAS_LO: tl.constexpr, FROM_VAR: tl.constexpr, HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
     ACTIVATION: tl.constexpr,
     COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -366,8 +384,9 @@ def _dx_kernel(
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     lanes_s = tl.arange(0, BLOCK_S)
-    mean, mean_lo, invstd, w, b = _channel_params(MEAN, MEAN_LO, INVSTD, W, B, c, cmask, HAS_LO,
-                                                  HAS_W, HAS_B, COMPUTE)
+    eps = tl.cast(eps_hi, COMPUTE) + tl.cast(eps_lo, COMPUTE)
+    mean, mean_lo, invstd, w, b = _channel_params(MEAN, MEAN_LO, INVSTD, W, B, c, cmask, eps,
+                                                  HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE)
     scale = invstd * w
     if TRAINING:
         inv_n = tl.cast(inv_n_hi, COMPUTE) + tl.cast(inv_n_lo, COMPUTE)
@@ -577,24 +596,29 @@ def bn_combine_stats(count, mean, m2, mean_lo=None, eps=1e-5, running_mean=None,
     return out_mean, out_lo, invstd
 
 
-def _stat_args(x, mean, mean_lo, invstd, weight, bias):
-    """Pointer arguments and flags shared by the normalize and backward kernels."""
-    flags = dict(HAS_LO=mean_lo is not None, HAS_W=weight is not None, HAS_B=bias is not None)
-    ptrs = (mean, mean_lo if mean_lo is not None else mean, invstd,
+def _stat_args(x, mean, mean_lo, invstd, weight, bias, var, eps):
+    """Pointer arguments and flags shared by the normalize and backward kernels.  ``var`` (with
+    ``eps``) replaces ``invstd``: the kernels then take 1 / sqrt(var + eps) themselves."""
+    from_var = var is not None
+    eps_hi, eps_lo = _split_f32(float(eps))
+    flags = dict(HAS_LO=mean_lo is not None, FROM_VAR=from_var, HAS_W=weight is not None,
+                 HAS_B=bias is not None, eps_hi=eps_hi, eps_lo=eps_lo)
+    ptrs = (mean, mean_lo if mean_lo is not None else mean, var if from_var else invstd,
             weight if weight is not None else mean, bias if bias is not None else mean)
     return ptrs, flags
 
 
 def bn_normalize(x, mean, invstd, weight, bias, activation="identity", negative_slope=0.01,
-                 alpha=1.0, mean_lo=None):
+                 alpha=1.0, mean_lo=None, var=None, eps=0.0):
     """``act((x - mean - mean_lo) * invstd * weight + bias)``; ``activation`` is a kernel name
-    (``activations.kernel_name``).  Output in x's dtype and memory format."""
+    (``activations.kernel_name``).  Output in x's dtype and memory format.  Eval passes the
+    running stats: ``mean=running_mean, invstd=None, var=running_var, eps=eps``."""
     y = torch.empty_like(x)
     if x.numel() == 0:
         return y
     p = plan(x, reduction=False)
     view = p["view"]
-    ptrs, flags = _stat_args(x, mean, mean_lo, invstd, weight, bias)
+    ptrs, flags = _stat_args(x, mean, mean_lo, invstd, weight, bias, var, eps)
     _normalize_kernel[p["grid"]](
         x, y, *ptrs, view.C, view.cols, *view.strides(x), *view.strides(y),
         negative_slope=float(negative_slope), alpha=float(alpha), ACTIVATION=activation,
@@ -603,7 +627,8 @@ def bn_normalize(x, mean, invstd, weight, bias, activation="identity", negative_
 
 
 def bn_backward_reduce(x, dy, mean, invstd, weight, bias, activation="identity",
-                       negative_slope=0.01, alpha=1.0, mean_lo=None, as_rows=False):
+                       negative_slope=0.01, alpha=1.0, mean_lo=None, as_rows=False, var=None,
+                       eps=0.0):
     """Per-channel (sum g, sum g * xhat) over the local batch, g = dy * act'(z): [C] each in the
     accumulation dtype.  They are dbias and dweight, and what SyncBatchNorm all-reduces
     (``as_rows=True``: one [2, C] tensor)."""
@@ -616,7 +641,7 @@ def bn_backward_reduce(x, dy, mean, invstd, weight, bias, activation="identity",
     view = p["view"]
     dy = _like(dy, x, view)
     ws = torch.empty((2, p["num_partials"], C), dtype=acc, device=x.device)
-    ptrs, flags = _stat_args(x, mean, mean_lo, invstd, weight, bias)
+    ptrs, flags = _stat_args(x, mean, mean_lo, invstd, weight, bias, var, eps)
     _backward_reduce_kernel[p["grid"]](
         x, dy, *ptrs, ws[0], ws[1], C, view.cols, *view.strides(x),
         *view.strides(dy), negative_slope=float(negative_slope), alpha=float(alpha),
@@ -628,7 +653,7 @@ def bn_backward_reduce(x, dy, mean, invstd, weight, bias, activation="identity",
 
 def bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g=None, sum_gx=None, count=1,
                    activation="identity", negative_slope=0.01, alpha=1.0, training=True,
-                   mean_lo=None):
+                   mean_lo=None, var=None, eps=0.0):
     """dx.  Training: from the (global) sums of g and g * xhat and the (global) element count per
     channel (pass sums already divided by the count and ``count=1`` if the count is on a device).
     Eval (``training=False``): ``g * weight * invstd``."""
@@ -638,7 +663,7 @@ def bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g=None, sum_gx=None, c
     p = plan(x, reduction=False)
     view = p["view"]
     dy = _like(dy, x, view)
-    ptrs, flags = _stat_args(x, mean, mean_lo, invstd, weight, bias)
+    ptrs, flags = _stat_args(x, mean, mean_lo, invstd, weight, bias, var, eps)
     inv_hi, inv_lo = _split_f32(1.0 / max(int(count), 1))
     _dx_kernel[p["grid"]](
         x, dy, dx, *ptrs, sum_g if training else mean, sum_gx if training else mean,
@@ -668,9 +693,12 @@ def num_partials(x: torch.Tensor) -> int:
 # The statistics travel as one [3, C] tensor: mean, mean_lo, invstd.
 
 
-def _stats_eval(running_mean, running_var, eps, acc):
-    zeros = torch.zeros_like(running_mean, dtype=acc)
-    return torch.stack((running_mean.to(acc), zeros, torch.rsqrt(running_var.to(acc) + eps)))
+def _stat_kwargs(stats, running_mean, running_var, eps):
+    """(mean, invstd, extra kwargs) for the launchers: batch statistics (rows of ``stats``) or,
+    without them (eval), the running stats, whose invstd the kernels take themselves."""
+    if stats is not None:
+        return stats[0], stats[2], dict(mean_lo=stats[1])
+    return running_mean, None, dict(var=running_var, eps=eps)
 
 
 @torch.library.custom_op("tkern::batch_norm_stats", mutates_args=("running_mean", "running_var"))
@@ -696,61 +724,66 @@ def _(x, running_mean, running_var, num_batches_tracked, momentum, eps):
 
 @torch.library.custom_op("tkern::batch_norm_normalize", mutates_args=())
 def _forward_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                stats: torch.Tensor, training: bool, activation: str, negative_slope: float,
-                alpha: float) -> torch.Tensor:
+                stats: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
+                running_var: Optional[torch.Tensor], eps: float, training: bool, activation: str,
+                negative_slope: float, alpha: float) -> torch.Tensor:
+    """y from batch statistics ``stats`` [3, C] (training) or from the running stats (eval)."""
     x = _prepare_input(x)
-    return bn_normalize(x, stats[0], stats[2], weight, bias, activation, negative_slope, alpha,
-                        mean_lo=stats[1])
+    mean, invstd, kw = _stat_kwargs(stats, running_mean, running_var, eps)
+    return bn_normalize(x, mean, invstd, weight, bias, activation, negative_slope, alpha, **kw)
 
 
 @_forward_op.register_fake
-def _(x, weight, bias, stats, training, activation, negative_slope, alpha):
+def _(x, weight, bias, stats, running_mean, running_var, eps, training, activation,
+      negative_slope, alpha):
     return torch.empty_like(_prepare_input(x))
 
 
 @torch.library.custom_op("tkern::batch_norm_backward", mutates_args=())
 def _backward_op(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
-                 bias: Optional[torch.Tensor], stats: torch.Tensor, training: bool,
-                 activation: str, negative_slope: float, alpha: float, need_x: bool,
-                 need_wb: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 bias: Optional[torch.Tensor], stats: Optional[torch.Tensor],
+                 running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                 eps: float, training: bool, activation: str, negative_slope: float, alpha: float,
+                 need_x: bool, need_wb: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx or an empty tensor, sums [2, C]: sum g = dbias, sum g * xhat = dweight)."""
     x = _prepare_input(x)
-    mean, mean_lo, invstd = stats[0], stats[1], stats[2]
+    mean, invstd, kw = _stat_kwargs(stats, running_mean, running_var, eps)
     act = (activation, negative_slope, alpha)
     C = x.shape[1]
     if (need_x and training) or need_wb:
-        sums = bn_backward_reduce(x, dy, mean, invstd, weight, bias, *act, mean_lo=mean_lo,
-                                  as_rows=True)
+        sums = bn_backward_reduce(x, dy, mean, invstd, weight, bias, *act, as_rows=True, **kw)
     else:
-        sums = stats.new_zeros((2, C))
-    sum_g, sum_gx = sums[0], sums[1]
+        sums = x.new_zeros((2, C), dtype=rt.accum_dtype(x.dtype))
     dx = x.new_empty(0)
     if need_x:
         count = x.numel() // C if C else 0
-        dx = bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g, sum_gx, count, *act,
-                            training=training, mean_lo=mean_lo)
+        dx = bn_backward_dx(x, dy, mean, invstd, weight, bias, sums[0], sums[1], count, *act,
+                            training=training, **kw)
     return dx, sums
 
 
 @_backward_op.register_fake
-def _(dy, x, weight, bias, stats, training, activation, negative_slope, alpha, need_x, need_wb):
+def _(dy, x, weight, bias, stats, running_mean, running_var, eps, training, activation,
+      negative_slope, alpha, need_x, need_wb):
     x = _prepare_input(x)
     dx = torch.empty_like(x) if need_x else x.new_empty(0)
-    return dx, stats.new_empty((2, x.shape[1]))
+    return dx, x.new_empty((2, x.shape[1]), dtype=rt.accum_dtype(x.dtype))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, stats, training, activation, negative_slope, alpha = inputs
-    ctx.save_for_backward(x, weight, bias, stats)  # never the pre-activation
-    ctx.cfg = (training, activation, negative_slope, alpha)
+    x, weight, bias, stats, running_mean, running_var, eps, *cfg = inputs
+    # never the pre-activation: backward rebuilds it from x and the statistics
+    ctx.save_for_backward(x, weight, bias, stats, running_mean, running_var)
+    ctx.cfg = (eps, *cfg)
 
 
 def _autograd_backward(ctx, dy):
-    x, weight, bias, stats = ctx.saved_tensors
+    x, weight, bias, stats, running_mean, running_var = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    dx, sums = _backward_op(dy, x, weight, bias, stats, *ctx.cfg, need_x, need_w or need_b)
+    dx, sums = _backward_op(dy, x, weight, bias, stats, running_mean, running_var, *ctx.cfg,
+                            need_x, need_w or need_b)
     return (dx if need_x else None, sums[1].to(weight.dtype) if need_w else None,
-            sums[0].to(bias.dtype) if need_b else None) + (None,) * 5
+            sums[0].to(bias.dtype) if need_b else None) + (None,) * 8
 
 
 _forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -828,16 +861,16 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     update = training and running_mean is not None
     if update and momentum is None and num_batches_tracked is None:
         raise ValueError("tkern.batch_norm: momentum=None needs num_batches_tracked")
+    stats = rm = rv = None
     if training:
         stats = _stats_op(input.detach(), _flat(running_mean) if update else None,
                           _flat(running_var) if update else None,
                           num_batches_tracked if update and momentum is None else None,
                           momentum if update else 0.0, float(eps))
-    else:
-        stats = _stats_eval(_flat(running_mean), _flat(running_var), float(eps),
-                            rt.accum_dtype(input.dtype))
-    return _forward_op(input, _flat(weight), _flat(bias), stats, bool(training), kact,
-                       float(negative_slope), float(alpha))
+    else:  # eval: one launch, the kernel takes invstd from running_var itself
+        rm, rv = _flat(running_mean), _flat(running_var)
+    return _forward_op(input, _flat(weight), _flat(bias), stats, rm, rv, float(eps),
+                       bool(training), kact, float(negative_slope), float(alpha))
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
