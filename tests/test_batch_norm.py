@@ -210,6 +210,20 @@ def test_strided_views(device):
     torch.testing.assert_close(x.grad, xt.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_strided_parameters(device):
+    x = torch.randn(4, 3, 5, device=device)
+    params = torch.rand(4, 6, device=device) + 0.5  # each parameter a strided column view
+    w, b, rm, rv = params.unbind(0)
+    w, b, rm, rv = w[::2], b[::2], rm[::2], rv[::2]
+    for training in (False, True):
+        rm_t, rv_t = rm.clone(), rv.clone()
+        args = (w, b, training, 0.1, 1e-5)
+        rm_o, rv_o = (rm.contiguous(), rv.contiguous()) if training else (rm, rv)
+        ours = tkern.batch_norm(x, rm_o, rv_o, *args)
+        torch.testing.assert_close(ours, F.batch_norm(x, rm_t, rv_t, *args))
+        torch.testing.assert_close(rm_o, rm_t)
+
+
 def test_large_mean_is_stable(device):
     x64 = 1000.0 + 0.01 * torch.randn(6, 4, 9, 7, device=device, dtype=torch.float64)
     y = _functional_case(device, torch.float32, x64.shape, True, x64=x64)[0]

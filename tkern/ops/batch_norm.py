@@ -844,7 +844,10 @@ def _check(input, running_mean, running_var, weight, bias, training, eps):
 
 
 def _flat(t):
-    return t if t is None or t.dim() == 1 else t.reshape(-1)
+    """A [C] parameter as the kernels index it (unit stride); a copy only when strided."""
+    if t is None or (t.dim() == 1 and t.is_contiguous()):
+        return t
+    return t.reshape(-1).contiguous()
 
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
