@@ -29,7 +29,8 @@ Training forward: three passes over a block of channels, x read twice, y written
    because ``x * scale + (b - mean * scale)`` loses digits when |mean| >> std.
 Eval uses the running stats and only pass 3 (one launch: the kernel takes invstd from running_var).
 
-Backward saves x, weight, bias and the fp32 mean/invstd; the pre-activation is rebuilt from them.
+Backward saves x, weight, bias and the statistics used (the fp32/fp64 [3, C] mean, mean_lo, invstd
+in training; the running stats in eval); the pre-activation is rebuilt from them.
 1. ``_backward_reduce_kernel``: partial sums of g = dy * act'(z) and g * xhat per channel into
    ``[P, C]`` (deterministic: no float atomics), then a torch ``sum(0)`` over P.  They are dbias and
    dweight.
@@ -43,11 +44,16 @@ Host building blocks (also used by SyncBatchNorm around torch.distributed collec
   num_batches_tracked)`` -> (mean, mean_lo, invstd), running stats updated in place once;
   with ``local=True`` -> the merged (count, mean, m2, mean_lo) ``[1, C]`` of the local batch, to
   all_gather (``[world, C]`` each) and pass back in for the global statistics.
-- ``bn_normalize(x, mean, invstd, weight, bias, activation, mean_lo=...)`` -> y.
+- ``bn_normalize(x, mean, invstd, weight, bias, activation, mean_lo=...)`` -> y (eval:
+  ``bn_normalize(x, running_mean, None, ..., var=running_var, eps=eps)``).
 - ``bn_backward_reduce(x, dy, mean, invstd, weight, bias, activation, mean_lo=...)``
   -> (sum_g, sum_g_xhat), ``[C]`` each: dbias, dweight, and what a SyncBatchNorm all-reduces.
 - ``bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g, sum_g_xhat, count, activation,
   training, mean_lo=...)`` -> dx, from global sums and the global count.
+
+torch.compile: the launchers are wrapped as torch.library custom ops (``tkern::batch_norm_stats``,
+which mutates the running stats, and the functional ``tkern::batch_norm_normalize`` /
+``tkern::batch_norm_backward`` pair carrying the autograd formula), so fullgraph tracing works.
 """
 
 from __future__ import annotations
