@@ -505,7 +505,22 @@ def _target_programs(device: torch.device, reduction: bool) -> int:
 
 def plan(x: torch.Tensor, reduction: bool = True) -> dict:
     """Tile shape and grid for ``x`` ([N, C, *spatial], already prepared).  ``num_partials`` is
-    the number of splits per channel (rows of the statistics workspace)."""
+    the number of splits per channel (rows of the statistics workspace).  Cached per shape,
+    strides, element size and device: host time matters for small layers."""
+    target = _target_programs(x.device, reduction)
+    key = (tuple(x.shape), x.stride(), x.element_size(), target)
+    p = _plans.get(key)
+    if p is None:
+        if len(_plans) > 4096:
+            _plans.clear()
+        p = _plans[key] = _make_plan(x, target)
+    return p
+
+
+_plans: dict = {}
+
+
+def _make_plan(x: torch.Tensor, target: int) -> dict:
     view = _View(x)
     C, cols = view.C, view.cols
     sN, sC, sS = view.strides(x)
@@ -519,7 +534,6 @@ def plan(x: torch.Tensor, reduction: bool = True) -> dict:
     nsb = triton.cdiv(cols, block_s)
     n_units = view.rows * nsb
     c_blocks = triton.cdiv(C, block_c)
-    target = _target_programs(x.device, reduction)
     splits = max(1, min(n_units, triton.cdiv(target, c_blocks), 65535))
     units_per_prog = max(1, triton.cdiv(n_units, splits))
     splits = triton.cdiv(n_units, units_per_prog)
