@@ -797,7 +797,24 @@ def _setup_context(ctx, inputs, output):
     ctx.cfg = (eps, *cfg)
 
 
+def _differentiable_backward(ctx, dy):
+    """Backward under create_graph=True (double backward): the same gradient from torch ops, whose
+    graph autograd can differentiate again.  The first-order path never comes here."""
+    x, weight, bias, _, running_mean, running_var = ctx.saved_tensors
+    eps, training, activation, negative_slope, alpha = ctx.cfg
+    act, approximate = ("gelu", "tanh") if activation == "gelu_tanh" else (activation, "none")
+    wanted = [t for t, need in zip((x, weight, bias), ctx.needs_input_grad[:3]) if need]
+    with torch.enable_grad():
+        y = F.batch_norm(x, None if training else running_mean, None if training else running_var,
+                         weight, bias, training, 0.0, eps)
+        y = eager_activation(y, act, negative_slope, alpha, approximate)
+    grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:3]) + (None,) * 8
+
+
 def _autograd_backward(ctx, dy):
+    if torch.is_grad_enabled():
+        return _differentiable_backward(ctx, dy)
     x, weight, bias, stats, running_mean, running_var = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     dx, sums = _backward_op(dy, x, weight, bias, stats, running_mean, running_var, *ctx.cfg,
