@@ -54,6 +54,7 @@ Host building blocks (also used by SyncBatchNorm around torch.distributed collec
 torch.compile: the launchers are wrapped as torch.library custom ops (``tkern::batch_norm_stats``,
 which mutates the running stats, and the functional ``tkern::batch_norm_normalize`` /
 ``tkern::batch_norm_backward`` pair carrying the autograd formula), so fullgraph tracing works.
+Double backward (create_graph=True) takes a differentiable torch-op backward instead.
 """
 
 from __future__ import annotations
