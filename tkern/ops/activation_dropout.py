@@ -34,30 +34,36 @@ def _keep(r, p):
 
 
 @triton.jit
-def _forward_quarter(X, BIAS, Y, offs, r, n_elements, n_cols, p, scale, negative_slope, alpha,
-                     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-                     COMPUTE: tl.constexpr):
+def _quarter(X, BIAS, DY, OUT, offs, r, n_elements, n_cols, p, scale, negative_slope, alpha,
+             ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+             BACKWARD: tl.constexpr, COMPUTE: tl.constexpr):
     mask = offs < n_elements
     z = tl.load(X + offs, mask=mask, other=0.0).to(COMPUTE)
     if HAS_BIAS:
         z += tl.load(BIAS + offs % n_cols, mask=mask, other=0.0).to(COMPUTE)
-    y = activate(z, ACTIVATION, negative_slope, alpha)
+    if BACKWARD:  # dz = dy * act'(z) * mask * scale
+        out = tl.load(DY + offs, mask=mask, other=0.0).to(COMPUTE)
+        out = out * activation_grad(z, ACTIVATION, negative_slope, alpha)
+    else:  # y = act(z) * mask * scale
+        out = activate(z, ACTIVATION, negative_slope, alpha)
     if DROPOUT:
         # select, not multiply: with p = 1 nothing survives and no 0 * inf can appear
-        y = tl.where(_keep(r, p), y * scale, 0.0)
-    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+        out = tl.where(_keep(r, p), out * scale, 0.0)
+    tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _forward_kernel(
+def _kernel(
     X,  # input, flat (n_elements,)
     BIAS,  # bias over the last dim (n_cols,), or a dummy when HAS_BIAS is False
-    Y,  # output, flat (n_elements,), same layout as X
+    DY,  # backward: gradient of y, in X's layout; forward: a dummy
+    OUT,  # forward: y; backward: dx (= dz); flat, in X's layout
     n_elements, n_cols,  # element count; length of the last dim (bias index = offset % n_cols)
     seed, p,  # Philox seed; drop probability
     scale: tl.float64,  # 1 / (1 - p), or 0 when p == 1
     negative_slope: tl.float64, alpha: tl.float64,  # leaky_relu slope; elu alpha
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    BACKWARD: tl.constexpr,
     COMPUTE: tl.constexpr,  # fp32, or fp64 for fp64 tensors
     INT64: tl.constexpr,  # index in int64 (tensors past 2^31 elements)
     QUARTER: tl.constexpr,
@@ -72,67 +78,18 @@ def _forward_kernel(
     lanes = tl.arange(0, QUARTER)
     counters = pid * QUARTER + lanes
     if DROPOUT:
-        r0, r1, r2, r3 = tl.randint4x(seed, counters)
+        r0, r1, r2, r3 = tl.randint4x(seed, counters)  # one Philox call, a word per quarter
     else:
         r0, r1, r2, r3 = counters, counters, counters, counters  # unused
     base = pid * (4 * QUARTER) + lanes
-    _forward_quarter(X, BIAS, Y, base, r0, n_elements, n_cols, p, scale, negative_slope, alpha,
-                     ACTIVATION, HAS_BIAS, DROPOUT, COMPUTE)
-    _forward_quarter(X, BIAS, Y, base + QUARTER, r1, n_elements, n_cols, p, scale, negative_slope,
-                     alpha, ACTIVATION, HAS_BIAS, DROPOUT, COMPUTE)
-    _forward_quarter(X, BIAS, Y, base + 2 * QUARTER, r2, n_elements, n_cols, p, scale,
-                     negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, COMPUTE)
-    _forward_quarter(X, BIAS, Y, base + 3 * QUARTER, r3, n_elements, n_cols, p, scale,
-                     negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, COMPUTE)
-
-
-@triton.jit
-def _backward_quarter(X, BIAS, DY, DX, offs, r, n_elements, n_cols, p, scale, negative_slope, alpha,
-                      ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-                      COMPUTE: tl.constexpr):
-    mask = offs < n_elements
-    z = tl.load(X + offs, mask=mask, other=0.0).to(COMPUTE)
-    if HAS_BIAS:
-        z += tl.load(BIAS + offs % n_cols, mask=mask, other=0.0).to(COMPUTE)
-    dy = tl.load(DY + offs, mask=mask, other=0.0).to(COMPUTE)
-    dz = dy * activation_grad(z, ACTIVATION, negative_slope, alpha)
-    if DROPOUT:
-        dz = tl.where(_keep(r, p), dz * scale, 0.0)
-    tl.store(DX + offs, dz.to(DX.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _backward_kernel(
-    X, BIAS,  # forward's input and bias (the bias a dummy when HAS_BIAS is False)
-    DY,  # gradient of y, in X's layout
-    DX,  # gradient of x (= gradient of z), in X's layout
-    n_elements, n_cols, seed, p,  # as in forward
-    scale: tl.float64, negative_slope: tl.float64, alpha: tl.float64,
-    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-    COMPUTE: tl.constexpr, INT64: tl.constexpr, QUARTER: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    if INT64:
-        pid = pid.to(tl.int64)
-    # float arguments in the compute type, exact for fp64 (see docs/CONVENTIONS.md)
-    scale = (tl.zeros([1], COMPUTE) + scale).to(COMPUTE)
-    negative_slope = (tl.zeros([1], COMPUTE) + negative_slope).to(COMPUTE)
-    alpha = (tl.zeros([1], COMPUTE) + alpha).to(COMPUTE)
-    lanes = tl.arange(0, QUARTER)
-    counters = pid * QUARTER + lanes
-    if DROPOUT:
-        r0, r1, r2, r3 = tl.randint4x(seed, counters)
-    else:
-        r0, r1, r2, r3 = counters, counters, counters, counters
-    base = pid * (4 * QUARTER) + lanes
-    _backward_quarter(X, BIAS, DY, DX, base, r0, n_elements, n_cols, p, scale, negative_slope, alpha,
-                      ACTIVATION, HAS_BIAS, DROPOUT, COMPUTE)
-    _backward_quarter(X, BIAS, DY, DX, base + QUARTER, r1, n_elements, n_cols, p, scale,
-                      negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, COMPUTE)
-    _backward_quarter(X, BIAS, DY, DX, base + 2 * QUARTER, r2, n_elements, n_cols, p, scale,
-                      negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, COMPUTE)
-    _backward_quarter(X, BIAS, DY, DX, base + 3 * QUARTER, r3, n_elements, n_cols, p, scale,
-                      negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, COMPUTE)
+    _quarter(X, BIAS, DY, OUT, base, r0, n_elements, n_cols, p, scale, negative_slope, alpha,
+             ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE)
+    _quarter(X, BIAS, DY, OUT, base + QUARTER, r1, n_elements, n_cols, p, scale, negative_slope,
+             alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE)
+    _quarter(X, BIAS, DY, OUT, base + 2 * QUARTER, r2, n_elements, n_cols, p, scale,
+             negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE)
+    _quarter(X, BIAS, DY, OUT, base + 3 * QUARTER, r3, n_elements, n_cols, p, scale,
+             negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE)
 
 
 def _kernel_args(x, activation, p, dropout, negative_slope, alpha, has_bias, seed):
@@ -162,7 +119,8 @@ def _forward_impl(x, bias, seed, activation, p, dropout, negative_slope, alpha):
     y = torch.empty_like(x)
     if x.numel():
         args = _kernel_args(x, activation, p, dropout, negative_slope, alpha, has_bias, int(seed))
-        _forward_kernel[(triton.cdiv(x.numel(), BLOCK),)](x, bias if has_bias else x, y, **args)
+        _kernel[(triton.cdiv(x.numel(), BLOCK),)](x, bias if has_bias else x, x, y, BACKWARD=False,
+                                                  **args)
     return y
 
 
@@ -175,7 +133,8 @@ def _backward_impl(dy, x, bias, seed, activation, p, dropout, negative_slope, al
     dx = torch.empty_like(x)
     if x.numel():
         args = _kernel_args(x, activation, p, dropout, negative_slope, alpha, has_bias, int(seed))
-        _backward_kernel[(triton.cdiv(x.numel(), BLOCK),)](x, bias if has_bias else x, dy, dx, **args)
+        _kernel[(triton.cdiv(x.numel(), BLOCK),)](x, bias if has_bias else x, dy, dx, BACKWARD=True,
+                                                  **args)
     return dx
 
 
