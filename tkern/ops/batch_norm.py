@@ -51,9 +51,10 @@ Host building blocks (also used by SyncBatchNorm around torch.distributed collec
 - ``bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g, sum_g_xhat, count, activation,
   training, mean_lo=...)`` -> dx, from global sums and the global count.
 
-torch.compile: the launchers are wrapped as torch.library custom ops (``tkern::batch_norm_stats``,
-which mutates the running stats, and the functional ``tkern::batch_norm_normalize`` /
-``tkern::batch_norm_backward`` pair carrying the autograd formula), so fullgraph tracing works.
+Eager calls run through an autograd.Function; under torch.compile the same code runs as
+torch.library custom ops (``tkern::batch_norm_stats``, which mutates the running stats, and the
+functional ``tkern::batch_norm_normalize`` / ``tkern::batch_norm_backward`` pair carrying the
+autograd formula), so fullgraph tracing works.
 Double backward (create_graph=True) takes a differentiable torch-op backward instead.
 """
 
@@ -706,12 +707,15 @@ def num_partials(x: torch.Tensor) -> int:
 # autograd
 
 
-# The launchers are torch.library custom ops (fake implementations, an autograd formula) so that
-# torch.compile(fullgraph=True) traces through them.  Two forward ops, because an op that mutates
-# its inputs cannot carry an autograd formula: ``tkern::batch_norm_stats`` (mutates the running
-# stats, no gradient: it sees x detached) and ``tkern::batch_norm_normalize`` (functional, whose
-# backward holds the whole gradient, including the batch statistics' dependence on x in training).
-# The statistics travel as one [3, C] tensor: mean, mean_lo, invstd.
+# Two entry points share the implementations below.  Eager calls go through an
+# autograd.Function (dispatching a torch.library op costs tens of microseconds per call, as much as
+# the kernels of a small layer); under torch.compile the same implementations are torch.library
+# custom ops with fake implementations.  There are two forward ops because an op that mutates its
+# inputs cannot carry an autograd formula: ``tkern::batch_norm_stats`` (mutates the running stats,
+# no gradient: it sees x detached) and ``tkern::batch_norm_normalize`` (functional; its backward,
+# ``tkern::batch_norm_backward``, holds the whole gradient, including the batch statistics'
+# dependence on x in training).  Batch statistics travel as one [3, C] tensor: mean, mean_lo,
+# invstd; eval passes the running stats instead.
 
 
 def _stat_kwargs(stats, running_mean, running_var, eps):
@@ -722,10 +726,7 @@ def _stat_kwargs(stats, running_mean, running_var, eps):
     return running_mean, None, dict(var=running_var, eps=eps)
 
 
-@torch.library.custom_op("tkern::batch_norm_stats", mutates_args=("running_mean", "running_var"))
-def _stats_op(x: torch.Tensor, running_mean: Optional[torch.Tensor],
-              running_var: Optional[torch.Tensor], num_batches_tracked: Optional[torch.Tensor],
-              momentum: Optional[float], eps: float) -> torch.Tensor:
+def _stats_impl(x, running_mean, running_var, num_batches_tracked, momentum, eps):
     """Batch statistics [3, C] (mean, mean_lo, invstd); running stats updated in place."""
     x = _prepare_input(x)
     acc = rt.accum_dtype(x.dtype)
@@ -738,34 +739,16 @@ def _stats_op(x: torch.Tensor, running_mean: Optional[torch.Tensor],
                             num_batches_tracked=num_batches_tracked, as_rows=True)
 
 
-@_stats_op.register_fake
-def _(x, running_mean, running_var, num_batches_tracked, momentum, eps):
-    return x.new_empty((3, x.shape[1]), dtype=rt.accum_dtype(x.dtype))
-
-
-@torch.library.custom_op("tkern::batch_norm_normalize", mutates_args=())
-def _forward_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                stats: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
-                running_var: Optional[torch.Tensor], eps: float, training: bool, activation: str,
-                negative_slope: float, alpha: float) -> torch.Tensor:
+def _normalize_impl(x, weight, bias, stats, running_mean, running_var, eps, training, activation,
+                    negative_slope, alpha):
     """y from batch statistics ``stats`` [3, C] (training) or from the running stats (eval)."""
     x = _prepare_input(x)
     mean, invstd, kw = _stat_kwargs(stats, running_mean, running_var, eps)
     return bn_normalize(x, mean, invstd, weight, bias, activation, negative_slope, alpha, **kw)
 
 
-@_forward_op.register_fake
-def _(x, weight, bias, stats, running_mean, running_var, eps, training, activation,
-      negative_slope, alpha):
-    return torch.empty_like(_prepare_input(x))
-
-
-@torch.library.custom_op("tkern::batch_norm_backward", mutates_args=())
-def _backward_op(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
-                 bias: Optional[torch.Tensor], stats: Optional[torch.Tensor],
-                 running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
-                 eps: float, training: bool, activation: str, negative_slope: float, alpha: float,
-                 need_x: bool, need_wb: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _backward_impl(dy, x, weight, bias, stats, running_mean, running_var, eps, training,
+                   activation, negative_slope, alpha, need_x, need_wb):
     """(dx or an empty tensor, sums [2, C]: sum g = dbias, sum g * xhat = dweight)."""
     x = _prepare_input(x)
     mean, invstd, kw = _stat_kwargs(stats, running_mean, running_var, eps)
@@ -783,21 +766,6 @@ def _backward_op(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tenso
     return dx, sums
 
 
-@_backward_op.register_fake
-def _(dy, x, weight, bias, stats, running_mean, running_var, eps, training, activation,
-      negative_slope, alpha, need_x, need_wb):
-    x = _prepare_input(x)
-    dx = torch.empty_like(x) if need_x else x.new_empty(0)
-    return dx, x.new_empty((2, x.shape[1]), dtype=rt.accum_dtype(x.dtype))
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, stats, running_mean, running_var, eps, *cfg = inputs
-    # never the pre-activation: backward rebuilds it from x and the statistics
-    ctx.save_for_backward(x, weight, bias, stats, running_mean, running_var)
-    ctx.cfg = (eps, *cfg)
-
-
 def _differentiable_backward(ctx, dy):
     """Backward under create_graph=True (double backward): the same gradient from torch ops, whose
     graph autograd can differentiate again.  The first-order path never comes here."""
@@ -810,21 +778,88 @@ def _differentiable_backward(ctx, dy):
                          weight, bias, training, 0.0, eps)
         y = eager_activation(y, act, negative_slope, alpha, approximate)
     grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
-    return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:3]) + (None,) * 8
+    return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:3])
 
 
-def _autograd_backward(ctx, dy):
+def _grads(ctx, dy, backward):
+    """(dx, dweight, dbias) from what forward saved: x, weight, bias and the statistics used
+    (never the pre-activation: it is rebuilt from them)."""
     if torch.is_grad_enabled():
         return _differentiable_backward(ctx, dy)
     x, weight, bias, stats, running_mean, running_var = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    dx, sums = _backward_op(dy, x, weight, bias, stats, running_mean, running_var, *ctx.cfg,
-                            need_x, need_w or need_b)
+    dx, sums = backward(dy, x, weight, bias, stats, running_mean, running_var, *ctx.cfg,
+                        need_x, need_w or need_b)
     return (dx if need_x else None, sums[1].to(weight.dtype) if need_w else None,
-            sums[0].to(bias.dtype) if need_b else None) + (None,) * 8
+            sums[0].to(bias.dtype) if need_b else None)
 
 
-_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+def _save(ctx, x, weight, bias, stats, running_mean, running_var, eps, *cfg):
+    ctx.save_for_backward(x, weight, bias, stats, running_mean, running_var)
+    ctx.cfg = (eps, *cfg)
+
+
+class _BatchNormFunction(torch.autograd.Function):
+    """The eager path (see above); statistics come in computed, as ``stats`` or running stats."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        _save(ctx, *args)
+        return _normalize_impl(*args)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _grads(ctx, dy, _backward_impl) + (None,) * 8
+
+
+@torch.library.custom_op("tkern::batch_norm_stats", mutates_args=("running_mean", "running_var"))
+def _stats_op(x: torch.Tensor, running_mean: Optional[torch.Tensor],
+              running_var: Optional[torch.Tensor], num_batches_tracked: Optional[torch.Tensor],
+              momentum: Optional[float], eps: float) -> torch.Tensor:
+    return _stats_impl(x, running_mean, running_var, num_batches_tracked, momentum, eps)
+
+
+@_stats_op.register_fake
+def _(x, running_mean, running_var, num_batches_tracked, momentum, eps):
+    return x.new_empty((3, x.shape[1]), dtype=rt.accum_dtype(x.dtype))
+
+
+@torch.library.custom_op("tkern::batch_norm_normalize", mutates_args=())
+def _forward_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                stats: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
+                running_var: Optional[torch.Tensor], eps: float, training: bool, activation: str,
+                negative_slope: float, alpha: float) -> torch.Tensor:
+    return _normalize_impl(x, weight, bias, stats, running_mean, running_var, eps, training,
+                           activation, negative_slope, alpha)
+
+
+@_forward_op.register_fake
+def _(x, weight, bias, stats, running_mean, running_var, eps, training, activation,
+      negative_slope, alpha):
+    return torch.empty_like(_prepare_input(x))
+
+
+@torch.library.custom_op("tkern::batch_norm_backward", mutates_args=())
+def _backward_op(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+                 bias: Optional[torch.Tensor], stats: Optional[torch.Tensor],
+                 running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                 eps: float, training: bool, activation: str, negative_slope: float, alpha: float,
+                 need_x: bool, need_wb: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward_impl(dy, x, weight, bias, stats, running_mean, running_var, eps, training,
+                          activation, negative_slope, alpha, need_x, need_wb)
+
+
+@_backward_op.register_fake
+def _(dy, x, weight, bias, stats, running_mean, running_var, eps, training, activation,
+      negative_slope, alpha, need_x, need_wb):
+    x = _prepare_input(x)
+    dx = torch.empty_like(x) if need_x else x.new_empty(0)
+    return dx, x.new_empty((2, x.shape[1]), dtype=rt.accum_dtype(x.dtype))
+
+
+_forward_op.register_autograd(
+    lambda ctx, dy: _grads(ctx, dy, _backward_op) + (None,) * 8,
+    setup_context=lambda ctx, inputs, output: _save(ctx, *inputs))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -902,16 +937,19 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     update = training and running_mean is not None
     if update and momentum is None and num_batches_tracked is None:
         raise ValueError("tkern.batch_norm: momentum=None needs num_batches_tracked")
+    compiling = torch.compiler.is_compiling()
     stats = rm = rv = None
     if training:
-        stats = _stats_op(input.detach(), _flat(running_mean) if update else None,
-                          _flat(running_var) if update else None,
-                          num_batches_tracked if update and momentum is None else None,
-                          momentum if update else 0.0, float(eps))
+        stats = (_stats_op if compiling else _stats_impl)(
+            input.detach(), _flat(running_mean) if update else None,
+            _flat(running_var) if update else None,
+            num_batches_tracked if update and momentum is None else None,
+            momentum if update else 0.0, float(eps))
     else:  # eval: one launch, the kernel takes invstd from running_var itself
         rm, rv = _flat(running_mean), _flat(running_var)
-    return _forward_op(input, _flat(weight), _flat(bias), stats, rm, rv, float(eps),
-                       bool(training), kact, float(negative_slope), float(alpha))
+    args = (input, _flat(weight), _flat(bias), stats, rm, rv, float(eps), bool(training), kact,
+            float(negative_slope), float(alpha))
+    return _forward_op(*args) if compiling else _BatchNormFunction.apply(*args)
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
