@@ -60,6 +60,8 @@ Double backward (create_graph=True) takes a differentiable torch-op backward ins
 
 from __future__ import annotations
 
+import functools
+import struct
 from typing import Optional
 
 import torch
@@ -421,10 +423,18 @@ def _dx_kernel(
 # launch planning
 
 
+@functools.lru_cache(maxsize=1024)
 def _split_f32(v: float) -> tuple[float, float]:
     """``v`` as hi + lo, both exactly representable in fp32 (Triton passes floats as fp32)."""
-    hi = float(torch.tensor(v, dtype=torch.float32))
-    return hi, float(torch.tensor(v - hi, dtype=torch.float32))
+    hi = _to_f32(v)
+    return hi, _to_f32(v - hi)
+
+
+def _to_f32(v: float) -> float:
+    try:
+        return struct.unpack("f", struct.pack("f", v))[0]
+    except OverflowError:  # beyond fp32's range: its infinity
+        return v
 
 
 def _ncs_strides(t: torch.Tensor):
@@ -453,8 +463,21 @@ class _View:
         # batch and spatial merge when sample n + 1 starts where sample n ends in S order
         self.merged = self.N == 1 or self.S == 1 or sN == self.S * sS
         self.rows, self.cols = (1, self.N * self.S) if self.merged else (self.N, self.S)
+        self.x_stride = x.stride()
+        self.x_view_strides = self._strides(x)
+        self.x_int64 = rt.needs_int64(x)
+
+    def int64(self, *tensors: torch.Tensor) -> bool:
+        """Whether offsets into x or ``tensors`` can pass 2^31."""
+        return self.x_int64 or any(t.stride() != self.x_stride and rt.needs_int64(t)
+                                   for t in tensors)
 
     def strides(self, t: torch.Tensor):
+        if t.stride() == self.x_stride:  # y, dx (empty_like) and usually dy: x's layout
+            return self.x_view_strides
+        return self._strides(t)
+
+    def _strides(self, t: torch.Tensor):
         st = _ncs_strides(t)
         if st is None:
             return None
@@ -472,6 +495,8 @@ class _View:
 
 def _prepare_input(x: torch.Tensor) -> torch.Tensor:
     """x as the kernels can address it: dense with flattenable spatial dims, else a copy."""
+    if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+        return x
     if rt.is_dense(x) and _ncs_strides(x) is not None:
         return x
     if not rt.is_dense(x):
@@ -567,7 +592,7 @@ def bn_partial_stats(x: torch.Tensor):
     count, mean, m2, mean_lo = torch.empty((4, P, C), dtype=acc, device=x.device).unbind(0)
     _stats_partial_kernel[p["grid"]](
         x, count, mean, mean_lo, m2, C, view.cols, sN, sC, sS,
-        COMPUTE=rt.compute_dtype(x.dtype), INT64=rt.needs_int64(x), **_launch_args(p))
+        COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(), **_launch_args(p))
     return count, mean, m2, mean_lo
 
 
@@ -644,7 +669,7 @@ def bn_normalize(x, mean, invstd, weight, bias, activation="identity", negative_
     _normalize_kernel[p["grid"]](
         x, y, *ptrs, view.C, view.cols, *view.strides(x), *view.strides(y),
         negative_slope=float(negative_slope), alpha=float(alpha), ACTIVATION=activation,
-        COMPUTE=rt.compute_dtype(x.dtype), INT64=rt.needs_int64(x, y), **flags, **_launch_args(p))
+        COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(y), **flags, **_launch_args(p))
     return y
 
 
@@ -667,7 +692,7 @@ def bn_backward_reduce(x, dy, mean, invstd, weight, bias, activation="identity",
     _backward_reduce_kernel[p["grid"]](
         x, dy, *ptrs, ws[0], ws[1], C, view.cols, *view.strides(x),
         *view.strides(dy), negative_slope=float(negative_slope), alpha=float(alpha),
-        ACTIVATION=activation, COMPUTE=rt.compute_dtype(x.dtype), INT64=rt.needs_int64(x, dy),
+        ACTIVATION=activation, COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(dy),
         **flags, **_launch_args(p))
     sums = ws.sum(1)  # deterministic combine over the splits
     return sums if as_rows else sums.unbind(0)
@@ -692,7 +717,7 @@ def bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g=None, sum_gx=None, c
         view.C, view.cols, *view.strides(x), *view.strides(dy), *view.strides(dx),
         inv_n_hi=inv_hi, inv_n_lo=inv_lo, negative_slope=float(negative_slope),
         alpha=float(alpha), TRAINING=training, ACTIVATION=activation,
-        COMPUTE=rt.compute_dtype(x.dtype), INT64=rt.needs_int64(x, dy, dx), **flags,
+        COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(dy, dx), **flags,
         **_launch_args(p))
     return dx
 
