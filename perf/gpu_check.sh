@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one script to run on a lent GPU: prints the card, runs the test suite on CUDA, then the perf
 # sweep (torch.compile included) within 8 minutes in all on an H100, and writes
-#   ${OUT:-perf/results}/<YYYY-MM-DD>-<card>/{results.csv,results.json,<op>.png x5,gpu_check.log}
-# (8 files: the device tool returns at most 8).  Run from the repository root, no install needed:
+#   ${OUT:-perf/results}/<YYYY-MM-DD>-<card>/{results.csv,results.json,<op>.png x6}
+# (8 files: the device tool returns at most 8, so with OUT set the log stays in /tmp and on stdout;
+# without OUT it is written beside the results as gpu_check.log).  Run from the repository root, no install needed:
 #   bash perf/gpu_check.sh
 # Environment: OUT (output root), GPU_CHECK_BUDGET_S (total seconds, default 470),
 # TESTS_BUDGET_S (seconds for the test suite, default 210), PERF_COMPARE (a baseline results.json:
@@ -17,7 +18,7 @@ TESTS_BUDGET=${TESTS_BUDGET_S:-210}
 CARD=$(python -c "import torch; from perf.cli import card_name; print(card_name(torch.device('cuda')) if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo unknown)
 DIR="${OUT:-perf/results}/$(date -u +%Y-%m-%d)-${CARD}"
 mkdir -p "$DIR"
-LOG="$DIR/gpu_check.log"
+if [ -n "${OUT:-}" ]; then LOG=/tmp/tkern_gpu_check.log; else LOG="$DIR/gpu_check.log"; fi
 exec > >(tee "$LOG") 2>&1
 TEE_PID=$!
 

@@ -125,7 +125,9 @@ class Sweep:
 
     def batches(self, case: Case) -> list[int]:
         cap = case.extra.get("max_batch")
-        return [b for b in self.cfg.batches if cap is None or b <= cap]
+        floor = None if self.cfg.quick else case.extra.get("min_batch")  # quick: tiny batches
+        return [b for b in self.cfg.batches
+                if (cap is None or b <= cap) and (floor is None or b >= floor)]
 
     # -------------------------------------------------------------------------------- the sweep
     def run(self) -> SweepResult:

@@ -1,7 +1,7 @@
 """The case registry: one module per tkern op, each listing its realistic shapes.
 
 ``REGISTRY`` maps a row op name (``batch_norm``, ``batch_norm_relu``, ``local_response_norm``,
-``activation_dropout``, ``weight_norm``) to the module that builds its cases.  An op whose tkern
+``activation_dropout``, ``weight_norm``, ``train_step``) to the module that builds its cases.  An op whose tkern
 function does not exist yet is skipped with a message, so the harness picks ops up as they land.
 """
 
@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import tkern
 
-from . import activation_dropout, batch_norm, local_response_norm, weight_norm
+from . import activation_dropout, batch_norm, local_response_norm, train_step, weight_norm
 from .base import Case
 
-MODULES = (batch_norm, local_response_norm, activation_dropout, weight_norm)
+MODULES = (batch_norm, local_response_norm, activation_dropout, weight_norm, train_step)
 REGISTRY = {op: m for m in MODULES for op in m.OPS}
 ALIASES = {"bn": "batch_norm", "bn_relu": "batch_norm_relu", "lrn": "local_response_norm",
-           "dropout": "activation_dropout", "wn": "weight_norm"}
+           "dropout": "activation_dropout", "wn": "weight_norm",
+           "step": "train_step"}
 
 
 def resolve(names: list[str]) -> list[str]:
