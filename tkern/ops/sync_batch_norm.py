@@ -2,7 +2,8 @@
 
 tkern's BatchNorm kernels do the local work; torch.distributed does the talking, one collective
 each way:
-- forward: the local (mean, M2) per channel and the local count, 2C + 1 values, are all-gathered;
+- forward: the local (mean, M2) per channel and the local count, 2C + 1 values (fp64, so that the
+  mean's fp32 hi + lo pair travels as one value), are all-gathered;
   every rank merges the world's partials with Chan's formula (the same combine kernel BatchNorm
   uses for its splits, so 1000 + 0.01 * randn stays exact), updates the running stats as if one
   process had seen the global batch (unbiased with the global count), and normalizes locally.
@@ -49,17 +50,20 @@ class SyncBatchNormFunction(torch.autograd.Function):
         x = _prepare_input(x)
         C = x.shape[1]
         acc = rt.accum_dtype(x.dtype)
-        if x.numel():
-            count, mean, m2 = bn_combine_stats(*bn_partial_stats(x), local=True)  # [1, C] each
-            packed = torch.cat([mean[0], m2[0], count[0, :1]])
-        else:
-            packed = torch.zeros(2 * C + 1, dtype=acc, device=x.device)
+        # the local (count, mean as hi + lo, M2) per channel; an empty batch gives count 0
+        count, mean, m2, mean_lo = bn_combine_stats(*bn_partial_stats(x), local=True)
+        # 2C + 1 values, in fp64 so the mean's hi + lo travel as one value (48 bits for fp32 input)
+        packed = torch.cat([mean[0].double() + mean_lo[0].double(), m2[0].double(),
+                            count[0, :1].double()])
         world = _all_gather_stats(packed, group)  # [W, 2C + 1]
-        counts = world[:, 2 * C:].expand(-1, C).contiguous()
-        total = world[:, 2 * C].sum()
+        means = world[:, :C]
+        mean_hi = means.to(acc)
+        mean_lo = (means - mean_hi.double()).to(acc)
+        counts = world[:, 2 * C:].expand(-1, C).to(acc)
+        total = world[:, 2 * C].sum().to(acc)
         _check_global_count(total, x.shape)
         mean, mean_lo, invstd = bn_combine_stats(
-            counts, world[:, :C].contiguous(), world[:, C:2 * C].contiguous(), None,
+            counts, mean_hi, world[:, C:2 * C].to(acc), mean_lo,
             eps=cfg["eps"], running_mean=running_mean, running_var=running_var,
             momentum=cfg["momentum"], num_batches_tracked=num_batches_tracked)
         y = bn_normalize(x, mean, invstd, weight, bias, cfg["kernel_activation"],
