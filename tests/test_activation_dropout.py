@@ -160,12 +160,14 @@ def test_errors(device):
 
 
 def test_empty_tensors(device):
-    for shape in [(0,), (0, 5), (3, 0, 4)]:
+    for shape in [(0,), (0, 5), (3, 0, 4), (3, 0)]:
         x = torch.randn(shape, device=device, requires_grad=True)
-        y = tkern.activation_dropout(x, "tanh", 0.3)
+        b = torch.randn(shape[-1], device=device, requires_grad=True)
+        y = tkern.activation_dropout(x, "tanh", 0.3, bias=b)
         assert y.shape == x.shape
         y.sum().backward()
         assert x.grad.shape == x.shape
+        assert torch.equal(b.grad, torch.zeros_like(b))
 
 
 @pytest.mark.parametrize("with_bias", [False, True])

@@ -144,7 +144,9 @@ def _grads(ctx, dy, backward):
     dx = backward(dy, x, bias, seed, *ctx.cfg)
     dbias = None
     if bias is not None and ctx.needs_input_grad[1]:
-        dbias = dx.reshape(-1, bias.numel()).sum(0, dtype=rt.accum_dtype(dx.dtype)).to(bias.dtype)
+        # sum over every dim but the last (flatten, not reshape(-1, n): n may be 0)
+        rows = dx if dx.dim() == 1 else dx.flatten(0, -2).sum(0, dtype=rt.accum_dtype(dx.dtype))
+        dbias = rows.to(bias.dtype)
     return dx, dbias
 
 

@@ -87,13 +87,13 @@ CL_BLOCK_C = 128
 def _unit(u, nsb, lanes_s, S, n_units, INT64: tl.constexpr, BLOCK_S: tl.constexpr):
     """Sample index, spatial indices and their mask of unit ``u`` (sample u // nsb, S-block
     u % nsb)."""
+    if INT64:  # s can pass 2^31 when samples and positions merge into one axis
+        u = u.to(tl.int64)
+        lanes_s = lanes_s.to(tl.int64)
     n = u // nsb
     s = (u - n * nsb) * BLOCK_S + lanes_s
     # a unit past the end masks everything (a scalar select: the interpreter mistypes bool & scalar)
     smask = s < tl.where(u < n_units, S, 0)
-    if INT64:
-        n = n.to(tl.int64)
-        s = s.to(tl.int64)
     return n, s, smask
 
 

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from .. import _runtime as rt
+from ._math import div_rn, sqrt_rn
 
 # Launch rule (module constants so tests can shrink them to exercise every path on tiny tensors).
 TILE = 4096  # elements per program per loop step
@@ -160,21 +161,21 @@ def _weight_norm_kernel(
             norm = tl.load(NORM + d1, mask=dmask1, other=1.0).to(COMPUTE)
             if REDUCE:
                 dot = total
-                tl.store(GG + d1, _cast(dot / norm, GG.dtype.element_ty, GG_RTNE), mask=dmask1)
+                tl.store(GG + d1, _cast(div_rn(dot, norm), GG.dtype.element_ty, GG_RTNE), mask=dmask1)
             else:
                 dot = tl.load(DOT + d1, mask=dmask1, other=0.0).to(COMPUTE)
-            a = (g / norm)[:, None]
-            c = (dot / (norm * norm))[:, None]
+            a = div_rn(g, norm)[:, None]
+            c = div_rn(dot, norm * norm)[:, None]
         else:
             if REDUCE:
-                norm = tl.sqrt(total)
+                norm = sqrt_rn(total)  # correctly rounded, as torch's norm
                 tl.store(NORM + d1, norm.to(NORM.dtype.element_ty), mask=dmask1)
                 norm = tl.where(dmask1, norm, 1.0)  # lanes past D: no 0/0 (masked anyway)
             else:
                 norm = tl.load(NORM + d1, mask=dmask1, other=1.0).to(COMPUTE)
             if NORM_MODE != 0:
                 norm = _cast(norm, NORM_TY, NORM_MODE == 2).to(COMPUTE)
-            a = g / norm  # as torch: v * (g / norm); zero norm -> inf/NaN like torch
+            a = div_rn(g, norm)  # as torch: v * (g / norm); zero norm -> inf/NaN like torch
             if RATIO_MODE != 0:
                 a = _cast(a, RATIO_TY, RATIO_MODE == 2).to(COMPUTE)
             a = a[:, None]
