@@ -1,0 +1,103 @@
+"""Compile every tkern kernel for an H100 (sm_90) with the installed Triton, without a GPU.
+
+The interpreter runs kernels as numpy code, so it accepts things the GPU compiler rejects; this
+script (run by tests/test_gpu_compile.py in a process without TRITON_INTERPRET) catches those.
+It prints one line per kernel variant and exits non-zero if any fails to compile.
+"""
+
+import sys
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from tkern.ops import activation_dropout as ad
+from tkern.ops import batch_norm as bn
+from tkern.ops import lrn
+from tkern.ops import weight_norm as wn
+
+TARGET = GPUTarget("cuda", 90, 32)
+POINTERS = {"X", "Y", "BIAS", "DY", "OUT", "DX", "G", "V", "GW", "NORM", "DOT", "PART", "GG", "MEAN",
+            "MEAN_LO", "INVSTD", "W", "B", "SUM_G", "SUM_GX", "PSUM_G", "PSUM_GX", "PCOUNT", "PMEAN",
+            "PMEAN_LO", "PM2", "OCOUNT", "OM2", "RMEAN", "RVAR", "NBT", "COUNT", "M2"}
+FLOATS = {"p", "eps_hi", "eps_lo", "mom_hi", "mom_lo", "negative_slope", "alpha", "inv_n_hi",
+          "inv_n_lo", "k_hi", "k_lo", "a_hi", "a_lo", "b_hi", "b_lo", "scale"}
+failures = []
+
+
+def compile_variant(fn, consts, name, ptr="*fp32", overrides=None):
+    fn = getattr(fn, "fn", fn) if not hasattr(fn, "params") else fn
+    sig = {}
+    for kp in fn.params:
+        if kp.is_constexpr:
+            sig[kp.name] = "constexpr"
+        elif overrides and kp.name in overrides:
+            sig[kp.name] = overrides[kp.name]
+        elif kp.annotation:
+            sig[kp.name] = kp.annotation
+        elif kp.name in POINTERS:
+            sig[kp.name] = ptr
+        elif kp.name in FLOATS:
+            sig[kp.name] = "fp32"
+        else:
+            sig[kp.name] = "i32"
+    missing = [k for k, v in sig.items() if v == "constexpr" and k not in consts]
+    try:
+        if missing:
+            raise ValueError(f"no value for constexpr {missing}")
+        triton.compile(ASTSource(fn, signature=sig, constexprs=consts), target=TARGET,
+                       options={"num_warps": 4})
+        print(f"ok    {name}")
+    except Exception as e:  # report every failure, not just the first
+        failures.append(name)
+        print(f"FAIL  {name}: {type(e).__name__}: {str(e)[:800]}")
+
+
+def main():
+    f32 = tl.float32
+    for act in ("relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "elu", "tanh", "sigmoid"):
+        for backward in (False, True):
+            compile_variant(ad._kernel, dict(ACTIVATION=act, HAS_BIAS=True, DROPOUT=True, BACKWARD=backward,
+                                             COMPUTE=f32, INT64=act == "relu", QUARTER=ad.QUARTER),
+                            f"activation_dropout {act} backward={backward}", ptr="*bf16")
+    compile_variant(ad._kernel, dict(ACTIVATION="gelu", HAS_BIAS=False, DROPOUT=False, BACKWARD=True,
+                                     COMPUTE=tl.float64, INT64=False, QUARTER=ad.QUARTER),
+                    "activation_dropout fp64", ptr="*fp64")
+    tiles = dict(BLOCK_S=64, BLOCK_C=64)
+    for int64 in (False, True):
+        compile_variant(bn._stats_partial_kernel, dict(COMPUTE=f32, INT64=int64, **tiles),
+                        f"bn stats_partial int64={int64}", overrides={"X": "*fp16"})
+        common = dict(HAS_LO=True, HAS_W=True, HAS_B=True, COMPUTE=f32, INT64=int64, **tiles)
+        compile_variant(bn._normalize_kernel, dict(FROM_VAR=False, ACTIVATION="silu", **common),
+                        f"bn normalize int64={int64}", overrides={"X": "*bf16", "Y": "*bf16"})
+        compile_variant(bn._backward_reduce_kernel, dict(FROM_VAR=True, ACTIVATION="leaky_relu", **common),
+                        f"bn backward_reduce int64={int64}")
+        compile_variant(bn._dx_kernel, dict(TRAINING=True, FROM_VAR=False, ACTIVATION="gelu", **common),
+                        f"bn dx int64={int64}")
+    for cumulative in (False, True):
+        compile_variant(bn._stats_combine_kernel,
+                        dict(HAS_LO=True, UPDATE=True, CUMULATIVE=cumulative, WRITE_INVSTD=True, WRITE_M2=False,
+                             COMPUTE=f32, BLOCK_P=32, BLOCK_C=128),
+                        f"bn stats_combine cumulative={cumulative}", overrides={"NBT": "*i64"})
+    compile_variant(bn._normalize_kernel, dict(HAS_LO=True, FROM_VAR=True, HAS_W=True, HAS_B=True, ACTIVATION="elu",
+                                               COMPUTE=tl.float64, INT64=False, BLOCK_S=64, BLOCK_C=32),
+                    "bn normalize fp64", ptr="*fp64")
+    for int64 in (False, True):
+        consts = dict(COMPUTE=f32, INT64=int64, BLOCK_C=16, BLOCK_S=128)
+        compile_variant(lrn._lrn_forward_kernel, consts, f"lrn forward int64={int64}", ptr="*bf16")
+        compile_variant(lrn._lrn_backward_kernel, consts, f"lrn backward int64={int64}", ptr="*fp16")
+    for layout in (0, 1, 2):
+        for backward in (False, True):
+            compile_variant(
+                wn._weight_norm_kernel,
+                dict(BACKWARD=backward, REDUCE=True, APPLY=True, ONE_PASS=layout == 0, LAYOUT=layout, BLOCK_D=4,
+                     BLOCK_R=1024, COMPUTE=f32, INT64=layout == 2, OUT_RTNE=False, GG_RTNE=False,
+                     NORM_TY=tl.bfloat16, NORM_MODE=1, RATIO_TY=tl.bfloat16, RATIO_MODE=1),
+                f"weight_norm layout={layout} backward={backward}", overrides={"V": "*bf16", "OUT": "*bf16"})
+    print(f"{len(failures)} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
