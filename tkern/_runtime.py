@@ -93,7 +93,8 @@ def draw_seed_tensor(generator: torch.Generator | None = None) -> torch.Tensor:
     ``generator``), so that ``torch.manual_seed`` reproduces a run and consecutive calls draw new
     masks.  A tensor, not an int, so that torch.compile traces the draw; a CPU tensor, so that a
     kernel launcher reads it without a GPU sync.  31 bits keep the kernel's seed argument one
-    integer type, hence one compiled variant."""
+    integer type, hence one compiled variant.  A CUDA ``generator`` costs a device-to-host copy
+    (a sync) per call; the default CPU generator costs none."""
     seed = torch.randint(0, 2**31 - 1, (), generator=generator,
                          device=generator.device if generator is not None else "cpu")
     return seed.cpu()
