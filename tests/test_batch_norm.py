@@ -507,3 +507,19 @@ def test_gpu_like_plans_and_int64_offsets(device, monkeypatch, programs):
     monkeypatch.setattr(bn_ops.rt, "needs_int64", lambda *t, **k: programs == 3)
     for shape, fmt in (((5, 3, 7, 9), None), ((5, 3, 7, 9), torch.channels_last), ((11, 6), None)):
         _functional_case(device, torch.float32, shape, True, act="silu", memory_format=fmt)
+
+
+@pytest.mark.parametrize("activation,params", [("leaky_relu", dict(negative_slope=0.2)),
+                                               ("elu", dict(alpha=1.3))])
+def test_fp64_activation_parameters_are_exact(device, activation, params):
+    # 0.2 and 1.3 are not fp32 numbers: passed as plain floats they would cost ~1e-9 relative error
+    x = torch.randn(4, 3, 5, device=device, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn_like(x)
+    y = tkern.batch_norm(x, None, None, training=True, activation=activation, **params)
+    xr = x.detach().clone().requires_grad_()
+    z = F.batch_norm(xr, None, None, training=True)
+    yr = F.leaky_relu(z, params["negative_slope"]) if activation == "leaky_relu" else F.elu(z, params["alpha"])
+    assert (y - yr).abs().max().item() < 1e-13
+    y.backward(dy)
+    yr.backward(dy)
+    assert (x.grad - xr.grad).abs().max().item() < 1e-12

@@ -292,7 +292,7 @@ def _normalize_kernel(
     W, B,  # [C] affine weight and bias (dummies when HAS_W / HAS_B is False)
     C, S, sxN, sxC, sxS, syN, syC, syS,
     nsb, n_units, units_per_prog,
-    negative_slope, alpha,
+    slope_hi, slope_lo, alpha_hi, alpha_lo,  # leaky_relu slope, elu alpha: fp32 pairs
     eps_hi, eps_lo,  # eps as an fp32 pair, used with FROM_VAR (INVSTD then holds the variance)
     HAS_LO: tl.constexpr, FROM_VAR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     ACTIVATION: tl.constexpr,
@@ -304,6 +304,8 @@ def _normalize_kernel(
     cmask = c < C
     lanes_s = tl.arange(0, BLOCK_S)
     eps = tl.cast(eps_hi, COMPUTE) + tl.cast(eps_lo, COMPUTE)
+    negative_slope = tl.cast(slope_hi, COMPUTE) + tl.cast(slope_lo, COMPUTE)
+    alpha = tl.cast(alpha_hi, COMPUTE) + tl.cast(alpha_lo, COMPUTE)
     mean, mean_lo, invstd, w, b = _channel_params(MEAN, MEAN_LO, INVSTD, W, B, c, cmask, eps,
                                                   HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE)
     scale = invstd * w
@@ -339,7 +341,7 @@ def _backward_reduce_kernel(
     PSUM_G, PSUM_GX,  # [P, C] partial sums of g and g * xhat
     C, S, sxN, sxC, sxS, sdN, sdC, sdS,
     nsb, n_units, units_per_prog,
-    negative_slope, alpha,
+    slope_hi, slope_lo, alpha_hi, alpha_lo,  # leaky_relu slope, elu alpha: fp32 pairs
     eps_hi, eps_lo,  # eps as an fp32 pair, used with FROM_VAR (INVSTD then holds the variance)
     HAS_LO: tl.constexpr, FROM_VAR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     ACTIVATION: tl.constexpr,
@@ -351,6 +353,8 @@ def _backward_reduce_kernel(
     cmask = c < C
     lanes_s = tl.arange(0, BLOCK_S)
     eps = tl.cast(eps_hi, COMPUTE) + tl.cast(eps_lo, COMPUTE)
+    negative_slope = tl.cast(slope_hi, COMPUTE) + tl.cast(slope_lo, COMPUTE)
+    alpha = tl.cast(alpha_hi, COMPUTE) + tl.cast(alpha_lo, COMPUTE)
     mean, mean_lo, invstd, w, b = _channel_params(MEAN, MEAN_LO, INVSTD, W, B, c, cmask, eps,
                                                   HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE)
     # per-lane sums, reduced across lanes once at the end (no reductions inside the loop)
@@ -382,7 +386,7 @@ def _dx_kernel(
     C, S, sxN, sxC, sxS, sdN, sdC, sdS, soN, soC, soS,
     nsb, n_units, units_per_prog,
     inv_n_hi, inv_n_lo,  # 1 / count as an fp32 pair (hi + lo)
-    negative_slope, alpha,
+    slope_hi, slope_lo, alpha_hi, alpha_lo,  # leaky_relu slope, elu alpha: fp32 pairs
     eps_hi, eps_lo,  # eps as an fp32 pair, used with FROM_VAR (INVSTD then holds the variance)
     TRAINING: tl.constexpr, HAS_LO: tl.constexpr, FROM_VAR: tl.constexpr, HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
@@ -395,6 +399,8 @@ def _dx_kernel(
     cmask = c < C
     lanes_s = tl.arange(0, BLOCK_S)
     eps = tl.cast(eps_hi, COMPUTE) + tl.cast(eps_lo, COMPUTE)
+    negative_slope = tl.cast(slope_hi, COMPUTE) + tl.cast(slope_lo, COMPUTE)
+    alpha = tl.cast(alpha_hi, COMPUTE) + tl.cast(alpha_lo, COMPUTE)
     mean, mean_lo, invstd, w, b = _channel_params(MEAN, MEAN_LO, INVSTD, W, B, c, cmask, eps,
                                                   HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE)
     scale = invstd * w
@@ -435,6 +441,13 @@ def _to_f32(v: float) -> float:
         return struct.unpack("f", struct.pack("f", v))[0]
     except OverflowError:  # beyond fp32's range: its infinity
         return v
+
+
+def _activation_scalars(negative_slope, alpha) -> dict:
+    """The activation's float parameters as fp32 pairs (exact for fp64 inputs, like eps)."""
+    slope_hi, slope_lo = _split_f32(float(negative_slope))
+    alpha_hi, alpha_lo = _split_f32(float(alpha))
+    return dict(slope_hi=slope_hi, slope_lo=slope_lo, alpha_hi=alpha_hi, alpha_lo=alpha_lo)
 
 
 def _ncs_strides(t: torch.Tensor):
@@ -668,7 +681,7 @@ def bn_normalize(x, mean, invstd, weight, bias, activation="identity", negative_
     ptrs, flags = _stat_args(x, mean, mean_lo, invstd, weight, bias, var, eps)
     _normalize_kernel[p["grid"]](
         x, y, *ptrs, view.C, view.cols, *view.strides(x), *view.strides(y),
-        negative_slope=float(negative_slope), alpha=float(alpha), ACTIVATION=activation,
+        **_activation_scalars(negative_slope, alpha), ACTIVATION=activation,
         COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(y), **flags, **_launch_args(p))
     return y
 
@@ -691,7 +704,7 @@ def bn_backward_reduce(x, dy, mean, invstd, weight, bias, activation="identity",
     ptrs, flags = _stat_args(x, mean, mean_lo, invstd, weight, bias, var, eps)
     _backward_reduce_kernel[p["grid"]](
         x, dy, *ptrs, ws[0], ws[1], C, view.cols, *view.strides(x),
-        *view.strides(dy), negative_slope=float(negative_slope), alpha=float(alpha),
+        *view.strides(dy), **_activation_scalars(negative_slope, alpha),
         ACTIVATION=activation, COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(dy),
         **flags, **_launch_args(p))
     sums = ws.sum(1)  # deterministic combine over the splits
@@ -715,8 +728,8 @@ def bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g=None, sum_gx=None, c
     _dx_kernel[p["grid"]](
         x, dy, dx, *ptrs, sum_g if training else mean, sum_gx if training else mean,
         view.C, view.cols, *view.strides(x), *view.strides(dy), *view.strides(dx),
-        inv_n_hi=inv_hi, inv_n_lo=inv_lo, negative_slope=float(negative_slope),
-        alpha=float(alpha), TRAINING=training, ACTIVATION=activation,
+        inv_n_hi=inv_hi, inv_n_lo=inv_lo, **_activation_scalars(negative_slope, alpha),
+        TRAINING=training, ACTIVATION=activation,
         COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(dy, dx), **flags,
         **_launch_args(p))
     return dx
