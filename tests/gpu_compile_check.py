@@ -21,7 +21,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 POINTERS = {"X", "Y", "BIAS", "DY", "OUT", "DX", "G", "V", "GW", "NORM", "DOT", "PART", "GG", "MEAN",
             "MEAN_LO", "INVSTD", "W", "B", "SUM_G", "SUM_GX", "PSUM_G", "PSUM_GX", "PCOUNT", "PMEAN",
             "PMEAN_LO", "PM2", "OCOUNT", "OM2", "RMEAN", "RVAR", "NBT", "COUNT", "M2"}
-FLOATS = {"p", "eps_hi", "eps_lo", "mom_hi", "mom_lo", "negative_slope", "alpha", "inv_n_hi",
+FLOATS = {"p", "scale_hi", "scale_lo", "eps_hi", "eps_lo", "mom_hi", "mom_lo", "negative_slope", "alpha", "inv_n_hi",
           "slope_hi", "slope_lo", "alpha_hi", "alpha_lo",
           "inv_n_lo", "k_hi", "k_lo", "a_hi", "a_lo", "b_hi", "b_lo", "scale"}
 failures = []

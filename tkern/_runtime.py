@@ -10,7 +10,9 @@ Tensors on different devices raise ``RuntimeError``, as PyTorch's own ops do.
 
 from __future__ import annotations
 
+import math
 import os
+import struct
 import warnings
 
 import torch
@@ -98,6 +100,22 @@ def draw_seed_tensor(generator: torch.Generator | None = None) -> torch.Tensor:
     seed = torch.randint(0, 2**31 - 1, (), generator=generator,
                          device=generator.device if generator is not None else "cpu")
     return seed.cpu()
+
+
+def split_f32(v: float) -> tuple[float, float]:
+    """``v`` as an fp32 pair (hi, lo) with hi + lo == v to about 48 bits.
+
+    Triton passes a Python float kernel argument as fp32, which would cost fp64 tensors ~1e-8
+    relative error; kernels take such scalars as two arguments and rebuild them with
+    ``tl.cast(hi, COMPUTE) + tl.cast(lo, COMPUTE)`` (exact enough for fp64, a plain fp32 value for
+    fp32, the same compiled and in the interpreter)."""
+    try:
+        hi = struct.unpack("f", struct.pack("f", v))[0]
+    except OverflowError:  # beyond fp32's range
+        return math.copysign(math.inf, v), 0.0
+    if not math.isfinite(hi):
+        return hi, 0.0
+    return hi, struct.unpack("f", struct.pack("f", v - hi))[0]
 
 
 def cdiv(a: int, b: int) -> int:

@@ -107,7 +107,7 @@ def _gelu_tanh_inner(z):
 @triton.jit
 def activate(z, ACTIVATION: tl.constexpr, negative_slope, alpha):
     """act(z) for the pre-activation block ``z`` (fp32 or fp64); ``negative_slope`` and ``alpha``
-    must already be in z's type (see the scalar idiom in docs/CONVENTIONS.md)."""
+    must already be in z's type (see the float-scalar rule in docs/CONVENTIONS.md)."""
     if ACTIVATION == "identity":
         y = z
     elif ACTIVATION == "relu":

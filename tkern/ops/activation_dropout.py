@@ -60,8 +60,8 @@ def _kernel(
     OUT,  # forward: y; backward: dx (= dz); flat, in X's layout
     n_elements, n_cols,  # element count; length of the last dim (bias index = offset % n_cols)
     seed, p,  # Philox seed; drop probability
-    scale: tl.float64,  # 1 / (1 - p), or 0 when p == 1
-    negative_slope: tl.float64, alpha: tl.float64,  # leaky_relu slope; elu alpha
+    # fp32 pairs (hi, lo) of 1 / (1 - p) (0 when p == 1), the leaky_relu slope and the elu alpha
+    scale_hi, scale_lo, slope_hi, slope_lo, alpha_hi, alpha_lo,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     BACKWARD: tl.constexpr,
     COMPUTE: tl.constexpr,  # fp32, or fp64 for fp64 tensors
@@ -71,10 +71,9 @@ def _kernel(
     pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
-    # float arguments in the compute type, exact for fp64 (see docs/CONVENTIONS.md)
-    scale = (tl.zeros([1], COMPUTE) + scale).to(COMPUTE)
-    negative_slope = (tl.zeros([1], COMPUTE) + negative_slope).to(COMPUTE)
-    alpha = (tl.zeros([1], COMPUTE) + alpha).to(COMPUTE)
+    scale = tl.cast(scale_hi, COMPUTE) + tl.cast(scale_lo, COMPUTE)
+    negative_slope = tl.cast(slope_hi, COMPUTE) + tl.cast(slope_lo, COMPUTE)
+    alpha = tl.cast(alpha_hi, COMPUTE) + tl.cast(alpha_lo, COMPUTE)
     lanes = tl.arange(0, QUARTER)
     counters = pid * QUARTER + lanes
     if DROPOUT:
@@ -94,9 +93,13 @@ def _kernel(
 
 def _kernel_args(x, activation, p, dropout, negative_slope, alpha, has_bias, seed):
     """Launch arguments shared by forward and backward."""
+    scale_hi, scale_lo = rt.split_f32(0.0 if p >= 1.0 else 1.0 / (1.0 - p))
+    slope_hi, slope_lo = rt.split_f32(negative_slope)
+    alpha_hi, alpha_lo = rt.split_f32(alpha)
     return dict(
         n_elements=x.numel(), n_cols=max(x.shape[-1], 1) if x.dim() else 1, seed=seed, p=p,
-        scale=0.0 if p >= 1.0 else 1.0 / (1.0 - p), negative_slope=negative_slope, alpha=alpha,
+        scale_hi=scale_hi, scale_lo=scale_lo, slope_hi=slope_hi, slope_lo=slope_lo,
+        alpha_hi=alpha_hi, alpha_lo=alpha_lo,
         ACTIVATION=activation, HAS_BIAS=has_bias, DROPOUT=dropout,
         COMPUTE=rt.compute_dtype(x.dtype), INT64=rt.needs_int64(x), QUARTER=QUARTER, num_warps=4,
     )

@@ -61,7 +61,6 @@ Double backward (create_graph=True) takes a differentiable torch-op backward ins
 from __future__ import annotations
 
 import functools
-import struct
 from typing import Optional
 
 import torch
@@ -430,23 +429,10 @@ def _dx_kernel(
 
 
 @functools.lru_cache(maxsize=1024)
-def _split_f32(v: float) -> tuple[float, float]:
-    """``v`` as hi + lo, both exactly representable in fp32 (Triton passes floats as fp32)."""
-    hi = _to_f32(v)
-    return hi, _to_f32(v - hi)
-
-
-def _to_f32(v: float) -> float:
-    try:
-        return struct.unpack("f", struct.pack("f", v))[0]
-    except OverflowError:  # beyond fp32's range: its infinity
-        return v
-
-
 def _activation_scalars(negative_slope, alpha) -> dict:
     """The activation's float parameters as fp32 pairs (exact for fp64 inputs, like eps)."""
-    slope_hi, slope_lo = _split_f32(float(negative_slope))
-    alpha_hi, alpha_lo = _split_f32(float(alpha))
+    slope_hi, slope_lo = rt.split_f32(float(negative_slope))
+    alpha_hi, alpha_lo = rt.split_f32(float(alpha))
     return dict(slope_hi=slope_hi, slope_lo=slope_lo, alpha_hi=alpha_hi, alpha_lo=alpha_lo)
 
 
@@ -638,8 +624,8 @@ def bn_combine_stats(count, mean, m2, mean_lo=None, eps=1e-5, running_mean=None,
     cumulative = update and momentum is None
     block_p = min(triton.next_power_of_2(P), 32)
     block_c = min(triton.next_power_of_2(C), 128)
-    eps_hi, eps_lo = _split_f32(float(eps))
-    mom_hi, mom_lo = _split_f32(0.0 if momentum is None else float(momentum))
+    eps_hi, eps_lo = rt.split_f32(float(eps))
+    mom_hi, mom_lo = rt.split_f32(0.0 if momentum is None else float(momentum))
     _stats_combine_kernel[(triton.cdiv(C, block_c),)](
         count, mean, mean_lo if mean_lo is not None else mean, m2, out_mean, out_lo, invstd,
         out_count, out_m2,
@@ -660,7 +646,7 @@ def _stat_args(x, mean, mean_lo, invstd, weight, bias, var, eps):
     """Pointer arguments and flags shared by the normalize and backward kernels.  ``var`` (with
     ``eps``) replaces ``invstd``: the kernels then take 1 / sqrt(var + eps) themselves."""
     from_var = var is not None
-    eps_hi, eps_lo = _split_f32(float(eps))
+    eps_hi, eps_lo = rt.split_f32(float(eps))
     flags = dict(HAS_LO=mean_lo is not None, FROM_VAR=from_var, HAS_W=weight is not None,
                  HAS_B=bias is not None, eps_hi=eps_hi, eps_lo=eps_lo)
     ptrs = (mean, mean_lo if mean_lo is not None else mean, var if from_var else invstd,
@@ -724,7 +710,7 @@ def bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g=None, sum_gx=None, c
     view = p["view"]
     dy = _like(dy, x, view)
     ptrs, flags = _stat_args(x, mean, mean_lo, invstd, weight, bias, var, eps)
-    inv_hi, inv_lo = _split_f32(1.0 / max(int(count), 1))
+    inv_hi, inv_lo = rt.split_f32(1.0 / max(int(count), 1))
     _dx_kernel[p["grid"]](
         x, dy, dx, *ptrs, sum_g if training else mean, sum_gx if training else mean,
         view.C, view.cols, *view.strides(x), *view.strides(dy), *view.strides(dx),

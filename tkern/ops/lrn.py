@@ -35,10 +35,8 @@ Design:
 
 from __future__ import annotations
 
-import math
 import numbers
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import triton
@@ -173,15 +171,6 @@ def _lrn_backward_kernel(
 # host side
 
 
-def _split(v: float) -> tuple[float, float]:
-    """``v`` as an fp32 pair (hi, lo) with hi + lo == v to ~48 bits (Triton passes floats as fp32)."""
-    with np.errstate(over="ignore"):
-        hi = float(np.float32(v))
-    if not math.isfinite(hi) or not math.isfinite(v):
-        return hi, 0.0
-    return hi, float(np.float32(v - hi))
-
-
 def _view3(t: torch.Tensor, last: bool):
     """``t`` as the kernels' (N, C, S) view without copying, or None when its strides do not allow
     it. PyTorch semantics: (N, C, prod(spatial)).  TensorFlow: (1, depth, rows) when the rows
@@ -209,9 +198,9 @@ def _blocks(C: int, S: int, channels_contiguous: bool) -> tuple[int, int]:
 
 
 def _scalars(cfg):
-    k_hi, k_lo = _split(cfg["k"])
-    a_hi, a_lo = _split(cfg["scale"])
-    b_hi, b_lo = _split(cfg["beta"])
+    k_hi, k_lo = rt.split_f32(cfg["k"])
+    a_hi, a_lo = rt.split_f32(cfg["scale"])
+    b_hi, b_lo = rt.split_f32(cfg["beta"])
     return dict(k_hi=k_hi, k_lo=k_lo, a_hi=a_hi, a_lo=a_lo, b_hi=b_hi, b_lo=b_lo)
 
 
