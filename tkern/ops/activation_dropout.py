@@ -159,6 +159,8 @@ class _ActivationDropoutFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, seed, *cfg):
+        if not _walks_as_is(x, bias is not None):
+            x = x.contiguous()  # copy once, and save the copy: backward walks it as it is
         ctx.save_for_backward(x, bias, seed)
         ctx.cfg = cfg
         return _forward_impl(x, bias, seed, *cfg)
