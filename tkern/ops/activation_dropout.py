@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .. import _runtime as rt
+from ._math import from_pair
 from ..activations import activate, activation_grad, eager_activation, kernel_name
 
 QUARTER = 512
@@ -71,9 +72,9 @@ def _kernel(
     pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
-    scale = tl.cast(scale_hi, COMPUTE) + tl.cast(scale_lo, COMPUTE)
-    negative_slope = tl.cast(slope_hi, COMPUTE) + tl.cast(slope_lo, COMPUTE)
-    alpha = tl.cast(alpha_hi, COMPUTE) + tl.cast(alpha_lo, COMPUTE)
+    scale = from_pair(scale_hi, scale_lo, COMPUTE)
+    negative_slope = from_pair(slope_hi, slope_lo, COMPUTE)
+    alpha = from_pair(alpha_hi, alpha_lo, COMPUTE)
     lanes = tl.arange(0, QUARTER)
     counters = pid * QUARTER + lanes
     if DROPOUT:

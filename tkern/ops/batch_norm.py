@@ -69,6 +69,7 @@ import triton
 import triton.language as tl
 
 from .. import _runtime as rt
+from ._math import from_pair
 from ..activations import activate, activation_grad, eager_activation, kernel_name
 
 # Elements per tile: 16 KiB of fp32 per loop step keeps enough loads in flight to approach memory
@@ -222,14 +223,14 @@ def _stats_combine_kernel(
         tl.store(OCOUNT + c, n_tot, mask=cmask)
         tl.store(OM2 + c, m2, mask=cmask)
     if WRITE_INVSTD:
-        eps = tl.cast(eps_hi, COMPUTE) + tl.cast(eps_lo, COMPUTE)
+        eps = from_pair(eps_hi, eps_lo, COMPUTE)
         var = m2 / tl.maximum(n_tot, 1.0)
         tl.store(INVSTD + c, _inv_sqrt(var + eps, COMPUTE), mask=cmask)
     if UPDATE:
         if CUMULATIVE:
             factor = 1.0 / tl.load(NBT).to(COMPUTE)
         else:
-            factor = tl.cast(mom_hi, COMPUTE) + tl.cast(mom_lo, COMPUTE)
+            factor = from_pair(mom_hi, mom_lo, COMPUTE)
         # unbiased variance; a single value (possible only through SyncBatchNorm) keeps m2 / n
         unbiased = m2 / tl.maximum(n_tot - 1.0, 1.0)
         rm = tl.load(RMEAN + c, mask=cmask, other=0.0)
@@ -302,9 +303,9 @@ def _normalize_kernel(
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     lanes_s = tl.arange(0, BLOCK_S)
-    eps = tl.cast(eps_hi, COMPUTE) + tl.cast(eps_lo, COMPUTE)
-    negative_slope = tl.cast(slope_hi, COMPUTE) + tl.cast(slope_lo, COMPUTE)
-    alpha = tl.cast(alpha_hi, COMPUTE) + tl.cast(alpha_lo, COMPUTE)
+    eps = from_pair(eps_hi, eps_lo, COMPUTE)
+    negative_slope = from_pair(slope_hi, slope_lo, COMPUTE)
+    alpha = from_pair(alpha_hi, alpha_lo, COMPUTE)
     mean, mean_lo, invstd, w, b = _channel_params(MEAN, MEAN_LO, INVSTD, W, B, c, cmask, eps,
                                                   HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE)
     scale = invstd * w
@@ -351,9 +352,9 @@ def _backward_reduce_kernel(
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     lanes_s = tl.arange(0, BLOCK_S)
-    eps = tl.cast(eps_hi, COMPUTE) + tl.cast(eps_lo, COMPUTE)
-    negative_slope = tl.cast(slope_hi, COMPUTE) + tl.cast(slope_lo, COMPUTE)
-    alpha = tl.cast(alpha_hi, COMPUTE) + tl.cast(alpha_lo, COMPUTE)
+    eps = from_pair(eps_hi, eps_lo, COMPUTE)
+    negative_slope = from_pair(slope_hi, slope_lo, COMPUTE)
+    alpha = from_pair(alpha_hi, alpha_lo, COMPUTE)
     mean, mean_lo, invstd, w, b = _channel_params(MEAN, MEAN_LO, INVSTD, W, B, c, cmask, eps,
                                                   HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE)
     # per-lane sums, reduced across lanes once at the end (no reductions inside the loop)
@@ -397,14 +398,14 @@ def _dx_kernel(
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     lanes_s = tl.arange(0, BLOCK_S)
-    eps = tl.cast(eps_hi, COMPUTE) + tl.cast(eps_lo, COMPUTE)
-    negative_slope = tl.cast(slope_hi, COMPUTE) + tl.cast(slope_lo, COMPUTE)
-    alpha = tl.cast(alpha_hi, COMPUTE) + tl.cast(alpha_lo, COMPUTE)
+    eps = from_pair(eps_hi, eps_lo, COMPUTE)
+    negative_slope = from_pair(slope_hi, slope_lo, COMPUTE)
+    alpha = from_pair(alpha_hi, alpha_lo, COMPUTE)
     mean, mean_lo, invstd, w, b = _channel_params(MEAN, MEAN_LO, INVSTD, W, B, c, cmask, eps,
                                                   HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE)
     scale = invstd * w
     if TRAINING:
-        inv_n = tl.cast(inv_n_hi, COMPUTE) + tl.cast(inv_n_lo, COMPUTE)
+        inv_n = from_pair(inv_n_hi, inv_n_lo, COMPUTE)
         mean_g = tl.load(SUM_G + c, mask=cmask, other=0.0).to(COMPUTE) * inv_n
         mean_gx = tl.load(SUM_GX + c, mask=cmask, other=0.0).to(COMPUTE) * inv_n
     u0 = pid_p * units_per_prog

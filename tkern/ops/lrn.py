@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from .. import _runtime as rt
+from ._math import from_pair
 
 # Elements per tile, and per thread: ptxas (sm_90) gives the backward kernel ~64 registers at four
 # fp32 elements a thread (forward ~40), so two 512-thread programs fit an SM; eight a thread doubles
@@ -53,13 +54,6 @@ ELEMENTS_PER_THREAD = 4
 # are (channels_last, TensorFlow): 32 fp32 channels are one 128-byte line, and 96/192/256 split evenly.
 BLOCK_CONTIG = 128
 BLOCK_C_CONTIG = 32
-
-
-@triton.jit
-def _scalar(hi, lo, COMPUTE: tl.constexpr):
-    # a Python float passed as an fp32 pair, summed in COMPUTE (exact to ~48 bits for fp64);
-    # tl.cast, not .to: the interpreter hands float arguments over as Python floats
-    return tl.cast(hi, COMPUTE) + tl.cast(lo, COMPUTE)
 
 
 @triton.jit
@@ -115,9 +109,9 @@ def _lrn_forward_kernel(
     n, c, s = _tile(c_tiles, s_tiles, INT64, BLOCK_C, BLOCK_S)
     s_ok = s < S
     m = (c < C) & s_ok
-    kk = _scalar(k_hi, k_lo, COMPUTE)
-    aa = _scalar(a_hi, a_lo, COMPUTE)
-    bb = _scalar(b_hi, b_lo, COMPUTE)
+    kk = from_pair(k_hi, k_lo, COMPUTE)
+    aa = from_pair(a_hi, a_lo, COMPUTE)
+    bb = from_pair(b_hi, b_lo, COMPUTE)
     xbase = n * sxn + s * sxs
     x = tl.load(X + xbase + c * sxc, mask=m, other=0.0).to(COMPUTE)
     sq = _window_sumsq(X, xbase, c, s_ok, C, sxc, before, after, COMPUTE, BLOCK_C, BLOCK_S)
@@ -139,9 +133,9 @@ def _lrn_backward_kernel(
     n, c, s = _tile(c_tiles, s_tiles, INT64, BLOCK_C, BLOCK_S)
     s_ok = s < S
     m = (c < C) & s_ok
-    kk = _scalar(k_hi, k_lo, COMPUTE)
-    aa = _scalar(a_hi, a_lo, COMPUTE)
-    bb = _scalar(b_hi, b_lo, COMPUTE)
+    kk = from_pair(k_hi, k_lo, COMPUTE)
+    aa = from_pair(a_hi, a_lo, COMPUTE)
+    bb = from_pair(b_hi, b_lo, COMPUTE)
     xbase = n * sxn + s * sxs
     gbase = n * sgn + s * sgs
     x = tl.load(X + xbase + c * sxc, mask=m, other=0.0).to(COMPUTE)
