@@ -276,6 +276,22 @@ def _channel_params(MEAN, MEAN_LO, INVSTD, W, B, c, cmask, eps, HAS_LO: tl.const
 
 
 @triton.jit
+def _program_channels(MEAN, MEAN_LO, INVSTD, W, B, C, eps_hi, eps_lo, slope_hi, slope_lo, alpha_hi,
+                      alpha_lo, HAS_LO: tl.constexpr, FROM_VAR: tl.constexpr, HAS_W: tl.constexpr,
+                      HAS_B: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The preamble of the elementwise and backward kernels: this program's block of channels
+    (grid axis 0) with its mask, statistics and affine parameters, and the activation's scalars."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    eps = from_pair(eps_hi, eps_lo, COMPUTE)
+    mean, mean_lo, invstd, w, b = _channel_params(MEAN, MEAN_LO, INVSTD, W, B, c, cmask, eps,
+                                                  HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE)
+    negative_slope = from_pair(slope_hi, slope_lo, COMPUTE)
+    alpha = from_pair(alpha_hi, alpha_lo, COMPUTE)
+    return c, cmask, mean, mean_lo, invstd, w, b, negative_slope, alpha
+
+
+@triton.jit
 def _centered(x, mean, mean_lo, HAS_LO: tl.constexpr):
     # x - hi is exact when x is near the mean; lo then corrects what hi rounded away
     xc = x - mean[None, :]
@@ -298,16 +314,11 @@ def _normalize_kernel(
     ACTIVATION: tl.constexpr,
     COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_c = tl.program_id(0)
+    c, cmask, mean, mean_lo, invstd, w, b, negative_slope, alpha = _program_channels(
+        MEAN, MEAN_LO, INVSTD, W, B, C, eps_hi, eps_lo, slope_hi, slope_lo, alpha_hi, alpha_lo,
+        HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE, BLOCK_C)
     pid_p = tl.program_id(1)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
     lanes_s = tl.arange(0, BLOCK_S)
-    eps = from_pair(eps_hi, eps_lo, COMPUTE)
-    negative_slope = from_pair(slope_hi, slope_lo, COMPUTE)
-    alpha = from_pair(alpha_hi, alpha_lo, COMPUTE)
-    mean, mean_lo, invstd, w, b = _channel_params(MEAN, MEAN_LO, INVSTD, W, B, c, cmask, eps,
-                                                  HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE)
     scale = invstd * w
     u0 = pid_p * units_per_prog
     for i in range(0, units_per_prog):
@@ -347,16 +358,11 @@ def _backward_reduce_kernel(
     ACTIVATION: tl.constexpr,
     COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_c = tl.program_id(0)
+    c, cmask, mean, mean_lo, invstd, w, b, negative_slope, alpha = _program_channels(
+        MEAN, MEAN_LO, INVSTD, W, B, C, eps_hi, eps_lo, slope_hi, slope_lo, alpha_hi, alpha_lo,
+        HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE, BLOCK_C)
     pid_p = tl.program_id(1)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
     lanes_s = tl.arange(0, BLOCK_S)
-    eps = from_pair(eps_hi, eps_lo, COMPUTE)
-    negative_slope = from_pair(slope_hi, slope_lo, COMPUTE)
-    alpha = from_pair(alpha_hi, alpha_lo, COMPUTE)
-    mean, mean_lo, invstd, w, b = _channel_params(MEAN, MEAN_LO, INVSTD, W, B, c, cmask, eps,
-                                                  HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE)
     # per-lane sums, reduced across lanes once at the end (no reductions inside the loop)
     acc_g = tl.zeros([BLOCK_S, BLOCK_C], COMPUTE)
     acc_gx = tl.zeros([BLOCK_S, BLOCK_C], COMPUTE)
@@ -393,16 +399,11 @@ def _dx_kernel(
     ACTIVATION: tl.constexpr,
     COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_c = tl.program_id(0)
+    c, cmask, mean, mean_lo, invstd, w, b, negative_slope, alpha = _program_channels(
+        MEAN, MEAN_LO, INVSTD, W, B, C, eps_hi, eps_lo, slope_hi, slope_lo, alpha_hi, alpha_lo,
+        HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE, BLOCK_C)
     pid_p = tl.program_id(1)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
     lanes_s = tl.arange(0, BLOCK_S)
-    eps = from_pair(eps_hi, eps_lo, COMPUTE)
-    negative_slope = from_pair(slope_hi, slope_lo, COMPUTE)
-    alpha = from_pair(alpha_hi, alpha_lo, COMPUTE)
-    mean, mean_lo, invstd, w, b = _channel_params(MEAN, MEAN_LO, INVSTD, W, B, c, cmask, eps,
-                                                  HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE)
     scale = invstd * w
     if TRAINING:
         inv_n = from_pair(inv_n_hi, inv_n_lo, COMPUTE)
