@@ -240,6 +240,65 @@ def test_split_path_small_c_large_spatial(device, fmt):
     _functional_case(device, torch.float32, shape, True, memory_format=fmt, x64=x.double() * 3 + 2)
 
 
+class _LaunchCounter:
+    """Stands in for a kernel in ``bn_ops`` and counts its launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+_KERNELS = ("_fused_forward_kernel", "_stats_partial_kernel", "_stats_combine_kernel",
+            "_normalize_kernel", "_backward_reduce_kernel", "_dx_kernel")
+
+
+@pytest.mark.parametrize("path", ["one_program", "split"])
+def test_one_program_and_split_paths(device, monkeypatch, path):
+    """Both plans, every backward variant (training, eval with and without parameter grads,
+    parameter grads only), over several steps with the cumulative average; and the launch
+    counts: one each way for a layer whose channels span few tiles, else 3 forward, 2 backward
+    (+ a torch sum)."""
+    monkeypatch.setattr(bn_ops, "FUSED_MAX_UNITS", 10**9 if path == "one_program" else 0)
+    monkeypatch.setattr(bn_ops, "_plans", {})
+    counters = {name: _LaunchCounter(getattr(bn_ops, name)) for name in _KERNELS}
+    for name, counter in counters.items():
+        monkeypatch.setattr(bn_ops, name, counter)
+    ref, ours = _pair("BatchNorm2d", 3, momentum=None, device=device, dtype=torch.float64)
+    ref = torch.nn.Sequential(ref, torch.nn.SiLU())
+    ours.activation = "silu"
+    ours = torch.nn.Sequential(ours)
+    x = torch.randn(6, 3, 5, 7, device=device, dtype=torch.float64) * 2 + 0.5
+    assert (bn_ops.num_partials(x) == 1) == (path == "one_program")
+    _step(ref, ours, x, torch.randn_like(x))
+    launches = {n: c.launches for n, c in counters.items() if c.launches}
+    if path == "one_program":
+        assert launches == {"_fused_forward_kernel": 1, "_backward_reduce_kernel": 1}
+    else:
+        assert launches == {"_stats_partial_kernel": 1, "_stats_combine_kernel": 1,
+                            "_normalize_kernel": 1, "_backward_reduce_kernel": 1, "_dx_kernel": 1}
+    for mode, grad_x, grad_wb in (("train", True, True), ("eval", True, True),
+                                  ("eval", True, False), ("train", False, True),
+                                  ("eval", False, True), ("train", True, False)):
+        ref.train(mode == "train")
+        ours.train(mode == "train")
+        for m in (ref, ours):
+            m.requires_grad_(grad_wb)
+        x = torch.randn(6, 3, 5, 7, device=device, dtype=torch.float64) - 1.0
+        xr, xo = (x.clone().requires_grad_(grad_x) for _ in range(2))
+        yr, yo = ref(xr), ours(xo)
+        _close(yo, yr, f"{mode} output")
+        dy = torch.randn_like(x)
+        wanted = ([xr] if grad_x else []) + (list(ref.parameters()) if grad_wb else [])
+        mine = ([xo] if grad_x else []) + (list(ours.parameters()) if grad_wb else [])
+        for g_o, g_r in zip(torch.autograd.grad(yo, mine, dy), torch.autograd.grad(yr, wanted, dy)):
+            _close(g_o, g_r, f"{mode} grad (x: {grad_x}, weight and bias: {grad_wb})")
+        for (n, br), (_, bo) in zip(ref.named_buffers(), ours.named_buffers()):
+            _close(bo.double(), br.double(), n)
+
+
 @pytest.mark.parametrize("act,approximate", ACTS)
 def test_fused_activation(device, act, approximate):
     _functional_case(device, torch.float32, (4, 3, 5), True, act=act, approximate=approximate)

@@ -10,13 +10,16 @@ the loads vectorise along whichever axis is contiguous.  When the batch and spat
 samples.  The reduction domain of a channel (N x S elements) is cut into *units* (one sample, one
 block of S); a program owns a block of channels and a run of consecutive units.
 
-Training forward: three passes over a block of channels, x read twice, y written once.
+Training forward.  Layers whose channel blocks span at most ``FUSED_MAX_UNITS`` units (small
+batches, late layers) take one launch, ``_fused_forward_kernel``: a program per channel block
+reduces its channels, writes the statistics, updates the running stats and normalizes, re-reading
+x from cache.  Larger layers take three launches, x read twice from memory, y written once:
 1. ``_stats_partial_kernel``: a grid (channel blocks) x (splits).  Each program reduces its units
    into a partial (count, mean, M2) per channel, written to an fp32 (fp64 for fp64) workspace
    ``[P, C]``.  Values are shifted by the mean of the program's first tile and summed per lane
    (sum and sum of squares), with one cross-lane reduction at the end: the loop is loads and
-   FMAs, and the variance from shifted sums stays accurate (the bound is in the kernel), so
-   1000 + 0.01 * randn keeps its variance.  Partial means are kept as hi + lo (TwoSum).
+   FMAs, and the variance from shifted sums stays accurate (the bound is in ``_shifted_stats``),
+   so 1000 + 0.01 * randn keeps its variance.  Partial means are kept as hi + lo (TwoSum).
    Splitting matters for few channels and large N x S (C=64 at 112x112): one program per channel
    would leave most of the GPU idle.
 2. ``_stats_combine_kernel``: one small program per channel block merges the P partials
@@ -32,10 +35,13 @@ Eval uses the running stats and only pass 3 (one launch: the kernel takes invstd
 Backward saves x, weight, bias and the statistics used (the fp32/fp64 [3, C] mean, mean_lo, invstd
 in training; the running stats in eval); the pre-activation is rebuilt from them.
 1. ``_backward_reduce_kernel``: partial sums of g = dy * act'(z) and g * xhat per channel into
-   ``[P, C]`` (deterministic: no float atomics), then a torch ``sum(0)`` over P.  They are dbias and
-   dweight.
-2. ``_dx_kernel``: elementwise ``dx = w * invstd * (g - sum_g / n - xhat * sum_gx / n)`` in
-   training, ``dx = g * w * invstd`` in eval.
+   ``[P, C]`` (deterministic: no float atomics), then a torch ``sum(0)`` over P when P > 1.  They
+   are dbias and dweight.  With one partial per channel (the one-launch plan) the program holds
+   whole sums and writes dx in a second pass over its (cached) tiles; in eval dx needs no sums and
+   is written in the same pass.
+2. ``_dx_kernel`` (split plans in training, and eval without weight grads): elementwise
+   ``dx = w * invstd * (g - sum_g / n - xhat * sum_gx / n)`` in training, ``g * w * invstd`` in
+   eval.
 
 Host building blocks (also used by SyncBatchNorm around torch.distributed collectives):
 (x prepared by ``_prepare_input``; ``activation`` is a kernel name from ``kernel_name``)
@@ -77,6 +83,10 @@ from ..activations import activate, activation_grad, eager_activation, kernel_na
 TILE_BYTES = 16384
 # Channel width of a tile when channels are the contiguous axis: 128 fp32 = 512 contiguous bytes.
 CL_BLOCK_C = 128
+# Reductions over at most this many units (tiles) per channel block run one program per channel
+# block, each way in one launch (statistics + normalize; sums + dx): a second pass over two tiles
+# costs less than the two extra launches of the split path.
+FUSED_MAX_UNITS = 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,24 +124,16 @@ def _two_sum(a, b):
 
 
 @triton.jit
-def _stats_partial_kernel(
-    X,  # input viewed as [N, C, S] through (sN, sC, sS)
-    PCOUNT, PMEAN, PMEAN_LO, PM2,  # [P, C] partial count, mean as hi + lo, M2 (sum of squared dev.)
-    C, S, sN, sC, sS,  # channel count, spatial size, strides of X
-    nsb, n_units, units_per_prog,  # S-blocks per sample; units in all; units per program
-    COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    pid_c = tl.program_id(0)
-    pid_p = tl.program_id(1)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+def _shifted_stats(X, c, cmask, S, sN, sC, sS, nsb, n_units, u0, units,
+                   COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr,
+                   BLOCK_C: tl.constexpr):
+    """(count, mean as hi + lo, M2) per channel c of the units [u0, u0 + units)."""
     lanes_s = tl.arange(0, BLOCK_S)
-    u0 = pid_p * units_per_prog
-    # Shift: the mean of the program's first tile.  Values are summed as xs = x - shift per lane
-    # (no reductions in the loop) and the variance comes from shifted sums, M2 = S2 - S1^2 / n,
-    # whose cancellation grows with (shift - mean)^2 / var.  The first tile is part of the
-    # program's data, so that ratio is at most (tiles per program), a few hundred at worst: a few
-    # ulps on the variance, never catastrophic, whatever |mean| / std is.
+    # Shift: the mean of the first tile.  Values are summed as xs = x - shift per lane (no
+    # reductions in the loop) and the variance comes from shifted sums, M2 = S2 - S1^2 / n, whose
+    # cancellation grows with (shift - mean)^2 / var.  The first tile is part of the data, so that
+    # ratio is at most (tiles per program), a few hundred at worst: a few ulps on the variance,
+    # never catastrophic, whatever |mean| / std is.
     n, s, smask = _unit(u0, nsb, lanes_s, S, n_units, INT64, BLOCK_S)
     mask = smask[:, None] & cmask[None, :]
     x = tl.load(X + _offsets(n, s, c, sN, sS, sC), mask=mask, other=0.0).to(COMPUTE)
@@ -139,7 +141,7 @@ def _stats_partial_kernel(
     cnt = tl.zeros([BLOCK_S], COMPUTE)  # per lane: valid elements seen
     s1 = tl.zeros([BLOCK_S, BLOCK_C], COMPUTE)
     s2 = tl.zeros([BLOCK_S, BLOCK_C], COMPUTE)
-    for i in range(0, units_per_prog):
+    for i in range(0, units):
         n, s, smask = _unit(u0 + i, nsb, lanes_s, S, n_units, INT64, BLOCK_S)
         mask = smask[:, None] & cmask[None, :]
         x = tl.load(X + _offsets(n, s, c, sN, sS, sC), mask=mask, other=0.0).to(COMPUTE)
@@ -153,11 +155,47 @@ def _stats_partial_kernel(
     m2 = tl.maximum(tl.sum(s2, 0) - sum1 * mean_s, 0.0)
     # the absolute mean as hi + lo: hi alone (fp32) would lose ulp(mean) when |mean| >> std
     hi, lo = _two_sum(shift, mean_s)
+    return n_tot, hi, lo, m2
+
+
+@triton.jit
+def _stats_partial_kernel(
+    X,  # input viewed as [N, C, S] through (sN, sC, sS)
+    PCOUNT, PMEAN, PMEAN_LO, PM2,  # [P, C] partial count, mean as hi + lo, M2 (sum of squared dev.)
+    C, S, sN, sC, sS,  # channel count, spatial size, strides of X
+    nsb, n_units, units_per_prog,  # S-blocks per sample; units in all; units per program
+    COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_p = tl.program_id(1)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    n_tot, hi, lo, m2 = _shifted_stats(X, c, cmask, S, sN, sC, sS, nsb, n_units,
+                                       pid_p * units_per_prog, units_per_prog,
+                                       COMPUTE, INT64, BLOCK_S, BLOCK_C)
     out = pid_p * C + c
     tl.store(PCOUNT + out, tl.zeros([BLOCK_C], COMPUTE) + n_tot, mask=cmask)
     tl.store(PMEAN + out, hi, mask=cmask)
     tl.store(PMEAN_LO + out, lo, mask=cmask)
     tl.store(PM2 + out, m2, mask=cmask)
+
+
+@triton.jit
+def _update_running(RMEAN, RVAR, NBT, c, cmask, n_tot, mean, m2, mom_hi, mom_lo,
+                    CUMULATIVE: tl.constexpr, COMPUTE: tl.constexpr):
+    """running = (1 - f) * running + f * batch, with the unbiased variance; f is the momentum, or
+    1 / num_batches_tracked (read on the device) for the cumulative average."""
+    if CUMULATIVE:
+        factor = 1.0 / tl.load(NBT).to(COMPUTE)
+    else:
+        factor = from_pair(mom_hi, mom_lo, COMPUTE)
+    # a single value (possible only through SyncBatchNorm) keeps m2 / n
+    unbiased = m2 / tl.maximum(n_tot - 1.0, 1.0)
+    rm = tl.load(RMEAN + c, mask=cmask, other=0.0)
+    rv = tl.load(RVAR + c, mask=cmask, other=0.0)
+    new_rm = (1.0 - factor) * rm.to(COMPUTE) + factor * mean
+    new_rv = (1.0 - factor) * rv.to(COMPUTE) + factor * unbiased
+    tl.store(RMEAN + c, new_rm.to(rm.dtype), mask=cmask)
+    tl.store(RVAR + c, new_rv.to(rv.dtype), mask=cmask)
 
 
 @triton.jit
@@ -227,18 +265,8 @@ def _stats_combine_kernel(
         var = m2 / tl.maximum(n_tot, 1.0)
         tl.store(INVSTD + c, _inv_sqrt(var + eps, COMPUTE), mask=cmask)
     if UPDATE:
-        if CUMULATIVE:
-            factor = 1.0 / tl.load(NBT).to(COMPUTE)
-        else:
-            factor = from_pair(mom_hi, mom_lo, COMPUTE)
-        # unbiased variance; a single value (possible only through SyncBatchNorm) keeps m2 / n
-        unbiased = m2 / tl.maximum(n_tot - 1.0, 1.0)
-        rm = tl.load(RMEAN + c, mask=cmask, other=0.0)
-        rv = tl.load(RVAR + c, mask=cmask, other=0.0)
-        new_rm = (1.0 - factor) * rm.to(COMPUTE) + factor * (mean_hi + mean_lo)
-        new_rv = (1.0 - factor) * rv.to(COMPUTE) + factor * unbiased
-        tl.store(RMEAN + c, new_rm.to(rm.dtype), mask=cmask)
-        tl.store(RVAR + c, new_rv.to(rv.dtype), mask=cmask)
+        _update_running(RMEAN, RVAR, NBT, c, cmask, n_tot, mean_hi + mean_lo, m2, mom_hi, mom_lo,
+                        CUMULATIVE, COMPUTE)
 
 
 @triton.jit
@@ -301,6 +329,24 @@ def _centered(x, mean, mean_lo, HAS_LO: tl.constexpr):
 
 
 @triton.jit
+def _normalize_units(X, Y, c, cmask, mean, mean_lo, scale, b, negative_slope, alpha,
+                     S, sxN, sxC, sxS, syN, syC, syS, nsb, n_units, u0, units,
+                     HAS_LO: tl.constexpr, ACTIVATION: tl.constexpr, COMPUTE: tl.constexpr,
+                     INT64: tl.constexpr, BLOCK_S: tl.constexpr):
+    """y = act((x - mean - mean_lo) * scale + b) over the units [u0, u0 + units)."""
+    lanes_s = tl.arange(0, BLOCK_S)
+    for i in range(0, units):
+        n, s, smask = _unit(u0 + i, nsb, lanes_s, S, n_units, INT64, BLOCK_S)
+        mask = smask[:, None] & cmask[None, :]
+        xo = _offsets(n, s, c, sxN, sxS, sxC)
+        yo = _offsets(n, s, c, syN, syS, syC)
+        x = tl.load(X + xo, mask=mask, other=0.0).to(COMPUTE)
+        z = _centered(x, mean, mean_lo, HAS_LO) * scale[None, :] + b[None, :]
+        y = activate(z, ACTIVATION, negative_slope, alpha)
+        tl.store(Y + yo, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _normalize_kernel(
     X,  # input [N, C, S] through (sxN, sxC, sxS)
     Y,  # output [N, C, S] through (syN, syC, syS)
@@ -317,19 +363,52 @@ def _normalize_kernel(
     c, cmask, mean, mean_lo, invstd, w, b, negative_slope, alpha = _program_channels(
         MEAN, MEAN_LO, INVSTD, W, B, C, eps_hi, eps_lo, slope_hi, slope_lo, alpha_hi, alpha_lo,
         HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE, BLOCK_C)
-    pid_p = tl.program_id(1)
-    lanes_s = tl.arange(0, BLOCK_S)
-    scale = invstd * w
-    u0 = pid_p * units_per_prog
-    for i in range(0, units_per_prog):
-        n, s, smask = _unit(u0 + i, nsb, lanes_s, S, n_units, INT64, BLOCK_S)
-        mask = smask[:, None] & cmask[None, :]
-        xo = _offsets(n, s, c, sxN, sxS, sxC)
-        yo = _offsets(n, s, c, syN, syS, syC)
-        x = tl.load(X + xo, mask=mask, other=0.0).to(COMPUTE)
-        z = _centered(x, mean, mean_lo, HAS_LO) * scale[None, :] + b[None, :]
-        y = activate(z, ACTIVATION, negative_slope, alpha)
-        tl.store(Y + yo, y.to(Y.dtype.element_ty), mask=mask)
+    _normalize_units(X, Y, c, cmask, mean, mean_lo, invstd * w, b, negative_slope, alpha,
+                     S, sxN, sxC, sxS, syN, syC, syS, nsb, n_units,
+                     tl.program_id(1) * units_per_prog, units_per_prog,
+                     HAS_LO, ACTIVATION, COMPUTE, INT64, BLOCK_S)
+
+
+@triton.jit
+def _fused_forward_kernel(
+    X, Y,  # [N, C, S] through their strides
+    MEAN, MEAN_LO, INVSTD,  # [C] outputs: the batch mean as hi + lo, 1 / sqrt(biased var + eps)
+    W, B,  # [C] affine weight and bias (dummies when HAS_W / HAS_B is False)
+    RMEAN, RVAR, NBT,  # running stats, updated in place when UPDATE; NBT when CUMULATIVE
+    C, S, sxN, sxC, sxS, syN, syC, syS,
+    nsb, n_units,
+    eps_hi, eps_lo, mom_hi, mom_lo, slope_hi, slope_lo, alpha_hi, alpha_lo,  # fp32 pairs
+    UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr, WRITE_Y: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACTIVATION: tl.constexpr,
+    COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Training forward in one launch for layers whose channel blocks span few units: each
+    program reduces its channels over the whole batch, writes the statistics, updates the running
+    stats and (WRITE_Y) normalizes, re-reading x while it is still in cache."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    u0 = tl.program_id(1) * n_units  # 0 (a one-column grid), as a tensor _unit can widen
+    n_tot, mean, mean_lo, m2 = _shifted_stats(X, c, cmask, S, sxN, sxC, sxS, nsb, n_units,
+                                              u0, n_units, COMPUTE, INT64, BLOCK_S, BLOCK_C)
+    invstd = _inv_sqrt(m2 / tl.maximum(n_tot, 1.0) + from_pair(eps_hi, eps_lo, COMPUTE), COMPUTE)
+    tl.store(MEAN + c, mean, mask=cmask)
+    tl.store(MEAN_LO + c, mean_lo, mask=cmask)
+    tl.store(INVSTD + c, invstd, mask=cmask)
+    if UPDATE:
+        _update_running(RMEAN, RVAR, NBT, c, cmask, n_tot, mean + mean_lo, m2, mom_hi, mom_lo,
+                        CUMULATIVE, COMPUTE)
+    if WRITE_Y:
+        if HAS_W:
+            invstd = invstd * tl.load(W + c, mask=cmask, other=0.0).to(COMPUTE)
+        if HAS_B:
+            b = tl.load(B + c, mask=cmask, other=0.0).to(COMPUTE)
+        else:
+            b = tl.zeros([BLOCK_C], COMPUTE)
+        _normalize_units(X, Y, c, cmask, mean, mean_lo, invstd, b,
+                         from_pair(slope_hi, slope_lo, COMPUTE),
+                         from_pair(alpha_hi, alpha_lo, COMPUTE),
+                         S, sxN, sxC, sxS, syN, syC, syS, nsb, n_units, u0, n_units,
+                         True, ACTIVATION, COMPUTE, INT64, BLOCK_S)
 
 
 @triton.jit
@@ -346,23 +425,52 @@ def _grad_pre_activation(x, dy, mean, mean_lo, invstd, w, b, negative_slope, alp
 
 
 @triton.jit
+def _dx_units(X, DY, DX, c, cmask, mean, mean_lo, invstd, w, b, mean_g, mean_gx,
+              negative_slope, alpha, S, sxN, sxC, sxS, sdN, sdC, sdS, soN, soC, soS,
+              nsb, n_units, u0, units, TRAINING: tl.constexpr, HAS_LO: tl.constexpr,
+              ACTIVATION: tl.constexpr, COMPUTE: tl.constexpr, INT64: tl.constexpr,
+              BLOCK_S: tl.constexpr):
+    """dx over the units [u0, u0 + units): w * invstd * (g - mean_g - xhat * mean_gx) in
+    training (mean_g, mean_gx: the batch means of g and g * xhat), w * invstd * g in eval."""
+    lanes_s = tl.arange(0, BLOCK_S)
+    scale = invstd * w
+    for i in range(0, units):
+        n, s, smask = _unit(u0 + i, nsb, lanes_s, S, n_units, INT64, BLOCK_S)
+        mask = smask[:, None] & cmask[None, :]
+        x = tl.load(X + _offsets(n, s, c, sxN, sxS, sxC), mask=mask, other=0.0).to(COMPUTE)
+        dy = tl.load(DY + _offsets(n, s, c, sdN, sdS, sdC), mask=mask, other=0.0).to(COMPUTE)
+        xhat, g = _grad_pre_activation(x, dy, mean, mean_lo, invstd, w, b, negative_slope, alpha,
+                                       HAS_LO, ACTIVATION)
+        if TRAINING:
+            g = g - mean_g[None, :] - xhat * mean_gx[None, :]
+        dx = g * scale[None, :]
+        tl.store(DX + _offsets(n, s, c, soN, soS, soC), dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _backward_reduce_kernel(
-    X, DY,  # [N, C, S] through their strides
+    X, DY, DX,  # [N, C, S] through their strides; DX written when DX_MODE > 0
     MEAN, MEAN_LO, INVSTD, W, B,  # [C] saved statistics (MEAN_LO when HAS_LO) and affine parameters
-    PSUM_G, PSUM_GX,  # [P, C] partial sums of g and g * xhat
-    C, S, sxN, sxC, sxS, sdN, sdC, sdS,
+    PSUM_G, PSUM_GX,  # [P, C] partial sums of g and g * xhat (the sums when P == 1)
+    C, S, sxN, sxC, sxS, sdN, sdC, sdS, soN, soC, soS,
     nsb, n_units, units_per_prog,
+    inv_n_hi, inv_n_lo,  # 1 / count as an fp32 pair (hi + lo), used when DX_MODE == 2
     slope_hi, slope_lo, alpha_hi, alpha_lo,  # leaky_relu slope, elu alpha: fp32 pairs
     eps_hi, eps_lo,  # eps as an fp32 pair, used with FROM_VAR (INVSTD then holds the variance)
+    DX_MODE: tl.constexpr,  # 0: sums only; 1: eval dx in the same pass; 2: training dx after it
     HAS_LO: tl.constexpr, FROM_VAR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     ACTIVATION: tl.constexpr,
     COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """Sums of g = dy * act'(z) and g * xhat over this program's units.  DX_MODE 1 (eval: dx
+    needs no sums) writes dx in the same pass; DX_MODE 2 (training, one program per channel
+    block, so the sums are whole) writes dx in a second pass, x and dy still in cache."""
     c, cmask, mean, mean_lo, invstd, w, b, negative_slope, alpha = _program_channels(
         MEAN, MEAN_LO, INVSTD, W, B, C, eps_hi, eps_lo, slope_hi, slope_lo, alpha_hi, alpha_lo,
         HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE, BLOCK_C)
     pid_p = tl.program_id(1)
     lanes_s = tl.arange(0, BLOCK_S)
+    scale = invstd * w
     # per-lane sums, reduced across lanes once at the end (no reductions inside the loop)
     acc_g = tl.zeros([BLOCK_S, BLOCK_C], COMPUTE)
     acc_gx = tl.zeros([BLOCK_S, BLOCK_C], COMPUTE)
@@ -370,18 +478,27 @@ def _backward_reduce_kernel(
     for i in range(0, units_per_prog):
         n, s, smask = _unit(u0 + i, nsb, lanes_s, S, n_units, INT64, BLOCK_S)
         mask = smask[:, None] & cmask[None, :]
-        xo = _offsets(n, s, c, sxN, sxS, sxC)
-        do = _offsets(n, s, c, sdN, sdS, sdC)
-        x = tl.load(X + xo, mask=mask, other=0.0).to(COMPUTE)
-        dy = tl.load(DY + do, mask=mask, other=0.0).to(COMPUTE)
+        x = tl.load(X + _offsets(n, s, c, sxN, sxS, sxC), mask=mask, other=0.0).to(COMPUTE)
+        dy = tl.load(DY + _offsets(n, s, c, sdN, sdS, sdC), mask=mask, other=0.0).to(COMPUTE)
         xhat, g = _grad_pre_activation(x, dy, mean, mean_lo, invstd, w, b, negative_slope, alpha,
                                        HAS_LO, ACTIVATION)
         g = tl.where(mask, g, 0.0)
         acc_g += g
         acc_gx += g * xhat
+        if DX_MODE == 1:
+            dx = g * scale[None, :]
+            tl.store(DX + _offsets(n, s, c, soN, soS, soC), dx.to(DX.dtype.element_ty), mask=mask)
+    sum_g = tl.sum(acc_g, 0)
+    sum_gx = tl.sum(acc_gx, 0)
     out = pid_p * C + c
-    tl.store(PSUM_G + out, tl.sum(acc_g, 0), mask=cmask)
-    tl.store(PSUM_GX + out, tl.sum(acc_gx, 0), mask=cmask)
+    tl.store(PSUM_G + out, sum_g, mask=cmask)
+    tl.store(PSUM_GX + out, sum_gx, mask=cmask)
+    if DX_MODE == 2:
+        inv_n = from_pair(inv_n_hi, inv_n_lo, COMPUTE)
+        _dx_units(X, DY, DX, c, cmask, mean, mean_lo, invstd, w, b, sum_g * inv_n, sum_gx * inv_n,
+                  negative_slope, alpha, S, sxN, sxC, sxS, sdN, sdC, sdS, soN, soC, soS,
+                  nsb, n_units, u0, units_per_prog, True, HAS_LO, ACTIVATION, COMPUTE, INT64,
+                  BLOCK_S)
 
 
 @triton.jit
@@ -402,28 +519,17 @@ def _dx_kernel(
     c, cmask, mean, mean_lo, invstd, w, b, negative_slope, alpha = _program_channels(
         MEAN, MEAN_LO, INVSTD, W, B, C, eps_hi, eps_lo, slope_hi, slope_lo, alpha_hi, alpha_lo,
         HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE, BLOCK_C)
-    pid_p = tl.program_id(1)
-    lanes_s = tl.arange(0, BLOCK_S)
-    scale = invstd * w
     if TRAINING:
         inv_n = from_pair(inv_n_hi, inv_n_lo, COMPUTE)
         mean_g = tl.load(SUM_G + c, mask=cmask, other=0.0).to(COMPUTE) * inv_n
         mean_gx = tl.load(SUM_GX + c, mask=cmask, other=0.0).to(COMPUTE) * inv_n
-    u0 = pid_p * units_per_prog
-    for i in range(0, units_per_prog):
-        n, s, smask = _unit(u0 + i, nsb, lanes_s, S, n_units, INT64, BLOCK_S)
-        mask = smask[:, None] & cmask[None, :]
-        xo = _offsets(n, s, c, sxN, sxS, sxC)
-        do = _offsets(n, s, c, sdN, sdS, sdC)
-        oo = _offsets(n, s, c, soN, soS, soC)
-        x = tl.load(X + xo, mask=mask, other=0.0).to(COMPUTE)
-        dy = tl.load(DY + do, mask=mask, other=0.0).to(COMPUTE)
-        xhat, g = _grad_pre_activation(x, dy, mean, mean_lo, invstd, w, b, negative_slope, alpha,
-                                       HAS_LO, ACTIVATION)
-        if TRAINING:
-            g = g - mean_g[None, :] - xhat * mean_gx[None, :]
-        dx = g * scale[None, :]
-        tl.store(DX + oo, dx.to(DX.dtype.element_ty), mask=mask)
+    else:
+        mean_g = mean  # unused
+        mean_gx = mean
+    _dx_units(X, DY, DX, c, cmask, mean, mean_lo, invstd, w, b, mean_g, mean_gx,
+              negative_slope, alpha, S, sxN, sxC, sxS, sdN, sdC, sdS, soN, soC, soS,
+              nsb, n_units, tl.program_id(1) * units_per_prog, units_per_prog, TRAINING, HAS_LO,
+              ACTIVATION, COMPUTE, INT64, BLOCK_S)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -536,19 +642,19 @@ def plan(x: torch.Tensor, reduction: bool = True) -> dict:
     the number of splits per channel (rows of the statistics workspace).  Cached per shape,
     strides, element size and device: host time matters for small layers."""
     target = _target_programs(x.device, reduction)
-    key = (tuple(x.shape), x.stride(), x.element_size(), target)
+    key = (tuple(x.shape), x.stride(), x.element_size(), target, reduction)
     p = _plans.get(key)
     if p is None:
         if len(_plans) > 4096:
             _plans.clear()
-        p = _plans[key] = _make_plan(x, target)
+        p = _plans[key] = _make_plan(x, target, reduction)
     return p
 
 
 _plans: dict = {}
 
 
-def _make_plan(x: torch.Tensor, target: int) -> dict:
+def _make_plan(x: torch.Tensor, target: int, reduction: bool) -> dict:
     view = _View(x)
     C, cols = view.C, view.cols
     sN, sC, sS = view.strides(x)
@@ -563,6 +669,8 @@ def _make_plan(x: torch.Tensor, target: int) -> dict:
     n_units = view.rows * nsb
     c_blocks = triton.cdiv(C, block_c)
     splits = max(1, min(n_units, triton.cdiv(target, c_blocks), 65535))
+    if reduction and n_units <= FUSED_MAX_UNITS:
+        splits = 1
     units_per_prog = max(1, triton.cdiv(n_units, splits))
     splits = triton.cdiv(n_units, units_per_prog)
     return dict(view=view, BLOCK_S=block_s, BLOCK_C=block_c, nsb=nsb, n_units=n_units,
@@ -680,23 +788,36 @@ def bn_backward_reduce(x, dy, mean, invstd, weight, bias, activation="identity",
     """Per-channel (sum g, sum g * xhat) over the local batch, g = dy * act'(z): [C] each in the
     accumulation dtype.  They are dbias and dweight, and what SyncBatchNorm all-reduces
     (``as_rows=True``: one [2, C] tensor)."""
-    acc = rt.accum_dtype(x.dtype)
-    C = x.shape[1]
     if x.numel() == 0:
-        sums = torch.zeros((2, C), dtype=acc, device=x.device)
-        return sums if as_rows else sums.unbind(0)
+        sums = torch.zeros((2, x.shape[1]), dtype=rt.accum_dtype(x.dtype), device=x.device)
+    else:
+        sums, _ = _backward_pass(x, dy, mean, invstd, weight, bias, activation, negative_slope,
+                                 alpha, mean_lo, var, eps)
+    return sums if as_rows else sums.unbind(0)
+
+
+def _backward_pass(x, dy, mean, invstd, weight, bias, activation, negative_slope, alpha, mean_lo,
+                   var, eps, dx_mode=0, count=1):
+    """One ``_backward_reduce_kernel`` launch over the reduction plan: (sums [2, C], dx or None).
+    ``dx_mode`` 1 adds the eval dx to the pass; 2 the training dx (plans with one partial only:
+    each program then holds its channels' whole sums; ``count`` is the elements per channel)."""
     p = plan(x, reduction=True)
     view = p["view"]
+    P, C = p["num_partials"], view.C
+    assert dx_mode != 2 or P == 1, "a training dx in the reduction pass needs whole channels"
     dy = _like(dy, x, view)
-    ws = torch.empty((2, p["num_partials"], C), dtype=acc, device=x.device)
+    dx = torch.empty_like(x) if dx_mode else None
+    ws = torch.empty((2, P, C), dtype=rt.accum_dtype(x.dtype), device=x.device)
     ptrs, flags = _stat_args(x, mean, mean_lo, invstd, weight, bias, var, eps)
+    inv_hi, inv_lo = rt.split_f32(1.0 / max(int(count), 1))
+    out = dx if dx_mode else x  # a dummy pointer without dx
     _backward_reduce_kernel[p["grid"]](
-        x, dy, *ptrs, ws[0], ws[1], C, view.cols, *view.strides(x),
-        *view.strides(dy), **_activation_scalars(negative_slope, alpha),
-        ACTIVATION=activation, COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(dy),
-        **flags, **_launch_args(p))
-    sums = ws.sum(1)  # deterministic combine over the splits
-    return sums if as_rows else sums.unbind(0)
+        x, dy, out, *ptrs, ws[0], ws[1], C, view.cols, *view.strides(x), *view.strides(dy),
+        *view.strides(out), inv_n_hi=inv_hi, inv_n_lo=inv_lo,
+        **_activation_scalars(negative_slope, alpha), DX_MODE=dx_mode, ACTIVATION=activation,
+        COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(dy, out), **flags, **_launch_args(p))
+    sums = ws[:, 0] if P == 1 else ws.sum(1)  # deterministic combine over the splits
+    return sums, dx
 
 
 def bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g=None, sum_gx=None, count=1,
@@ -752,6 +873,34 @@ def _stat_kwargs(stats, running_mean, running_var, eps):
     return running_mean, None, dict(var=running_var, eps=eps)
 
 
+def _fused_forward(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
+                   eps, activation="identity", negative_slope=0.01, alpha=1.0, write_y=True):
+    """The one-launch training forward (x prepared, non-empty, a plan with one partial):
+    (y or None, statistics [3, C]); running stats, when given, updated in place."""
+    p = plan(x, reduction=True)
+    view = p["view"]
+    C = view.C
+    stats = torch.empty((3, C), dtype=rt.accum_dtype(x.dtype), device=x.device)
+    y = torch.empty_like(x) if write_y else x
+    update = running_mean is not None
+    cumulative = update and momentum is None
+    eps_hi, eps_lo = rt.split_f32(float(eps))
+    mom_hi, mom_lo = rt.split_f32(0.0 if momentum is None else float(momentum))
+    dummy = stats[0]
+    _fused_forward_kernel[(p["grid"][0],)](
+        x, y, stats[0], stats[1], stats[2],
+        weight if weight is not None else dummy, bias if bias is not None else dummy,
+        running_mean if update else dummy, running_var if update else dummy,
+        num_batches_tracked if cumulative else dummy,
+        C, view.cols, *view.strides(x), *view.strides(y), p["nsb"], p["n_units"],
+        eps_hi, eps_lo, mom_hi, mom_lo, **_activation_scalars(negative_slope, alpha),
+        UPDATE=update, CUMULATIVE=cumulative, WRITE_Y=write_y, HAS_W=weight is not None,
+        HAS_B=bias is not None, ACTIVATION=activation, COMPUTE=rt.compute_dtype(x.dtype),
+        INT64=view.int64(y), BLOCK_S=p["BLOCK_S"], BLOCK_C=p["BLOCK_C"],
+        num_warps=p["num_warps"])
+    return (y if write_y else None), stats
+
+
 def _stats_impl(x, running_mean, running_var, num_batches_tracked, momentum, eps):
     """Batch statistics [3, C] (mean, mean_lo, invstd); running stats updated in place."""
     x = _prepare_input(x)
@@ -760,9 +909,25 @@ def _stats_impl(x, running_mean, running_var, num_batches_tracked, momentum, eps
         stats = torch.zeros((3, x.shape[1]), dtype=acc, device=x.device)
         stats[2].fill_(1.0)
         return stats
+    if plan(x, reduction=True)["num_partials"] == 1:
+        return _fused_forward(x, None, None, running_mean, running_var, num_batches_tracked,
+                              momentum, eps, write_y=False)[1]
     return bn_combine_stats(*bn_partial_stats(x), eps=eps, running_mean=running_mean,
                             running_var=running_var, momentum=momentum,
                             num_batches_tracked=num_batches_tracked, as_rows=True)
+
+
+def _train_forward_impl(x, weight, bias, running_mean, running_var, num_batches_tracked,
+                        momentum, eps, activation, negative_slope, alpha):
+    """Training forward (eager): (y, batch statistics [3, C]), running stats updated in place.
+    One launch when the plan has one partial per channel, else three (stats, merge, normalize)."""
+    x = _prepare_input(x)
+    if x.numel() and plan(x, reduction=True)["num_partials"] == 1:
+        return _fused_forward(x, weight, bias, running_mean, running_var, num_batches_tracked,
+                              momentum, eps, activation, negative_slope, alpha)
+    stats = _stats_impl(x, running_mean, running_var, num_batches_tracked, momentum, eps)
+    return _normalize_impl(x, weight, bias, stats, None, None, eps, True, activation,
+                           negative_slope, alpha), stats
 
 
 def _normalize_impl(x, weight, bias, stats, running_mean, running_var, eps, training, activation,
@@ -775,20 +940,35 @@ def _normalize_impl(x, weight, bias, stats, running_mean, running_var, eps, trai
 
 def _backward_impl(dy, x, weight, bias, stats, running_mean, running_var, eps, training,
                    activation, negative_slope, alpha, need_x, need_wb):
-    """(dx or an empty tensor, sums [2, C]: sum g = dbias, sum g * xhat = dweight)."""
+    """(dx or an empty tensor, sums [2, C]: sum g = dbias, sum g * xhat = dweight).
+    Passes over x and dy: eval one; training one per program when the plan has one partial per
+    channel (reduce, then dx from cache), else two launches (reduce, dx)."""
     x = _prepare_input(x)
     mean, invstd, kw = _stat_kwargs(stats, running_mean, running_var, eps)
-    act = (activation, negative_slope, alpha)
+    args = (x, dy, mean, invstd, weight, bias, activation, negative_slope, alpha,
+            kw.get("mean_lo"), kw.get("var"), kw.get("eps", 0.0))
     C = x.shape[1]
-    if (need_x and training) or need_wb:
-        sums = bn_backward_reduce(x, dy, mean, invstd, weight, bias, *act, as_rows=True, **kw)
-    else:
-        sums = x.new_zeros((2, C), dtype=rt.accum_dtype(x.dtype))
+    zeros = x.new_zeros((2, C), dtype=rt.accum_dtype(x.dtype))
     dx = x.new_empty(0)
+    if x.numel() == 0:
+        return (torch.empty_like(x) if need_x else dx), zeros
+    count = x.numel() // C
+    if need_x and not training:
+        if not need_wb:  # elementwise: the plan with more programs
+            return bn_backward_dx(x, dy, mean, invstd, weight, bias, activation=activation,
+                                  negative_slope=negative_slope, alpha=alpha, training=False,
+                                  **kw), zeros
+        sums, dx = _backward_pass(*args, dx_mode=1)
+        return dx, sums
+    if need_x and plan(x, reduction=True)["num_partials"] == 1:
+        sums, dx = _backward_pass(*args, dx_mode=2, count=count)
+        return dx, sums
+    if not (need_x or need_wb):
+        return dx, zeros
+    sums, _ = _backward_pass(*args)
     if need_x:
-        count = x.numel() // C if C else 0
-        dx = bn_backward_dx(x, dy, mean, invstd, weight, bias, sums[0], sums[1], count, *act,
-                            training=training, **kw)
+        dx = bn_backward_dx(x, dy, mean, invstd, weight, bias, sums[0], sums[1], count,
+                            activation, negative_slope, alpha, training=True, **kw)
     return dx, sums
 
 
@@ -826,12 +1006,21 @@ def _save(ctx, x, weight, bias, stats, running_mean, running_var, eps, *cfg):
 
 
 class _BatchNormFunction(torch.autograd.Function):
-    """The eager path (see above); statistics come in computed, as ``stats`` or running stats."""
+    """The eager path (see above).  Training computes the batch statistics here, updating the
+    running stats named in ``update`` (running_mean, running_var, num_batches_tracked, momentum),
+    a tuple so that autograd does not take them for inputs."""
 
     @staticmethod
-    def forward(ctx, *args):
-        _save(ctx, *args)
-        return _normalize_impl(*args)
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, training, activation,
+                negative_slope, alpha, update):
+        act = (activation, negative_slope, alpha)
+        if training:
+            y, stats = _train_forward_impl(x, weight, bias, *update, eps, *act)
+            _save(ctx, x, weight, bias, stats, None, None, eps, training, *act)
+        else:
+            y = _normalize_impl(x, weight, bias, None, running_mean, running_var, eps, False, *act)
+            _save(ctx, x, weight, bias, None, running_mean, running_var, eps, training, *act)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -963,19 +1152,21 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     update = training and running_mean is not None
     if update and momentum is None and num_batches_tracked is None:
         raise ValueError("tkern.batch_norm: momentum=None needs num_batches_tracked")
-    compiling = torch.compiler.is_compiling()
-    stats = rm = rv = None
+    weight, bias = _flat(weight), _flat(bias)
+    rm, rv = (_flat(running_mean), _flat(running_var)) if update or not training else (None, None)
+    nbt = num_batches_tracked if update and momentum is None else None
+    momentum = momentum if update else 0.0
+    act = (kact, float(negative_slope), float(alpha))
+    if not torch.compiler.is_compiling():
+        return _BatchNormFunction.apply(input, weight, bias, None if training else rm,
+                                        None if training else rv, float(eps), bool(training),
+                                        *act, (rm, rv, nbt, momentum))
+    stats = None
     if training:
-        stats = (_stats_op if compiling else _stats_impl)(
-            input.detach(), _flat(running_mean) if update else None,
-            _flat(running_var) if update else None,
-            num_batches_tracked if update and momentum is None else None,
-            momentum if update else 0.0, float(eps))
-    else:  # eval: one launch, the kernel takes invstd from running_var itself
-        rm, rv = _flat(running_mean), _flat(running_var)
-    args = (input, _flat(weight), _flat(bias), stats, rm, rv, float(eps), bool(training), kact,
-            float(negative_slope), float(alpha))
-    return _forward_op(*args) if compiling else _BatchNormFunction.apply(*args)
+        stats = _stats_op(input.detach(), rm, rv, nbt, momentum, float(eps))
+        rm = rv = None
+    # eval: one launch, the kernel takes invstd from running_var itself
+    return _forward_op(input, weight, bias, stats, rm, rv, float(eps), bool(training), *act)
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
