@@ -139,6 +139,9 @@ def test_p_one_gives_zeros_and_zero_grads(device):
 def test_errors(device):
     x = torch.randn(4, 5, device=device)
     for p in (-0.1, 1.5, float("nan")):
+        # ValueError as the issue and F.dropout (out of range); also RuntimeError, torch's for NaN
+        with pytest.raises(RuntimeError, match="between 0 and 1"):
+            tkern.activation_dropout(x, "relu", p)
         with pytest.raises(ValueError, match="between 0 and 1"):
             tkern.activation_dropout(x, "relu", p)
         with pytest.raises(ValueError, match="between 0 and 1"):
@@ -151,8 +154,12 @@ def test_errors(device):
         tkern.activation_dropout(x, "gelu", approximate="fast")
     with pytest.raises(RuntimeError, match="bias"):
         tkern.activation_dropout(x, "relu", bias=torch.randn(4, device=device))
+    for shape in [(2, 5), (1, 1, 5), (5, 1)]:  # would change x's shape, or vary along dim 0
+        with pytest.raises(RuntimeError, match="bias"):
+            tkern.activation_dropout(x, "relu", bias=torch.randn(shape, device=device))
     with pytest.raises(RuntimeError, match="bias"):
-        tkern.activation_dropout(x, "relu", bias=torch.randn(1, 5, device=device))
+        tkern.activation_dropout(torch.randn((), device=device), "relu",
+                                 bias=torch.randn(1, device=device))
     with pytest.raises(TypeError, match="floating"):
         tkern.activation_dropout(torch.ones(3, dtype=torch.long, device=device), "relu")
     with pytest.raises(RuntimeError, match="same device"):
@@ -184,7 +191,7 @@ def test_non_contiguous_inputs(device, with_bias):
         y = tkern.activation_dropout(x, "leaky_relu", 0.0, bias=b, negative_slope=0.1)
         ref = F.leaky_relu(x.detach() + (b.detach() if with_bias else 0), 0.1)
         assert torch.allclose(y, ref, atol=1e-6), name
-        if not with_bias and name != "sliced":
+        if name != "sliced":
             assert y.stride() == x.stride(), f"{name}: layout not kept"
         dy = torch.randn_like(y).transpose(0, 1).contiguous().transpose(0, 1)  # yet another layout
         y.backward(dy)
@@ -294,3 +301,103 @@ def test_torch_compile_fullgraph(device):
     y_e = m(x)
     y_e.sum().backward()
     assert torch.allclose(y_c, y_e, atol=1e-6) and torch.allclose(g_c, x.grad, atol=1e-6)
+
+
+def test_bias_strides_broadcasts_and_promotion(device):
+    """Any bias torch's ``x + bias`` takes without changing x's shape: strided, expanded,
+    broadcast from one element or [1, n]; the output keeps x's dtype (no promotion)."""
+    x = torch.randn(3, 4, device=device, dtype=torch.float64)
+    biases = {
+        "strided": torch.arange(8.0, device=device, dtype=torch.float64)[::2],
+        "expanded": torch.tensor([1.5], device=device, dtype=torch.float64).expand(4),
+        "column of a matrix": torch.randn(4, 3, device=device, dtype=torch.float64)[:, 0],
+        "0-dim": torch.tensor(0.7, device=device, dtype=torch.float64),
+        "[1]": torch.randn(1, device=device, dtype=torch.float64),
+        "[1, n]": torch.randn(1, 4, device=device, dtype=torch.float64),
+    }
+    for name, bias in biases.items():
+        xo, xr = (x.clone().requires_grad_() for _ in range(2))
+        bo, br = (bias.detach().clone().requires_grad_() for _ in range(2))
+        y = tkern.activation_dropout(xo, "silu", 0.0, bias=bo)
+        ref = F.silu(xr + br)
+        assert y.shape == ref.shape, name
+        assert_close_rule(y, ref, ref, name=name)
+        dy = torch.randn_like(ref)
+        y.backward(dy)
+        ref.backward(dy)
+        assert_close_rule(xo.grad, xr.grad, xr.grad, name=f"{name} dx")
+        assert bo.grad.shape == bias.shape, name
+        assert_close_rule(bo.grad, br.grad, br.grad, name=f"{name} dbias")
+    for xd, bd in [(torch.float32, torch.float64), (torch.float16, torch.float32)]:
+        y = tkern.activation_dropout(torch.randn(2, 4, device=device, dtype=xd), "relu", 0.0,
+                                     bias=torch.randn(4, device=device, dtype=bd))
+        assert y.dtype == xd
+
+
+def test_bias_on_permuted_layouts_keeps_them(device):
+    for x in (torch.randn(2, 5, 3, 4, device=device).contiguous(memory_format=torch.channels_last),
+              torch.randn(7, 6, device=device).t()):
+        b = torch.randn(x.shape[-1], device=device)
+        y = tkern.activation_dropout(x, "gelu", 0.0, bias=b)
+        assert y.stride() == x.stride()
+        torch.testing.assert_close(y, F.gelu(x + b))
+        # dropout: the mask follows memory order, and backward draws it where forward did
+        xg = x.clone().requires_grad_()
+        y = tkern.activation_dropout(xg, "identity", 0.5, bias=b)
+        y.backward(torch.ones_like(y))
+        assert torch.equal(xg.grad != 0, y != 0)
+
+
+def test_probability_types(device):
+    x = torch.randn(3, 4, device=device)
+    ref = tkern.activation_dropout(x, "relu", 0.0)
+    for p in (0, torch.tensor(0.0), torch.tensor([0.0]), __import__("numpy").float32(0.0)):
+        torch.testing.assert_close(tkern.activation_dropout(x, "relu", p), ref)
+    assert tkern.nn.ActivationDropout("relu", torch.tensor(0.25)).p == 0.25
+    with pytest.raises(TypeError, match="number"):
+        tkern.activation_dropout(x, "relu", "0.5")
+
+
+@pytest.mark.parametrize("act,approximate", ACTS)
+def test_nan_and_inf_follow_torch(device, act, approximate):
+    """torch's values at NaN and +-inf, forward and backward (relu'(NaN) = elu'(NaN) = 1, as
+    torch's backward formulas compare): the fused BatchNorm shares this table."""
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.5, -0.5], device=device,
+                     dtype=torch.float64)
+    # gelu and silu at +-inf: torch's formulas give NaN (inf * 0) where the limits are finite
+    keep = slice(0, 1) if act in ("gelu", "silu") else slice(None)
+    xo, xr = (x.clone().requires_grad_() for _ in range(2))
+    y = tkern.activation_dropout(xo, act, 0.0, approximate=approximate, **PARAMS)
+    ref = _eager(xr, act, approximate)
+    torch.testing.assert_close(y[keep], ref[keep], equal_nan=True)
+    y.backward(torch.ones_like(y))
+    ref.backward(torch.ones_like(ref))
+    torch.testing.assert_close(xo.grad[:1], xr.grad[:1], equal_nan=True)  # at NaN
+
+
+def test_dropped_inf_is_nan_like_torch(device):
+    """A dropped inf or NaN gives NaN (torch's x * mask); finite dropped values give 0, and p = 1
+    gives zeros on finite input."""
+    x = torch.full((4096,), float("inf"), device=device)
+    y = tkern.activation_dropout(x, "identity", 0.5)
+    dropped = ~torch.isinf(y)
+    assert dropped.any() and torch.isnan(y[dropped]).all()
+    assert torch.equal(tkern.activation_dropout(torch.randn(64, device=device), "relu", 1.0),
+                       torch.zeros(64, device=device))
+
+
+@pytest.mark.parametrize("act,approximate", [("relu", "none"), ("gelu", "tanh"), ("silu", "none"),
+                                             ("elu", "none")])
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_gradgradcheck(device, act, approximate, p):
+    x = torch.randn(3, 5, device=device, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, device=device, dtype=torch.float64, requires_grad=True)
+    gen_device = device if device.type == "cuda" else "cpu"
+    g = torch.Generator(device=gen_device)
+
+    def fn(x, b):  # the same mask on every call: reseed the generator each time
+        g.manual_seed(99)
+        return tkern.activation_dropout(x, act, p, bias=b, approximate=approximate, generator=g,
+                                        **PARAMS)
+
+    assert torch.autograd.gradgradcheck(fn, (x, b))

@@ -582,3 +582,12 @@ def test_fp64_activation_parameters_are_exact(device, activation, params):
     y.backward(dy)
     yr.backward(dy)
     assert (x.grad - xr.grad).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "elu"])
+def test_nan_passes_through_the_fused_activation(device, activation):
+    m = tkern.nn.BatchNorm2d(2, activation=activation).to(device).eval()
+    x = torch.randn(2, 2, 3, 3, device=device)
+    x[0, 1, 1, 2] = float("nan")
+    y = m(x)
+    assert torch.isnan(y[0, 1, 1, 2]) and torch.isnan(y).sum() == 1

@@ -86,8 +86,8 @@ def _expm1(z):
 @triton.jit
 def _tanh(z):
     # tanh(|z|) = e / (e + 2) with e = expm1(2|z|); |z| is clamped at 20, where tanh rounds to 1
-    # even in fp64, so e stays finite.
-    a = tl.minimum(tl.abs(z), 20.0)
+    # even in fp64, so e stays finite.  NaN stays NaN, as in torch.
+    a = tl.where(tl.abs(z) > 20.0, 20.0, tl.abs(z))  # a select keeps NaN (tl.minimum may not)
     e = _expm1(2.0 * a)
     t = e / (e + 2.0)
     return tl.where(z < 0, -t, t)
@@ -111,7 +111,7 @@ def activate(z, ACTIVATION: tl.constexpr, negative_slope, alpha):
     if ACTIVATION == "identity":
         y = z
     elif ACTIVATION == "relu":
-        y = tl.where(z > 0, z, 0.0)
+        y = tl.where(z <= 0, 0.0, z)  # NaN passes through, as torch's relu
     elif ACTIVATION == "leaky_relu":
         y = tl.where(z > 0, z, z * negative_slope)
     elif ACTIVATION == "sigmoid":
@@ -133,11 +133,12 @@ def activate(z, ACTIVATION: tl.constexpr, negative_slope, alpha):
 
 @triton.jit
 def activation_grad(z, ACTIVATION: tl.constexpr, negative_slope, alpha):
-    """d act(z) / dz, with PyTorch's choices at kinks (relu'(0) = 0, leaky_relu'(0) = slope)."""
+    """d act(z) / dz, with PyTorch's choices at kinks (relu'(0) = 0, leaky_relu'(0) = slope) and
+    at NaN (the comparisons torch's backward formulas make: relu' and elu' are 1 there)."""
     if ACTIVATION == "identity":
         d = tl.full(z.shape, 1.0, z.dtype)
     elif ACTIVATION == "relu":
-        d = tl.where(z > 0, 1.0, 0.0).to(z.dtype)
+        d = tl.where(z <= 0, 0.0, 1.0).to(z.dtype)
     elif ACTIVATION == "leaky_relu":
         d = tl.where(z > 0, tl.full(z.shape, 1.0, z.dtype), negative_slope)
     elif ACTIVATION == "sigmoid":
@@ -158,7 +159,7 @@ def activation_grad(z, ACTIVATION: tl.constexpr, negative_slope, alpha):
         s = _sigmoid(z)
         d = s * (1.0 + z * (1.0 - s))
     elif ACTIVATION == "elu":
-        d = tl.where(z > 0, 1.0, alpha * tl.exp(z)).to(z.dtype)
+        d = tl.where(z <= 0, alpha * tl.exp(z), 1.0).to(z.dtype)
     else:
         tl.static_assert(False, "unknown activation")
     return d

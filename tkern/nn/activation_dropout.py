@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..activations import check_activation
-from ..ops.activation_dropout import activation_dropout
+from ..ops.activation_dropout import _probability, activation_dropout
 
 
 class ActivationDropout(torch.nn.Module):
@@ -18,10 +18,8 @@ class ActivationDropout(torch.nn.Module):
     def __init__(self, activation="relu", p=0.5, *, negative_slope=0.01, alpha=1.0,
                  approximate="none", generator=None):
         super().__init__()
-        if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
-            raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+        self.p = _probability(p)  # ValueError out of [0, 1], as nn.Dropout
         self.activation = check_activation(activation, approximate)
-        self.p = float(p)
         self.negative_slope = negative_slope
         self.alpha = alpha
         self.approximate = approximate

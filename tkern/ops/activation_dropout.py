@@ -14,6 +14,7 @@ Design:
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -35,21 +36,22 @@ def _keep(r, p):
 
 
 @triton.jit
-def _quarter(X, BIAS, DY, OUT, offs, r, n_elements, n_cols, p, scale, negative_slope, alpha,
-             ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+def _quarter(X, BIAS, DY, OUT, offs, r, n_elements, n_cols, col_stride, p, scale, negative_slope,
+             alpha, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
              BACKWARD: tl.constexpr, COMPUTE: tl.constexpr):
     mask = offs < n_elements
     z = tl.load(X + offs, mask=mask, other=0.0).to(COMPUTE)
-    if HAS_BIAS:
-        z += tl.load(BIAS + offs % n_cols, mask=mask, other=0.0).to(COMPUTE)
+    if HAS_BIAS:  # in a dense layout, the last-dim index of offset o is (o // stride) % size
+        z += tl.load(BIAS + (offs // col_stride) % n_cols, mask=mask, other=0.0).to(COMPUTE)
     if BACKWARD:  # dz = dy * act'(z) * mask * scale
         out = tl.load(DY + offs, mask=mask, other=0.0).to(COMPUTE)
         out = out * activation_grad(z, ACTIVATION, negative_slope, alpha)
     else:  # y = act(z) * mask * scale
         out = activate(z, ACTIVATION, negative_slope, alpha)
     if DROPOUT:
-        # select, not multiply: with p = 1 nothing survives and no 0 * inf can appear
-        out = tl.where(_keep(r, p), out * scale, 0.0)
+        # a select, so the scale (0 when p = 1) never meets a dropped inf; dropped elements are
+        # out * 0, as torch's x * mask: 0, or NaN where out is inf or NaN
+        out = tl.where(_keep(r, p), out * scale, out * 0.0)
     tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -59,7 +61,7 @@ def _kernel(
     BIAS,  # bias over the last dim (n_cols,), or a dummy when HAS_BIAS is False
     DY,  # backward: gradient of y, in X's layout; forward: a dummy
     OUT,  # forward: y; backward: dx (= dz); flat, in X's layout
-    n_elements, n_cols,  # element count; length of the last dim (bias index = offset % n_cols)
+    n_elements, n_cols, col_stride,  # element count; last dim's size and stride (the bias index)
     seed, p,  # Philox seed; drop probability
     # fp32 pairs (hi, lo) of 1 / (1 - p) (0 when p == 1), the leaky_relu slope and the elu alpha
     scale_hi, scale_lo, slope_hi, slope_lo, alpha_hi, alpha_lo,
@@ -82,13 +84,13 @@ def _kernel(
     else:
         r0, r1, r2, r3 = counters, counters, counters, counters  # unused
     base = pid * (4 * QUARTER) + lanes
-    _quarter(X, BIAS, DY, OUT, base, r0, n_elements, n_cols, p, scale, negative_slope, alpha,
-             ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE)
-    _quarter(X, BIAS, DY, OUT, base + QUARTER, r1, n_elements, n_cols, p, scale, negative_slope,
-             alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE)
-    _quarter(X, BIAS, DY, OUT, base + 2 * QUARTER, r2, n_elements, n_cols, p, scale,
+    _quarter(X, BIAS, DY, OUT, base, r0, n_elements, n_cols, col_stride, p, scale,
              negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE)
-    _quarter(X, BIAS, DY, OUT, base + 3 * QUARTER, r3, n_elements, n_cols, p, scale,
+    _quarter(X, BIAS, DY, OUT, base + QUARTER, r1, n_elements, n_cols, col_stride, p, scale,
+             negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE)
+    _quarter(X, BIAS, DY, OUT, base + 2 * QUARTER, r2, n_elements, n_cols, col_stride, p, scale,
+             negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE)
+    _quarter(X, BIAS, DY, OUT, base + 3 * QUARTER, r3, n_elements, n_cols, col_stride, p, scale,
              negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE)
 
 
@@ -97,8 +99,10 @@ def _kernel_args(x, activation, p, dropout, negative_slope, alpha, has_bias, see
     scale_hi, scale_lo = rt.split_f32(0.0 if p >= 1.0 else 1.0 / (1.0 - p))
     slope_hi, slope_lo = rt.split_f32(negative_slope)
     alpha_hi, alpha_lo = rt.split_f32(alpha)
+    n_cols = x.shape[-1] if x.dim() else 1
     return dict(
-        n_elements=x.numel(), n_cols=max(x.shape[-1], 1) if x.dim() else 1, seed=seed, p=p,
+        n_elements=x.numel(), n_cols=max(n_cols, 1), col_stride=x.stride(-1) if n_cols > 1 else 1,
+        seed=seed, p=p,
         scale_hi=scale_hi, scale_lo=scale_lo, slope_hi=slope_hi, slope_lo=slope_lo,
         alpha_hi=alpha_hi, alpha_lo=alpha_lo,
         ACTIVATION=activation, HAS_BIAS=has_bias, DROPOUT=dropout,
@@ -106,19 +110,21 @@ def _kernel_args(x, activation, p, dropout, negative_slope, alpha, has_bias, see
     )
 
 
-def _walks_as_is(x: torch.Tensor, has_bias: bool) -> bool:
-    """Whether the kernels can walk x's memory as it is: any dense layout, or, with a bias (indexed
-    by offset % n_cols), a row-major one.  Other inputs are copied to contiguous first."""
-    return x.is_contiguous() or (not has_bias and rt.is_dense(x))
+def _walks_as_is(x: torch.Tensor) -> bool:
+    """Whether the kernels can walk x's memory as it is: any dense layout (the bias index follows
+    the last dim's stride).  Other inputs are copied to contiguous first."""
+    return rt.is_dense(x)
 
 
-def _empty_output(x: torch.Tensor, has_bias: bool) -> torch.Tensor:
-    return torch.empty_like(x) if _walks_as_is(x, has_bias) else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+def _empty_output(x: torch.Tensor) -> torch.Tensor:
+    if _walks_as_is(x):
+        return torch.empty_like(x)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 def _forward_impl(x, bias, seed, activation, p, dropout, negative_slope, alpha):
     has_bias = bias is not None
-    if not _walks_as_is(x, has_bias):
+    if not _walks_as_is(x):
         x = x.contiguous()
     y = torch.empty_like(x)
     if x.numel():
@@ -130,7 +136,7 @@ def _forward_impl(x, bias, seed, activation, p, dropout, negative_slope, alpha):
 
 def _backward_impl(dy, x, bias, seed, activation, p, dropout, negative_slope, alpha):
     has_bias = bias is not None
-    if not _walks_as_is(x, has_bias):
+    if not _walks_as_is(x):
         x = x.contiguous()
     if dy.stride() != x.stride():
         dy = torch.empty_like(x).copy_(dy)  # walk dy in x's layout: the mask is keyed by offset
@@ -142,8 +148,27 @@ def _backward_impl(dy, x, bias, seed, activation, p, dropout, negative_slope, al
     return dx
 
 
+def _differentiable_backward(ctx, dy):
+    """Backward under create_graph=True (double backward): the same gradients from torch ops,
+    which autograd can differentiate again.  The mask is drawn again as a tensor (the forward
+    kernel on ones); the first-order path never comes here."""
+    x, bias, seed = ctx.saved_tensors
+    activation, p, dropout, negative_slope, alpha = ctx.cfg
+    act, approximate = ("gelu", "tanh") if activation == "gelu_tanh" else (activation, "none")
+    wanted = [t for t, need in zip((x, bias), ctx.needs_input_grad[:2]) if need]
+    with torch.enable_grad():
+        y = eager_activation(x if bias is None else x + bias, act, negative_slope, alpha,
+                             approximate)
+        if dropout:  # keep * 1 / (1 - p) (0 when p = 1), drawn where forward drew it
+            y = y * _forward_impl(torch.ones_like(x), None, seed, "identity", p, True, 0.0, 0.0)
+    grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:2])
+
+
 def _grads(ctx, dy, backward):
     """(dx, dbias) from what forward saved: x, the bias and the seed, never the mask."""
+    if torch.is_grad_enabled():
+        return _differentiable_backward(ctx, dy)
     x, bias, seed = ctx.saved_tensors
     dx = backward(dy, x, bias, seed, *ctx.cfg)
     dbias = None
@@ -160,7 +185,7 @@ class _ActivationDropoutFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, seed, *cfg):
-        if not _walks_as_is(x, bias is not None):
+        if not _walks_as_is(x):
             x = x.contiguous()  # copy once, and save the copy: backward walks it as it is
         ctx.save_for_backward(x, bias, seed)
         ctx.cfg = cfg
@@ -182,7 +207,7 @@ def _forward_op(x: torch.Tensor, bias: Optional[torch.Tensor], seed: torch.Tenso
 
 @_forward_op.register_fake
 def _(x, bias, seed, activation, p, dropout, negative_slope, alpha):
-    return _empty_output(x, bias is not None)
+    return _empty_output(x)
 
 
 @torch.library.custom_op("tkern::activation_dropout_backward", mutates_args=())
@@ -194,7 +219,7 @@ def _backward_op(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor]
 
 @_backward_op.register_fake
 def _(dy, x, bias, seed, activation, p, dropout, negative_slope, alpha):
-    return _empty_output(x, bias is not None)
+    return _empty_output(x)
 
 
 def _setup_context(ctx, inputs, output):
@@ -208,18 +233,43 @@ _forward_op.register_autograd(
     setup_context=_setup_context)
 
 
+class _ProbabilityError(ValueError, RuntimeError):
+    """A bad dropout probability.  ``F.dropout`` raises ValueError out of [0, 1] and RuntimeError
+    for NaN; this is both."""
+
+
+def _probability(p) -> float:
+    """p as a float (a Python or numpy number, or a one-element tensor, as ``F.dropout`` takes)."""
+    if not isinstance(p, (numbers.Real, torch.Tensor)):  # numpy scalars are numbers.Real
+        raise TypeError(f"dropout probability must be a number, got {type(p).__name__}")
+    value = float(p)  # a tensor of more than one element raises, as in torch
+    if not 0.0 <= value <= 1.0:  # NaN fails both comparisons
+        raise _ProbabilityError(f"dropout probability has to be between 0 and 1, but got {p}")
+    return value
+
+
 def _check(x, bias, activation, p, approximate):
     activation = kernel_name(activation, approximate)  # validates the name
-    if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:  # NaN fails both comparisons
-        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    p = _probability(p)
     rt.check_floating("activation_dropout", x=x, bias=bias)
     if bias is not None:
-        if bias.dim() != 1 or x.dim() == 0 or bias.shape[0] != x.shape[-1]:
+        # torch's x + bias broadcasts; tkern takes the biases that vary along the last dim only
+        # and leave x's shape as it is: [n] or [1] after leading ones
+        n = x.shape[-1] if x.dim() else None
+        if (x.dim() == 0 or bias.dim() > x.dim() or any(d != 1 for d in bias.shape[:-1])
+                or (bias.dim() and bias.shape[-1] not in (1, n))):
             raise RuntimeError(
-                f"tkern.activation_dropout: bias must be 1-D with x.shape[-1] = "
-                f"{x.shape[-1] if x.dim() else None} elements, got shape {tuple(bias.shape)}"
-            )
-    return activation
+                f"tkern.activation_dropout: bias must broadcast over x's last dim ({n} elements) "
+                f"without changing x's shape {tuple(x.shape)}, got shape {tuple(bias.shape)}")
+    return p
+
+
+def _contiguous_bias(x, bias):
+    """The bias as the kernels index it: contiguous [n].  Differentiable (done outside the
+    autograd.Function), so a broadcast bias gets its summed gradient."""
+    if bias is None:
+        return None
+    return bias.reshape(-1).expand(x.shape[-1]).contiguous()
 
 
 def _eager(x, bias, activation, p, dropout, negative_slope, alpha, approximate, generator):
@@ -229,7 +279,7 @@ def _eager(x, bias, activation, p, dropout, negative_slope, alpha, approximate, 
     if not dropout:
         return y
     keep = torch.rand(y.shape, generator=generator, device=y.device) >= p
-    return torch.where(keep, y * (0.0 if p >= 1.0 else 1.0 / (1.0 - p)), 0.0).to(y.dtype)
+    return torch.where(keep, y * (0.0 if p >= 1.0 else 1.0 / (1.0 - p)), y * 0.0)
 
 
 def activation_dropout(x, activation="relu", p=0.5, training=True, *, bias=None,
@@ -242,16 +292,20 @@ def activation_dropout(x, activation="relu", p=0.5, training=True, *, bias=None,
         activation: one of identity, relu, leaky_relu, sigmoid, tanh, gelu, silu, elu.
         p: probability of zeroing an element; survivors are scaled by 1 / (1 - p).
         training: dropout applies only when True (and p > 0), as with ``F.dropout``.
-        bias: optional 1-D tensor added over the last dimension before the activation.
+        bias: optional tensor added over the last dimension before the activation: ``[n]``,
+            or any shape that broadcasts over the last dim alone (``[1]``, ``[1, n]``, ...).
+            The output keeps x's dtype (a mixed-precision epilogue: an fp32 bias on bf16
+            activations gives bf16), where torch's ``x + bias`` would promote.
         negative_slope, alpha, approximate: parameters of leaky_relu, elu and gelu.
         generator: where the Philox seed is drawn from (default: torch's default generator).
     """
-    _check(x, bias, activation, p, approximate)
+    p = _check(x, bias, activation, p, approximate)
     dropout = bool(training) and p > 0.0
     if not rt.use_triton("activation_dropout", x, bias):
         return _eager(x, bias, activation, p, dropout, negative_slope, alpha, approximate, generator)
+    bias = _contiguous_bias(x, bias)
     seed = rt.draw_seed_tensor(generator) if dropout else torch.zeros((), dtype=torch.int64)
-    args = (x, bias, seed, kernel_name(activation, approximate), float(p), dropout,
+    args = (x, bias, seed, kernel_name(activation, approximate), p, dropout,
             float(negative_slope), float(alpha))
     if torch.compiler.is_compiling():
         return _forward_op(*args)
