@@ -80,7 +80,7 @@ def test_resnet_basic_block_matches_without_fusion(device):
     original = BasicBlock(3, 6).to(device)
     converted = tkern.convert(copy.deepcopy(original))
     assert isinstance(converted.bn1, tkern.nn.BatchNorm2d) and converted.bn1.activation is None
-    assert isinstance(converted.relu, tkern.nn.ActivationDropout) and converted.relu.p == 0.0
+    assert type(converted.relu) is nn.ReLU  # standalone: kept, with its inplace aliasing
     assert isinstance(converted.downsample[1], tkern.nn.BatchNorm2d)
     assert not any("fused" in line for line in converted.tkern_report)
     _compare(original, converted, torch.randn(2, 3, 7, 7, device=device))
@@ -97,19 +97,17 @@ def test_fusion_only_where_it_should():
     converted = tkern.convert(model)
     assert list(converted.state_dict()) == keys
     kinds = [type(m).__name__ for m in converted]
-    assert kinds == ["BatchNorm1d", "ActivationDropout", "Linear", "ActivationDropout", "Identity",
-                     "BatchNorm1d", "Identity", "ActivationDropout", "ActivationDropout", "Linear"]
-    assert converted[0].activation is None and converted[1].activation == "identity"
+    assert kinds == ["BatchNorm1d", "Dropout", "Linear", "ActivationDropout", "Identity",
+                     "BatchNorm1d", "Identity", "Dropout", "SiLU", "Linear"]
+    assert converted[0].activation is None
     assert (converted[3].activation, converted[3].p, converted[3].approximate) == ("gelu", 0.2, "tanh")
     assert (converted[5].activation, converted[5].negative_slope) == ("leaky_relu", 0.2)
-    assert converted[7].activation == "identity" and converted[7].p == 0.3
-    assert converted[8].activation == "silu" and converted[8].p == 0.0
     assert sum("fused" in line for line in converted.tkern_report) == 2
 
 
 def test_no_fusion_when_disabled():
     converted = tkern.convert(nn.Sequential(nn.BatchNorm1d(3), nn.ReLU()), fuse=False)
-    assert converted[0].activation is None and converted[1].activation == "relu"
+    assert converted[0].activation is None and type(converted[1]) is nn.ReLU
 
 
 def test_checkpoints_interchange():
@@ -139,7 +137,7 @@ def test_root_module_and_user_subclasses():
         pass
 
     m = tkern.convert(nn.Sequential(MyBN(3), nn.ReLU()))
-    assert type(m[0]) is MyBN and isinstance(m[1], tkern.nn.ActivationDropout)
+    assert type(m[0]) is MyBN and type(m[1]) is nn.ReLU
 
 
 def test_example_training_script_runs(device):
@@ -154,3 +152,159 @@ def test_example_training_script_runs(device):
     results = example.main(args)
     for losses, ms, _ in results.values():
         assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses))) and ms > 0
+
+
+def _drop_fraction(module, x):
+    return (module(x) == 0).float().mean().item()
+
+
+def test_activation_and_dropout_with_different_training_flags_stay_apart():
+    x = torch.randn(64, 32) + 3.0  # relu keeps nearly all: zeros come from dropout
+    for eval_slot in (0, 1):
+        model = nn.Sequential(nn.ReLU(), nn.Dropout(0.5))
+        model[eval_slot].eval()
+        torch_frac = _drop_fraction(model, x)
+        converted = tkern.convert(model)
+        assert abs(_drop_fraction(converted, x) - torch_frac) < 0.1, eval_slot
+        assert [type(m) for m in converted] == [nn.ReLU, nn.Dropout]
+        assert any("apart: training flags differ" in line for line in converted.tkern_report)
+    both = tkern.convert(nn.Sequential(nn.ReLU(), nn.Dropout(0.5)).eval())
+    assert isinstance(both[0], tkern.nn.ActivationDropout) and not both[0].training
+    assert torch.equal(both(x), torch.relu(x))
+
+
+@pytest.mark.parametrize("bn_training", [True, False])
+def test_batchnorm_fuses_whatever_the_activation_flag(bn_training):
+    # The activation's flag changes nothing in torch, so BN + act fuse and follow BN's flag.
+    original = nn.Sequential(nn.BatchNorm1d(5), nn.ReLU())
+    original[0].train(bn_training)
+    original[1].train(not bn_training)
+    original[0].running_mean.uniform_(-1, 1)
+    converted = tkern.convert(copy.deepcopy(original))
+    assert converted[0].activation == "relu" and converted[0].training == bn_training
+    xo = torch.randn(8, 5, requires_grad=True)
+    xc = xo.detach().clone().requires_grad_()
+    yo, yc = original(xo), converted(xc)
+    torch.testing.assert_close(yc, yo, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(yo)
+    yo.backward(g)
+    yc.backward(g)
+    torch.testing.assert_close(xc.grad, xo.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(converted[0].running_mean, original[0].running_mean)
+
+
+def test_hooked_modules_are_not_fused_and_hooks_keep_firing():
+    seen = []
+    model = nn.Sequential(nn.BatchNorm1d(4), nn.ReLU(),  # hook on BN: must see BN's own output
+                          nn.Linear(4, 4), nn.ReLU(), nn.Dropout(0.0),  # hook on the Dropout
+                          nn.Linear(4, 4), nn.GELU(), nn.Dropout(0.0))  # hook on the GELU
+    model[0].register_forward_hook(lambda m, i, o: seen.append(("bn", o.min().item() < 0)))
+    model[4].register_forward_pre_hook(lambda m, i: seen.append(("dropout", None)))
+    model[6].register_full_backward_hook(lambda m, gi, go: seen.append(("gelu", None)))
+    converted = tkern.convert(model)
+    converted(torch.randn(6, 4, requires_grad=True)).sum().backward()
+    assert seen == [("bn", True), ("dropout", None), ("gelu", None)]
+    assert isinstance(converted[0], tkern.nn.BatchNorm1d) and converted[0].activation is None
+    assert [type(m) for m in converted][1:] == [nn.ReLU, nn.Linear, nn.ReLU, nn.Dropout, nn.Linear,
+                                               nn.GELU, nn.Dropout]
+    assert sum("apart: hooks" in line for line in converted.tkern_report) == 3
+    assert not any("fused" in line for line in converted.tkern_report)
+
+
+def test_converted_batchnorm_keeps_every_kind_of_hook():
+    seen = []
+    bn = nn.BatchNorm2d(3)
+    handle = bn.register_forward_pre_hook(lambda m, i: seen.append("pre"))
+    bn.register_forward_hook(lambda m, i, o: seen.append("forward"))
+    bn.register_full_backward_hook(lambda m, gi, go: seen.append("backward"))
+    bn.register_state_dict_post_hook(lambda m, sd, prefix, local: seen.append("state_dict"))
+    model = tkern.convert(nn.Sequential(nn.Conv2d(3, 3, 1), bn))
+    assert isinstance(model[1], tkern.nn.BatchNorm2d)
+    model(torch.randn(2, 3, 4, 4)).sum().backward()
+    model.state_dict()
+    assert seen == ["pre", "forward", "backward", "state_dict"]
+    handle.remove()  # the handle still reaches the converted module's hooks
+    seen.clear()
+    model(torch.randn(2, 3, 4, 4))
+    assert seen == ["forward"]
+
+
+class InplaceResidual(nn.Module):
+    """Relies on ReLU(inplace=True) overwriting its input: idt aliases h."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.drop = nn.Dropout(0.0)
+
+    def forward(self, x):
+        h = self.lin(x)
+        idt = h
+        out = self.drop(self.relu(h))
+        return out + idt
+
+
+def test_standalone_activations_and_dropout_are_kept():
+    original = InplaceResidual()
+    with torch.no_grad():  # h = x: negatives certain, so the aliasing shows
+        nn.init.eye_(original.lin.weight)
+        original.lin.bias.zero_()
+    converted = tkern.convert(copy.deepcopy(original))
+    x = torch.randn(3, 4)
+    assert (x < 0).any()
+    torch.testing.assert_close(converted(x), original(x))
+    assert type(converted.relu) is nn.ReLU and type(converted.drop) is nn.Dropout
+    assert converted.tkern_report == []
+    root = tkern.convert(nn.ReLU())
+    assert type(root) is nn.ReLU and root.tkern_report == []
+
+
+def test_inplace_activation_fused_only_where_unobservable():
+    x = torch.randn(4, 6)
+    # First slot: torch overwrites the caller's tensor, so the pair stays torch's.
+    first = tkern.convert(nn.Sequential(nn.ReLU(inplace=True), nn.Dropout(0.0)))
+    xi = x.clone()
+    first(xi)
+    assert torch.equal(xi, torch.relu(x))
+    assert type(first[0]) is nn.ReLU and "in-place" in first.tkern_report[0]
+    # After a view-returning layer the same holds (Flatten's output aliases its input).
+    view = tkern.convert(nn.Sequential(nn.Linear(6, 6), nn.Flatten(), nn.ReLU(inplace=True),
+                                       nn.Dropout()))
+    assert type(view[2]) is nn.ReLU
+    # After Linear the overwritten value is the Linear's own output: fused.
+    lin = tkern.convert(nn.Sequential(nn.Linear(6, 6), nn.ReLU(inplace=True), nn.Dropout(0.0)))
+    assert isinstance(lin[1], tkern.nn.ActivationDropout) and isinstance(lin[2], nn.Identity)
+
+
+def test_inplace_activation_fused_into_batchnorm_matches():
+    original = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+                             nn.Conv2d(4, 2, 1))
+    converted = tkern.convert(copy.deepcopy(original))
+    assert converted[1].activation == "relu" and isinstance(converted[2], nn.Identity)
+    _compare(original, converted, torch.randn(2, 3, 6, 6))
+
+
+def test_sequential_subclass_with_own_forward_is_not_fused():
+    class Residual(nn.Sequential):
+        def forward(self, x):  # the slots do not feed each other
+            return self[0](x) + self[1](x)
+
+    original = Residual(nn.BatchNorm1d(3), nn.ReLU())
+    model = tkern.convert(copy.deepcopy(original))
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(model(x), original(x), rtol=1e-4, atol=1e-4)
+    assert model[0].activation is None and type(model[1]) is nn.ReLU
+    assert model.tkern_report == ["0: BatchNorm1d -> tkern.nn.BatchNorm1d"]
+
+
+def test_report_lists_each_change():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.LocalResponseNorm(3),
+                          nn.Flatten(), nn.Linear(4, 4), nn.GELU(), nn.Dropout(0.1), nn.Tanh())
+    converted = tkern.convert(model)
+    assert converted.tkern_report == [
+        "1: BatchNorm2d -> tkern.nn.BatchNorm2d",
+        "3: LocalResponseNorm -> tkern.nn.LocalResponseNorm",
+        "fused 2 (relu) into 1 (BatchNorm2d)",
+        "fused 7 (dropout p=0.1) into 6 (GELU -> tkern.nn.ActivationDropout)",
+    ]
