@@ -14,6 +14,7 @@ Design:
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional
 
@@ -30,15 +31,17 @@ BLOCK = 4 * QUARTER
 
 
 @triton.jit
-def _keep(r, p):
-    # r: random uint32 words; an element survives with probability 1 - p
-    return tl.uint_to_uniform_float(r) >= p
+def _keep(r, threshold):
+    # r: random uint32 words.  Their top 31 bits are a uniform integer u in [0, 2^31); an element
+    # is dropped when u <= threshold = ceil(p * 2^31) - 1, with probability ceil(p * 2^31) / 2^31
+    # (p to within 2^-31), in integer arithmetic: no int-to-float conversion per element.
+    return (r >> 1).to(tl.int32, bitcast=True) > threshold
 
 
 @triton.jit
-def _quarter(X, BIAS, DY, OUT, offs, r, n_elements, n_cols, col_stride, p, scale, negative_slope,
-             alpha, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-             BACKWARD: tl.constexpr, COMPUTE: tl.constexpr):
+def _quarter(X, BIAS, DY, OUT, offs, r, n_elements, n_cols, col_stride, threshold, scale,
+             negative_slope, alpha, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
+             DROPOUT: tl.constexpr, BACKWARD: tl.constexpr, COMPUTE: tl.constexpr):
     mask = offs < n_elements
     z = tl.load(X + offs, mask=mask, other=0.0).to(COMPUTE)
     if HAS_BIAS:  # in a dense layout, the last-dim index of offset o is (o // stride) % size
@@ -51,7 +54,7 @@ def _quarter(X, BIAS, DY, OUT, offs, r, n_elements, n_cols, col_stride, p, scale
     if DROPOUT:
         # a select, so the scale (0 when p = 1) never meets a dropped inf; dropped elements are
         # out * 0, as torch's x * mask: 0, or NaN where out is inf or NaN
-        out = tl.where(_keep(r, p), out * scale, out * 0.0)
+        out = tl.where(_keep(r, threshold), out * scale, out * 0.0)
     tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -62,7 +65,7 @@ def _kernel(
     DY,  # backward: gradient of y, in X's layout; forward: a dummy
     OUT,  # forward: y; backward: dx (= dz); flat, in X's layout
     n_elements, n_cols, col_stride,  # element count; last dim's size and stride (the bias index)
-    seed, p,  # Philox seed; drop probability
+    seed, threshold,  # Philox seed; drop threshold, ceil(p * 2^31) - 1 (see _keep)
     # fp32 pairs (hi, lo) of 1 / (1 - p) (0 when p == 1), the leaky_relu slope and the elu alpha
     scale_hi, scale_lo, slope_hi, slope_lo, alpha_hi, alpha_lo,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
@@ -84,14 +87,14 @@ def _kernel(
     else:
         r0, r1, r2, r3 = counters, counters, counters, counters  # unused
     base = pid * (4 * QUARTER) + lanes
-    _quarter(X, BIAS, DY, OUT, base, r0, n_elements, n_cols, col_stride, p, scale,
+    _quarter(X, BIAS, DY, OUT, base, r0, n_elements, n_cols, col_stride, threshold, scale,
              negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE)
-    _quarter(X, BIAS, DY, OUT, base + QUARTER, r1, n_elements, n_cols, col_stride, p, scale,
-             negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE)
-    _quarter(X, BIAS, DY, OUT, base + 2 * QUARTER, r2, n_elements, n_cols, col_stride, p, scale,
-             negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE)
-    _quarter(X, BIAS, DY, OUT, base + 3 * QUARTER, r3, n_elements, n_cols, col_stride, p, scale,
-             negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE)
+    _quarter(X, BIAS, DY, OUT, base + QUARTER, r1, n_elements, n_cols, col_stride, threshold,
+             scale, negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE)
+    _quarter(X, BIAS, DY, OUT, base + 2 * QUARTER, r2, n_elements, n_cols, col_stride, threshold,
+             scale, negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE)
+    _quarter(X, BIAS, DY, OUT, base + 3 * QUARTER, r3, n_elements, n_cols, col_stride, threshold,
+             scale, negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE)
 
 
 def _kernel_args(x, activation, p, dropout, negative_slope, alpha, has_bias, seed):
@@ -102,7 +105,7 @@ def _kernel_args(x, activation, p, dropout, negative_slope, alpha, has_bias, see
     n_cols = x.shape[-1] if x.dim() else 1
     return dict(
         n_elements=x.numel(), n_cols=max(n_cols, 1), col_stride=x.stride(-1) if n_cols > 1 else 1,
-        seed=seed, p=p,
+        seed=seed, threshold=min(math.ceil(p * 2.0**31), 2**31) - 1,
         scale_hi=scale_hi, scale_lo=scale_lo, slope_hi=slope_hi, slope_lo=slope_lo,
         alpha_hi=alpha_hi, alpha_lo=alpha_lo,
         ACTIVATION=activation, HAS_BIAS=has_bias, DROPOUT=dropout,
