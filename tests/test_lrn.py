@@ -4,6 +4,7 @@ from TF's formula.  Tensors are tiny: the kernels run in Triton's interpreter on
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -100,6 +101,23 @@ def test_low_precision(device, dtype, size):
     assert_close_rule(gx, gx_t, gx_64, name="grad")
 
 
+def test_bf16_rounds_to_nearest(device):
+    """bf16 results are the fp32 computation rounded to nearest even, as compiled kernels store
+    them (Triton's interpreter truncates unless the ops work around it): the kernels compute bf16
+    in fp32, so the bf16 outputs must equal tkern's fp32 outputs on the same values, rounded."""
+    nchw = torch.randn(2, 7, 5, 3)
+    for fn, v, params in ((tkern.local_response_norm, nchw, (3, 2.0, 0.75, 1.0)),
+                          (tkern.local_response_norm, nchw.to(memory_format=torch.channels_last),
+                           (4, 2.0, 0.75, 1.0)),
+                          (tkern.local_response_normalization, torch.randn(3, 5, 13),
+                           (2, 1.0, 0.5, 0.75))):
+        x = v.to(device, torch.bfloat16)
+        g = torch.randn_like(x)
+        y, gx = _grads(fn, x, g, *params)
+        y32, gx32 = _grads(fn, x.float(), g.float(), *params)
+        assert torch.equal(y, y32.bfloat16()) and torch.equal(gx, gx32.bfloat16())
+
+
 def test_gradcheck_pytorch(device):
     # an even size: the window is asymmetric, so the mirrored backward window is tested
     x = torch.randn(1, 5, 2, device=device, dtype=torch.float64, requires_grad=True)
@@ -178,6 +196,39 @@ def test_edge_parameters(device):
     assert torch.equal(y, x0) and torch.equal(gx, g)
 
 
+def _mixed_sign_s(device, shape):
+    """Inputs whose s = -1 + (0.5 / 3) * window sum (size 3, alpha 0.5, k = -1) keeps away from 0:
+    position 0 of the last dim has |x| <= 0.3 (s <= -0.95), position 1 has |x| >= 2 (s >= 0.33)."""
+    x = torch.empty(shape, device=device, dtype=torch.float64)
+    x[..., 0] = 0.3 * (2 * torch.rand_like(x[..., 0]) - 1)
+    x[..., 1] = torch.randn_like(x[..., 1]).sign() * (2 + torch.rand_like(x[..., 1]))
+    return x
+
+
+@pytest.mark.parametrize("beta", [1.0, 2.0, 0.75])
+def test_negative_base(device, beta):
+    """k < 0 makes s negative: torch's pow gives a finite value (sign by parity) for an integer
+    exponent, NaN for any other; the gradient's s^(-beta-1) has the opposite parity."""
+    x = _mixed_sign_s(device, (2, 5, 2))
+    g = torch.randn_like(x)
+    params = (3, 0.5, beta, -1.0)
+    y, gx = _grads(tkern.local_response_norm, x, g, *params)
+    y_ref, gx_ref = _grads(F.local_response_norm, x, g, *params)
+    assert y_ref[..., 0].isnan().all() == (beta == 0.75)  # the test means what it says
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12, equal_nan=True)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12, equal_nan=True)
+    xt = x.movedim(1, -1)  # TensorFlow semantics: window [c - 1, c + 1], alpha undivided
+    gt, tf_params = g.movedim(1, -1), (1, -1.0, 0.5 / 3, beta)
+    y, gx = _grads(tkern.local_response_normalization, xt, gt, *tf_params)
+    y_ref, gx_ref = _grads(_tf_reference, xt, gt, *tf_params)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12, equal_nan=True)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12, equal_nan=True)
+    if beta != 0.75:
+        xg = _mixed_sign_s(device, (1, 4, 2)).requires_grad_(True)
+        assert torch.autograd.gradcheck(lambda a: tkern.local_response_norm(a, *params), (xg,),
+                                        eps=1e-6, atol=1e-7)
+
+
 def test_scalar_precision_fp64(device):
     # alpha, beta and k that fp32 cannot hold: fp64 results must not round them to fp32
     x = torch.randn(2, 5, 7, device=device, dtype=torch.float64)
@@ -246,6 +297,35 @@ def test_gradcheck_tensorflow(device):
         lambda a: tkern.local_response_normalization(a, 2, 0.8, 0.6, 0.7), (x,), eps=1e-6, atol=1e-7)
 
 
+def test_double_backward(device):
+    """create_graph=True differentiates again (as torch's composite does), for both semantics; an
+    even size checks the mirrored window there too."""
+    x = torch.randn(1, 5, 2, device=device, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(
+        lambda a: tkern.local_response_norm(a, 4, 0.9, 0.75, 0.7), (x,), eps=1e-6, atol=1e-7)
+    xt = torch.randn(1, 2, 5, device=device, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(
+        lambda a: tkern.local_response_normalization(a, 1, 0.8, 0.6, 0.7), (xt,), eps=1e-6,
+        atol=1e-7)
+
+
+def test_first_order_backward_is_the_kernel(device, monkeypatch):
+    """Only create_graph=True takes the torch-ops backward; its gradient is the kernel's."""
+    import tkern.ops.lrn as lrn
+
+    composite = lrn._composite
+    for fn, args in ((tkern.local_response_norm, (4, 0.9, 0.75, 0.7)),
+                     (tkern.local_response_normalization, (2, 0.8, 0.6, 0.7))):
+        x = torch.randn(2, 7, 3, device=device, dtype=torch.float64, requires_grad=True)
+        g = torch.randn_like(x)
+        monkeypatch.setattr(lrn, "_composite", composite)
+        (gx_graph,) = torch.autograd.grad(fn(x, *args), x, g, create_graph=True)
+        assert gx_graph.requires_grad
+        monkeypatch.setattr(lrn, "_composite", lambda *a: pytest.fail("torch-ops backward used"))
+        (gx,) = torch.autograd.grad(fn(x, *args), x, g)
+        torch.testing.assert_close(gx, gx_graph.detach(), rtol=1e-12, atol=1e-12)
+
+
 def test_documented_mappings(device):
     """docs/lrn.md: TensorFlow's parametrization onto torch's, and cuDNN's even window as the
     channel-flipped torch window (cuDNN: lookBehind = (n-1)//2, lookAhead = n//2, alpha / n)."""
@@ -302,13 +382,26 @@ def test_errors(device):
             tkern.local_response_normalization(bad, 1)
         with pytest.raises(ValueError):
             tkern.nn.LocalResponseNorm(3)(bad)
-    for size in (0, -2):
-        with pytest.raises(ValueError):
+    for size in (0, -2, torch.tensor(0)):
+        # the issue asks for ValueError, torch raises RuntimeError: the error is both
+        for exc in (ValueError, RuntimeError):
+            with pytest.raises(exc):
+                tkern.local_response_norm(x, size)
+    for exc in (ValueError, RuntimeError):
+        with pytest.raises(exc):
+            tkern.local_response_normalization(x, -1)
+    # integral values as torch takes them (a 0-dim integer tensor, a numpy int)
+    for size in (torch.tensor(3), torch.tensor(3, dtype=torch.uint8), np.int64(3)):
+        torch.testing.assert_close(tkern.local_response_norm(x, size),
+                                   F.local_response_norm(x, size))
+        torch.testing.assert_close(tkern.local_response_normalization(x, size),
+                                   tkern.local_response_normalization(x, 3))
+    # a bool is no size (torch rejects it), nor is a float
+    for size in (2.5, True, torch.tensor(True), np.bool_(True), torch.tensor(3.0)):
+        with pytest.raises(TypeError):
             tkern.local_response_norm(x, size)
-    with pytest.raises(ValueError):
-        tkern.local_response_normalization(x, -1)
-    with pytest.raises(TypeError):
-        tkern.local_response_norm(x, 2.5)
+        with pytest.raises(TypeError):
+            tkern.local_response_normalization(x, size)
     for dtype in (torch.int64, torch.int32, torch.bool):
         xi = torch.ones(2, 5, 3, device=device, dtype=dtype)
         with pytest.raises(TypeError):

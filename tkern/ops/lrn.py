@@ -22,20 +22,27 @@ Design:
   O(size^2) cached loads and O(size) log/exp pairs per element: cheap for the sizes used in
   practice, 3 to 9; a running sum would be O(size) but cancels badly when k is small).  autograd saves x alone: s and y are recomputed, which costs no DRAM traffic,
   while saving them would add a write in forward and a read in backward.
+- Double backward (create_graph=True, seen as grad mode on inside backward) recomputes the forward
+  from the saved x as torch ops and differentiates that with create_graph; a first-order backward
+  never leaves the kernel.
 - Everything goes through strides, so NCHW, channels_last and transposed TensorFlow layouts are
   read in place and the output keeps the input's memory format.  Only a layout whose spatial dims
   cannot be merged into one stride (a sliced view, say) is copied first.
-- Math in fp32 (fp64 for fp64).  s^(-beta) = exp(-beta * log s), with beta = 0 giving exactly 1 as
-  torch's pow does (and a zero gradient term, as torch's pow backward does).  Triton passes Python
-  floats as fp32, so each scalar travels as an fp32 (hi, lo) pair that the kernel sums in COMPUTE:
-  fp64 inputs keep a 48-bit alpha, beta and k.
+- Math in fp32 (fp64 for fp64).  s^(-beta) = exp(-beta * log|s|), with beta = 0 giving exactly 1
+  as torch's pow does (and a zero gradient term, as torch's pow backward does).  A negative s
+  (k < 0) follows pow too: the sign of the exponent's parity when it is an integer, else NaN; both
+  are per-launch scalars, so each element pays one select.  Triton passes Python floats as fp32,
+  so each scalar travels as an fp32 (hi, lo) pair that the kernel sums in COMPUTE: fp64 inputs
+  keep a 48-bit alpha, beta and k.
+- bf16 under Triton's interpreter: its fp32 -> bf16 cast truncates where GPUs round to nearest
+  even, so there the kernels write an fp32 buffer that torch rounds (``_target``).
 - Windows are clipped to [-(C-1), C-1] on the host: any size >= 1 works and channels outside
   [0, C) are zeros (masked loads), as with torch's zero padding.
 """
 
 from __future__ import annotations
 
-import numbers
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -57,9 +64,19 @@ BLOCK_C_CONTIG = 32
 
 
 @triton.jit
-def _pow_neg(s, beta):
-    # s^(-beta); pow(s, 0) is 1 for every s in torch, NaN and 0 included
-    return tl.where(beta == 0.0, 1.0, tl.exp(-beta * tl.log(s)))
+def _negative_base(e):
+    # what |s|^e is multiplied by where s < 0, as torch's pow has it: the sign of e's parity for an
+    # integer e, NaN otherwise.  One scalar per program, so each element pays one select.
+    half = e * 0.5
+    return tl.where(tl.floor(e) == e, tl.where(tl.floor(half) == half, 1.0, -1.0), float("nan"))
+
+
+@triton.jit
+def _pow_neg(s, beta, neg):
+    # s^(-beta), neg = _negative_base(-beta); pow(s, 0) is 1 for every s in torch, NaN and 0
+    # included
+    p = tl.exp(-beta * tl.log(tl.abs(s)))
+    return tl.where(beta == 0.0, 1.0, tl.where(s < 0.0, p * neg, p))
 
 
 @triton.jit
@@ -115,7 +132,7 @@ def _lrn_forward_kernel(
     xbase = n * sxn + s * sxs
     x = tl.load(X + xbase + c * sxc, mask=m, other=0.0).to(COMPUTE)
     sq = _window_sumsq(X, xbase, c, s_ok, C, sxc, before, after, COMPUTE, BLOCK_C, BLOCK_S)
-    y = x * _pow_neg(kk + aa * sq, bb)
+    y = x * _pow_neg(kk + aa * sq, bb, _negative_base(-bb))
     tl.store(Y + n * syn + c * syc + s * sys, y.to(Y.dtype.element_ty), mask=m)
 
 
@@ -140,8 +157,11 @@ def _lrn_backward_kernel(
     gbase = n * sgn + s * sgs
     x = tl.load(X + xbase + c * sxc, mask=m, other=0.0).to(COMPUTE)
     g = tl.load(G + gbase + c * sgc, mask=m, other=0.0).to(COMPUTE)
+    # s < 0 (k < 0): s^(-beta-1) has the integer-ness of s^(-beta) and the opposite parity
+    neg = _negative_base(-bb)
+    neg1 = -neg
     acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=COMPUTE)  # sum of dy_c x_c s_c^(-beta-1)
-    log_s = tl.zeros([BLOCK_C, BLOCK_S], dtype=COMPUTE)  # log s_i, taken at shift 0
+    s_i = tl.zeros([BLOCK_C, BLOCK_S], dtype=COMPUTE)  # s_i, taken at shift 0
     for j in range(-after, before + 1):
         cj = c + j
         mj = (cj >= 0) & (cj < C) & s_ok
@@ -149,14 +169,15 @@ def _lrn_backward_kernel(
         gj = tl.load(G + gbase + cj * sgc, mask=mj, other=0.0).to(COMPUTE)
         sj = kk + aa * _window_sumsq(X, xbase, cj, s_ok, C, sxc, before, after, COMPUTE,
                                      BLOCK_C, BLOCK_S)
-        lj = tl.log(sj)
         # s^(-beta-1) as one exp (no divide); masked: channels outside [0, C) contribute nothing
         # (with k = 0 they would give 0 * inf)
-        acc += tl.where(mj, gj * xj * tl.exp((-bb - 1.0) * lj), 0.0)
-        log_s = tl.where(j == 0, lj, log_s)
+        pj = tl.exp((-bb - 1.0) * tl.log(tl.abs(sj)))
+        pj = tl.where(sj < 0.0, pj * neg1, pj)
+        acc += tl.where(mj, gj * xj * pj, 0.0)
+        s_i = tl.where(j == 0, sj, s_i)
     # beta = 0: y = x exactly (s^0 = 1 even at s = 0), and torch's pow backward gives the second
     # term as exact zeros
-    f = tl.where(bb == 0.0, 1.0, tl.exp(-bb * log_s))
+    f = _pow_neg(s_i, bb, neg)
     dx = g * f - tl.where(bb == 0.0, 0.0, (2.0 * aa * bb) * x * acc)
     tl.store(DX + n * sdn + c * sdc + s * sds, dx.to(DX.dtype.element_ty), mask=m)
 
@@ -250,22 +271,62 @@ def _cfg(last, before, after, scale, beta, k):
     return dict(last=last, before=before, after=after, scale=scale, beta=beta, k=k)
 
 
+def _target(out: torch.Tensor) -> torch.Tensor:
+    """The buffer the kernel writes for ``out``: out itself, except for bf16 in Triton's
+    interpreter (a CPU tensor reaching a kernel), which truncates fp32 -> bf16 where GPUs round to
+    nearest even: there the kernel writes an fp32 twin with out's strides (out is dense) and torch
+    rounds it into out.  Compiled kernels never take the detour."""
+    if out.dtype == torch.bfloat16 and out.device.type == "cpu":
+        return torch.empty_like(out, dtype=torch.float32)
+    return out
+
+
 def _forward_impl(x, last, before, after, scale, beta, k):
     x, y = _forward_buffers(x, last)
-    x3, y3 = _view3(x, last), _view3(y, last)
+    t = _target(y)
+    x3, y3 = _view3(x, last), _view3(t, last)
     grid, dims, kw = _launch_args(x3, _cfg(last, before, after, scale, beta, k))
     _lrn_forward_kernel[grid](x3, y3, *dims, *x3.stride(), *y3.stride(),
                               INT64=rt.needs_int64(x3, y3), **kw)
-    return y
+    return y if t is y else y.copy_(t)
 
 
 def _backward_impl(x, dy, last, before, after, scale, beta, k):
     x, _ = _forward_buffers(x, last)
-    (x, dy, dx), (x3, g3, d3) = _walk(last, x, dy, _empty(x, last))
+    (x, dy, dx), (x3, g3, _) = _walk(last, x, dy, _empty(x, last))
+    t = _target(dx)
+    d3 = _view3(t, last)
     grid, dims, kw = _launch_args(x3, _cfg(last, before, after, scale, beta, k))
     _lrn_backward_kernel[grid](x3, g3, d3, *dims, *x3.stride(), *g3.stride(), *d3.stride(),
                                INT64=rt.needs_int64(x3, g3, d3), **kw)
-    return dx
+    return dx if t is dx else dx.copy_(t)
+
+
+def _composite(x, last, before, after, scale, beta, k):
+    """The forward as torch ops, in fp32 (fp64) like the kernels: the CPU fallback for TensorFlow's
+    semantics, and the graph that double backward differentiates.  x / s^beta, as torch computes
+    it, so pow's own rules (negative s, beta = 0) and derivatives apply."""
+    xc = x.to(rt.accum_dtype(x.dtype))
+    if not last:
+        xc = xc.movedim(1, -1)
+    C = xc.shape[-1]
+    before, after = min(before, C - 1), min(after, C - 1)
+    sq = F.pad(xc.square(), (before, after))
+    y = xc / (k + scale * sq.unfold(-1, before + after + 1, 1).sum(-1)).pow(beta)
+    return (y if last else y.movedim(-1, 1)).to(x.dtype)
+
+
+def _grad_x(ctx, dy, backward):
+    """dx from the saved x: the Triton kernel, or under create_graph=True (grad mode on inside
+    backward) torch ops whose graph autograd can differentiate again."""
+    (x,) = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        with torch.enable_grad():
+            y = _composite(x, *ctx.cfg)
+        (dx,) = torch.autograd.grad(y, x, dy, create_graph=True)
+    else:
+        dx = backward(x, dy, *ctx.cfg)
+    return (dx,) + (None,) * len(ctx.cfg)
 
 
 class _LocalResponseNormFunction(torch.autograd.Function):
@@ -279,10 +340,8 @@ class _LocalResponseNormFunction(torch.autograd.Function):
         return _forward_impl(x, *cfg)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        (x,) = ctx.saved_tensors
-        return (_backward_impl(x, dy, *ctx.cfg),) + (None,) * len(ctx.cfg)
+        return _grad_x(ctx, dy, _backward_impl)
 
 
 # The same kernels as torch.library custom ops (fake implementations, an autograd formula), which
@@ -318,8 +377,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _autograd_backward(ctx, dy):
-    (x,) = ctx.saved_tensors
-    return (_backward_op(x, dy, *ctx.cfg),) + (None,) * len(ctx.cfg)
+    return _grad_x(ctx, dy, _backward_op)
 
 
 _forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -336,26 +394,34 @@ def _apply(x, last, before, after, scale, beta, k):
 # public functions
 
 
-def _check(op: str, x, size_name: str, size, min_size: int) -> None:
+class WindowSizeError(ValueError, RuntimeError):
+    """A window size out of range (size < 1, depth_radius < 0).  torch raises RuntimeError for
+    size < 1, tkern documents ValueError: this is both, so either ``except`` clause catches it."""
+
+
+def _check(op: str, x, size_name: str, size, min_size: int) -> int:
+    """Validates the arguments; returns the size as an int."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"tkern.{op}: input must be a Tensor, got {type(x).__name__}")
     if x.dim() < 3:
         raise ValueError(
             f"tkern.{op}: expected 3D or higher dimensionality input (got {x.dim()} dimensions)"
         )
-    if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+    # any integral value (numpy ints, a one-element integer tensor: torch takes them), but not a
+    # bool, which torch rejects too (operator.index would take True, and a bool tensor, as 1)
+    n = None
+    if not isinstance(size, bool) and not (isinstance(size, torch.Tensor)
+                                           and size.dtype == torch.bool):
+        try:
+            n = operator.index(size)
+        except TypeError:
+            pass
+    if n is None:
         raise TypeError(f"tkern.{op}: {size_name} must be an int, got {type(size).__name__}")
-    if size < min_size:
-        raise ValueError(f"tkern.{op}: {size_name} must be >= {min_size}, got {size}")
+    if n < min_size:
+        raise WindowSizeError(f"tkern.{op}: {size_name} must be >= {min_size}, got {n}")
     rt.check_floating(op, input=x)
-
-
-def _eager_tf(x, depth_radius, bias, alpha, beta):
-    """TensorFlow's formula as a small torch composite (the CPU fallback)."""
-    xc = x.to(rt.accum_dtype(x.dtype))
-    sq = F.pad(xc.square(), (depth_radius, depth_radius))
-    sqr_sum = sq.unfold(-1, 2 * depth_radius + 1, 1).sum(-1)
-    return (xc / (bias + alpha * sqr_sum).pow(beta)).to(x.dtype)
+    return n
 
 
 def local_response_norm(input, size, alpha=1e-4, beta=0.75, k=1.0):
@@ -366,14 +432,13 @@ def local_response_norm(input, size, alpha=1e-4, beta=0.75, k=1.0):
     put the extra channel before c, as torch does); the output keeps the input's memory format.
     An empty input is returned as is, as torch does.
     """
-    _check("local_response_norm", input, "size", size, 1)
+    size = _check("local_response_norm", input, "size", size, 1)
     if input.numel() == 0:
         return input
     if not rt.use_triton("local_response_norm", input):
         if input.dtype in (torch.float16, torch.bfloat16):  # torch's CPU avg_pool3d lacks them
-            return F.local_response_norm(input.float(), int(size), alpha, beta, k).to(input.dtype)
-        return F.local_response_norm(input, int(size), alpha, beta, k)
-    size = int(size)
+            return F.local_response_norm(input.float(), size, alpha, beta, k).to(input.dtype)
+        return F.local_response_norm(input, size, alpha, beta, k)
     return _apply(input, False, size // 2, (size - 1) // 2, float(alpha) / size, beta, k)
 
 
@@ -384,10 +449,9 @@ def local_response_normalization(input, depth_radius=5, bias=1.0, alpha=1.0, bet
     (r = depth_radius, zeros outside the axis; alpha is not divided by the window).  TensorFlow
     takes 4-D NHWC input; this takes any rank >= 3 with channels last.
     """
-    _check("local_response_normalization", input, "depth_radius", depth_radius, 0)
+    r = _check("local_response_normalization", input, "depth_radius", depth_radius, 0)
     if input.numel() == 0:
         return input
-    r = int(depth_radius)
     if not rt.use_triton("local_response_normalization", input):
-        return _eager_tf(input, r, float(bias), float(alpha), float(beta))
+        return _composite(input, True, r, r, float(alpha), float(beta), float(bias))
     return _apply(input, True, r, r, alpha, beta, bias)
