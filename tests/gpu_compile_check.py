@@ -93,9 +93,16 @@ def main():
                                                COMPUTE=tl.float64, INT64=False, BLOCK_S=64, BLOCK_C=32),
                     "bn normalize fp64", ptr="*fp64")
     for int64 in (False, True):
-        consts = dict(COMPUTE=f32, INT64=int64, BLOCK_C=16, BLOCK_S=128)
-        compile_variant(lrn._lrn_forward_kernel, consts, f"lrn forward int64={int64}", ptr="*bf16")
-        compile_variant(lrn._lrn_backward_kernel, consts, f"lrn backward int64={int64}", ptr="*fp16")
+        for unroll in (False, True):  # the FAST (inline PTX) math only exists compiled
+            consts = dict(COMPUTE=f32, INT64=int64, BLOCK_C=16, BLOCK_S=128, UNROLL=unroll,
+                          BEFORE=2 if unroll else 0, AFTER=1 if unroll else 0, FAST=True)
+            name = f"int64={int64} unroll={unroll}"
+            compile_variant(lrn._lrn_forward_kernel, consts, f"lrn forward {name}", ptr="*bf16")
+            compile_variant(lrn._lrn_backward_kernel, consts, f"lrn backward {name}", ptr="*fp16")
+    consts = dict(COMPUTE=tl.float64, INT64=False, BLOCK_C=16, BLOCK_S=128, UNROLL=True, BEFORE=2,
+                  AFTER=2, FAST=False)
+    compile_variant(lrn._lrn_forward_kernel, consts, "lrn forward fp64", ptr="*fp64")
+    compile_variant(lrn._lrn_backward_kernel, consts, "lrn backward fp64", ptr="*fp64")
     for layout in (0, 1, 2):
         for backward in (False, True):
             compile_variant(

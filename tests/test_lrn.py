@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import tkern
+from tkern.ops import lrn as lrn_ops
 from tkern.testing import assert_close_rule
 
 LOW = [torch.float16, torch.bfloat16, torch.float32]
@@ -84,6 +85,20 @@ def test_sizes_ranks_channels(device, size, rank):
         y_ref, gx_ref = _grads(F.local_response_norm, x, g, size, 0.7, 0.75, 1.3)
         torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("max_unrolled", [0, 9])
+@pytest.mark.parametrize("size", [4, 5, 12])
+def test_unrolled_and_looped_windows(device, monkeypatch, max_unrolled, size):
+    """Both kernel forms: windows unrolled at compile time (up to MAX_UNROLLED_WINDOW) and the
+    runtime loop larger windows take, forced here for every size with max_unrolled = 0."""
+    monkeypatch.setattr(lrn_ops, "MAX_UNROLLED_WINDOW", max_unrolled)
+    x = torch.randn(2, 17, 3, 2, device=device, dtype=torch.float64)
+    g = torch.randn_like(x)
+    y, gx = _grads(tkern.local_response_norm, x, g, size, 0.9, 0.6, 0.8)
+    y_ref, gx_ref = _grads(F.local_response_norm, x, g, size, 0.9, 0.6, 0.8)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", LOW)

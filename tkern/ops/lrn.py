@@ -18,22 +18,30 @@ Design:
 - Backward is one analytic pass that reads x and dy and writes dx:
       dx_i = dy_i * s_i^(-beta) - 2 a beta x_i * sum_{c : i in W(c)} dy_c x_c s_c^(-beta-1)
   The sum runs over the mirrored window c in [i - after, i + before]; for each such shift the
-  program recomputes s at the shifted channels from x (size loads each, so the cost is
-  O(size^2) cached loads and O(size) log/exp pairs per element: cheap for the sizes used in
-  practice, 3 to 9; a running sum would be O(size) but cancels badly when k is small).  autograd saves x alone: s and y are recomputed, which costs no DRAM traffic,
-  while saving them would add a write in forward and a read in backward.
+  program recomputes s at the shifted channels from x (a running sum would cancel badly when k
+  is small).  Windows up to MAX_UNROLLED_WINDOW compile per (before, after) with the loops
+  unrolled, so each shifted tile is loaded once: 2 size - 1 tiles of x and size of dy, all from
+  L1/L2 but the tile itself.  Larger windows take a runtime loop, O(size^2) cached loads.
+  Static cost (``python -m perf.static_cost``, sm_90a PTX per fp32 element, size 5): forward
+  ~44 instructions, backward ~146 with 11 MUFU ops.  At ~3 TB/s an H100 issues roughly 80 and 120
+  per element in the time its 8 and 12 bytes take to move: the forward should be memory-bound,
+  the backward close.  Not yet timed on a GPU.
+  autograd saves x alone: s and y are recomputed, which costs no DRAM traffic, while saving them
+  would add a write in forward and a read in backward.
 - Double backward (create_graph=True, seen as grad mode on inside backward) recomputes the forward
   from the saved x as torch ops and differentiates that with create_graph; a first-order backward
   never leaves the kernel.
 - Everything goes through strides, so NCHW, channels_last and transposed TensorFlow layouts are
   read in place and the output keeps the input's memory format.  Only a layout whose spatial dims
   cannot be merged into one stride (a sliced view, say) is copied first.
-- Math in fp32 (fp64 for fp64).  s^(-beta) = exp(-beta * log|s|), with beta = 0 giving exactly 1
+- Math in fp32 (fp64 for fp64).  s^(-beta) = exp2(-beta * log2|s|), with beta = 0 giving exactly 1
   as torch's pow does (and a zero gradient term, as torch's pow backward does).  A negative s
   (k < 0) follows pow too: the sign of the exponent's parity when it is an integer, else NaN; both
   are per-launch scalars, so each element pays one select.  Triton passes Python floats as fp32,
   so each scalar travels as an fp32 (hi, lo) pair that the kernel sums in COMPUTE: fp64 inputs
-  keep a 48-bit alpha, beta and k.
+  keep a 48-bit alpha, beta and k.  Compiled fp32 on NVIDIA GPUs takes log2 and exp2 from the
+  hardware approximations (lg2/ex2.approx, a few ulps; libdevice's log alone cost as much as the
+  rest of the forward); fp64 and the interpreter take exact ones.
 - bf16 under Triton's interpreter: its fp32 -> bf16 cast truncates where GPUs round to nearest
   even, so there the kernels write an fp32 buffer that torch rounds (``_target``).
 - Windows are clipped to [-(C-1), C-1] on the host: any size >= 1 works and channels outside
@@ -52,11 +60,15 @@ import triton.language as tl
 from .. import _runtime as rt
 from ._math import from_pair
 
-# Elements per tile, and per thread: ptxas (sm_90) gives the backward kernel ~64 registers at four
-# fp32 elements a thread (forward ~40), so two 512-thread programs fit an SM; eight a thread doubles
-# the registers and halves occupancy.
+# Elements per tile, and per thread.  ptxas (sm_90a, fp32, NCHW, size 5 unrolled) gives the
+# backward 70 registers at four elements a thread: one 512-thread program per SM, each thread with
+# ~14 independent 16-byte loads in flight, plenty for bandwidth.
 TILE = 2048
 ELEMENTS_PER_THREAD = 4
+# Windows up to this size (every LRN in the literature: AlexNet 5, GoogLeNet 5, Caffe's 3 to 9)
+# compile per (before, after), unrolled: the backward then loads each shifted tile once, 2 size - 1
+# x tiles and size dy tiles, where a runtime loop reloads size^2 + 2 size.  Larger windows loop.
+MAX_UNROLLED_WINDOW = 9
 # Positions per tile when positions are the contiguous dim (NCHW); channels per tile when channels
 # are (channels_last, TensorFlow): 32 fp32 channels are one 128-byte line, and 96/192/256 split evenly.
 BLOCK_CONTIG = 128
@@ -72,11 +84,33 @@ def _negative_base(e):
 
 
 @triton.jit
-def _pow_neg(s, beta, neg):
-    # s^(-beta), neg = _negative_base(-beta); pow(s, 0) is 1 for every s in torch, NaN and 0
-    # included
-    p = tl.exp(-beta * tl.log(tl.abs(s)))
-    return tl.where(beta == 0.0, 1.0, tl.where(s < 0.0, p * neg, p))
+def _log2(v, FAST: tl.constexpr):
+    # FAST (compiled fp32 on NVIDIA): one MUFU instruction, absolute error ~2^-22 (a relative
+    # error ~beta * 1e-7 in s^-beta); libdevice's log costs ~30 instructions, as much as the rest
+    # of the forward
+    if FAST:
+        r = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [v], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    else:
+        r = tl.log2(v)
+    return r
+
+
+@triton.jit
+def _exp2(v, FAST: tl.constexpr):
+    if FAST:  # without .ftz, unlike tl.exp2's lowering: subnormal results are kept
+        r = tl.inline_asm_elementwise("ex2.approx.f32 $0, $1;", "=r,r", [v], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    else:
+        r = tl.exp2(v)
+    return r
+
+
+@triton.jit
+def _pow_abs(s, e, neg, FAST: tl.constexpr):
+    # s^e for s != 0 as pow has it: |s|^e, times neg = _negative_base(e) where s < 0
+    p = _exp2(e * _log2(tl.abs(s), FAST), FAST)
+    return tl.where(s < 0.0, p * neg, p)
 
 
 @triton.jit
@@ -99,15 +133,28 @@ def _tile(c_tiles, s_tiles, INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S:
 
 
 @triton.jit
-def _window_sumsq(X, base, c, s_ok, C, sxc, before, after, COMPUTE: tl.constexpr,
+def _at(T, base, c, s_ok, C, stride_c, COMPUTE: tl.constexpr):
+    # the tile at channels c (zeros outside [0, C), as torch's zero padding)
+    return tl.load(T + base + c * stride_c, mask=(c >= 0) & (c < C) & s_ok, other=0.0).to(COMPUTE)
+
+
+@triton.jit
+def _window_sumsq(X, base, c, j, s_ok, C, sxc, before, after, UNROLL: tl.constexpr,
+                  BEFORE: tl.constexpr, AFTER: tl.constexpr, COMPUTE: tl.constexpr,
                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    # sum of x^2 over channels [c - before, c + after] (zeros outside [0, C)), summed directly
+    # sum of x^2 over channels [c + j - before, c + j + after], summed directly.  UNROLL: the
+    # window is the constexpr [BEFORE, AFTER], j is constexpr and the loop unrolls; each load's
+    # channel is then c + (one constant), so the backward's overlapping windows share their loads
+    # (the compiler merges loads of equal addresses).
     acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=COMPUTE)
-    for d in range(-before, after + 1):
-        cd = c + d
-        m = (cd >= 0) & (cd < C) & s_ok
-        v = tl.load(X + base + cd * sxc, mask=m, other=0.0).to(COMPUTE)
-        acc += v * v
+    if UNROLL:
+        for d in tl.static_range(-BEFORE, AFTER + 1):
+            v = _at(X, base, c + (j + d), s_ok, C, sxc, COMPUTE)
+            acc += v * v
+    else:
+        for d in range(-before, after + 1):
+            v = _at(X, base, c + (j + d), s_ok, C, sxc, COMPUTE)
+            acc += v * v
     return acc
 
 
@@ -119,21 +166,39 @@ def _lrn_forward_kernel(
     sxn, sxc, sxs, syn, syc, sys,
     before, after,  # window [c - before, c + after], clipped to C - 1 each way
     k_hi, k_lo, a_hi, a_lo, b_hi, b_lo,  # k, the scale of the square sum, beta: fp32 (hi, lo) pairs
+    UNROLL: tl.constexpr, BEFORE: tl.constexpr, AFTER: tl.constexpr,  # see _window_sumsq
+    FAST: tl.constexpr,  # approximate log2/exp2 instructions (see _log2)
     COMPUTE: tl.constexpr,  # fp32, or fp64 for fp64 tensors
     INT64: tl.constexpr,  # index in int64 (offsets past 2^31)
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     n, c, s = _tile(c_tiles, s_tiles, INT64, BLOCK_C, BLOCK_S)
     s_ok = s < S
-    m = (c < C) & s_ok
     kk = from_pair(k_hi, k_lo, COMPUTE)
     aa = from_pair(a_hi, a_lo, COMPUTE)
     bb = from_pair(b_hi, b_lo, COMPUTE)
     xbase = n * sxn + s * sxs
-    x = tl.load(X + xbase + c * sxc, mask=m, other=0.0).to(COMPUTE)
-    sq = _window_sumsq(X, xbase, c, s_ok, C, sxc, before, after, COMPUTE, BLOCK_C, BLOCK_S)
-    y = x * _pow_neg(kk + aa * sq, bb, _negative_base(-bb))
-    tl.store(Y + n * syn + c * syc + s * sys, y.to(Y.dtype.element_ty), mask=m)
+    x = _at(X, xbase, c, s_ok, C, sxc, COMPUTE)
+    sq = _window_sumsq(X, xbase, c, 0, s_ok, C, sxc, before, after, UNROLL, BEFORE, AFTER,
+                       COMPUTE, BLOCK_C, BLOCK_S)
+    # pow(s, 0) is 1 for every s in torch, NaN and 0 included
+    f = tl.where(bb == 0.0, 1.0, _pow_abs(kk + aa * sq, -bb, _negative_base(-bb), FAST))
+    tl.store(Y + n * syn + c * syc + s * sys, (x * f).to(Y.dtype.element_ty), mask=(c < C) & s_ok)
+
+
+@triton.jit
+def _backward_term(X, G, xbase, gbase, c, j, s_ok, C, sxc, sgc, kk, aa, before, after, e1, neg1,
+                   UNROLL: tl.constexpr, BEFORE: tl.constexpr, AFTER: tl.constexpr,
+                   FAST: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BLOCK_S: tl.constexpr):
+    # (dy_c x_c s_c^(-beta-1), s_c) at channels c + j; zero outside [0, C), where k = 0 would
+    # give 0 * inf
+    cj = c + j
+    sj = kk + aa * _window_sumsq(X, xbase, c, j, s_ok, C, sxc, before, after, UNROLL, BEFORE,
+                                 AFTER, COMPUTE, BLOCK_C, BLOCK_S)
+    term = _at(G, gbase, cj, s_ok, C, sgc, COMPUTE) * _at(X, xbase, cj, s_ok, C, sxc, COMPUTE)
+    term = tl.where((cj >= 0) & (cj < C), term * _pow_abs(sj, e1, neg1, FAST), 0.0)
+    return term, sj
 
 
 @triton.jit
@@ -145,41 +210,45 @@ def _lrn_backward_kernel(
     sxn, sxc, sxs, sgn, sgc, sgs, sdn, sdc, sds,
     before, after,  # forward's window; backward sums over the mirror [i - after, i + before]
     k_hi, k_lo, a_hi, a_lo, b_hi, b_lo,  # as in forward
+    UNROLL: tl.constexpr, BEFORE: tl.constexpr, AFTER: tl.constexpr, FAST: tl.constexpr,
     COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     n, c, s = _tile(c_tiles, s_tiles, INT64, BLOCK_C, BLOCK_S)
     s_ok = s < S
-    m = (c < C) & s_ok
     kk = from_pair(k_hi, k_lo, COMPUTE)
     aa = from_pair(a_hi, a_lo, COMPUTE)
     bb = from_pair(b_hi, b_lo, COMPUTE)
     xbase = n * sxn + s * sxs
     gbase = n * sgn + s * sgs
-    x = tl.load(X + xbase + c * sxc, mask=m, other=0.0).to(COMPUTE)
-    g = tl.load(G + gbase + c * sgc, mask=m, other=0.0).to(COMPUTE)
     # s < 0 (k < 0): s^(-beta-1) has the integer-ness of s^(-beta) and the opposite parity
     neg = _negative_base(-bb)
-    neg1 = -neg
+    e1 = -bb - 1.0
     acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=COMPUTE)  # sum of dy_c x_c s_c^(-beta-1)
-    s_i = tl.zeros([BLOCK_C, BLOCK_S], dtype=COMPUTE)  # s_i, taken at shift 0
-    for j in range(-after, before + 1):
-        cj = c + j
-        mj = (cj >= 0) & (cj < C) & s_ok
-        xj = tl.load(X + xbase + cj * sxc, mask=mj, other=0.0).to(COMPUTE)
-        gj = tl.load(G + gbase + cj * sgc, mask=mj, other=0.0).to(COMPUTE)
-        sj = kk + aa * _window_sumsq(X, xbase, cj, s_ok, C, sxc, before, after, COMPUTE,
-                                     BLOCK_C, BLOCK_S)
-        # s^(-beta-1) as one exp (no divide); masked: channels outside [0, C) contribute nothing
-        # (with k = 0 they would give 0 * inf)
-        pj = tl.exp((-bb - 1.0) * tl.log(tl.abs(sj)))
-        pj = tl.where(sj < 0.0, pj * neg1, pj)
-        acc += tl.where(mj, gj * xj * pj, 0.0)
-        s_i = tl.where(j == 0, sj, s_i)
+    # shift 0 first: it gives s_i.  Unrolled, every window and tile load is shared across shifts.
+    term, s_i = _backward_term(X, G, xbase, gbase, c, 0, s_ok, C, sxc, sgc, kk, aa, before, after,
+                               e1, -neg, UNROLL, BEFORE, AFTER, FAST, COMPUTE, BLOCK_C, BLOCK_S)
+    acc += term
+    if UNROLL:
+        for j in tl.static_range(-AFTER, BEFORE + 1):
+            if j != 0:
+                term, _ = _backward_term(X, G, xbase, gbase, c, j, s_ok, C, sxc, sgc, kk, aa,
+                                         before, after, e1, -neg, UNROLL, BEFORE, AFTER, FAST,
+                                         COMPUTE, BLOCK_C, BLOCK_S)
+                acc += term
+    else:
+        for j in range(-after, before + 1):
+            if j != 0:
+                term, _ = _backward_term(X, G, xbase, gbase, c, j, s_ok, C, sxc, sgc, kk, aa,
+                                         before, after, e1, -neg, UNROLL, BEFORE, AFTER, FAST,
+                                         COMPUTE, BLOCK_C, BLOCK_S)
+                acc += term
+    x = _at(X, xbase, c, s_ok, C, sxc, COMPUTE)
+    g = _at(G, gbase, c, s_ok, C, sgc, COMPUTE)
     # beta = 0: y = x exactly (s^0 = 1 even at s = 0), and torch's pow backward gives the second
     # term as exact zeros
-    f = _pow_neg(s_i, bb, neg)
+    f = tl.where(bb == 0.0, 1.0, _pow_abs(s_i, -bb, neg, FAST))
     dx = g * f - tl.where(bb == 0.0, 0.0, (2.0 * aa * bb) * x * acc)
-    tl.store(DX + n * sdn + c * sdc + s * sds, dx.to(DX.dtype.element_ty), mask=m)
+    tl.store(DX + n * sdn + c * sdc + s * sds, dx.to(DX.dtype.element_ty), mask=(c < C) & s_ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,8 +295,11 @@ def _launch_args(x3, cfg):
     grid = (c_tiles * x3.shape[0] * s_tiles,)
     before = min(cfg["before"], C - 1)
     after = min(cfg["after"], C - 1)
-    kw = dict(before=before, after=after, **_scalars(cfg), COMPUTE=rt.compute_dtype(x3.dtype),
-              BLOCK_C=bc, BLOCK_S=bs,
+    unroll = before + after + 1 <= MAX_UNROLLED_WINDOW
+    fast = x3.is_cuda and torch.version.hip is None and x3.dtype != torch.float64
+    kw = dict(before=before, after=after, **_scalars(cfg), UNROLL=unroll,
+              BEFORE=before if unroll else 0, AFTER=after if unroll else 0, FAST=fast,
+              COMPUTE=rt.compute_dtype(x3.dtype), BLOCK_C=bc, BLOCK_S=bs,
               num_warps=max(1, min(16, bc * bs // (32 * ELEMENTS_PER_THREAD))))
     return grid, (C, S, c_tiles, s_tiles), kw
 
