@@ -480,10 +480,12 @@ def _check(op: str, x, size_name: str, size, min_size: int) -> int:
             f"tkern.{op}: expected 3D or higher dimensionality input (got {x.dim()} dimensions)"
         )
     # any integral value (numpy ints, a one-element integer tensor: torch takes them), but not a
-    # bool, which torch rejects too (operator.index would take True, and a bool tensor, as 1)
+    # bool, which torch rejects too (operator.index would take True, a bool tensor and, before
+    # numpy 2.3, numpy's bool_ as 1)
     n = None
-    if not isinstance(size, bool) and not (isinstance(size, torch.Tensor)
-                                           and size.dtype == torch.bool):
+    is_bool = (type(size).__name__ in ("bool", "bool_")  # Python's and numpy's
+               or (isinstance(size, torch.Tensor) and size.dtype == torch.bool))
+    if not is_bool:
         try:
             n = operator.index(size)
         except TypeError:
