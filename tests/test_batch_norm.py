@@ -591,3 +591,36 @@ def test_nan_passes_through_the_fused_activation(device, activation):
     x[0, 1, 1, 2] = float("nan")
     y = m(x)
     assert torch.isnan(y[0, 1, 1, 2]) and torch.isnan(y).sum() == 1
+
+
+def test_torch_edge_semantics(device):
+    """Behaviours a fuzzing review found against torch: strided running stats updated in place,
+    numpy / tensor / bool momentum, eval with one running stat missing (RuntimeError), running
+    stats that are not 1-D, mixed low-precision parameter dtypes, meta tensors."""
+    x = torch.randn(4, 3, 5, device=device)
+    a, b = torch.randn(6, device=device), torch.rand(6, device=device) + 0.5
+    a_t, b_t = a.clone(), b.clone()
+    y = tkern.batch_norm(x, a[::2], b[::2], training=True, momentum=0.3)
+    y_t = F.batch_norm(x, a_t[::2], b_t[::2], training=True, momentum=0.3)
+    torch.testing.assert_close(y, y_t)
+    torch.testing.assert_close(a, a_t)  # the odd elements too: untouched
+    torch.testing.assert_close(b, b_t)
+    for momentum in (__import__("numpy").float32(0.2), torch.tensor(0.2), True):
+        rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+        rm_t, rv_t = rm.clone(), rv.clone()
+        tkern.batch_norm(x, rm, rv, training=True, momentum=momentum)
+        F.batch_norm(x, rm_t, rv_t, training=True, momentum=momentum)
+        torch.testing.assert_close(rm, rm_t)
+        torch.testing.assert_close(rv, rv_t)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    for args in ((rm, None), (None, rv)):
+        with pytest.raises(RuntimeError, match="evaluation mode"):
+            tkern.batch_norm(x, *args, training=False)
+    with pytest.raises(RuntimeError, match="1-D"):
+        tkern.batch_norm(x, rm[None], rv[None], training=True)
+    h = x.half()
+    with pytest.raises(RuntimeError, match="all float32 or all"):
+        tkern.batch_norm(h, rm.half(), rv.half(), torch.ones(3, device=device), training=True)
+    y = tkern.batch_norm(torch.empty(4, 3, 5, device="meta"), None, None, training=True,
+                         activation="relu")
+    assert y.device.type == "meta" and y.shape == (4, 3, 5)

@@ -4,7 +4,8 @@ The runtime rule:
 - tensors on a GPU (any non-CPU device Triton targets) run the compiled Triton kernels;
 - CPU tensors with ``TRITON_INTERPRET=1`` (set before triton is imported) run the very same kernels in
   Triton's interpreter, which is how the test-suite checks kernels on machines without a GPU;
-- CPU tensors otherwise fall back to eager PyTorch, with one warning per op.
+- CPU tensors otherwise fall back to eager PyTorch, with one warning per op;
+- meta tensors (shapes without data) take the eager PyTorch path silently.
 Tensors on different devices raise ``RuntimeError``, as PyTorch's own ops do.
 """
 
@@ -46,6 +47,8 @@ def check_same_device(*tensors: torch.Tensor | None) -> torch.device | None:
 def use_triton(op: str, *tensors: torch.Tensor | None) -> bool:
     """Apply the runtime rule for ``op``: True to launch Triton kernels, False for the eager fallback."""
     device = check_same_device(*tensors)
+    if device is not None and device.type == "meta":  # shapes only: torch's ops give them
+        return False
     if device is None or device.type != "cpu" or interpreter_enabled():
         return True
     if op not in _warned:

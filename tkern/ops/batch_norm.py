@@ -67,6 +67,7 @@ Double backward (create_graph=True) takes a differentiable torch-op backward ins
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Optional
 
 import torch
@@ -1102,10 +1103,12 @@ def _check(input, running_mean, running_var, weight, bias, training, eps):
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if not training:  # torch checks this first: one missing running stat in eval is RuntimeError
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t is None:
+                raise RuntimeError(f"tkern.batch_norm: {name} must be defined in evaluation mode")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
-    if not training and running_mean is None:
-        raise RuntimeError("tkern.batch_norm: running_mean must be defined in evaluation mode")
     if input.dim() < 2:
         raise (IndexError if running_mean is None else RuntimeError)(
             f"tkern.batch_norm: expected input of shape (N, C, ...), got {tuple(input.shape)}")
@@ -1114,21 +1117,24 @@ def _check(input, running_mean, running_var, weight, bias, training, eps):
             f"tkern.batch_norm: input must be a floating-point tensor, got {input.dtype}")
     C = input.shape[1]
     low = input.dtype in (torch.float16, torch.bfloat16)
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
-        if t is None:
-            continue
+    params = {"weight": weight, "bias": bias, "running_mean": running_mean,
+              "running_var": running_var}
+    params = {name: t for name, t in params.items() if t is not None}
+    for name, t in params.items():
         if t.numel() != C:
             raise RuntimeError(
                 f"tkern.batch_norm: {name} should contain {C} elements not {t.numel()}")
+        if name.startswith("running") and t.dim() != 1:  # updated in place: torch wants [C]
+            raise RuntimeError(f"tkern.batch_norm: {name} must be 1-D, got {tuple(t.shape)}")
         if t.dtype != input.dtype and not (low and t.dtype == torch.float32):
             raise rt.DtypeError(
                 f"tkern.batch_norm: {name} must have the input's dtype ({input.dtype})"
                 f"{' or float32' if low else ''}, got {t.dtype}")
-    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        if t is not None and training and not t.is_contiguous():
-            raise RuntimeError(
-                f"tkern.batch_norm: {name} must be contiguous to be updated in place")
+    if low and len({t.dtype for t in params.values()}) > 1:  # torch takes all fp32, or none
+        raise rt.DtypeError(
+            f"tkern.batch_norm: with {input.dtype} input, weight, bias and running stats must be "
+            f"all float32 or all {input.dtype}, got "
+            + ", ".join(f"{name} {t.dtype}" for name, t in params.items()))
 
 
 def _flat(t):
@@ -1158,15 +1164,21 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     momentum = momentum if update else 0.0
     act = (kact, float(negative_slope), float(alpha))
     if not torch.compiler.is_compiling():
-        return _BatchNormFunction.apply(input, weight, bias, None if training else rm,
-                                        None if training else rv, float(eps), bool(training),
-                                        *act, (rm, rv, nbt, momentum))
-    stats = None
-    if training:
-        stats = _stats_op(input.detach(), rm, rv, nbt, momentum, float(eps))
-        rm = rv = None
-    # eval: one launch, the kernel takes invstd from running_var itself
-    return _forward_op(input, weight, bias, stats, rm, rv, float(eps), bool(training), *act)
+        y = _BatchNormFunction.apply(input, weight, bias, None if training else rm,
+                                     None if training else rv, float(eps), bool(training), *act,
+                                     (rm, rv, nbt, momentum))
+    else:
+        stats = None
+        if training:
+            stats = _stats_op(input.detach(), rm, rv, nbt, momentum, float(eps))
+        # eval: one launch, the kernel takes invstd from running_var itself
+        y = _forward_op(input, weight, bias, stats, None if training else rm,
+                        None if training else rv, float(eps), bool(training), *act)
+    if update:  # strided running stats were updated as contiguous copies (_flat)
+        for t, flat in ((running_mean, rm), (running_var, rv)):
+            if flat is not t:
+                t.copy_(flat.view_as(t))
+    return y
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
@@ -1181,7 +1193,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     weight, bias and running stats.  Training updates running_mean/running_var in place with the
     unbiased batch variance.
     """
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+    if not isinstance(momentum, (numbers.Real, torch.Tensor)):  # torch takes numpy and 0-dim too
         raise TypeError(f"tkern.batch_norm: momentum must be float, not {type(momentum).__name__}")
     if not isinstance(training, bool):
         raise TypeError(f"tkern.batch_norm: training must be bool, not {type(training).__name__}")
