@@ -50,6 +50,8 @@ timeout -k 15 $(( SWEEP_BUDGET + 35 )) python -m perf --dtypes bfloat16 --batche
   --warmup-ms 5 --rep-ms 25 --time-budget "$SWEEP_BUDGET" --out "$DIR" ${PERF_ARGS:-} "${GATE[@]}"
 PERF_RC=$?
 echo "== perf exit status: $PERF_RC (sum of 1: a provider failed its check, 4: gate, 8: interrupted; 124/137: killed)"
+echo "== the issues' performance targets on this sweep (python -m perf.targets)"
+[ -f "$DIR/results.json" ] && python -m perf.targets "$DIR/results.json"
 echo "== done in $(( $(date +%s) - START ))s; outputs in $DIR:"
 ls -l "$DIR"
 RC=0

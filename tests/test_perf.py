@@ -266,3 +266,28 @@ def test_provider_failing_while_timed_fails_its_row(tmp_path, monkeypatch):
     assert [r["ms_p50"] for r in rows if r["provider"] == "tkern"] == [WRONG] * 3
     meta = json.loads((out / "results.json").read_text())["meta"]
     assert "launch failed" in meta["failures"][0]["error"]
+
+
+def test_targets_read_the_issues_thresholds():
+    """perf.targets on synthetic rows: geomean ratios, bandwidth minima, the memory slack."""
+    from perf import targets
+
+    def row(op, mode, provider, ms, batch=8, pct=90.0, mem=100.0, dtype="bfloat16"):
+        return dict(op=op, mode=mode, provider=provider, dtype=dtype, batch=batch, shape="4x8",
+                    layout="contiguous", ms_p50=ms, pct_peak=pct, peak_mem_mb=mem)
+
+    rows = [row("local_response_norm", "full", "eager", 6.0), row("local_response_norm", "full",
+            "tkern", 1.0), row("local_response_norm", "full", "torch.compile", 1.2),
+            row("local_response_norm", "fwd", "tkern", 1.0, pct=70.0),
+            row("activation_dropout", "full", "eager", 2.5, mem=10.0),
+            row("activation_dropout", "full", "tkern", 1.0, mem=10.0 - 8 * 32 / 2**20 - 1e-3)]
+    got = {what: (status, value) for _, what, status, value in targets.evaluate(rows)}
+    assert got["local_response_norm full: >= 5.0x eager (geomean)"] == ("PASS", "6.00x")
+    assert got["local_response_norm full: >= 1.5x torch.compile (geomean)"] == ("FAIL", "1.20x")
+    assert got["local_response_norm fwd: >= 76.9% of copy bandwidth on every row (min)"] == (
+        "FAIL", "70.0%")
+    assert got["activation_dropout full bfloat16: >= 2.0x eager (geomean)"] == ("PASS", "2.50x")
+    assert got["activation_dropout full float32: >= 2.0x eager (geomean)"][0] == "NO DATA"
+    memory = "activation_dropout full: peak memory below eager's by >= the mask (min slack)"
+    assert got[memory][0] == "PASS"
+    assert got["batch_norm full: >= 1.3x eager (geomean)"][0] == "NO DATA"
