@@ -70,20 +70,7 @@ def _describe(sample) -> str:
 # (op_db name, _describe(sample)) -> why tkern disagrees, with a minimal repro.  These samples skip
 # (every dtype, every variant of the OpInfo); remove an entry once tkern is fixed.
 KNOWN_GAPS = {
-    # torch accepts a 1-D *empty* input (numel() == 0 returns input.clone() before any shape check)
-    # and returns an empty output with an empty gradient; tkern raises RuntimeError because input
-    # has fewer than 2 dims.  Repro:
-    #   x = torch.empty(0, requires_grad=True); rm, rv = torch.zeros(0), torch.ones(0)
-    #   torch.nn.functional.batch_norm(x, rm, rv, None, None, training=True)  # tensor([])
-    #   tkern.batch_norm(x, rm, rv, None, None, training=True)
-    #   # RuntimeError: tkern.batch_norm: expected input of shape (N, C, ...), got (0,)
-    ("nn.functional.batch_norm",
-     "input=T(0,); args=(T(0,), T(0,), None, None); kwargs=(training=True)"):
-        "1-D empty input: torch returns an empty tensor, tkern raises RuntimeError",
-    # the same with training=False (torch: tensor([]); tkern: the same RuntimeError)
-    ("nn.functional.batch_norm",
-     "input=T(0,); args=(T(0,), T(0,), None, None); kwargs=(training=False)"):
-        "1-D empty input in eval: torch returns an empty tensor, tkern raises RuntimeError",
+    # none now.  Form: (OpInfo name, sample description): reason, with a repro in a comment above
 }
 
 

@@ -1103,6 +1103,8 @@ def _check(input, running_mean, running_var, weight, bias, training, eps):
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if input.numel() == 0:  # torch returns before checking anything else (see _batch_norm)
+        return
     if not training:  # torch checks this first: one missing running stat in eval is RuntimeError
         for name, t in (("running_mean", running_mean), ("running_var", running_var)):
             if t is None:
@@ -1150,6 +1152,16 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     cumulative average 1 / num_batches_tracked, read on the device."""
     kact = kernel_name(activation, approximate)
     _check(input, running_mean, running_var, weight, bias, training, eps)
+    if input.numel() == 0:
+        # torch's batch_norm on an empty input, whatever its rank or parameters: a copy (not a
+        # view, not a fresh tensor: gradients still flow), scaled by weight[0] and shifted by
+        # bias[0]; running stats untouched
+        y = input.clone()
+        if weight is not None:
+            y = y * weight[0]
+        if bias is not None:
+            y = y + bias[0]
+        return eager_activation(y, activation, negative_slope, alpha, approximate)
     if not rt.use_triton("batch_norm", input, running_mean, running_var, weight, bias):
         if momentum is None:
             momentum = 1.0 / float(num_batches_tracked) if num_batches_tracked is not None else 0.0
