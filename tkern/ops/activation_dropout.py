@@ -186,13 +186,14 @@ class _ActivationDropoutFunction(torch.autograd.Function):
     """Eager autograd: dispatching a torch.library op costs tens of microseconds per call, as much
     as the kernel on a few-MB tensor, so eager calls take this path and torch.compile the ops."""
 
+    # forward without ctx and a separate setup_context: what torch.func transforms require
     @staticmethod
-    def forward(ctx, x, bias, seed, *cfg):
-        if not _walks_as_is(x):
-            x = x.contiguous()  # copy once, and save the copy: backward walks it as it is
-        ctx.save_for_backward(x, bias, seed)
-        ctx.cfg = cfg
+    def forward(x, bias, seed, *cfg):
         return _forward_impl(x, bias, seed, *cfg)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)  # a non-dense x is copied again in backward
 
     @staticmethod
     def backward(ctx, dy):

@@ -1009,22 +1009,28 @@ def _save(ctx, x, weight, bias, stats, running_mean, running_var, eps, *cfg):
 class _BatchNormFunction(torch.autograd.Function):
     """The eager path (see above).  Training computes the batch statistics here, updating the
     running stats named in ``update`` (running_mean, running_var, num_batches_tracked, momentum),
-    a tuple so that autograd does not take them for inputs."""
+    a tuple so that autograd does not take them for inputs.  Returns (y, statistics or None);
+    forward takes no ctx (setup_context saves), as torch.func transforms require."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, eps, training, activation,
+    def forward(x, weight, bias, running_mean, running_var, eps, training, activation,
                 negative_slope, alpha, update):
         act = (activation, negative_slope, alpha)
         if training:
-            y, stats = _train_forward_impl(x, weight, bias, *update, eps, *act)
-            _save(ctx, x, weight, bias, stats, None, None, eps, training, *act)
-        else:
-            y = _normalize_impl(x, weight, bias, None, running_mean, running_var, eps, False, *act)
-            _save(ctx, x, weight, bias, None, running_mean, running_var, eps, training, *act)
-        return y
+            return _train_forward_impl(x, weight, bias, *update, eps, *act)
+        return _normalize_impl(x, weight, bias, None, running_mean, running_var, eps, False,
+                               *act), None
 
     @staticmethod
-    def backward(ctx, dy):
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, running_mean, running_var, eps, training, *act, _ = inputs
+        stats = output[1]
+        if stats is not None:
+            ctx.mark_non_differentiable(stats)
+        _save(ctx, x, weight, bias, stats, running_mean, running_var, eps, training, *act)
+
+    @staticmethod
+    def backward(ctx, dy, _):
         return _grads(ctx, dy, _backward_impl) + (None,) * 8
 
 
@@ -1176,9 +1182,9 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     momentum = momentum if update else 0.0
     act = (kact, float(negative_slope), float(alpha))
     if not torch.compiler.is_compiling():
-        y = _BatchNormFunction.apply(input, weight, bias, None if training else rm,
-                                     None if training else rv, float(eps), bool(training), *act,
-                                     (rm, rv, nbt, momentum))
+        y, _ = _BatchNormFunction.apply(input, weight, bias, None if training else rm,
+                                        None if training else rv, float(eps), bool(training),
+                                        *act, (rm, rv, nbt, momentum))
     else:
         stats = None
         if training:

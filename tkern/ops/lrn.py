@@ -405,11 +405,14 @@ class _LocalResponseNormFunction(torch.autograd.Function):
     """Eager autograd (a torch.library op costs tens of microseconds per call to dispatch; eager
     calls take this path, torch.compile the ops below).  Saves x alone: s and y are recomputed."""
 
+    # forward without ctx and a separate setup_context: what torch.func transforms require
     @staticmethod
-    def forward(ctx, x, *cfg):
-        ctx.save_for_backward(x)
-        ctx.cfg = cfg
+    def forward(x, *cfg):
         return _forward_impl(x, *cfg)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
 
     @staticmethod
     def backward(ctx, dy):
