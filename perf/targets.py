@@ -10,7 +10,10 @@ Each target is read off the harness's rows exactly as the issue words it:
   the mask eager saves (one byte per element), on every row.
 
 Prints one line per target: PASS, FAIL or NO DATA (the sweep has no such rows, e.g. fp32 when only
-bf16 ran, or torch.compile off-GPU), with the measured value.  Exit status 0 when nothing FAILs.
+bf16 ran, or torch.compile off-GPU), with the measured value and how many cases it covers (a
+partial sweep, cut by its time budget or run on fewer batch sizes than the issue names, covers
+less than the issue asks: read the counts).  Any tkern row marked WRONG fails every target of its
+op.  Exit status 0 when nothing FAILs.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import sys
 from collections import defaultdict
 
 from .report import is_num, read_rows
+from .runner import WRONG
 
 CASE = ("dtype", "batch", "shape", "layout")
 
@@ -35,6 +39,12 @@ def _ratios(rows, op, mode, other, dtype=None):
     """other's time over tkern's, per case (optionally of one dtype)."""
     ours, theirs = _times(rows, op, mode, "tkern"), _times(rows, op, mode, other)
     return [theirs[k] / ours[k] for k in ours if k in theirs and (dtype is None or k[0] == dtype)]
+
+
+def _wrong(rows, op):
+    """tkern rows of ``op`` that failed their correctness check (or raised): no target can pass."""
+    return [r for r in rows if r["op"] == op and r["provider"] == "tkern"
+            and r["ms_p50"] == WRONG]
 
 
 def _geomean(xs):
@@ -63,27 +73,38 @@ def evaluate(rows):
     """[(issue, target text, status, measured text)]."""
     out = []
 
-    def speedup(issue, op, other, threshold, dtype=None, mode="full"):
-        g = _geomean(_ratios(rows, op, mode, other, dtype))
-        what = f"{op} {mode}{' ' + dtype if dtype else ''}: >= {threshold}x {other} (geomean)"
-        out.append((issue, what, "NO DATA" if g is None else "PASS" if g >= threshold else "FAIL",
-                    "-" if g is None else f"{g:.2f}x"))
+    def status(value, ok, op):
+        if _wrong(rows, op):
+            return "FAIL"  # a wrong result is no speed
+        return "NO DATA" if value is None else "PASS" if ok else "FAIL"
+
+    def speedup(issue, op, other, threshold, dtype, mode="full"):
+        ratios = _ratios(rows, op, mode, other, dtype)
+        g = _geomean(ratios)
+        what = f"{op} {mode} {dtype}: >= {threshold}x {other} (geomean)"
+        value = "-" if g is None else f"{g:.2f}x over {len(ratios)} cases"
+        out.append((issue, what, status(g, g is not None and g >= threshold, op), value))
 
     def bandwidth(issue, op, mode, min_pct, large_only):
         sel = (_largest_batch_rows(rows, op, mode) if large_only else
                [r for r in rows if r["op"] == op and r["mode"] == mode
                 and r["provider"] == "tkern" and is_num(r["pct_peak"])])
-        worst = min((r["pct_peak"] for r in sel), default=None)
+        worst = min(sel, key=lambda r: r["pct_peak"], default=None)
         what = (f"{op} {mode}: >= {min_pct:.1f}% of copy bandwidth"
-                f"{' on the largest batch of each shape' if large_only else ' on every row'} (min)")
-        out.append((issue, what,
-                    "NO DATA" if worst is None else "PASS" if worst >= min_pct else "FAIL",
-                    "-" if worst is None else f"{worst:.1f}%"))
+                f"{' on the largest batch measured per shape' if large_only else ' on every row'}"
+                " (min)")
+        value = "-" if worst is None else (f"{worst['pct_peak']:.1f}% ({worst['dtype']}, "
+                                           f"{worst['shape']}, batch {worst['batch']}, "
+                                           f"{len(sel)} rows)")
+        out.append((issue, what, status(worst, worst is not None and worst["pct_peak"] >= min_pct,
+                                        op), value))
 
-    for dtype in ("float32", "bfloat16"):
+    dtypes = ("float32", "bfloat16")  # the issues' two dtypes, each judged on its own
+    for dtype in dtypes:
         speedup(2, "activation_dropout", "eager", 2.0, dtype)
     bandwidth(2, "activation_dropout", "fwd", 80.0, large_only=False)
-    speedup(2, "activation_dropout", "torch.compile", 1.0)
+    for dtype in dtypes:
+        speedup(2, "activation_dropout", "torch.compile", 1.0, dtype)
     saved = []  # (eager peak - tkern peak) - mask, in MiB, per case
     peaks = {p: {tuple(r[k] for k in CASE): r for r in rows if r["op"] == "activation_dropout"
                  and r["mode"] == "full" and r["provider"] == p and is_num(r["peak_mem_mb"])}
@@ -93,17 +114,19 @@ def evaluate(rows):
             saved.append(peaks["eager"][key]["peak_mem_mb"] - r["peak_mem_mb"] - _numel(r) / 2**20)
     worst = min(saved, default=None)
     out.append((2, "activation_dropout full: peak memory below eager's by >= the mask (min slack)",
-                "NO DATA" if worst is None else "PASS" if worst >= 0 else "FAIL",
-                "-" if worst is None else f"{worst:+.2f} MiB"))
+                status(worst, worst is not None and worst >= 0, "activation_dropout"),
+                "-" if worst is None else f"{worst:+.2f} MiB over {len(saved)} cases"))
 
-    speedup(3, "batch_norm", "eager", 1.3)
-    speedup(3, "batch_norm", "torch.compile", 1.0)
-    speedup(3, "batch_norm_relu", "eager", 1.5)
+    for dtype in dtypes:
+        speedup(3, "batch_norm", "eager", 1.3, dtype)
+        speedup(3, "batch_norm", "torch.compile", 1.0, dtype)
+        speedup(3, "batch_norm_relu", "eager", 1.5, dtype)
     for mode in ("fwd", "bwd"):
         bandwidth(3, "batch_norm", mode, 100 / 1.5, large_only=True)
 
-    speedup(4, "local_response_norm", "eager", 5.0)
-    speedup(4, "local_response_norm", "torch.compile", 1.5)
+    for dtype in dtypes:
+        speedup(4, "local_response_norm", "eager", 5.0, dtype)
+        speedup(4, "local_response_norm", "torch.compile", 1.5, dtype)
     bandwidth(4, "local_response_norm", "fwd", 100 / 1.3, large_only=False)
     return out
 

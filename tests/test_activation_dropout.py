@@ -360,8 +360,8 @@ def test_probability_types(device):
 
 @pytest.mark.parametrize("act,approximate", ACTS)
 def test_nan_and_inf_follow_torch(device, act, approximate):
-    """torch's values at NaN and +-inf, forward and backward (relu'(NaN) = elu'(NaN) = 1, as
-    torch's backward formulas compare): the fused BatchNorm shares this table."""
+    """torch's values forward at NaN and +-inf, and backward at NaN (relu'(NaN) = elu'(NaN) = 1,
+    as torch's backward formulas compare): the fused BatchNorm shares this table."""
     x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.5, -0.5], device=device,
                      dtype=torch.float64)
     # gelu and silu at +-inf: torch's formulas give NaN (inf * 0) where the limits are finite
@@ -401,3 +401,16 @@ def test_gradgradcheck(device, act, approximate, p):
                                         **PARAMS)
 
     assert torch.autograd.gradgradcheck(fn, (x, b))
+
+
+def test_double_backward_of_a_non_dense_input(device):
+    """The copy forward makes of a non-dense x is not what autograd differentiates: the
+    create_graph path works from the original x."""
+    base = torch.randn(4, 6, device=device, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(tkern.activation_dropout(base[:, ::2], "silu", 0.0).sum(), base,
+                               create_graph=True)
+    (g_ref,) = torch.autograd.grad(F.silu(base[:, ::2]).sum(), base, create_graph=True)
+    torch.testing.assert_close(g, g_ref)
+    (gg,) = torch.autograd.grad(g.sum(), base)
+    (gg_ref,) = torch.autograd.grad(g_ref.sum(), base)
+    torch.testing.assert_close(gg, gg_ref)

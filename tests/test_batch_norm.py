@@ -261,6 +261,9 @@ def test_one_program_and_split_paths(device, monkeypatch, path):
     parameter grads only), over several steps with the cumulative average; and the launch
     counts: one each way for a layer whose channels span few tiles, else 3 forward, 2 backward
     (+ a torch sum)."""
+    # the default plans: a small layer takes one program per channel block, a large one splits
+    assert bn_ops.num_partials(torch.randn(2, 3, 4, 4, device=device)) == 1
+    assert bn_ops.num_partials(torch.randn(8, 2, 64, 64, device=device)) > 1
     monkeypatch.setattr(bn_ops, "FUSED_MAX_UNITS", 10**9 if path == "one_program" else 0)
     monkeypatch.setattr(bn_ops, "_plans", {})
     counters = {name: _LaunchCounter(getattr(bn_ops, name)) for name in _KERNELS}
@@ -540,15 +543,20 @@ def test_opcheck(device):
                                training, "silu", 0.01, 1.0, True, True))
 
 
-def test_torch_compile_fullgraph(device):
+@pytest.mark.parametrize("shape", [(5, 3, 4), (2, 3, 4)])
+def test_torch_compile_fullgraph(device, shape):
+    """Both statistics plans under the custom ops: split (partials + merge) and one program per
+    channel block (the one-launch kernel without its normalize pass)."""
+    if device.type == "cpu":
+        assert (bn_ops.num_partials(torch.empty(shape)) == 1) == (shape[0] == 2)
     backend = "inductor" if device.type == "cuda" else "aot_eager"
     m = tkern.nn.BatchNorm1d(3, activation="relu", momentum=None).to(device)
-    ref = tkern.nn.BatchNorm1d(3, activation="relu", momentum=None).to(device)
+    ref = torch.nn.BatchNorm1d(3, momentum=None).to(device)
     compiled = torch.compile(m, fullgraph=True, backend=backend)
     for _ in range(2):
-        x = torch.randn(5, 3, 4, device=device, requires_grad=True)
+        x = torch.randn(shape, device=device, requires_grad=True)
         xr = x.detach().clone().requires_grad_()
-        y, yr = compiled(x), ref(xr)
+        y, yr = compiled(x), torch.relu(ref(xr))
         y.sum().backward()
         yr.sum().backward()
         torch.testing.assert_close(y, yr)

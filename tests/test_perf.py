@@ -282,12 +282,17 @@ def test_targets_read_the_issues_thresholds():
             row("activation_dropout", "full", "eager", 2.5, mem=10.0),
             row("activation_dropout", "full", "tkern", 1.0, mem=10.0 - 8 * 32 / 2**20 - 1e-3)]
     got = {what: (status, value) for _, what, status, value in targets.evaluate(rows)}
-    assert got["local_response_norm full: >= 5.0x eager (geomean)"] == ("PASS", "6.00x")
-    assert got["local_response_norm full: >= 1.5x torch.compile (geomean)"] == ("FAIL", "1.20x")
+    lrn = "local_response_norm full bfloat16: >= "
+    assert got[lrn + "5.0x eager (geomean)"] == ("PASS", "6.00x over 1 cases")
+    assert got[lrn + "1.5x torch.compile (geomean)"] == ("FAIL", "1.20x over 1 cases")
     assert got["local_response_norm fwd: >= 76.9% of copy bandwidth on every row (min)"] == (
-        "FAIL", "70.0%")
-    assert got["activation_dropout full bfloat16: >= 2.0x eager (geomean)"] == ("PASS", "2.50x")
+        "FAIL", "70.0% (bfloat16, 4x8, batch 8, 1 rows)")
+    assert got["activation_dropout full bfloat16: >= 2.0x eager (geomean)"][0] == "PASS"
     assert got["activation_dropout full float32: >= 2.0x eager (geomean)"][0] == "NO DATA"
     memory = "activation_dropout full: peak memory below eager's by >= the mask (min slack)"
     assert got[memory][0] == "PASS"
-    assert got["batch_norm full: >= 1.3x eager (geomean)"][0] == "NO DATA"
+    assert got["batch_norm full bfloat16: >= 1.3x eager (geomean)"][0] == "NO DATA"
+    # a tkern row that failed its check fails every target of its op
+    rows.append(row("local_response_norm", "full", "tkern", "WRONG", batch=16))
+    got = {what: status for _, what, status, _ in targets.evaluate(rows)}
+    assert got[lrn + "5.0x eager (geomean)"] == "FAIL"

@@ -10,10 +10,11 @@ the loads vectorise along whichever axis is contiguous.  When the batch and spat
 samples.  The reduction domain of a channel (N x S elements) is cut into *units* (one sample, one
 block of S); a program owns a block of channels and a run of consecutive units.
 
-Training forward.  Layers whose channel blocks span at most ``FUSED_MAX_UNITS`` units (small
-batches, late layers) take one launch, ``_fused_forward_kernel``: a program per channel block
+Training forward.  When the plan has one partial per channel (a channel block spans at most
+``FUSED_MAX_UNITS`` units, as in small batches and late layers, or there are channel blocks enough
+to fill the GPU) it takes one launch, ``_fused_forward_kernel``: a program per channel block
 reduces its channels, writes the statistics, updates the running stats and normalizes, re-reading
-x from cache.  Larger layers take three launches, x read twice from memory, y written once:
+x (from cache when the block is a few tiles).  Larger layers take three launches, x read twice from memory, y written once:
 1. ``_stats_partial_kernel``: a grid (channel blocks) x (splits).  Each program reduces its units
    into a partial (count, mean, M2) per channel, written to an fp32 (fp64 for fp64) workspace
    ``[P, C]``.  Values are shifted by the mean of the program's first tile and summed per lane
@@ -85,8 +86,8 @@ TILE_BYTES = 16384
 # Channel width of a tile when channels are the contiguous axis: 128 fp32 = 512 contiguous bytes.
 CL_BLOCK_C = 128
 # Reductions over at most this many units (tiles) per channel block run one program per channel
-# block, each way in one launch (statistics + normalize; sums + dx): a second pass over two tiles
-# costs less than the two extra launches of the split path.
+# block, each way in one launch (statistics + normalize; sums + dx).  An estimate, not yet timed:
+# a second pass over two cached tiles should cost less than the split path's two extra launches.
 FUSED_MAX_UNITS = 2
 
 

@@ -60,9 +60,9 @@ import triton.language as tl
 from .. import _runtime as rt
 from ._math import from_pair
 
-# Elements per tile, and per thread.  ptxas (sm_90a, fp32, NCHW, size 5 unrolled) gives the
-# backward 70 registers at four elements a thread: one 512-thread program per SM, each thread with
-# ~14 independent 16-byte loads in flight, plenty for bandwidth.
+# Elements per tile, and per thread.  ptxas (sm_90a, fp32, NCHW, size 5 unrolled; see
+# perf/RESULTS.md) gives the backward 92 registers at four elements a thread: one 512-thread
+# program per SM, each thread with ~14 independent 16-byte loads in flight.
 TILE = 2048
 ELEMENTS_PER_THREAD = 4
 # Windows up to this size (every LRN in the literature: AlexNet 5, GoogLeNet 5, Caffe's 3 to 9)
@@ -85,9 +85,10 @@ def _negative_base(e):
 
 @triton.jit
 def _log2(v, FAST: tl.constexpr):
-    # FAST (compiled fp32 on NVIDIA): one MUFU instruction, absolute error ~2^-22 (a relative
-    # error ~beta * 1e-7 in s^-beta); libdevice's log costs ~30 instructions, as much as the rest
-    # of the forward
+    # FAST (compiled fp32 on NVIDIA): one MUFU instruction, CUDA's __log2f, documented to 2^-22
+    # absolute error on [0.5, 2] and 2 ulp elsewhere (a relative error ~beta * 1e-7 in s^-beta).
+    # libdevice's log2f compiles to ~30 PTX instructions: 77 -> 44 per element in the size-5
+    # forward (perf.static_cost with FAST off and on)
     if FAST:
         r = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [v], dtype=tl.float32,
                                       is_pure=True, pack=1)
@@ -296,7 +297,8 @@ def _launch_args(x3, cfg):
     before = min(cfg["before"], C - 1)
     after = min(cfg["after"], C - 1)
     unroll = before + after + 1 <= MAX_UNROLLED_WINDOW
-    fast = x3.is_cuda and torch.version.hip is None and x3.dtype != torch.float64
+    fast = (x3.is_cuda and torch.version.hip is None and x3.dtype != torch.float64
+            and not rt.interpreter_enabled())  # the interpreter runs no inline PTX
     kw = dict(before=before, after=after, **_scalars(cfg), UNROLL=unroll,
               BEFORE=before if unroll else 0, AFTER=after if unroll else 0, FAST=fast,
               COMPUTE=rt.compute_dtype(x3.dtype), BLOCK_C=bc, BLOCK_S=bs,
