@@ -414,3 +414,17 @@ def test_double_backward_of_a_non_dense_input(device):
     (gg,) = torch.autograd.grad(g.sum(), base)
     (gg_ref,) = torch.autograd.grad(g_ref.sum(), base)
     torch.testing.assert_close(gg, gg_ref)
+
+
+def test_double_backward_mask_of_a_permuted_non_dense_input(device):
+    """create_graph's mask is the forward's: drawn over the same (contiguous) walk of x."""
+    leaf = torch.randn(12, 10, device=device, dtype=torch.float64, requires_grad=True)
+    view = leaf.t()[:, ::2]  # column-major order, with gaps: forward walks a contiguous copy
+    assert not _runtime.is_dense(view)
+    g = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(5)
+    y = tkern.activation_dropout(view, "identity", 0.5, generator=g)
+    (d1,) = torch.autograd.grad(y.sum(), leaf, create_graph=True)
+    (d0,) = torch.autograd.grad(y.sum(), leaf)
+    torch.testing.assert_close(d1, d0)  # same mask both ways: first order and create_graph
+    kept = (y != 0)
+    assert torch.equal(d0.t()[:, ::2] != 0, kept)

@@ -162,8 +162,10 @@ def _differentiable_backward(ctx, dy):
     with torch.enable_grad():
         y = eager_activation(x if bias is None else x + bias, act, negative_slope, alpha,
                              approximate)
-        if dropout:  # keep * 1 / (1 - p) (0 when p = 1), drawn where forward drew it
-            y = y * _forward_impl(torch.ones_like(x), None, seed, "identity", p, True, 0.0, 0.0)
+        if dropout:  # keep * 1 / (1 - p) (0 when p = 1), drawn in the memory order forward walked
+            walked = x if _walks_as_is(x) else x.contiguous()
+            ones = torch.ones_like(walked)  # walked's strides: dense, so empty_like keeps them
+            y = y * _forward_impl(ones, None, seed, "identity", p, True, 0.0, 0.0)
     grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
     return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:2])
 
