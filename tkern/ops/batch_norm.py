@@ -201,6 +201,19 @@ def _update_running(RMEAN, RVAR, NBT, c, cmask, n_tot, mean, m2, mom_hi, mom_lo,
 
 
 @triton.jit
+def _partial_deviation(PCOUNT, PMEAN, PMEAN_LO, p, P, C, c, cmask, ref, HAS_LO: tl.constexpr,
+                       COMPUTE: tl.constexpr):
+    """Partials p of channels c: (count n_i, mean_i - ref with mean_i as hi + lo, offsets, mask)."""
+    m = (p < P)[:, None] & cmask[None, :]
+    offs = p[:, None] * C + c[None, :]
+    n_i = tl.load(PCOUNT + offs, mask=m, other=0.0).to(COMPUTE)
+    d_i = tl.load(PMEAN + offs, mask=m, other=0.0).to(COMPUTE) - ref[None, :]
+    if HAS_LO:
+        d_i += tl.load(PMEAN_LO + offs, mask=m, other=0.0).to(COMPUTE)
+    return n_i, d_i, offs, m
+
+
+@triton.jit
 def _stats_combine_kernel(
     PCOUNT, PMEAN, PMEAN_LO, PM2,  # [P, C] partials: count, mean as hi + lo (lo if HAS_LO), M2
     MEAN, MEAN_LO,  # [C] outputs: merged mean as hi + lo
@@ -233,25 +246,15 @@ def _stats_combine_kernel(
     # pass 2: the mean relative to ref
     dsum = tl.zeros([BLOCK_C], COMPUTE)
     for p0 in range(0, P, BLOCK_P):
-        p = p0 + lanes_p
-        m = (p < P)[:, None] & cmask[None, :]
-        offs = p[:, None] * C + c[None, :]
-        n_i = tl.load(PCOUNT + offs, mask=m, other=0.0).to(COMPUTE)
-        d_i = tl.load(PMEAN + offs, mask=m, other=0.0).to(COMPUTE) - ref[None, :]
-        if HAS_LO:
-            d_i += tl.load(PMEAN_LO + offs, mask=m, other=0.0).to(COMPUTE)
+        n_i, d_i, offs, m = _partial_deviation(PCOUNT, PMEAN, PMEAN_LO, p0 + lanes_p, P, C, c,
+                                               cmask, ref, HAS_LO, COMPUTE)
         dsum += tl.sum(n_i * d_i, 0)
     mean_d = dsum / tl.maximum(n_tot, 1.0)
     # pass 3: M2 = sum of M2_i + n_i (mean_i - mean)^2 (exact parallel formula)
     m2 = tl.zeros([BLOCK_C], COMPUTE)
     for p0 in range(0, P, BLOCK_P):
-        p = p0 + lanes_p
-        m = (p < P)[:, None] & cmask[None, :]
-        offs = p[:, None] * C + c[None, :]
-        n_i = tl.load(PCOUNT + offs, mask=m, other=0.0).to(COMPUTE)
-        d_i = tl.load(PMEAN + offs, mask=m, other=0.0).to(COMPUTE) - ref[None, :]
-        if HAS_LO:
-            d_i += tl.load(PMEAN_LO + offs, mask=m, other=0.0).to(COMPUTE)
+        n_i, d_i, offs, m = _partial_deviation(PCOUNT, PMEAN, PMEAN_LO, p0 + lanes_p, P, C, c,
+                                               cmask, ref, HAS_LO, COMPUTE)
         d_i -= mean_d[None, :]
         m2 += tl.sum(tl.load(PM2 + offs, mask=m, other=0.0).to(COMPUTE) + n_i * d_i * d_i, 0)
     # The mean as hi + lo: with |mean| >> std, the rounding of hi alone would move every xhat by
