@@ -276,15 +276,15 @@ def test_eager_fallback_warns_once(device, monkeypatch):
 
 
 def test_opcheck(device):
-    from tkern.ops.activation_dropout import _backward_op, _forward_op
+    from tkern.ops.activation_dropout import OP
 
     x = torch.randn(4, 6, device=device, requires_grad=True)
     b = torch.randn(6, device=device, requires_grad=True)
     seed = torch.tensor(5)
     for args in [(x, b, seed, "gelu_tanh", 0.3, True, 0.01, 1.0), (x.t(), None, seed, "elu", 0.0, False, 0.01, 0.5)]:
-        torch.library.opcheck(_forward_op, args)
-    torch.library.opcheck(_backward_op, (torch.randn(4, 6, device=device), x.detach(), b.detach(), seed,
-                                         "silu", 0.5, True, 0.01, 1.0))
+        torch.library.opcheck(OP._fwd_op, args)
+    torch.library.opcheck(OP._bwd_op, ([torch.randn(4, 6, device=device)], [x.detach(), b.detach(), seed],
+                                       "silu", 0.5, True, 0.01, 1.0, [True, True]))
 
 
 def test_torch_compile_fullgraph(device):
