@@ -72,10 +72,11 @@ def main():
         common = dict(HAS_LO=True, HAS_W=True, HAS_B=True, COMPUTE=f32, INT64=int64, **tiles)
         compile_variant(bn._normalize_kernel, dict(FROM_VAR=False, ACTIVATION="silu", **common),
                         f"bn normalize int64={int64}", overrides={"X": "*bf16", "Y": "*bf16"})
-        for dx_mode in (0, 1, 2):
+        for eval_dx, train_dx in ((False, False), (True, False), (False, True)):
             compile_variant(bn._backward_reduce_kernel,
-                            dict(DX_MODE=dx_mode, FROM_VAR=dx_mode == 1, ACTIVATION="leaky_relu", **common),
-                            f"bn backward_reduce dx_mode={dx_mode} int64={int64}")
+                            dict(EVAL_DX=eval_dx, TRAIN_DX=train_dx, FROM_VAR=eval_dx, ACTIVATION="leaky_relu",
+                                 **common),
+                            f"bn backward_reduce eval_dx={eval_dx} train_dx={train_dx} int64={int64}")
         for write_y in (False, True):
             compile_variant(bn._fused_forward_kernel,
                             dict(UPDATE=True, CUMULATIVE=write_y, WRITE_Y=write_y, HAS_W=True, HAS_B=False,

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import tkern
 from tkern.activations import eager_activation
 from tkern.ops import batch_norm as bn_ops
+from tkern.ops.batch_norm import kernels as bn_kernels, launch_plan as bn_plan
 from tkern.testing import assert_close_rule
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -241,7 +242,7 @@ def test_split_path_small_c_large_spatial(device, fmt):
 
 
 class _LaunchCounter:
-    """Stands in for a kernel in ``bn_ops`` and counts its launches."""
+    """Stands in for a kernel in ``tkern.ops.batch_norm.kernels`` and counts its launches."""
 
     def __init__(self, kernel):
         self.kernel, self.launches = kernel, 0
@@ -264,11 +265,11 @@ def test_one_program_and_split_paths(device, monkeypatch, path):
     # the default plans: a small layer takes one program per channel block, a large one splits
     assert bn_ops.num_partials(torch.randn(2, 3, 4, 4, device=device)) == 1
     assert bn_ops.num_partials(torch.randn(8, 2, 64, 64, device=device)) > 1
-    monkeypatch.setattr(bn_ops, "FUSED_MAX_UNITS", 10**9 if path == "one_program" else 0)
-    monkeypatch.setattr(bn_ops, "_plans", {})
-    counters = {name: _LaunchCounter(getattr(bn_ops, name)) for name in _KERNELS}
+    monkeypatch.setattr(bn_plan, "FUSED_MAX_UNITS", 10**9 if path == "one_program" else 0)
+    monkeypatch.setattr(bn_plan._PLANS, "plans", {})
+    counters = {name: _LaunchCounter(getattr(bn_kernels, name)) for name in _KERNELS}
     for name, counter in counters.items():
-        monkeypatch.setattr(bn_ops, name, counter)
+        monkeypatch.setattr(bn_kernels, name, counter)
     ref, ours = _pair("BatchNorm2d", 3, momentum=None, device=device, dtype=torch.float64)
     ref = torch.nn.Sequential(ref, torch.nn.SiLU())
     ours.activation = "silu"
@@ -525,22 +526,20 @@ def test_opcheck(device):
     x = torch.randn(4, 3, 5, device=device, requires_grad=True)
     w = torch.rand(3, device=device, requires_grad=True)
     b = torch.randn(3, device=device, requires_grad=True)
-    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
-    torch.library.opcheck(bn_ops._stats_op, (x.detach(), rm, rv, None, 0.1, 1e-5))
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device) + 0.5
     nbt = torch.tensor(3, device=device)
-    torch.library.opcheck(bn_ops._stats_op, (x.detach().transpose(0, 2), rm, rv, nbt, None, 1e-5))
-    stats = bn_ops._stats_op(x.detach(), None, None, None, 0.0, 1e-5)
-    torch.library.opcheck(bn_ops._forward_op,
-                          (x, w, b, stats, None, None, 1e-5, True, "relu", 0.01, 1.0))
-    rv = torch.rand(3, device=device) + 0.5
-    torch.library.opcheck(bn_ops._forward_op,  # eval: from the running stats
-                          (x, None, b, None, rm, rv, 1e-3, False, "elu", 0.01, 0.5))
+    fwd, bwd = bn_ops.OP._fwd_op, bn_ops.OP._bwd_op
+    torch.library.opcheck(fwd, (x, w, b, rm, rv, None, 1e-5, True, 0.1, "relu", 0.01, 1.0))
+    torch.library.opcheck(fwd, (x.transpose(0, 2), None, None, rm, rv, nbt, 1e-5, True, None,
+                                "identity", 0.01, 1.0))
+    torch.library.opcheck(fwd, (x, None, b, rm, rv, None, 1e-3, False, 0.0, "elu", 0.01, 0.5))
+    _, stats = fwd(x.detach(), None, None, None, None, None, 1e-5, True, 0.0, "identity", 0.01,
+                   1.0)[:2]
     dy = torch.randn(4, 3, 5, device=device)
     for training in (True, False):
-        torch.library.opcheck(bn_ops._backward_op,
-                              (dy, x.detach(), w.detach(), None, stats if training else None,
-                               None if training else rm, None if training else rv, 1e-5,
-                               training, "silu", 0.01, 1.0, True, True))
+        saved = [x.detach(), w.detach(), b.detach(), rm, rv, stats if training else x.new_empty(0)]
+        torch.library.opcheck(bwd, ([dy], saved, 1e-5, training, 0.1, "silu", 0.01, 1.0,
+                                    [True, True, True]))
 
 
 @pytest.mark.parametrize("shape", [(5, 3, 4), (2, 3, 4)])
@@ -570,7 +569,8 @@ def test_torch_compile_fullgraph(device, shape):
 def test_gpu_like_plans_and_int64_offsets(device, monkeypatch, programs):
     """The launch plans a GPU gets (many splits, tail units past the end, several units per
     program) and the int64 index path, on small tensors."""
-    monkeypatch.setattr(bn_ops, "_target_programs", lambda dev, reduction: programs)
+    monkeypatch.setattr(bn_plan, "_target_programs", lambda dev, reduction: programs)
+    monkeypatch.setattr(bn_plan._PLANS, "plans", {})
     monkeypatch.setattr(bn_ops.rt, "needs_int64", lambda *t, **k: programs == 3)
     for shape, fmt in (((5, 3, 7, 9), None), ((5, 3, 7, 9), torch.channels_last), ((11, 6), None)):
         _functional_case(device, torch.float32, shape, True, act="silu", memory_format=fmt)

@@ -31,7 +31,8 @@ of ``config``, a NamedTuple whose annotated fields become the custom ops' scalar
 
 - ``forward(*inputs, cfg) -> tuple`` of the ``outputs``, running the kernels;
 - ``fake(*inputs, cfg) -> tuple``: the same outputs' metadata (shapes, dtypes, strides);
-- ``saves``: names of inputs and outputs autograd keeps for backward, in that order;
+- ``saves``: names of inputs and outputs autograd keeps for backward, in that order
+  (``save_when``: name -> predicate of the config, None saved in its place when it fails);
 - ``grads``: names of the inputs that can get a gradient;
 - ``backward(douts, saved, cfg, needs) -> tuple`` aligned with ``grads`` (None where not
   needed); ``douts`` holds one gradient (or None) per differentiable output, ``needs`` one bool
@@ -122,7 +123,8 @@ class Op:
     def __init__(self, name: str, *, inputs: tuple, outputs: tuple, config: type,
                  forward: Callable, fake: Callable, saves: tuple, grads: tuple,
                  backward: Callable, backward_fake: Callable, composite: Callable,
-                 eager: Callable | None = None, aux: tuple = (), mutates: tuple = ()):
+                 eager: Callable | None = None, aux: tuple = (), mutates: tuple = (),
+                 save_when: dict | None = None):
         self.name = name
         self.public_name = name.split("::")[-1]
         self.input_names = tuple(n.rstrip("?") for n in inputs)
@@ -137,6 +139,8 @@ class Op:
         self.diff_outputs = tuple(i for i in range(len(outputs)) if i not in self.aux)
         names = self.input_names + outputs
         self.saves = tuple(names.index(n) for n in saves)  # indices into inputs + outputs
+        # saved names kept only when a predicate of the config holds (None in their place else)
+        self.save_when = tuple((saves.index(n), f) for n, f in (save_when or {}).items())
         self.grads = tuple(self.input_names.index(n) for n in grads)
         # saved index -> position in grads, for composite (differentiate w.r.t. saved inputs)
         self.saved_grad_slot = {k: self.grads.index(i) for k, i in enumerate(self.saves)
@@ -173,7 +177,11 @@ class Op:
         if self.aux:
             ctx.mark_non_differentiable(*(outs[i] for i in self.aux))
         both = inputs + tuple(outs)
-        ctx.save_for_backward(*(both[i] for i in self.saves))
+        saved = [both[i] for i in self.saves]
+        for k, keep in self.save_when:
+            if not keep(cfg):
+                saved[k] = None
+        ctx.save_for_backward(*saved)
         ctx.cfg = cfg
 
     def _grads(self, ctx, douts, backward):
@@ -302,6 +310,8 @@ class Op:
             inputs, cfg = split(inputs)
             outs = output if n_ret > 1 else (output,)
             op._setup(ctx, inputs, cfg, outs[:len(op.outputs)])
+            if op.mutates:  # the mutated inputs' new values carry no gradient
+                ctx.mark_non_differentiable(*outs[len(op.outputs):], *(outs[i] for i in op.aux))
 
         def autograd_backward(ctx, *douts):
             douts = tuple(douts[i] for i in op.diff_outputs)
@@ -320,7 +330,7 @@ class Op:
         n = len(self.outputs)
         for i, new in zip(self.mutates, got[n:]):
             if inputs[i] is not None:
-                inputs[i].copy_(new)
+                inputs[i].copy_(new.detach())
         return got[:n]
 
 
@@ -335,14 +345,15 @@ def _filled(grads, saved):
 
 
 def _unalias(outs: tuple, inputs: tuple) -> tuple:
-    """Custom op outputs may not alias inputs or one another: copy those that do (the compile
-    path only; eager calls keep their views)."""
+    """Custom op outputs may not alias inputs or one another, and their metadata must match the
+    fakes': copy views and aliases (the compile path only; eager calls keep their views)."""
     seen = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
     result = []
     for t in outs:
         if isinstance(t, torch.Tensor):
             ptr = t.untyped_storage().data_ptr()
-            if ptr in seen and t.numel():
+            whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
+            if t.numel() and (ptr in seen or not whole or t.storage_offset()):
                 t = t.clone()
             else:
                 seen.add(ptr)
