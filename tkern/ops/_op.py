@@ -38,7 +38,10 @@ of ``config``, a NamedTuple whose annotated fields become the custom ops' scalar
   needed); ``douts`` holds one gradient (or None) per differentiable output, ``needs`` one bool
   per ``grads`` entry;
 - ``backward_fake``: the same, metadata only;
-- ``composite(saved, cfg)``: the differentiable outputs from torch ops, for double backward;
+- ``composite(saved, cfg)``: the differentiable outputs from torch ops, for double backward
+  (without one, backward under create_graph=True runs the kernels: a graph-less gradient);
+- ``library=False``: no custom ops (a config that cannot travel through a schema, such as a
+  process group); then ``fake``/``backward_fake`` are not needed;
 - ``eager(*inputs, cfg)`` (optional): the CPU fallback without Triton's interpreter, for
   ``Op.__call__``.
 
@@ -121,10 +124,11 @@ class Op:
     """An op's declaration and everything built from it (see the module docstring)."""
 
     def __init__(self, name: str, *, inputs: tuple, outputs: tuple, config: type,
-                 forward: Callable, fake: Callable, saves: tuple, grads: tuple,
-                 backward: Callable, backward_fake: Callable, composite: Callable,
-                 eager: Callable | None = None, aux: tuple = (), mutates: tuple = (),
-                 save_when: dict | None = None):
+                 forward: Callable, saves: tuple, grads: tuple, backward: Callable,
+                 fake: Callable | None = None, backward_fake: Callable | None = None,
+                 composite: Callable | None = None, eager: Callable | None = None,
+                 aux: tuple = (), mutates: tuple = (), save_when: dict | None = None,
+                 library: bool = True):
         self.name = name
         self.public_name = name.split("::")[-1]
         self.input_names = tuple(n.rstrip("?") for n in inputs)
@@ -146,8 +150,10 @@ class Op:
         self.saved_grad_slot = {k: self.grads.index(i) for k, i in enumerate(self.saves)
                                 if i in self.grads}
         self.mutates = tuple(self.input_names.index(n) for n in mutates)
+        self.library = library
         self._build_functions()
-        self._build_library_ops()
+        if library:
+            self._build_library_ops()
 
     # -- entry points
 
@@ -163,6 +169,9 @@ class Op:
             raise TypeError(f"{self.name}: expected {self.n_inputs} inputs "
                             f"{self.input_names}, got {len(inputs)}")
         if torch.compiler.is_compiling():
+            if not self.library:  # dynamo traces the Function (or breaks the graph)
+                out = self._fast_fn.apply(*inputs, cfg)
+                return out if len(self.outputs) > 1 else (out,)
             return self._compiled(inputs, cfg)
         if torch._C._are_functorch_transforms_active():
             out = self._func_fn.apply(*inputs, cfg)
@@ -190,7 +199,8 @@ class Op:
         if not any(needs) or all(d is None for d in douts):
             return (None,) * len(self.grads)
         saved = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: differentiable torch ops
+        if torch.is_grad_enabled() and self.composite is not None:
+            # create_graph=True: differentiable torch ops
             return self._differentiable(saved, douts, ctx.cfg, needs)
         return backward(douts, saved, ctx.cfg, needs)
 
