@@ -9,7 +9,9 @@ Design:
   counter gives four random words, one per quarter, a quarter of the generator's cost.  Counters are
   global (program * QUARTER + lane), so no two blocks share random numbers.  QUARTER is a fixed
   constant because the mask depends on it: forward and backward must agree.
-- The seed comes from torch's generator (see ``draw_seed_tensor``): ``torch.manual_seed`` reproduces a run.
+- The seed comes from torch's generators as torch's dropout takes it (``_rng.draw``): the CUDA
+  device's Philox state (host-side, graph-safe under capture), the CPU generator for CPU tensors;
+  ``torch.manual_seed`` reproduces a run.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import triton.language as tl
 
 from .. import _runtime as rt
 from ._math import from_pair
+from . import _rng
 from ._op import Op, cdiv, f32_pairs
 from ..activations import activate, activation_grad, eager_activation, kernel_name
 
@@ -60,18 +63,20 @@ def _quarter(X, BIAS, DY, OUT, offs, r, n_elements, n_cols, col_stride, threshol
     tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed per call: one compiled variant
 def _kernel(
     X,  # input, flat (n_elements,)
     BIAS,  # bias over the last dim (n_cols,), or a dummy when HAS_BIAS is False
     DY,  # backward: gradient of y, in X's layout; forward: a dummy
     OUT,  # forward: y; backward: dx (= dz); flat, in X's layout
     n_elements, n_cols, col_stride,  # element count; last dim's size and stride (the bias index)
-    seed, threshold,  # Philox seed; drop threshold, ceil(p * 2^31) - 1 (see _keep)
+    SEED,  # a 0-dim int64 tensor holding the Philox seed when SEED_FROM_PTR, else a dummy
+    seed, threshold,  # Philox seed (unless SEED_FROM_PTR); drop threshold, ceil(p * 2^31) - 1
     # fp32 pairs (hi, lo) of 1 / (1 - p) (0 when p == 1), the leaky_relu slope and the elu alpha
     scale_hi, scale_lo, slope_hi, slope_lo, alpha_hi, alpha_lo,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     BACKWARD: tl.constexpr,
+    SEED_FROM_PTR: tl.constexpr,  # seed from SEED (device-side: CUDA graphs, compile, CPU)
     COMPUTE: tl.constexpr,  # fp32, or fp64 for fp64 tensors
     INT64: tl.constexpr,  # index in int64 (tensors past 2^31 elements)
     QUARTER: tl.constexpr,
@@ -85,6 +90,8 @@ def _kernel(
     lanes = tl.arange(0, QUARTER)
     counters = pid * QUARTER + lanes
     if DROPOUT:
+        if SEED_FROM_PTR:
+            seed = tl.load(SEED)
         r0, r1, r2, r3 = tl.randint4x(seed, counters)  # one Philox call, a word per quarter
     else:
         r0, r1, r2, r3 = counters, counters, counters, counters  # unused
@@ -106,15 +113,14 @@ class DropoutConfig(NamedTuple):
     dropout: bool  # training and p > 0
     negative_slope: float
     alpha: float
+    philox_seed: int  # the seed when no seed tensor is given (CUDA, eager: see _rng)
 
 
 @functools.lru_cache(maxsize=1024)
-def _scalars(cfg: DropoutConfig) -> tuple:
+def _scalars(p: float, negative_slope: float, alpha: float) -> tuple:
     """(threshold, scale, slope and alpha as fp32 pairs): see ``_kernel``'s arguments."""
-    p = cfg.p
     threshold = min(math.ceil(p * 2.0**31), 2**31) - 1
-    return (threshold, *f32_pairs(0.0 if p >= 1.0 else 1.0 / (1.0 - p), cfg.negative_slope,
-                                  cfg.alpha))
+    return (threshold, *f32_pairs(0.0 if p >= 1.0 else 1.0 / (1.0 - p), negative_slope, alpha))
 
 
 def _launch(x, bias, dy, out, seed, cfg, backward):
@@ -123,9 +129,11 @@ def _launch(x, bias, dy, out, seed, cfg, backward):
     n_cols = x.shape[-1] if x.dim() else 1
     _kernel[(cdiv(n, BLOCK),)](
         x, bias if bias is not None else x, dy, out, n, max(n_cols, 1),
-        x.stride(-1) if n_cols > 1 else 1, int(seed), *_scalars(cfg),
+        x.stride(-1) if n_cols > 1 else 1, seed if seed is not None else x, cfg.philox_seed,
+        *_scalars(cfg.p, cfg.negative_slope, cfg.alpha),
         ACTIVATION=cfg.activation, HAS_BIAS=bias is not None, DROPOUT=cfg.dropout,
-        BACKWARD=backward, COMPUTE=rt.compute_dtype(x.dtype), INT64=rt.needs_int64(x),
+        BACKWARD=backward, SEED_FROM_PTR=seed is not None, COMPUTE=rt.compute_dtype(x.dtype),
+        INT64=rt.needs_int64(x),
         QUARTER=QUARTER, num_warps=4)
 
 
@@ -199,7 +207,7 @@ def _composite(saved, cfg):
 
 # The declaration: eager autograd, torch.library ops (tkern::activation_dropout and
 # tkern::activation_dropout_backward) for torch.compile, and double backward, built by _op.Op.
-OP = Op("tkern::activation_dropout", inputs=("x", "bias?", "seed"), outputs=("y",),
+OP = Op("tkern::activation_dropout", inputs=("x", "bias?", "seed?"), outputs=("y",),
         config=DropoutConfig, forward=_forward, fake=_forward_fake, saves=("x", "bias", "seed"),
         grads=("x", "bias"), backward=_backward, backward_fake=_backward_fake,
         composite=_composite)
@@ -276,7 +284,7 @@ def activation_dropout(x, activation="relu", p=0.5, training=True, *, bias=None,
     if not rt.use_triton("activation_dropout", x, bias):
         return _eager(x, bias, activation, p, dropout, negative_slope, alpha, approximate, generator)
     bias = _contiguous_bias(x, bias)
-    seed = rt.draw_seed_tensor(generator) if dropout else torch.zeros((), dtype=torch.int64)
+    seed, seed_int = _rng.draw(x.device, generator) if dropout else (None, 0)
     cfg = DropoutConfig(kernel_name(activation, approximate), p, dropout, float(negative_slope),
-                        float(alpha))
+                        float(alpha), seed_int)
     return OP.apply(x, bias, seed, cfg=cfg)[0]
