@@ -208,7 +208,8 @@ CASES = [
 
 
 def _time_us(step: Callable, reps: int, rounds: int = 5) -> float:
-    """Median over rounds of the mean time per call, in us (synchronised on a GPU: there the
+    """The least over rounds of the mean time per call, in us (the least disturbed round on a
+    shared machine; synchronised on a GPU: there the
     figure is launch-bound latency)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     step()
@@ -221,7 +222,7 @@ def _time_us(step: Callable, reps: int, rounds: int = 5) -> float:
             step()
         sync()
         per.append((time.perf_counter() - t0) / reps * 1e6)
-    return statistics.median(per)
+    return min(per)
 
 
 def _measure(case: Case, ours: bool, reps: int) -> dict:

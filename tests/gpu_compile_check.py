@@ -20,7 +20,7 @@ from tkern.ops import weight_norm as wn
 TARGET = GPUTarget("cuda", 90, 32)
 POINTERS = {"X", "Y", "BIAS", "DY", "OUT", "DX", "G", "V", "GW", "NORM", "DOT", "PART", "GG", "MEAN",
             "MEAN_LO", "INVSTD", "W", "B", "SUM_G", "SUM_GX", "PSUM_G", "PSUM_GX", "PCOUNT", "PMEAN",
-            "PMEAN_LO", "PM2", "OCOUNT", "OM2", "RMEAN", "RVAR", "NBT", "COUNT", "M2"}
+            "PMEAN_LO", "PM2", "OCOUNT", "OM2", "RMEAN", "RVAR", "NBT", "COUNT", "M2", "SUMS"}
 FLOATS = {"p", "scale_hi", "scale_lo", "eps_hi", "eps_lo", "mom_hi", "mom_lo", "negative_slope", "alpha", "inv_n_hi",
           "slope_hi", "slope_lo", "alpha_hi", "alpha_lo",
           "inv_n_lo", "k_hi", "k_lo", "a_hi", "a_lo", "b_hi", "b_lo", "scale"}
@@ -60,11 +60,13 @@ def main():
     for act in ("relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "elu", "tanh", "sigmoid"):
         for backward in (False, True):
             compile_variant(ad._kernel, dict(ACTIVATION=act, HAS_BIAS=True, DROPOUT=True, BACKWARD=backward,
-                                             COMPUTE=f32, INT64=act == "relu", QUARTER=ad.QUARTER),
-                            f"activation_dropout {act} backward={backward}", ptr="*bf16")
+                                             SEED_FROM_PTR=act == "gelu", COMPUTE=f32, INT64=act == "relu",
+                                             QUARTER=ad.QUARTER),
+                            f"activation_dropout {act} backward={backward}", ptr="*bf16",
+                            overrides={"SEED": "*i64"})
     compile_variant(ad._kernel, dict(ACTIVATION="gelu", HAS_BIAS=False, DROPOUT=False, BACKWARD=True,
-                                     COMPUTE=tl.float64, INT64=False, QUARTER=ad.QUARTER),
-                    "activation_dropout fp64", ptr="*fp64")
+                                     SEED_FROM_PTR=False, COMPUTE=tl.float64, INT64=False, QUARTER=ad.QUARTER),
+                    "activation_dropout fp64", ptr="*fp64", overrides={"SEED": "*i64"})
     tiles = dict(BLOCK_S=64, BLOCK_C=64)
     for int64 in (False, True):
         compile_variant(bn._stats_partial_kernel, dict(COMPUTE=f32, INT64=int64, **tiles),
@@ -83,7 +85,7 @@ def main():
                                  ACTIVATION="elu", COMPUTE=f32, INT64=int64, **tiles),
                             f"bn fused_forward write_y={write_y} int64={int64}",
                             overrides={"X": "*bf16", "Y": "*bf16", "NBT": "*i64"})
-        compile_variant(bn._dx_kernel, dict(TRAINING=True, FROM_VAR=False, ACTIVATION="gelu", **common),
+        compile_variant(bn._dx_kernel, dict(TRAINING=True, WRITE_SUMS=True, FROM_VAR=False, ACTIVATION="gelu", **common),
                         f"bn dx int64={int64}")
     for cumulative in (False, True):
         compile_variant(bn._stats_combine_kernel,

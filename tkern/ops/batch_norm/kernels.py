@@ -434,14 +434,16 @@ def _backward_reduce_kernel(
 def _dx_kernel(
     X, DY, DX,  # [N, C, S] through their strides
     MEAN, MEAN_LO, INVSTD, W, B,  # [C] saved statistics (MEAN_LO when HAS_LO) and affine parameters
-    SUM_G, SUM_GX,  # [C] sums of g and g * xhat over the (global) batch; unused in eval
+    SUM_G, SUM_GX,  # [P, C] partial sums of g and g * xhat over the (global) batch; eval: unused
+    SUMS,  # [2, C] output when WRITE_SUMS: the partials' totals (sum g, sum g * xhat)
+    n_rows,  # rows of SUM_G / SUM_GX, summed here in order (deterministic)
     C, S, sxN, sxC, sxS, sdN, sdC, sdS, soN, soC, soS,
     nsb, n_units, units_per_prog,
     inv_n_hi, inv_n_lo,  # 1 / count as an fp32 pair (hi + lo)
     slope_hi, slope_lo, alpha_hi, alpha_lo,  # leaky_relu slope, elu alpha: fp32 pairs
     eps_hi, eps_lo,  # eps as an fp32 pair, used with FROM_VAR (INVSTD then holds the variance)
     TRAINING: tl.constexpr, HAS_LO: tl.constexpr, FROM_VAR: tl.constexpr, HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
+    HAS_B: tl.constexpr, WRITE_SUMS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -449,9 +451,19 @@ def _dx_kernel(
         MEAN, MEAN_LO, INVSTD, W, B, C, eps_hi, eps_lo, slope_hi, slope_lo, alpha_hi, alpha_lo,
         HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE, BLOCK_C)
     if TRAINING:
+        # the partials' totals: P small rows from L2, so no separate reduction launch
+        sum_g = tl.zeros([BLOCK_C], COMPUTE)
+        sum_gx = tl.zeros([BLOCK_C], COMPUTE)
+        for p in range(0, n_rows):
+            sum_g += tl.load(SUM_G + p * C + c, mask=cmask, other=0.0).to(COMPUTE)
+            sum_gx += tl.load(SUM_GX + p * C + c, mask=cmask, other=0.0).to(COMPUTE)
+        if WRITE_SUMS:  # once per channel: by the first program along the units
+            first = c < tl.where(tl.program_id(1) == 0, C, 0)  # (bool & scalar mistypes)
+            tl.store(SUMS + c, sum_g, mask=first)
+            tl.store(SUMS + C + c, sum_gx, mask=first)
         inv_n = from_pair(inv_n_hi, inv_n_lo, COMPUTE)
-        mean_g = tl.load(SUM_G + c, mask=cmask, other=0.0).to(COMPUTE) * inv_n
-        mean_gx = tl.load(SUM_GX + c, mask=cmask, other=0.0).to(COMPUTE) * inv_n
+        mean_g = sum_g * inv_n
+        mean_gx = sum_gx * inv_n
     else:
         mean_g = mean  # unused
         mean_gx = mean

@@ -128,8 +128,9 @@ def bn_backward_reduce(x, dy, mean, invstd, weight, bias, activation="identity",
 
 
 def _backward_pass(x, dy, mean, invstd, weight, bias, activation, negative_slope, alpha, mean_lo,
-                   var, eps, eval_dx=False, train_dx=False, count=1):
-    """One ``_backward_reduce_kernel`` launch over the reduction plan: (sums [2, C], dx or None).
+                   var, eps, eval_dx=False, train_dx=False, count=1, partials=False):
+    """One ``_backward_reduce_kernel`` launch over the reduction plan: (sums [2, C], dx or None);
+    ``partials=True``: the unsummed ``[2, P, C]`` workspace instead of the sums.
     ``eval_dx`` adds the eval dx to the pass; ``train_dx`` the training dx (one partial only:
     each program then holds its channels' whole sums; ``count`` is the elements per channel)."""
     p = plan(x, reduction=True)
@@ -149,16 +150,20 @@ def _backward_pass(x, dy, mean, invstd, weight, bias, activation, negative_slope
         **_activation_scalars(negative_slope, alpha), EVAL_DX=eval_dx, TRAIN_DX=train_dx,
         ACTIVATION=activation,
         COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(dy, out), **flags, **launch_args(p))
+    if partials:
+        return ws, dx
     sums = ws[:, 0] if P == 1 else ws.sum(1)  # deterministic combine over the splits
     return sums, dx
 
 
 def bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g=None, sum_gx=None, count=1,
                    activation="identity", negative_slope=0.01, alpha=1.0, training=True,
-                   mean_lo=None, var=None, eps=0.0):
+                   mean_lo=None, var=None, eps=0.0, sums_out=None):
     """dx.  Training: from the (global) sums of g and g * xhat and the (global) element count per
     channel (pass sums already divided by the count and ``count=1`` if the count is on a device).
-    Eval (``training=False``): ``g * weight * invstd``."""
+    ``sum_g`` / ``sum_gx`` may be ``[P, C]`` partials: the kernel adds them up, and writes the
+    totals into ``sums_out`` ([2, C]) when given.  Eval (``training=False``): ``g * weight *
+    invstd``."""
     dx = torch.empty_like(x)
     if x.numel() == 0:
         return dx
@@ -167,11 +172,13 @@ def bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g=None, sum_gx=None, c
     dy = _like(dy, x, view)
     ptrs, flags = _stat_args(x, mean, mean_lo, invstd, weight, bias, var, eps)
     inv_hi, inv_lo = f32_pairs(1.0 / max(count, 1))
+    rows = sum_g.shape[0] if training and sum_g.dim() == 2 else 1
     K._dx_kernel[p.grid](
         x, dy, dx, *ptrs, sum_g if training else mean, sum_gx if training else mean,
+        sums_out if sums_out is not None else mean, rows,
         view.C, view.cols, *view.strides(x), *view.strides(dy), *view.strides(dx),
         inv_n_hi=inv_hi, inv_n_lo=inv_lo, **_activation_scalars(negative_slope, alpha),
-        TRAINING=training, ACTIVATION=activation,
+        TRAINING=training, WRITE_SUMS=sums_out is not None, ACTIVATION=activation,
         COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(dy, dx), **flags,
         **launch_args(p))
     return dx
@@ -282,9 +289,11 @@ def backward(dy, x, weight, bias, stats, running_mean, running_var, eps, trainin
         return dx, sums
     if not (need_x or need_wb):
         return None, None
-    sums, _ = _backward_pass(*args)
-    dx = None
-    if need_x:
-        dx = bn_backward_dx(x, dy, mean, invstd, weight, bias, sums[0], sums[1], count,
-                            activation, negative_slope, alpha, training=True, **kw)
+    if not need_x:
+        return None, _backward_pass(*args)[0]
+    # two launches: the partial sums, then dx, whose kernel also totals the partials
+    ws, _ = _backward_pass(*args, partials=True)
+    sums = ws.new_empty((2, C)) if need_wb else None
+    dx = bn_backward_dx(x, dy, mean, invstd, weight, bias, ws[0], ws[1], count,
+                        activation, negative_slope, alpha, training=True, sums_out=sums, **kw)
     return dx, sums
