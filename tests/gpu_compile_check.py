@@ -85,6 +85,12 @@ def main():
                                  ACTIVATION="elu", COMPUTE=f32, INT64=int64, **tiles),
                             f"bn fused_forward write_y={write_y} int64={int64}",
                             overrides={"X": "*bf16", "Y": "*bf16", "NBT": "*i64"})
+        for cumulative in (False, True):
+            compile_variant(bn._merge_normalize_kernel,
+                            dict(UPDATE=True, CUMULATIVE=cumulative, HAS_W=True, HAS_B=True, ACTIVATION="relu",
+                                 COMPUTE=f32, INT64=int64, BLOCK_P=32, **tiles),
+                            f"bn merge_normalize cumulative={cumulative} int64={int64}",
+                            overrides={"X": "*bf16", "Y": "*bf16", "NBT": "*i64"})
         compile_variant(bn._dx_kernel, dict(TRAINING=True, WRITE_SUMS=True, FROM_VAR=False, ACTIVATION="gelu", **common),
                         f"bn dx int64={int64}")
     for cumulative in (False, True):

@@ -253,15 +253,14 @@ class _LaunchCounter:
 
 
 _KERNELS = ("_fused_forward_kernel", "_stats_partial_kernel", "_stats_combine_kernel",
-            "_normalize_kernel", "_backward_reduce_kernel", "_dx_kernel")
+            "_merge_normalize_kernel", "_normalize_kernel", "_backward_reduce_kernel", "_dx_kernel")
 
 
 @pytest.mark.parametrize("path", ["one_program", "split"])
 def test_one_program_and_split_paths(device, monkeypatch, path):
     """Both plans, every backward variant (training, eval with and without parameter grads,
     parameter grads only), over several steps with the cumulative average; and the launch
-    counts: one each way for a layer whose channels span few tiles, else 3 forward, 2 backward
-    (+ a torch sum)."""
+    counts: one each way for a layer whose channels span few tiles, else 2 forward, 2 backward."""
     # the default plans: a small layer takes one program per channel block, a large one splits
     assert bn_ops.num_partials(torch.randn(2, 3, 4, 4, device=device)) == 1
     assert bn_ops.num_partials(torch.randn(8, 2, 64, 64, device=device)) > 1
@@ -281,8 +280,8 @@ def test_one_program_and_split_paths(device, monkeypatch, path):
     if path == "one_program":
         assert launches == {"_fused_forward_kernel": 1, "_backward_reduce_kernel": 1}
     else:
-        assert launches == {"_stats_partial_kernel": 1, "_stats_combine_kernel": 1,
-                            "_normalize_kernel": 1, "_backward_reduce_kernel": 1, "_dx_kernel": 1}
+        assert launches == {"_stats_partial_kernel": 1, "_merge_normalize_kernel": 1,
+                            "_backward_reduce_kernel": 1, "_dx_kernel": 1}
     for mode, grad_x, grad_wb in (("train", True, True), ("eval", True, True),
                                   ("eval", True, False), ("train", False, True),
                                   ("eval", False, True), ("train", True, False)):

@@ -14,7 +14,8 @@ Training forward.  When the plan has one partial per channel (a channel block sp
 ``FUSED_MAX_UNITS`` units, as in small batches and late layers, or there are channel blocks enough
 to fill the GPU) it takes one launch, ``_fused_forward_kernel``: a program per channel block
 reduces its channels, writes the statistics, updates the running stats and normalizes, re-reading
-x (from cache when the block is a few tiles).  Larger layers take three launches, x read twice from memory, y written once:
+x (from cache when the block is a few tiles).  Larger layers take two launches, x read twice
+from memory, y written once:
 1. ``_stats_partial_kernel``: a grid (channel blocks) x (splits).  Each program reduces its units
    into a partial (count, mean, M2) per channel, written to an fp32 (fp64 for fp64) workspace
    ``[P, C]``.  Values are shifted by the mean of the program's first tile and summed per lane
@@ -23,21 +24,25 @@ x (from cache when the block is a few tiles).  Larger layers take three launches
    so 1000 + 0.01 * randn keeps its variance.  Partial means are kept as hi + lo (TwoSum).
    Splitting matters for few channels and large N x S (C=64 at 112x112): one program per channel
    would leave most of the GPU idle.
-2. ``_stats_combine_kernel``: one small program per channel block merges the P partials
-   (exact parallel formula: weighted mean, then sum of M2_i + n_i (mean_i - mean)^2), writes the
-   saved mean and invstd and updates running_mean / running_var in place, once (no autotuning).
-   The mean is saved as hi + lo (TwoSum): an fp32 mean alone would move every xhat by up to
-   ulp(mean) * invstd, 3e-3 for 1000 + 0.01 * randn.
+2. ``_merge_normalize_kernel``: each program first merges its channels' P partials
+   (``_merge_partials``, exact parallel formula: weighted mean, then sum of M2_i + n_i (mean_i -
+   mean)^2; P small rows read from L2, the price of not launching a combine kernel: a launch
+   costs more than they on the small layers where it matters), then normalizes elementwise,
+   ``act((x - hi - lo) * (invstd * w) + b)``, centring first because
+   ``x * scale + (b - mean * scale)`` loses digits when |mean| >> std.  The first program along
+   the units of each channel block writes the saved mean and invstd and updates running_mean /
+   running_var in place, once (no autotuning).  The mean is saved as hi + lo (TwoSum): an fp32
+   mean alone would move every xhat by up to ulp(mean) * invstd, 3e-3 for 1000 + 0.01 * randn.
    ``momentum=None`` (cumulative average) reads num_batches_tracked on the device: no host sync.
-3. ``_normalize_kernel``: elementwise ``act((x - hi - lo) * (invstd * w) + b)``; centring first
-   because ``x * scale + (b - mean * scale)`` loses digits when |mean| >> std.
-Eval uses the running stats and only pass 3 (one launch: the kernel takes invstd from running_var).
+   ``_stats_combine_kernel`` does the merge alone (SyncBatchNorm, statistics without y).
+Eval uses the running stats and only ``_normalize_kernel`` (one launch: the kernel takes invstd
+from running_var).
 
 Backward saves x, weight, bias and the statistics used (the fp32/fp64 [3, C] mean, mean_lo, invstd
 in training; the running stats in eval); the pre-activation is rebuilt from them.
 1. ``_backward_reduce_kernel``: partial sums of g = dy * act'(z) and g * xhat per channel into
-   ``[P, C]`` (deterministic: no float atomics), then a torch ``sum(0)`` over P when P > 1.  They
-   are dbias and dweight.  With one partial per channel (the one-launch plan) the program holds
+   ``[P, C]`` (deterministic: no float atomics); the dx kernel adds the P rows up (in order) and
+   writes the totals, dbias and dweight.  With one partial per channel (the one-launch plan) the program holds
    whole sums and writes dx in a second pass over its (cached) tiles; in eval dx needs no sums and
    is written in the same pass.
 2. ``_dx_kernel`` (split plans in training, and eval without weight grads): elementwise
@@ -76,7 +81,8 @@ from ... import _runtime as rt
 from ...activations import eager_activation, kernel_name
 from .autograd import OP, BatchNormConfig
 from .kernels import (_backward_reduce_kernel, _dx_kernel, _fused_forward_kernel,
-                      _normalize_kernel, _stats_combine_kernel, _stats_partial_kernel)
+                      _merge_normalize_kernel, _normalize_kernel, _stats_combine_kernel,
+                      _stats_partial_kernel)
 from .launch import (bn_backward_dx, bn_backward_reduce, bn_combine_stats, bn_normalize,
                      bn_partial_stats, num_partials)
 from .launch_plan import FUSED_MAX_UNITS, Plan, _prepare_input, plan

@@ -4,8 +4,10 @@ Every kernel addresses its tensors as ``[N, C, S]`` through strides and walks *u
 sample, one block of S) for a block of channels; the launchers in ``launch.py`` pass the plan
 (``launch_plan.py``) as ``nsb, n_units, units_per_prog, BLOCK_S, BLOCK_C``.
 - ``_fused_forward_kernel``: training forward in one launch (statistics, running stats, y).
-- ``_stats_partial_kernel`` -> ``_stats_combine_kernel`` -> ``_normalize_kernel``: the split
-  training forward; eval runs ``_normalize_kernel`` alone (invstd from running_var).
+- ``_stats_partial_kernel`` -> ``_merge_normalize_kernel``: the split training forward (each
+  normalize program merges its channels' partials); ``_stats_combine_kernel`` merges partials
+  alone (statistics without y, SyncBatchNorm); eval runs ``_normalize_kernel`` alone (invstd
+  from running_var).
 - ``_backward_reduce_kernel`` (sums; dx in the same launch with EVAL_DX / TRAIN_DX) and
   ``_dx_kernel``: backward.
 """
@@ -137,21 +139,9 @@ def _partial_deviation(PCOUNT, PMEAN, PMEAN_LO, p, P, C, c, cmask, ref, HAS_LO: 
 
 
 @triton.jit
-def _stats_combine_kernel(
-    PCOUNT, PMEAN, PMEAN_LO, PM2,  # [P, C] partials: count, mean as hi + lo (lo if HAS_LO), M2
-    MEAN, MEAN_LO,  # [C] outputs: merged mean as hi + lo
-    INVSTD,  # [C] output when WRITE_INVSTD: 1 / sqrt(biased var + eps)
-    OCOUNT, OM2,  # [C] outputs when WRITE_M2: merged count and M2
-    RMEAN, RVAR,  # [C] running stats, updated in place when UPDATE
-    NBT,  # num_batches_tracked (int64 scalar) when CUMULATIVE: factor = 1 / NBT
-    P, C,
-    eps_hi, eps_lo, mom_hi, mom_lo,  # eps and momentum as fp32 pairs hi + lo (fp64 precision)
-    HAS_LO: tl.constexpr, UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr,
-    WRITE_INVSTD: tl.constexpr, WRITE_M2: tl.constexpr, COMPUTE: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+def _merge_partials(PCOUNT, PMEAN, PMEAN_LO, PM2, P, C, c, cmask, HAS_LO: tl.constexpr,
+                    COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(count, mean as hi + lo, M2) of channels c from their P partials."""
     lanes_p = tl.arange(0, BLOCK_P)
     # pass 1: count and a reference near the mean (its rounding does not matter: every partial
     # mean is taken relative to it, exactly when close)
@@ -183,6 +173,27 @@ def _stats_combine_kernel(
     # The mean as hi + lo: with |mean| >> std, the rounding of hi alone would move every xhat by
     # up to ulp(mean) * invstd (3e-3 for 1000 + 0.01 * randn in fp32).
     mean_hi, mean_lo = _two_sum(ref, mean_d)
+    return n_tot, mean_hi, mean_lo, m2
+
+
+@triton.jit
+def _stats_combine_kernel(
+    PCOUNT, PMEAN, PMEAN_LO, PM2,  # [P, C] partials: count, mean as hi + lo (lo if HAS_LO), M2
+    MEAN, MEAN_LO,  # [C] outputs: merged mean as hi + lo
+    INVSTD,  # [C] output when WRITE_INVSTD: 1 / sqrt(biased var + eps)
+    OCOUNT, OM2,  # [C] outputs when WRITE_M2: merged count and M2
+    RMEAN, RVAR,  # [C] running stats, updated in place when UPDATE
+    NBT,  # num_batches_tracked (int64 scalar) when CUMULATIVE: factor = 1 / NBT
+    P, C,
+    eps_hi, eps_lo, mom_hi, mom_lo,  # eps and momentum as fp32 pairs hi + lo (fp64 precision)
+    HAS_LO: tl.constexpr, UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr,
+    WRITE_INVSTD: tl.constexpr, WRITE_M2: tl.constexpr, COMPUTE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    n_tot, mean_hi, mean_lo, m2 = _merge_partials(PCOUNT, PMEAN, PMEAN_LO, PM2, P, C, c, cmask,
+                                                  HAS_LO, COMPUTE, BLOCK_P, BLOCK_C)
     tl.store(MEAN + c, mean_hi, mask=cmask)
     tl.store(MEAN_LO + c, mean_lo, mask=cmask)
     if WRITE_M2:
@@ -337,6 +348,48 @@ def _fused_forward_kernel(
                          from_pair(alpha_hi, alpha_lo, COMPUTE),
                          S, sxN, sxC, sxS, syN, syC, syS, nsb, n_units, u0, n_units,
                          True, ACTIVATION, COMPUTE, INT64, BLOCK_S)
+
+
+@triton.jit
+def _merge_normalize_kernel(
+    X, Y,  # [N, C, S] through their strides
+    PCOUNT, PMEAN, PMEAN_LO, PM2,  # [P, C] partials of _stats_partial_kernel
+    MEAN, MEAN_LO, INVSTD,  # [C] outputs: the batch mean as hi + lo, 1 / sqrt(biased var + eps)
+    W, B,  # [C] affine weight and bias (dummies when HAS_W / HAS_B is False)
+    RMEAN, RVAR, NBT,  # running stats, updated in place when UPDATE; NBT when CUMULATIVE
+    P, C, S, sxN, sxC, sxS, syN, syC, syS,
+    nsb, n_units, units_per_prog,
+    eps_hi, eps_lo, mom_hi, mom_lo, slope_hi, slope_lo, alpha_hi, alpha_lo,  # fp32 pairs
+    UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    ACTIVATION: tl.constexpr, COMPUTE: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The split training forward's second launch: every program merges its channels' P
+    partials itself (P small rows from L2, instead of a combine launch), the first program along
+    the units writes the statistics and updates the running stats, and all normalize."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    n_tot, mean, mean_lo, m2 = _merge_partials(PCOUNT, PMEAN, PMEAN_LO, PM2, P, C, c, cmask,
+                                               True, COMPUTE, BLOCK_P, BLOCK_C)
+    invstd = _inv_sqrt(m2 / tl.maximum(n_tot, 1.0) + from_pair(eps_hi, eps_lo, COMPUTE), COMPUTE)
+    first = c < tl.where(tl.program_id(1) == 0, C, 0)  # once per channel (bool & scalar mistypes)
+    tl.store(MEAN + c, mean, mask=first)
+    tl.store(MEAN_LO + c, mean_lo, mask=first)
+    tl.store(INVSTD + c, invstd, mask=first)
+    if UPDATE:
+        _update_running(RMEAN, RVAR, NBT, c, first, n_tot, mean + mean_lo, m2, mom_hi, mom_lo,
+                        CUMULATIVE, COMPUTE)
+    if HAS_W:
+        invstd = invstd * tl.load(W + c, mask=cmask, other=0.0).to(COMPUTE)
+    if HAS_B:
+        b = tl.load(B + c, mask=cmask, other=0.0).to(COMPUTE)
+    else:
+        b = tl.zeros([BLOCK_C], COMPUTE)
+    _normalize_units(X, Y, c, cmask, mean, mean_lo, invstd, b,
+                     from_pair(slope_hi, slope_lo, COMPUTE), from_pair(alpha_hi, alpha_lo, COMPUTE),
+                     S, sxN, sxC, sxS, syN, syC, syS, nsb, n_units,
+                     tl.program_id(1) * units_per_prog, units_per_prog,
+                     True, ACTIVATION, COMPUTE, INT64, BLOCK_S)
 
 
 @triton.jit

@@ -244,15 +244,36 @@ def _stats_impl(x, running_mean, running_var, num_batches_tracked, momentum, eps
 
 def train_forward(x, weight, bias, running_mean, running_var, num_batches_tracked,
                   momentum, eps, activation, negative_slope, alpha):
-    """Training forward (eager): (y, batch statistics [3, C]), running stats updated in place.
-    One launch when the plan has one partial per channel, else three (stats, merge, normalize)."""
+    """Training forward: (y, batch statistics [3, C]), running stats updated in place.
+    One launch when the plan has one partial per channel, else two (partials; merge+normalize)."""
     x = _prepare_input(x)
-    if x.numel() and plan(x, reduction=True).num_partials == 1:
+    if x.numel() == 0:
+        stats = _stats_impl(x, running_mean, running_var, num_batches_tracked, momentum, eps)
+        return torch.empty_like(x), stats
+    if plan(x, reduction=True).num_partials == 1:
         return _fused_forward(x, weight, bias, running_mean, running_var, num_batches_tracked,
                               momentum, eps, activation, negative_slope, alpha)
-    stats = _stats_impl(x, running_mean, running_var, num_batches_tracked, momentum, eps)
-    return normalize(x, weight, bias, stats, None, None, eps, True, activation,
-                           negative_slope, alpha), stats
+    count, mean, m2, mean_lo = bn_partial_stats(x)
+    p = plan(x, reduction=False)
+    view = p.view
+    P, C = mean.shape
+    stats = torch.empty((3, C), dtype=mean.dtype, device=x.device)
+    y = torch.empty_like(x)
+    update = running_mean is not None
+    cumulative = update and momentum is None
+    dummy = stats[0]
+    K._merge_normalize_kernel[p.grid](
+        x, y, count, mean, mean_lo, m2, stats[0], stats[1], stats[2],
+        weight if weight is not None else dummy, bias if bias is not None else dummy,
+        running_mean if update else dummy, running_var if update else dummy,
+        num_batches_tracked if cumulative else dummy,
+        P, C, view.cols, *view.strides(x), *view.strides(y), p.nsb, p.n_units, p.units_per_prog,
+        *f32_pairs(eps, 0.0 if momentum is None else momentum, negative_slope, alpha),
+        UPDATE=update, CUMULATIVE=cumulative, HAS_W=weight is not None, HAS_B=bias is not None,
+        ACTIVATION=activation, COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(y),
+        BLOCK_P=min(next_pow2(P), 32), BLOCK_S=p.BLOCK_S, BLOCK_C=p.BLOCK_C,
+        num_warps=p.num_warps)
+    return y, stats
 
 
 def normalize(x, weight, bias, stats, running_mean, running_var, eps, training, activation,
