@@ -309,6 +309,40 @@ def _normalize_kernel(
 
 
 @triton.jit
+def _finish_stats(MEAN, MEAN_LO, INVSTD, RMEAN, RVAR, NBT, c, smask, n_tot, mean, mean_lo, m2,
+                  eps_hi, eps_lo, mom_hi, mom_lo, UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr,
+                  COMPUTE: tl.constexpr):
+    """invstd from (count, M2); the statistics stored and the running stats updated where smask."""
+    invstd = _inv_sqrt(m2 / tl.maximum(n_tot, 1.0) + from_pair(eps_hi, eps_lo, COMPUTE), COMPUTE)
+    tl.store(MEAN + c, mean, mask=smask)
+    tl.store(MEAN_LO + c, mean_lo, mask=smask)
+    tl.store(INVSTD + c, invstd, mask=smask)
+    if UPDATE:
+        _update_running(RMEAN, RVAR, NBT, c, smask, n_tot, mean + mean_lo, m2, mom_hi, mom_lo,
+                        CUMULATIVE, COMPUTE)
+    return invstd
+
+
+@triton.jit
+def _affine_normalize(X, Y, W, B, c, cmask, mean, mean_lo, invstd, slope_hi, slope_lo, alpha_hi,
+                      alpha_lo, S, sxN, sxC, sxS, syN, syC, syS, nsb, n_units, u0, units,
+                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACTIVATION: tl.constexpr,
+                      COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
+    """y over units [u0, u0 + units) from the batch statistics and the affine parameters."""
+    if HAS_W:
+        invstd = invstd * tl.load(W + c, mask=cmask, other=0.0).to(COMPUTE)
+    if HAS_B:
+        b = tl.load(B + c, mask=cmask, other=0.0).to(COMPUTE)
+    else:
+        b = tl.zeros([BLOCK_C], COMPUTE)
+    _normalize_units(X, Y, c, cmask, mean, mean_lo, invstd, b,
+                     from_pair(slope_hi, slope_lo, COMPUTE), from_pair(alpha_hi, alpha_lo, COMPUTE),
+                     S, sxN, sxC, sxS, syN, syC, syS, nsb, n_units, u0, units,
+                     True, ACTIVATION, COMPUTE, INT64, BLOCK_S)
+
+
+@triton.jit
 def _fused_forward_kernel(
     X, Y,  # [N, C, S] through their strides
     MEAN, MEAN_LO, INVSTD,  # [C] outputs: the batch mean as hi + lo, 1 / sqrt(biased var + eps)
@@ -329,25 +363,13 @@ def _fused_forward_kernel(
     u0 = tl.program_id(1) * n_units  # 0 (a one-column grid), as a tensor _unit can widen
     n_tot, mean, mean_lo, m2 = _shifted_stats(X, c, cmask, S, sxN, sxC, sxS, nsb, n_units,
                                               u0, n_units, COMPUTE, INT64, BLOCK_S, BLOCK_C)
-    invstd = _inv_sqrt(m2 / tl.maximum(n_tot, 1.0) + from_pair(eps_hi, eps_lo, COMPUTE), COMPUTE)
-    tl.store(MEAN + c, mean, mask=cmask)
-    tl.store(MEAN_LO + c, mean_lo, mask=cmask)
-    tl.store(INVSTD + c, invstd, mask=cmask)
-    if UPDATE:
-        _update_running(RMEAN, RVAR, NBT, c, cmask, n_tot, mean + mean_lo, m2, mom_hi, mom_lo,
-                        CUMULATIVE, COMPUTE)
+    invstd = _finish_stats(MEAN, MEAN_LO, INVSTD, RMEAN, RVAR, NBT, c, cmask, n_tot, mean,
+                           mean_lo, m2, eps_hi, eps_lo, mom_hi, mom_lo, UPDATE, CUMULATIVE,
+                           COMPUTE)
     if WRITE_Y:
-        if HAS_W:
-            invstd = invstd * tl.load(W + c, mask=cmask, other=0.0).to(COMPUTE)
-        if HAS_B:
-            b = tl.load(B + c, mask=cmask, other=0.0).to(COMPUTE)
-        else:
-            b = tl.zeros([BLOCK_C], COMPUTE)
-        _normalize_units(X, Y, c, cmask, mean, mean_lo, invstd, b,
-                         from_pair(slope_hi, slope_lo, COMPUTE),
-                         from_pair(alpha_hi, alpha_lo, COMPUTE),
-                         S, sxN, sxC, sxS, syN, syC, syS, nsb, n_units, u0, n_units,
-                         True, ACTIVATION, COMPUTE, INT64, BLOCK_S)
+        _affine_normalize(X, Y, W, B, c, cmask, mean, mean_lo, invstd, slope_hi, slope_lo,
+                          alpha_hi, alpha_lo, S, sxN, sxC, sxS, syN, syC, syS, nsb, n_units, u0,
+                          n_units, HAS_W, HAS_B, ACTIVATION, COMPUTE, INT64, BLOCK_S, BLOCK_C)
 
 
 @triton.jit
@@ -371,25 +393,14 @@ def _merge_normalize_kernel(
     cmask = c < C
     n_tot, mean, mean_lo, m2 = _merge_partials(PCOUNT, PMEAN, PMEAN_LO, PM2, P, C, c, cmask,
                                                True, COMPUTE, BLOCK_P, BLOCK_C)
-    invstd = _inv_sqrt(m2 / tl.maximum(n_tot, 1.0) + from_pair(eps_hi, eps_lo, COMPUTE), COMPUTE)
     first = c < tl.where(tl.program_id(1) == 0, C, 0)  # once per channel (bool & scalar mistypes)
-    tl.store(MEAN + c, mean, mask=first)
-    tl.store(MEAN_LO + c, mean_lo, mask=first)
-    tl.store(INVSTD + c, invstd, mask=first)
-    if UPDATE:
-        _update_running(RMEAN, RVAR, NBT, c, first, n_tot, mean + mean_lo, m2, mom_hi, mom_lo,
-                        CUMULATIVE, COMPUTE)
-    if HAS_W:
-        invstd = invstd * tl.load(W + c, mask=cmask, other=0.0).to(COMPUTE)
-    if HAS_B:
-        b = tl.load(B + c, mask=cmask, other=0.0).to(COMPUTE)
-    else:
-        b = tl.zeros([BLOCK_C], COMPUTE)
-    _normalize_units(X, Y, c, cmask, mean, mean_lo, invstd, b,
-                     from_pair(slope_hi, slope_lo, COMPUTE), from_pair(alpha_hi, alpha_lo, COMPUTE),
-                     S, sxN, sxC, sxS, syN, syC, syS, nsb, n_units,
-                     tl.program_id(1) * units_per_prog, units_per_prog,
-                     True, ACTIVATION, COMPUTE, INT64, BLOCK_S)
+    invstd = _finish_stats(MEAN, MEAN_LO, INVSTD, RMEAN, RVAR, NBT, c, first, n_tot, mean,
+                           mean_lo, m2, eps_hi, eps_lo, mom_hi, mom_lo, UPDATE, CUMULATIVE,
+                           COMPUTE)
+    _affine_normalize(X, Y, W, B, c, cmask, mean, mean_lo, invstd, slope_hi, slope_lo, alpha_hi,
+                      alpha_lo, S, sxN, sxC, sxS, syN, syC, syS, nsb, n_units,
+                      tl.program_id(1) * units_per_prog, units_per_prog, HAS_W, HAS_B,
+                      ACTIVATION, COMPUTE, INT64, BLOCK_S, BLOCK_C)
 
 
 @triton.jit
