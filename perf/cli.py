@@ -247,8 +247,10 @@ def main(argv: list[str] | None = None) -> int:
 
     explicit = args.providers is not None
     args.providers = list(args.providers or PROVIDER_DEFAULTS)
+    peer = "not asked for"
     if "flag_gems" in args.providers:
         ok, why = gems.available()
+        peer = why
         if not ok:
             args.providers.remove("flag_gems")
             if explicit:
@@ -286,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             "argv": sys.argv[1:] if argv is None else list(argv),
             "elapsed_s": round(time.monotonic() - t0, 1),
             "failures": result.failures, "skipped_ops": result.skipped_ops, "notes": result.notes,
-            "interrupted": result.interrupted,
+            "interrupted": result.interrupted, "peer": peer,
         }
         report.write_csv(result.rows, out / "results.csv")
         report.write_json(meta, result.rows, out / "results.json")

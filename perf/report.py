@@ -190,8 +190,12 @@ def plot(rows: list[dict], out_dir: Path, title_note: str = "") -> list[Path]:
                 ax.set_xlabel("batch size", fontsize=8)
                 ax.tick_params(labelsize=7)
                 ax.grid(True, alpha=0.3)
-        handles = [Line2D([], [], color=c, label=p) for p, c in _COLORS.items()]
-        handles += [Line2D([], [], color="black", linestyle=s, label=m) for m, s in _STYLES.items()]
+        drawn = [r for r in ops_rows if is_num(r["ms_p50"])]  # the legend names what is drawn
+        provs = {r["provider"] for r in drawn}
+        modes = {r["mode"] for r in drawn}
+        handles = [Line2D([], [], color=c, label=p) for p, c in _COLORS.items() if p in provs]
+        handles += [Line2D([], [], color="black", linestyle=s, label=m) for m, s in _STYLES.items()
+                    if m in modes]
         handles += [Line2D([], [], color="black", linestyle="", marker=_MARKERS[i % len(_MARKERS)],
                            label=d) for i, d in enumerate(dtypes)]
         height = fig.get_figheight()  # title, then the legend, then the panels (in inches)

@@ -21,7 +21,7 @@ import math
 import sys
 from pathlib import Path
 
-MAX_LINES, WIDTH = 120, 110
+MAX_LINES, WIDTH, MAX_CHARS = 120, 110, 11000
 MAX_FAILURES = 12  # first lines listed per test phase
 PROVIDERS = ("eager", "torch.compile", "flag_gems")
 
@@ -62,7 +62,7 @@ def _fmt(v, spec=".2f", none="-"):
 def header(env: dict, dry: bool) -> list[str]:
     e = env or {}
     lines = [f"tkern gpu_check {e.get('date', '?')}  commit {e.get('commit', '?')}"
-             + ("  [DRY RUN on CPU: interpreter, tiny budgets; no GPU figure]" if dry else "")]
+             + ("  [DRY RUN: CPU interpreter, tiny budgets]" if dry else "")]
     lines.append(f"card: {e.get('card', '?')}")
     lines.append(f"versions: python {e.get('python', '?')}, torch {e.get('torch', '?')}, triton "
                  f"{e.get('triton', '?')}, numpy {e.get('numpy', '?')}, cuda {e.get('cuda', '-')}")
@@ -142,7 +142,13 @@ def targets(work: Path) -> list[str]:
             marker = f"  {status}"
             if marker in t:
                 what, value = t.split(marker, 1)
-                rows.append(f"  {status:<7} {' '.join(what.split())}  {value.strip()}")
+                what = " ".join(what.split())
+                for long, short in ((" (geomean)", ""), (" (min)", ""), ("of copy bandwidth", "of copy"),
+                                    ("on the largest batch measured per shape", "largest batches"),
+                                    ("peak memory below eager's by >= the mask (min slack)",
+                                     "peak mem <= eager's - mask")):
+                    what = what.replace(long, short)
+                rows.append(f"  {status:<7} {what}  {value.strip()}")
                 break
     lines += rows or ["  (no targets: the sweep did not run or wrote no results.json)"]
     return lines
@@ -206,6 +212,8 @@ def sweep_notes(doc: dict | None) -> list[str]:
     lines = ["", f"sweep: {len(doc.get('rows', []))} rows, {meta.get('elapsed_s', '?')}s, copy "
              f"bandwidth {_fmt(meta.get('peak_gbps'), '.0f')} GB/s, backend {meta.get('backend', '?')}"
              + (", INTERRUPTED (budget or signal): partial" if meta.get("interrupted") else "")]
+    if meta.get("peer"):
+        lines.append(f"  peer provider: {meta['peer']}")
     fails = meta.get("failures", [])
     for f in fails[:6]:
         lines.append(f"  WRONG {f.get('provider')} {f.get('op')} {f.get('shape')} {f.get('layout')} "
@@ -222,30 +230,91 @@ def sweep_notes(doc: dict | None) -> list[str]:
 def build(work: Path, out: Path) -> list[str]:
     env = _read_json(work / "env.json") or {}
     dry = bool(env.get("dry_run"))
-    try:
-        phase_rows = [ln.split("\t") for ln in (work / "phases.tsv").read_text().splitlines() if ln]
-    except OSError:
-        phase_rows = []
+    phase_rows = _phase_rows(work)
     doc = _read_json(out / "results.json")
     test_lines, _ = tests(work, [r[0] for r in phase_rows if r[0].startswith("tests")]
                           or ["tests-gpu", "tests-suite"])
     lines = header(env, dry) + phases(phase_rows) + test_lines + targets(work)
     lines += op_table(doc) + latency(work) + sweep_notes(doc)
     files = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    lines += ["", f"files in {out.name}/: {', '.join(files)}; plots: python -m perf.plot "
-                  f"{out.name} (from results.json, any machine)"]
+    lines += ["", f"files: {', '.join(files)}", "plots: python -m perf.plot DIR (from results.json, "
+              "on any machine)"]
     lines = [ln if len(ln) <= WIDTH else ln[:WIDTH - 3] + "..." for ln in lines]
     if len(lines) > MAX_LINES:
         lines = lines[:MAX_LINES - 1] + [f"... cut at {MAX_LINES} lines; the rest in gpu_check.log"]
+    while sum(len(ln) + 1 for ln in lines) > MAX_CHARS:  # the device tool returns 12,000 chars
+        lines = lines[:-2] + [f"... cut at {MAX_CHARS} characters; the rest in gpu_check.log"]
     return lines
 
 
+def _phase_rows(work: Path) -> list[list[str]]:
+    try:
+        return [ln.split("\t") for ln in (work / "phases.tsv").read_text().splitlines() if ln]
+    except OSError:
+        return []
+
+
+def verdict(work: Path, out: Path) -> list[str]:
+    """Why the run is not clean: a phase that failed (a cut counts only on a GPU: the dry run cuts
+    its suite on purpose), a test failure, or a non-peer provider marked WRONG."""
+    env = _read_json(work / "env.json") or {}
+    problems = []
+    for name, _, _, rc in ((r + ["?"] * 4)[:4] for r in _phase_rows(work)):
+        if rc not in ("0", "124") or (rc == "124" and not env.get("dry_run")):
+            problems.append(f"phase {name}: exit {rc}")
+    _, bad = tests(work, [r[0] for r in _phase_rows(work) if r[0].startswith("tests")])
+    if bad:
+        problems.append(f"{bad} test failure(s)")
+    doc = _read_json(out / "results.json") or {}
+    wrong = [f for f in doc.get("meta", {}).get("failures", []) if f.get("provider") != "flag_gems"]
+    if wrong:
+        problems.append(f"{len(wrong)} provider check(s) failed in the sweep")
+    return problems
+
+
+def check_layout(work: Path, out: Path) -> list[str]:
+    """What the dry run asserts about the outputs (the same layout a GPU run must produce)."""
+    problems = []
+    names = sorted(p.name for p in out.iterdir())
+    want = ["gpu_check.log", "results.csv", "results.json", "summary.txt"]
+    if names != want:
+        problems.append(f"{out} holds {names}, expected {want}")
+    if any(p.is_dir() for p in out.iterdir()) or len(names) > 8:
+        problems.append("the device tool returns at most 8 files and no nested folders")
+    text = (out / "summary.txt").read_text() if (out / "summary.txt").exists() else ""
+    lines = text.splitlines()
+    if not lines or len(lines) > MAX_LINES or len(text) > MAX_CHARS:
+        problems.append(f"summary.txt: {len(lines)} lines, {len(text)} chars (<= {MAX_LINES}, "
+                        f"<= {MAX_CHARS})")
+    if any(len(ln) > WIDTH for ln in lines):
+        problems.append(f"summary.txt: a line over {WIDTH} characters")
+    for section in ("versions:", "phases", "tests:", "  tests-gpu:", "  tests-suite:",
+                    "performance targets", "per op", "sweep:"):
+        if section not in text:
+            problems.append(f"summary.txt lacks {section!r}")
+    ran = [r[0] for r in _phase_rows(work)]
+    if ran != ["tests-gpu", "perf", "tests-suite"]:
+        problems.append(f"phases run: {ran}")
+    doc = _read_json(out / "results.json")
+    if not doc or not doc.get("rows"):
+        problems.append("results.json: missing or no rows")
+    if not (work / "targets.txt").exists():
+        problems.append("perf.targets did not run")
+    return problems
+
+
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    mode = argv.pop(0) if argv and argv[0] in ("--verdict", "--check-layout") else None
     if len(argv) != 2:
-        print(__doc__.split("\n\n")[1], file=sys.stderr)
+        print("usage: python perf/summary.py [--verdict | --check-layout] WORK DIR", file=sys.stderr)
         return 2
     work, out = Path(argv[0]), Path(argv[1])
+    if mode is not None:
+        problems = (verdict if mode == "--verdict" else check_layout)(work, out)
+        for p in problems:
+            print(f"gpu_check {mode[2:]}: {p}")
+        return 1 if problems else 0
     out.mkdir(parents=True, exist_ok=True)
     text = "\n".join(build(work, out)) + "\n"
     tmp = out / ".summary.tmp"
