@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate-providers", type=_choices(list(PROVIDERS), {"compile": "torch.compile",
                                                                        "gems": "flag_gems"}),
                    default=None,
-                   help="providers the gate checks (default: every matching row)")
+                   help="providers the gate checks (default: every matching row but the flag_gems peer's)")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="stop starting new measurements after this many seconds (each op gets "
                         "an equal share of what is left); outputs are still written")

@@ -77,11 +77,13 @@ def compare(rows: list[dict], baseline: list[dict], max_slowdown: float,
             providers: list[str] | None = None) -> tuple[int, list[dict]]:
     """Rows slower than the baseline's matching row by more than ``max_slowdown`` (a fraction),
     comparing medians.  Returns (number of rows compared, offenders with their baseline time)."""
+    from .runner import PEERS
+
     base = {key_of(r): r for r in baseline}
     matched, bad = 0, []
     for r in rows:
-        if providers and r["provider"] not in providers:
-            continue
+        if (providers and r["provider"] not in providers) or (not providers and r["provider"] in PEERS):
+            continue  # a peer's speed (flag_gems) gates nothing unless asked for
         b = base.get(key_of(r))
         if b is None or not is_num(b["ms_p50"]) or b["ms_p50"] <= 0 or not is_num(r["ms_p50"]):
             continue
