@@ -61,7 +61,10 @@ fi
 MAXFAIL=${MAX_FAIL:-25}
 
 CARD=$("$PY" -c "import torch; from perf.cli import card_name; print(card_name(torch.device('cuda')) if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo unknown)
-DIR="${OUT:-perf/results}/$(date -u +%Y-%m-%d)-${CARD}$([ "$DRY" = 1 ] && echo -dry-run)"
+# a dry run's outputs go to the git-ignored perf/out unless OUT says otherwise
+DEFAULT_OUT=perf/results
+[ "$DRY" = 1 ] && DEFAULT_OUT=perf/out
+DIR="${OUT:-$DEFAULT_OUT}/$(date -u +%Y-%m-%d)-${CARD}$([ "$DRY" = 1 ] && echo -dry-run)"
 mkdir -p "$DIR"
 rm -f "$DIR"/summary.txt "$DIR"/gpu_check.log "$DIR"/results.json "$DIR"/results.csv
 LOG="$DIR/gpu_check.log"

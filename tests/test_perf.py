@@ -382,3 +382,35 @@ def test_flag_gems_absent_is_no_provider(tmp_path, monkeypatch):
     assert status == 0
     assert {r["provider"] for r in report.read_rows(out / "results.json")} == {
         "eager", "torch.compile", "tkern"}
+
+
+def test_gpu_check_summary_stays_readable(tmp_path):
+    """summary.txt keeps to 120 lines and 11,000 characters however many tests fail, lists the
+    counts, each failure's first line (up to its cap), and tells a cut phase apart."""
+    from perf import summary
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    out.mkdir()
+    (work / "env.json").write_text(json.dumps({"commit": "abc", "card": "H100", "torch": "2.11.0"}))
+    (work / "phases.tsv").write_text("tests-gpu\t60\t41\t0\nperf\t165\t170\t0\n"
+                                     "tests-suite\t185\t190\t124\n")
+    lines = [json.dumps({"collected": 500})]
+    lines += [json.dumps({"nodeid": f"tests/test_x.py::test_{i}", "when": "call", "outcome": "failed",
+                          "first": "AssertionError: " + "x" * 300}) for i in range(200)]
+    lines += [json.dumps({"nodeid": f"tests/test_y.py::test_{i}", "when": "call", "outcome": "passed",
+                          "first": ""}) for i in range(250)]
+    (work / "outcomes-tests-suite.jsonl").write_text("\n".join(lines) + "\n{\"nodeid\": ")  # cut
+    (work / "targets.txt").write_text("#2  activation_dropout full bfloat16: >= 2.0x eager (geomean)"
+                                      "  PASS     2.31x over 9 cases\n")
+    assert summary.main([str(work), str(out)]) == 0
+    text = (out / "summary.txt").read_text()
+    rows = text.splitlines()
+    assert len(rows) <= summary.MAX_LINES and len(text) <= summary.MAX_CHARS
+    assert all(len(r) <= summary.WIDTH for r in rows)
+    assert "tests-suite: 250 passed, 200 failed, 0 error, 0 skipped of 500 collected, 50 NOT RUN" in text
+    assert "no end of session" in text and "CUT at budget" in text
+    assert text.count("FAIL tests/test_x.py::") == summary.MAX_FAILURES
+    assert "PASS    #2 activation_dropout full bfloat16: >= 2.0x eager  2.31x over 9 cases" in text
+    assert "tests-gpu: no outcomes" in text
+    assert summary.main(["--verdict", str(work), str(out)]) == 1  # failures and a cut phase
