@@ -125,17 +125,19 @@ def test_cuda_graph_dropout_mask_changes_per_replay(device):
     state, not be frozen into the graph), and every replay is a valid dropout of the same step."""
     step, (x, b, dy) = STEPS["activation_dropout"](device)
     graph, (y, dx, db) = _capture(step)
-    ref = F.relu(x.detach() + b.detach()) * 2.0  # p = 0.5: kept elements are doubled, exactly
+    z = x.detach() + b.detach()
+    ref = F.relu(z) * 2.0  # p = 0.5: kept elements are doubled, exactly
+    live = z > 0  # where the mask shows: relu's derivative is 1 (dy is nonzero almost surely)
     masks = []
     for _ in range(3):
         graph.replay()
         torch.cuda.synchronize()
-        kept = dx != 0  # dx = 2 dy where kept: dy is nonzero almost surely
+        kept = dx != 0  # dx = 2 dy where kept and live, else 0
         assert torch.equal(y, torch.where(kept, ref, 0)), "output is not the reference under its mask"
-        assert torch.equal(dx, torch.where(kept & (x + b > 0), 2.0 * dy, 0))
+        assert torch.equal(dx, torch.where(kept, 2.0 * dy, 0)) and not (kept & ~live).any()
         torch.testing.assert_close(db, dx.sum(0))
-        assert 0.4 < kept.float().mean().item() < 0.6
-        masks.append(kept.clone())
+        assert 0.4 < kept[live].float().mean().item() < 0.6, "kept fraction is not 1 - p"
+        masks.append(kept[live].clone())
     assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2]), (
         "the dropout mask is the same on every replay of the captured graph")
 
