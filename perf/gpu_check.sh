@@ -34,9 +34,10 @@
 # pytest -n 2 in the CPU dry run), and SIGKILL 20 s later.  Budgets: 15 (set-up) + 60 + 165+25 +
 # 185 + 5 (summary) = 455 s (GPU_CHECK_BUDGET_S); a phase never starts with more than what is
 # left of that, so only the phase that is cut can overrun, by its 20 s stop: <= 475 s < 8 min.
-# Environment: PYTHON (default python3), OUT, GPU_CHECK_BUDGET_S (455), GPU_TESTS_BUDGET_S, PERF_BUDGET_S, SUITE_BUDGET_S,
-# TEST_WORKERS (8), MAX_FAIL (25), PERF_DTYPES (bfloat16), PERF_ARGS (extra harness arguments),
-# PERF_COMPARE (a baseline results.json: adds the regression gate).
+# Environment: PYTHON (default python3), OUT, GPU_CHECK_BUDGET_S (455), GPU_TESTS_BUDGET_S (60),
+# PERF_BUDGET_S (165), SUITE_BUDGET_S (185), TEST_WORKERS (8), MAX_FAIL (25), PERF_DTYPES
+# (bfloat16), PERF_ARGS (extra harness arguments), PERF_COMPARE (a baseline results.json: adds the
+# regression gate).
 set -u
 cd "$(dirname "$0")/.." || exit 2
 PY=${PYTHON:-python3}
