@@ -42,7 +42,11 @@ set -u
 cd "$(dirname "$0")/.." || exit 2
 PY=${PYTHON:-python3}
 DRY=0
-[ "${1:-}" = "--dry-run" ] && DRY=1
+case "${1:-}" in
+  "") ;;
+  --dry-run) DRY=1 ;;
+  *) echo "usage: bash perf/gpu_check.sh [--dry-run]  (the header of this file says more)" >&2; exit 2 ;;
+esac
 START=$(date +%s)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/tkern_gpu_check.XXXXXX")
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
