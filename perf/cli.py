@@ -162,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile(dynamic=...): auto (torch's default: the batch dimension "
                         "turns dynamic after the first recompile), true, or false (one static "
                         "compile per shape: slower sweep)")
+    p.add_argument("--host", action="store_true",
+                   help="host cost per call instead of the sweep: tkern with kernel bodies skipped "
+                        "(CPU; Triton's launch front end still runs) beside eager PyTorch, with "
+                        "Triton launches and other torch kernels per call (see perf/host.py)")
+    p.add_argument("--host-reps", type=int, default=200, help="calls per timing round in --host")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
@@ -210,6 +215,10 @@ def _on_sigterm(handler):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.host:
+        from . import host
+        host.run(reps=args.host_reps)
+        return 0
 
     import triton
 

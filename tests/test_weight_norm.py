@@ -298,9 +298,10 @@ def test_opcheck(device):
     """The custom ops' schemas, fake implementations and autograd registration."""
     v = torch.randn(5, 3, 2, device=device, requires_grad=True)
     g = torch.randn(3, 1, device=device).t().reshape(1, 3, 1).requires_grad_()
-    torch.library.opcheck(wn_mod._forward_op, (v, g, 1))
-    torch.library.opcheck(wn_mod._backward_op, (torch.randn(5, 3, 2, device=device), v.detach(),
-                                                g.detach(), torch.rand(3, device=device) + 1, 1))
+    torch.library.opcheck(wn_mod.OP._fwd_op, (v, g, 1))
+    torch.library.opcheck(wn_mod.OP._bwd_op, ([torch.randn(5, 3, 2, device=device)],
+                                              [v.detach(), g.detach(),
+                                               torch.rand(3, device=device) + 1], 1, [True, True]))
 
 
 def test_torch_compile_fullgraph(device):
