@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import tkern
 from tkern.activations import eager_activation
+from tkern.nn.batch_norm import TORCH_HAS_BIAS_ARG
 from tkern.ops import batch_norm as bn_ops
 from tkern.ops.batch_norm import kernels as bn_kernels, launch_plan as bn_plan
 from tkern.testing import assert_close_rule
@@ -16,9 +17,19 @@ PARAMS = dict(negative_slope=0.2, alpha=1.3)
 MODULES = {1: "BatchNorm1d", 2: "BatchNorm2d", 3: "BatchNorm3d"}
 
 
+def _torch_module(name, *args, **kwargs):
+    """torch's module.  ``bias=False`` on a torch without the argument (2.11) is built the way
+    torch >= 2.13 builds it: an affine weight, the bias parameter registered as None."""
+    bias = True if TORCH_HAS_BIAS_ARG else kwargs.pop("bias", True)
+    m = getattr(torch.nn, name)(*args, **kwargs)
+    if not bias and m.affine:
+        m.register_parameter("bias", None)
+    return m
+
+
 def _pair(name, *args, **kwargs):
     """A torch module and a tkern module of the same kind with identical random state."""
-    ref = getattr(torch.nn, name)(*args, **kwargs)
+    ref = _torch_module(name, *args, **kwargs)
     ours = getattr(tkern.nn, name)(*args, **kwargs)
     with torch.no_grad():
         for t in ref.parameters():
@@ -116,7 +127,13 @@ def test_module_attributes_and_repr():
     plain = tkern.nn.BatchNorm1d(3)
     assert plain.activation is None
     assert repr(plain) == repr(torch.nn.BatchNorm1d(3))
-    assert tkern.nn.BatchNorm3d(2, bias=False).bias is None
+    no_bias = tkern.nn.BatchNorm3d(2, bias=False)
+    assert no_bias.bias is None and no_bias.weight is not None
+    assert "bias" not in no_bias.state_dict() and "weight" in no_bias.state_dict()
+    assert repr(no_bias) == repr(_torch_module("BatchNorm3d", 2, bias=False)).replace(
+        "affine=True, ", "affine=True, bias=False, " if not TORCH_HAS_BIAS_ARG else "affine=True, ")
+    assert "bias=False" in repr(no_bias)
+    assert tkern.nn.SyncBatchNorm(3, bias=False).bias is None
     with pytest.raises(ValueError, match="unknown activation"):
         tkern.nn.BatchNorm2d(4, activation="swish")
 
