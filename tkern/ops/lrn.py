@@ -297,7 +297,8 @@ def _launch_args(x3, cfg):
     before = min(cfg["before"], C - 1)
     after = min(cfg["after"], C - 1)
     unroll = before + after + 1 <= MAX_UNROLLED_WINDOW
-    fast = (x3.is_cuda and torch.version.hip is None and x3.dtype != torch.float64
+    fast = (x3.device.type in ("cuda", "cpu") and rt.plans_for_gpu(x3.device)
+            and torch.version.hip is None and x3.dtype != torch.float64
             and not rt.interpreter_enabled())  # the interpreter runs no inline PTX
     kw = dict(before=before, after=after, **_scalars(cfg), UNROLL=unroll,
               BEFORE=before if unroll else 0, AFTER=after if unroll else 0, FAST=fast,
@@ -350,7 +351,7 @@ def _target(out: torch.Tensor) -> torch.Tensor:
     interpreter (a CPU tensor reaching a kernel), which truncates fp32 -> bf16 where GPUs round to
     nearest even: there the kernel writes an fp32 twin with out's strides (out is dense) and torch
     rounds it into out.  Compiled kernels never take the detour."""
-    if out.dtype == torch.bfloat16 and out.device.type == "cpu":
+    if out.dtype == torch.bfloat16 and not rt.plans_for_gpu(out.device):
         return torch.empty_like(out, dtype=torch.float32)
     return out
 
