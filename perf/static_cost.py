@@ -51,6 +51,7 @@ class Card:
     copy_gbps: float
     latency_ns: float = 800.0
     issue_per_sm: int = 128  # thread instructions per clock per SM (4 schedulers x 32 lanes)
+    mufu_per_sm: int = 16  # MUFU (ex2, lg2, rcp, rsqrt) results per clock per SM
     threads_per_sm: int = 2048
     regs_per_sm: int = 65536
     ctas_per_sm: int = 32
@@ -598,9 +599,12 @@ def kernel_row(run: CaseRun, direction: str, name: str, launch: Launch, c: Compi
     warps_per_sm = min(occ, math.ceil(ctas / card.sms)) * c.num_warps
     issue = active_sms * card.issue_per_sm * min(1.0, warps_per_sm / 4) * card.clock_ghz * 1e3
     t_issue = per_thread * threads * ctas / issue  # us
+    mufu = c.mufu * (per_thread / max(len(instrs), 1))  # MUFU share of the dynamic count
+    t_mufu = mufu * threads * ctas / (active_sms * card.mufu_per_sm * card.clock_ghz * 1e3)
     waves = ctas / slots if slots else 1.0
     wave_eff = waves / math.ceil(waves) if waves > 1 else 1.0
-    bound = max((t_bw, "bandwidth"), (t_lat, "bytes in flight"), (t_issue, "issue"))
+    bound = max((t_bw, "bandwidth"), (t_lat, "bytes in flight"), (t_issue, "issue"),
+                (t_mufu, "MUFU"))
     t = bound[0] / wave_eff if occ else float("inf")
     pct = 100.0 * t_bw / t if t else 0.0
     return Row(run.op, run.case, name, direction, c.regs, c.spill_bytes, occ,
