@@ -601,17 +601,20 @@ def kernel_row(run: CaseRun, direction: str, name: str, launch: Launch, c: Compi
     t_issue = per_thread * threads * ctas / issue  # us
     mufu = c.mufu * (per_thread / max(len(instrs), 1))  # MUFU share of the dynamic count
     t_mufu = mufu * threads * ctas / (active_sms * card.mufu_per_sm * card.clock_ghz * 1e3)
-    waves = ctas / slots if slots else 1.0
-    wave_eff = waves / math.ceil(waves) if waves > 1 else 1.0
     bound = max((t_bw, "bandwidth"), (t_lat, "bytes in flight"), (t_issue, "issue"),
                 (t_mufu, "MUFU"))
-    t = bound[0] / wave_eff if occ else float("inf")
+    # the tail: the last CTAs run alone, each at the rate its own bytes in flight allow; on
+    # average half a lone CTA's lifetime is added
+    cta_inflight = threads * inflight
+    t_cta = (read_b / ctas) / (cta_inflight / card.latency_ns) / 1e3 if cta_inflight else 0.0
+    tail = 0.5 * t_cta if ctas > slots else 0.0
+    t = bound[0] + tail if occ else float("inf")
     pct = 100.0 * t_bw / t if t else 0.0
     return Row(run.op, run.case, name, direction, c.regs, c.spill_bytes, occ,
                min(data_bits) if data_bits else None, int(resident * threads * inflight),
                round(sass_per_byte, 2) if sass_per_byte is not None else None,
                round(total_b / run.x_bytes, 3) if run.x_bytes else 0.0, round(pct, 1),
-               time_us=t, limiter=bound[1] + (", tail" if wave_eff < 0.9 else ""))
+               time_us=t, limiter=bound[1] + (", tail" if tail > 0.1 * bound[0] else ""))
 
 
 def torch_row(run: CaseRun, direction: str, op: TorchOp, card: Card) -> Row:
