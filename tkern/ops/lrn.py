@@ -316,14 +316,27 @@ def _wide(v, INT64: tl.constexpr):
 
 
 @triton.jit
-def _log2_abs(v, FAST: tl.constexpr):
-    return _log2(tl.abs(v), FAST)
+def _log2_abs(v, FAST: tl.constexpr, FTZ: tl.constexpr):
+    # FTZ (with FAST): the host knows s is a normal number, where lg2's .ftz form gives the same
+    # result without the subnormal-input fix-up (three instructions)
+    if FAST and FTZ:
+        r = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [tl.abs(v)],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        r = _log2(tl.abs(v), FAST)
+    return r
 
 
 @triton.jit
-def _pow_from_log(lg, s, e, neg, NEG_BASE: tl.constexpr, FAST: tl.constexpr):
-    # s^e from lg = log2|s| (see _pow_abs); NEG_BASE False: the host knows s >= 0 (k, a >= 0)
-    p = _exp2(e * lg, FAST)
+def _pow_from_log(lg, s, e, neg, NEG_BASE: tl.constexpr, FAST: tl.constexpr,
+                  FTZ: tl.constexpr = False):
+    # s^e from lg = log2|s| (see _pow_abs); NEG_BASE False: the host knows s >= 0 (k, a >= 0).
+    # FTZ: the host knows s^e is normal (see _log2_abs)
+    if FAST and FTZ:
+        p = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [e * lg],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        p = _exp2(e * lg, FAST)
     if NEG_BASE:
         p = tl.where(s < 0.0, p * neg, p)
     return p
@@ -342,7 +355,7 @@ def _window_sq(lead, v1, v2, v3, v4, v5, v6, v7, v8, WIN: tl.constexpr):
 @triton.jit
 def _forward_step(YP, c, c_end, s, S, lead, v1, v2, v3, v4, v5, v6, v7, v8, kk, aa, bb, neg,
                   AFTER: tl.constexpr, WIN: tl.constexpr, NEG_BASE: tl.constexpr,
-                  BETA_ZERO: tl.constexpr, FAST: tl.constexpr):
+                  BETA_ZERO: tl.constexpr, FAST: tl.constexpr, FTZ: tl.constexpr):
     # y at channel c (row pointer YP) from lead = x at c + AFTER and the carried window; returns
     # the window moved on by one channel
     if AFTER == 0:
@@ -353,12 +366,14 @@ def _forward_step(YP, c, c_end, s, S, lead, v1, v2, v3, v4, v5, v6, v7, v8, kk, 
         y = xc
     else:
         sc = kk + aa * _window_sq(lead, v1, v2, v3, v4, v5, v6, v7, v8, WIN)
-        y = xc * _pow_from_log(_log2_abs(sc, FAST), sc, -bb, neg, NEG_BASE, FAST)
+        y = xc * _pow_from_log(_log2_abs(sc, FAST, FTZ), sc, -bb, neg, NEG_BASE, FAST, FTZ)
     tl.store(YP + s, y.to(YP.dtype.element_ty), mask=s < tl.where(c < c_end, S, 0))
     return lead, v1, v2, v3, v4, v5, v6, v7
 
 
-@triton.jit
+# chunk unspecialised: a 16-divisible chunk would give the four rows of a trip different
+# known alignments, hence different layouts (shared-memory shuffles between them)
+@triton.jit(do_not_specialize=["chunk"])
 def _lrn_forward_slide_kernel(
     X,  # input (N, C, S), strides (sxn, sxc, 1)
     Y,  # output (N, C, S), strides (syn, syc, 1)
@@ -368,6 +383,7 @@ def _lrn_forward_slide_kernel(
     BEFORE: tl.constexpr, AFTER: tl.constexpr,  # window [c - BEFORE, c + AFTER], size <= 9
     NEG_BASE: tl.constexpr,  # s can be negative (k < 0 or alpha < 0): pow's sign rules apply
     BETA_ZERO: tl.constexpr,  # beta == 0: y = x exactly
+    FTZ: tl.constexpr,  # s and s^-beta are normal numbers (see _log2_abs)
     FAST: tl.constexpr, COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     WIN: tl.constexpr = BEFORE + AFTER + 1
@@ -397,16 +413,16 @@ def _lrn_forward_slide_kernel(
         l3 = _row(xp + 3 * sxc, c + AFTER + 3, s, C, S, COMPUTE)
         v1, v2, v3, v4, v5, v6, v7, v8 = _forward_step(
             yp, c, c_end, s, S, l0, v1, v2, v3, v4, v5, v6, v7, v8, kk, aa, bb, neg, AFTER, WIN,
-            NEG_BASE, BETA_ZERO, FAST)
+            NEG_BASE, BETA_ZERO, FAST, FTZ)
         v1, v2, v3, v4, v5, v6, v7, v8 = _forward_step(
             yp + syc, c + 1, c_end, s, S, l1, v1, v2, v3, v4, v5, v6, v7, v8, kk, aa, bb, neg,
-            AFTER, WIN, NEG_BASE, BETA_ZERO, FAST)
+            AFTER, WIN, NEG_BASE, BETA_ZERO, FAST, FTZ)
         v1, v2, v3, v4, v5, v6, v7, v8 = _forward_step(
             yp + 2 * syc, c + 2, c_end, s, S, l2, v1, v2, v3, v4, v5, v6, v7, v8, kk, aa, bb, neg,
-            AFTER, WIN, NEG_BASE, BETA_ZERO, FAST)
+            AFTER, WIN, NEG_BASE, BETA_ZERO, FAST, FTZ)
         v1, v2, v3, v4, v5, v6, v7, v8 = _forward_step(
             yp + 3 * syc, c + 3, c_end, s, S, l3, v1, v2, v3, v4, v5, v6, v7, v8, kk, aa, bb, neg,
-            AFTER, WIN, NEG_BASE, BETA_ZERO, FAST)
+            AFTER, WIN, NEG_BASE, BETA_ZERO, FAST, FTZ)
         xp += 4 * sxc
         yp += 4 * syc
 
@@ -416,7 +432,8 @@ def _backward_step(DP, L, c0, c_end, C, s, S, lead, g,
                    v1, v2, v3, v4, v5, v6, v7, v8, t1, t2, t3, t4, t5, t6, t7, t8,
                    u1, u2, u3, u4, u5, u6, u7, u8, kk, aa, bb, neg, e1, two_ab,
                    BEFORE: tl.constexpr, AFTER: tl.constexpr, WIN: tl.constexpr,
-                   NEG_BASE: tl.constexpr, BETA_ZERO: tl.constexpr, FAST: tl.constexpr):
+                   NEG_BASE: tl.constexpr, BETA_ZERO: tl.constexpr, FAST: tl.constexpr,
+                   FTZ: tl.constexpr):
     # Step L: lead = x at L completes s_m at m = L - AFTER and with it (g = dy_m)
     # t_m = dy_m x_m s_m^(-beta-1) and u_m = dy_m s_m^(-beta); channel i = m - BEFORE (row
     # pointer DP), whose mirrored window [i - AFTER, i + BEFORE] of t is then complete, gets
@@ -433,11 +450,11 @@ def _backward_step(DP, L, c0, c_end, C, s, S, lead, g,
             xm = lead
         else:
             xm = _slot(AFTER, v1, v2, v3, v4, v5, v6, v7, v8)
-        lg = _log2_abs(sm, FAST)
+        lg = _log2_abs(sm, FAST, FTZ)
         # outside [0, C) t is 0 (g is 0 there, and k = 0 would give 0 * inf)
         t = tl.where((m >= 0) & (m < C), g * xm * _pow_from_log(lg, sm, e1, -neg, NEG_BASE, FAST),
                      0.0)
-        u = g * _pow_from_log(lg, sm, -bb, neg, NEG_BASE, FAST)
+        u = g * _pow_from_log(lg, sm, -bb, neg, NEG_BASE, FAST, FTZ)
         tsum = t
         for j in tl.static_range(1, WIN):
             tsum += _slot(j, t1, t2, t3, t4, t5, t6, t7, t8)
@@ -456,7 +473,9 @@ def _backward_step(DP, L, c0, c_end, C, s, S, lead, g,
             u, u1, u2, u3, u4, u5, u6, u7)
 
 
-@triton.jit
+# chunk unspecialised: a 16-divisible chunk would give the four rows of a trip different
+# known alignments, hence different layouts (shared-memory shuffles between them)
+@triton.jit(do_not_specialize=["chunk"])
 def _lrn_backward_slide_kernel(
     X,  # forward's input (N, C, S), strides (sxn, sxc, 1)
     G,  # gradient of the output (N, C, S), strides (sgn, sgc, 1)
@@ -465,7 +484,8 @@ def _lrn_backward_slide_kernel(
     sxn, sxc, sgn, sgc, sdn, sdc,
     k_hi, k_lo, a_hi, a_lo, b_hi, b_lo,
     BEFORE: tl.constexpr, AFTER: tl.constexpr, NEG_BASE: tl.constexpr, BETA_ZERO: tl.constexpr,
-    FAST: tl.constexpr, COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr,
+    FTZ: tl.constexpr, FAST: tl.constexpr, COMPUTE: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     # see _backward_step; the first WIN - 1 steps of a chunk fill the t window (its halo).
     # beta = 0 keeps the same walk with dx = dy (dy carried in the t slots).
@@ -504,22 +524,22 @@ def _lrn_backward_slide_kernel(
          u1, u2, u3, u4, u5, u6, u7, u8) = _backward_step(
             dp, L, c0, c_end, C, s, S, x0, g0, v1, v2, v3, v4, v5, v6, v7, v8,
             t1, t2, t3, t4, t5, t6, t7, t8, u1, u2, u3, u4, u5, u6, u7, u8, kk, aa, bb, neg, e1,
-            two_ab, BEFORE, AFTER, WIN, NEG_BASE, BETA_ZERO, FAST)
+            two_ab, BEFORE, AFTER, WIN, NEG_BASE, BETA_ZERO, FAST, FTZ)
         (v1, v2, v3, v4, v5, v6, v7, v8, t1, t2, t3, t4, t5, t6, t7, t8,
          u1, u2, u3, u4, u5, u6, u7, u8) = _backward_step(
             dp + sdc, L + 1, c0, c_end, C, s, S, x1, g1, v1, v2, v3, v4, v5, v6, v7, v8,
             t1, t2, t3, t4, t5, t6, t7, t8, u1, u2, u3, u4, u5, u6, u7, u8, kk, aa, bb, neg, e1,
-            two_ab, BEFORE, AFTER, WIN, NEG_BASE, BETA_ZERO, FAST)
+            two_ab, BEFORE, AFTER, WIN, NEG_BASE, BETA_ZERO, FAST, FTZ)
         (v1, v2, v3, v4, v5, v6, v7, v8, t1, t2, t3, t4, t5, t6, t7, t8,
          u1, u2, u3, u4, u5, u6, u7, u8) = _backward_step(
             dp + 2 * sdc, L + 2, c0, c_end, C, s, S, x2, g2, v1, v2, v3, v4, v5, v6, v7, v8,
             t1, t2, t3, t4, t5, t6, t7, t8, u1, u2, u3, u4, u5, u6, u7, u8, kk, aa, bb, neg, e1,
-            two_ab, BEFORE, AFTER, WIN, NEG_BASE, BETA_ZERO, FAST)
+            two_ab, BEFORE, AFTER, WIN, NEG_BASE, BETA_ZERO, FAST, FTZ)
         (v1, v2, v3, v4, v5, v6, v7, v8, t1, t2, t3, t4, t5, t6, t7, t8,
          u1, u2, u3, u4, u5, u6, u7, u8) = _backward_step(
             dp + 3 * sdc, L + 3, c0, c_end, C, s, S, x3, g3, v1, v2, v3, v4, v5, v6, v7, v8,
             t1, t2, t3, t4, t5, t6, t7, t8, u1, u2, u3, u4, u5, u6, u7, u8, kk, aa, bb, neg, e1,
-            two_ab, BEFORE, AFTER, WIN, NEG_BASE, BETA_ZERO, FAST)
+            two_ab, BEFORE, AFTER, WIN, NEG_BASE, BETA_ZERO, FAST, FTZ)
         xp += 4 * sxc
         gp += 4 * sgc
         dp += 4 * sdc
@@ -572,6 +592,13 @@ def _slide_block(S: int) -> int:
     return 128
 
 
+def _normal_powers(cfg) -> bool:
+    """Whether s = k + a sum x^2 and s^-beta are normal fp32 numbers for every input: k at least
+    the smallest normal, a >= 0 (so s >= k), and 0 <= beta < 126 / 128 (s <= fp32's max keeps
+    s^-beta above 2^-126).  Then lg2/ex2's .ftz forms give the exact same results."""
+    return cfg["k"] >= 2.0**-125 and cfg["scale"] >= 0.0 and 0.0 <= cfg["beta"] < 126 / 128
+
+
 def _slide_args(ts, cfg):
     """Launch of the sliding kernels for the (N, C, S) views ``ts`` (x first), or None where they
     do not apply: positions not unit-stride in every tensor, one position, or a looped window."""
@@ -588,6 +615,7 @@ def _slide_args(ts, cfg):
             and not rt.interpreter_enabled())  # the interpreter runs no inline PTX
     kw = dict(**_scalars(cfg), BEFORE=before, AFTER=after, FAST=fast,
               NEG_BASE=not (cfg["k"] >= 0.0 and cfg["scale"] >= 0.0), BETA_ZERO=cfg["beta"] == 0.0,
+              FTZ=_normal_powers(cfg),
               COMPUTE=rt.compute_dtype(ts[0].dtype), INT64=rt.needs_int64(*ts), BLOCK_S=bs,
               num_warps=max(1, bs // (32 * SLIDE_ELEMENTS_PER_THREAD)))
     strides = [st for t in ts for st in t.stride()[:2]]
