@@ -578,6 +578,9 @@ def _blocks(C: int, S: int, channels_contiguous: bool) -> tuple[int, int]:
 # Sliding kernels: channels per program (a halo of size - 1 channels per chunk is reread from L2,
 # and the backward's first size - 1 steps of a chunk compute its halo), and elements per thread.
 SLIDE_CHUNK = 32
+# ... halved on a GPU when the grid would hold fewer programs than this per SM: long-running
+# programs over few waves leave a tail of lone programs (perf.static_cost's model)
+SLIDE_MIN_PROGRAMS_PER_SM = 6
 SLIDE_ELEMENTS_PER_THREAD = 4
 
 
@@ -609,6 +612,9 @@ def _slide_args(ts, cfg):
     bs = _slide_block(S)
     s_tiles = triton.cdiv(S, bs)
     chunk = min(C, SLIDE_CHUNK)
+    if (rt.plans_for_gpu(ts[0].device) and chunk > 16
+            and N * s_tiles * triton.cdiv(C, chunk) < SLIDE_MIN_PROGRAMS_PER_SM * rt.sm_count(ts[0].device)):
+        chunk = 16
     grid = (N * s_tiles * triton.cdiv(C, chunk),)
     fast = (ts[0].device.type in ("cuda", "cpu") and rt.plans_for_gpu(ts[0].device)
             and torch.version.hip is None and ts[0].dtype != torch.float64
