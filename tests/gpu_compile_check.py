@@ -60,10 +60,17 @@ def main():
     for act in ("relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "elu", "tanh", "sigmoid"):
         for backward in (False, True):
             compile_variant(ad._kernel, dict(ACTIVATION=act, HAS_BIAS=True, DROPOUT=True, BACKWARD=backward,
-                                             COMPUTE=f32, INT64=act == "relu", QUARTER=ad.QUARTER),
+                                             COMPUTE=f32, INT64=act == "relu", QUARTER=ad.QUARTER,
+                                             EVEN=False, BIAS_ROW=False),
                             f"activation_dropout {act} backward={backward}", ptr="*bf16")
+    for even, bias_row in ((True, True), (True, False), (False, True)):
+        compile_variant(ad._kernel, dict(ACTIVATION="gelu", HAS_BIAS=True, DROPOUT=True, BACKWARD=True,
+                                         COMPUTE=f32, INT64=False, QUARTER=ad.QUARTER, EVEN=even,
+                                         BIAS_ROW=bias_row),
+                        f"activation_dropout even={even} bias_row={bias_row}", ptr="*bf16")
     compile_variant(ad._kernel, dict(ACTIVATION="gelu", HAS_BIAS=False, DROPOUT=False, BACKWARD=True,
-                                     COMPUTE=tl.float64, INT64=False, QUARTER=ad.QUARTER),
+                                     COMPUTE=tl.float64, INT64=False, QUARTER=ad.QUARTER,
+                                     EVEN=False, BIAS_ROW=False),
                     "activation_dropout fp64", ptr="*fp64")
     tiles = dict(BLOCK_S=64, BLOCK_C=64)
     for int64 in (False, True):
