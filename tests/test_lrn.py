@@ -207,7 +207,7 @@ def test_sliding_kernels(device, monkeypatch, shape, size):
     x = torch.randn(*shape, device=device, dtype=torch.float64)
     g = torch.randn_like(x)
     x3 = x.view(x.shape[0], x.shape[1], -1)
-    cfg = lrn_ops._cfg(False, size // 2, (size - 1) // 2, 0.7 / size, 0.75, 1.3)
+    cfg = lrn_ops.LrnConfig(False, size // 2, (size - 1) // 2, 0.7 / size, 0.75, 1.3)
     assert lrn_ops._slide_args((x3, x3), cfg) is not None  # the path under test
     y, gx = _grads(tkern.local_response_norm, x, g, size, 0.7, 0.75, 1.3)
     y_ref, gx_ref = _grads(F.local_response_norm, x, g, size, 0.7, 0.75, 1.3)
@@ -221,7 +221,7 @@ def test_sliding_plan_on_a_gpu():
     channels_last; the planning override ends with its block."""
     import tkern._runtime as rt
 
-    cfg = lrn_ops._cfg(False, 2, 2, 1e-4 / 5, 0.75, 2.0)
+    cfg = lrn_ops.LrnConfig(False, 2, 2, 1e-4 / 5, 0.75, 2.0)
     small = torch.empty(2, 96, 3025).view(2, 96, -1)
     large = torch.empty(256, 96, 3025)
     with rt.plan_as_gpu(132):

@@ -19,7 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # (op, direction) -> kernels the subset must show (every Triton kernel on the hot path, the
 # reduction and combine kernels included)
 EXPECTED = {
-    ("batch_norm", "fwd"): {"_stats_partial_kernel", "_stats_combine_kernel", "_normalize_kernel"},
+    ("batch_norm", "fwd"): {"_stats_partial_kernel", "_merge_normalize_kernel"},
     ("batch_norm", "bwd"): {"_backward_reduce_kernel", "_dx_kernel"},
     ("local_response_norm", "fwd"): {"_lrn_forward_kernel"},
     ("local_response_norm", "bwd"): {"_lrn_backward_kernel"},
