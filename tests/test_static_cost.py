@@ -21,8 +21,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPECTED = {
     ("batch_norm", "fwd"): {"_stats_partial_kernel", "_merge_normalize_kernel"},
     ("batch_norm", "bwd"): {"_backward_reduce_kernel", "_dx_kernel"},
-    ("local_response_norm", "fwd"): {"_lrn_forward_kernel"},
-    ("local_response_norm", "bwd"): {"_lrn_backward_kernel"},
+    ("local_response_norm", "fwd"): {"_lrn_forward_slide_kernel"},
+    ("local_response_norm", "bwd"): {"_lrn_backward_slide_kernel"},
     ("activation_dropout", "fwd"): {"_kernel"},
     ("activation_dropout", "bwd"): {"_kernel"},
 }
