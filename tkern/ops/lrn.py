@@ -22,10 +22,10 @@ Design:
   is small).  Windows up to MAX_UNROLLED_WINDOW compile per (before, after) with the loops
   unrolled, so each shifted tile is loaded once: 2 size - 1 tiles of x and size of dy, all from
   L1/L2 but the tile itself.  Larger windows take a runtime loop, O(size^2) cached loads.
-  Static cost (``python -m perf.static_cost``, sm_90a PTX per fp32 element, size 5): forward
-  ~44 instructions, backward ~146 with 11 MUFU ops.  At ~3 TB/s an H100 issues roughly 80 and 120
-  per element in the time its 8 and 12 bytes take to move: the forward should be memory-bound,
-  the backward close.  Not yet timed on a GPU.
+  Positions-contiguous layouts (NCHW) with windows up to MAX_UNROLLED_WINDOW take the sliding
+  kernels instead (see their comment): each x and dy element read once, the window in registers;
+  ``python -m perf.static_cost --ops lrn`` predicts them at >= 80% of copy bandwidth on the sweep's
+  shapes (predictions, not timings).
   autograd saves x alone: s and y are recomputed, which costs no DRAM traffic, while saving them
   would add a write in forward and a read in backward.
 - Double backward (create_graph=True, seen as grad mode on inside backward) recomputes the forward
