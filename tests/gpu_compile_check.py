@@ -61,11 +61,18 @@ def main():
         for backward in (False, True):
             compile_variant(ad._kernel, dict(ACTIVATION=act, HAS_BIAS=True, DROPOUT=True, BACKWARD=backward,
                                              SEED_FROM_PTR=act == "gelu", COMPUTE=f32, INT64=act == "relu",
-                                             QUARTER=ad.QUARTER),
+                                             QUARTER=ad.QUARTER, EVEN=False, BIAS_ROW=False),
                             f"activation_dropout {act} backward={backward}", ptr="*bf16",
                             overrides={"SEED": "*i64"})
+    for even, bias_row in ((True, True), (True, False), (False, True)):
+        compile_variant(ad._kernel, dict(ACTIVATION="gelu", HAS_BIAS=True, DROPOUT=True, BACKWARD=True,
+                                         SEED_FROM_PTR=False, COMPUTE=f32, INT64=False, QUARTER=ad.QUARTER,
+                                         EVEN=even, BIAS_ROW=bias_row),
+                        f"activation_dropout even={even} bias_row={bias_row}", ptr="*bf16",
+                        overrides={"SEED": "*i64"})
     compile_variant(ad._kernel, dict(ACTIVATION="gelu", HAS_BIAS=False, DROPOUT=False, BACKWARD=True,
-                                     SEED_FROM_PTR=False, COMPUTE=tl.float64, INT64=False, QUARTER=ad.QUARTER),
+                                     SEED_FROM_PTR=False, COMPUTE=tl.float64, INT64=False, QUARTER=ad.QUARTER,
+                                     EVEN=False, BIAS_ROW=False),
                     "activation_dropout fp64", ptr="*fp64", overrides={"SEED": "*i64"})
     tiles = dict(BLOCK_S=64, BLOCK_C=64)
     for int64 in (False, True):
@@ -112,6 +119,23 @@ def main():
                   AFTER=2, FAST=False)
     compile_variant(lrn._lrn_forward_kernel, consts, "lrn forward fp64", ptr="*fp64")
     compile_variant(lrn._lrn_backward_kernel, consts, "lrn backward fp64", ptr="*fp64")
+    # the sliding kernels (positions contiguous): windows, the per-launch flags, int64, fp64
+    for (before, after), flags in [((2, 2), dict(NEG_BASE=False, BETA_ZERO=False, FTZ=True)),
+                                   ((0, 0), dict(NEG_BASE=True, BETA_ZERO=False, FTZ=False)),
+                                   ((4, 4), dict(NEG_BASE=True, BETA_ZERO=True, FTZ=False)),
+                                   ((0, 3), dict(NEG_BASE=False, BETA_ZERO=False, FTZ=True))]:
+        for int64 in (False, True):
+            consts = dict(BEFORE=before, AFTER=after, FAST=True, COMPUTE=f32, INT64=int64,
+                          BLOCK_S=512, **flags)
+            name = f"window=({before},{after}) {flags} int64={int64}"
+            compile_variant(lrn._lrn_forward_slide_kernel, consts, f"lrn forward slide {name}",
+                            ptr="*bf16")
+            compile_variant(lrn._lrn_backward_slide_kernel, consts, f"lrn backward slide {name}",
+                            ptr="*fp16")
+    consts = dict(BEFORE=2, AFTER=2, FAST=False, COMPUTE=tl.float64, INT64=False, BLOCK_S=128,
+                  NEG_BASE=True, BETA_ZERO=False, FTZ=False)
+    compile_variant(lrn._lrn_forward_slide_kernel, consts, "lrn forward slide fp64", ptr="*fp64")
+    compile_variant(lrn._lrn_backward_slide_kernel, consts, "lrn backward slide fp64", ptr="*fp64")
     for layout in (0, 1, 2):
         for backward in (False, True):
             compile_variant(

@@ -87,6 +87,35 @@ def test_dropout_statistics_and_survivors(device, p):
     assert_close_rule(ys[keep], (F.silu(x) / (1 - p))[keep], (F.silu(x.double()) / (1 - p))[keep])
 
 
+@pytest.mark.parametrize("shape", [(2, 2 * QUARTER), (3, QUARTER), (2, 3, QUARTER + 1)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_full_programs_and_bias_rows(device, shape, dtype):
+    """The unmasked path (every program full: 2 x 2 QUARTER elements), the contiguous bias
+    rows (QUARTER divides the last dim) with a partial last program, and neither; forward and
+    backward with dropout against torch under the kernel's own mask."""
+    assert (math.prod(shape) % BLOCK == 0) == (shape == (2, 2 * QUARTER))
+    x64 = torch.randn(shape, device=device, dtype=torch.float64)
+    b64 = torch.randn(shape[-1], device=device, dtype=torch.float64)
+    dy64 = torch.randn(shape, device=device, dtype=torch.float64)
+    x, b = (t.to(dtype).requires_grad_() for t in (x64, b64))
+    g = torch.Generator().manual_seed(3)
+    y = tkern.activation_dropout(x, "gelu", 0.3, bias=b, generator=g)
+    keep = _mask(shape, 0.3, device, 3)
+    assert 0.6 < keep.double().mean().item() < 0.8
+    scale = 1 / 0.7
+    xt, bt = (t.detach().clone().requires_grad_() for t in (x, b))
+    x64.requires_grad_()
+    b64.requires_grad_()
+    theirs = torch.where(keep, F.gelu(xt + bt) * scale, 0.0).to(dtype)
+    ref = torch.where(keep, F.gelu(x64 + b64) * scale, 0.0)
+    assert_close_rule(y, theirs, ref, name="forward")
+    y.backward(dy64.to(dtype))
+    theirs.backward(dy64.to(dtype))
+    ref.backward(dy64)
+    assert_close_rule(x.grad, xt.grad, x64.grad, name="dx")
+    assert_close_rule(b.grad, bt.grad, b64.grad, name="dbias")
+
+
 def test_gradient_mask_is_forward_mask(device):
     x = (torch.randn(5, 1000, device=device) + 0.05).requires_grad_()
     y = tkern.activation_dropout(x, "identity", 0.4)

@@ -8,7 +8,10 @@ Design:
 - Each program covers BLOCK = 4 * QUARTER elements as four contiguous quarters.  One Philox call per
   counter gives four random words, one per quarter, a quarter of the generator's cost.  Counters are
   global (program * QUARTER + lane), so no two blocks share random numbers.  QUARTER is a fixed
-  constant because the mask depends on it: forward and backward must agree.
+  constant because the mask depends on it: forward and backward must agree.  Every quarter's loads
+  are issued before any math (bytes in flight), each thread holds 8 contiguous elements (16-byte
+  accesses in bf16), and each quarter's random word has the quarter's shape, so the mask is built
+  in the data's layout.  Static predictions: ``python -m perf.static_cost --ops dropout``.
 - The seed comes from torch's generators as torch's dropout takes it (``_rng.draw``): the CUDA
   device's Philox state (host-side, graph-safe under capture), the CPU generator for CPU tensors;
   ``torch.manual_seed`` reproduces a run.
@@ -31,7 +34,9 @@ from . import _rng
 from ._op import Op, cdiv, f32_pairs
 from ..activations import activate, activation_grad, eager_activation, kernel_name
 
-QUARTER = 512
+# 1024 elements a quarter over 128 threads: 8 contiguous elements a thread, one 16-byte access
+# for bf16 (two for fp32)
+QUARTER = 1024
 BLOCK = 4 * QUARTER
 
 
@@ -44,23 +49,52 @@ def _keep(r, threshold):
 
 
 @triton.jit
-def _quarter(X, BIAS, DY, OUT, offs, r, n_elements, n_cols, col_stride, threshold, scale,
-             negative_slope, alpha, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
-             DROPOUT: tl.constexpr, BACKWARD: tl.constexpr, COMPUTE: tl.constexpr):
-    mask = offs < n_elements
-    z = tl.load(X + offs, mask=mask, other=0.0).to(COMPUTE)
-    if HAS_BIAS:  # in a dense layout, the last-dim index of offset o is (o // stride) % size
-        z += tl.load(BIAS + (offs // col_stride) % n_cols, mask=mask, other=0.0).to(COMPUTE)
+def _load_quarter(X, BIAS, DY, start, lanes, n_elements, n_cols, col_stride,
+                  HAS_BIAS: tl.constexpr, BIAS_ROW: tl.constexpr, BACKWARD: tl.constexpr,
+                  EVEN: tl.constexpr):
+    # x, the bias and dy of the quarter at element offset start (bias and dy: x when absent)
+    offs = start + lanes
+    if EVEN:  # every program full: no bounds to check
+        x = tl.load(X + offs)
+    else:
+        x = tl.load(X + offs, mask=offs < n_elements, other=0.0)
+    b = x
+    if HAS_BIAS:
+        if BIAS_ROW:  # the quarter lies in one row: its columns are contiguous from one start
+            b = tl.load(BIAS + (start % n_cols) + lanes)
+        elif EVEN:  # in a dense layout, the last-dim index of offset o is (o // stride) % size
+            b = tl.load(BIAS + (offs // col_stride) % n_cols)
+        else:
+            b = tl.load(BIAS + (offs // col_stride) % n_cols, mask=offs < n_elements, other=0.0)
+    dy = x
+    if BACKWARD:
+        if EVEN:
+            dy = tl.load(DY + offs)
+        else:
+            dy = tl.load(DY + offs, mask=offs < n_elements, other=0.0)
+    return x, b, dy
+
+
+@triton.jit
+def _store_quarter(OUT, start, lanes, n_elements, x, b, dy, r, threshold, scale, negative_slope,
+                   alpha, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+                   BACKWARD: tl.constexpr, COMPUTE: tl.constexpr, EVEN: tl.constexpr):
+    z = x.to(COMPUTE)
+    if HAS_BIAS:
+        z += b.to(COMPUTE)
     if BACKWARD:  # dz = dy * act'(z) * mask * scale
-        out = tl.load(DY + offs, mask=mask, other=0.0).to(COMPUTE)
-        out = out * activation_grad(z, ACTIVATION, negative_slope, alpha)
+        out = dy.to(COMPUTE) * activation_grad(z, ACTIVATION, negative_slope, alpha)
     else:  # y = act(z) * mask * scale
         out = activate(z, ACTIVATION, negative_slope, alpha)
     if DROPOUT:
         # a select, so the scale (0 when p = 1) never meets a dropped inf; dropped elements are
         # out * 0, as torch's x * mask: 0, or NaN where out is inf or NaN
         out = tl.where(_keep(r, threshold), out * scale, out * 0.0)
-    tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
+    offs = start + lanes
+    if EVEN:
+        tl.store(OUT + offs, out.to(OUT.dtype.element_ty))
+    else:
+        tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=offs < n_elements)
 
 
 @triton.jit(do_not_specialize=["seed"])  # a new seed per call: one compiled variant
@@ -80,7 +114,11 @@ def _kernel(
     COMPUTE: tl.constexpr,  # fp32, or fp64 for fp64 tensors
     INT64: tl.constexpr,  # index in int64 (tensors past 2^31 elements)
     QUARTER: tl.constexpr,
+    EVEN: tl.constexpr,  # n_elements is a multiple of 4 * QUARTER: no bounds checks
+    BIAS_ROW: tl.constexpr,  # col_stride 1 and QUARTER divides n_cols (see _load_quarter)
 ):
+    # Every load of the four quarters is issued before any math (bytes in flight); each
+    # quarter's random word r_q has the quarter's own shape, hence the data's layout.
     pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
@@ -88,6 +126,15 @@ def _kernel(
     negative_slope = from_pair(slope_hi, slope_lo, COMPUTE)
     alpha = from_pair(alpha_hi, alpha_lo, COMPUTE)
     lanes = tl.arange(0, QUARTER)
+    base = pid * (4 * QUARTER)
+    x0, b0, d0 = _load_quarter(X, BIAS, DY, base, lanes, n_elements, n_cols, col_stride, HAS_BIAS,
+                               BIAS_ROW, BACKWARD, EVEN)
+    x1, b1, d1 = _load_quarter(X, BIAS, DY, base + QUARTER, lanes, n_elements, n_cols, col_stride,
+                               HAS_BIAS, BIAS_ROW, BACKWARD, EVEN)
+    x2, b2, d2 = _load_quarter(X, BIAS, DY, base + 2 * QUARTER, lanes, n_elements, n_cols,
+                               col_stride, HAS_BIAS, BIAS_ROW, BACKWARD, EVEN)
+    x3, b3, d3 = _load_quarter(X, BIAS, DY, base + 3 * QUARTER, lanes, n_elements, n_cols,
+                               col_stride, HAS_BIAS, BIAS_ROW, BACKWARD, EVEN)
     counters = pid * QUARTER + lanes
     if DROPOUT:
         if SEED_FROM_PTR:
@@ -95,15 +142,14 @@ def _kernel(
         r0, r1, r2, r3 = tl.randint4x(seed, counters)  # one Philox call, a word per quarter
     else:
         r0, r1, r2, r3 = counters, counters, counters, counters  # unused
-    base = pid * (4 * QUARTER) + lanes
-    _quarter(X, BIAS, DY, OUT, base, r0, n_elements, n_cols, col_stride, threshold, scale,
-             negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE)
-    _quarter(X, BIAS, DY, OUT, base + QUARTER, r1, n_elements, n_cols, col_stride, threshold,
-             scale, negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE)
-    _quarter(X, BIAS, DY, OUT, base + 2 * QUARTER, r2, n_elements, n_cols, col_stride, threshold,
-             scale, negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE)
-    _quarter(X, BIAS, DY, OUT, base + 3 * QUARTER, r3, n_elements, n_cols, col_stride, threshold,
-             scale, negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE)
+    _store_quarter(OUT, base, lanes, n_elements, x0, b0, d0, r0, threshold, scale, negative_slope,
+                   alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE, EVEN)
+    _store_quarter(OUT, base + QUARTER, lanes, n_elements, x1, b1, d1, r1, threshold, scale,
+                   negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE, EVEN)
+    _store_quarter(OUT, base + 2 * QUARTER, lanes, n_elements, x2, b2, d2, r2, threshold, scale,
+                   negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE, EVEN)
+    _store_quarter(OUT, base + 3 * QUARTER, lanes, n_elements, x3, b3, d3, r3, threshold, scale,
+                   negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE, EVEN)
 
 
 class DropoutConfig(NamedTuple):
@@ -127,14 +173,15 @@ def _launch(x, bias, dy, out, seed, cfg, backward):
     """One ``_kernel`` launch over x's memory (dense: any dim order)."""
     n = x.numel()
     n_cols = x.shape[-1] if x.dim() else 1
+    col_stride = x.stride(-1) if n_cols > 1 else 1
     _kernel[(cdiv(n, BLOCK),)](
-        x, bias if bias is not None else x, dy, out, n, max(n_cols, 1),
-        x.stride(-1) if n_cols > 1 else 1, seed if seed is not None else x, cfg.philox_seed,
+        x, bias if bias is not None else x, dy, out, n, max(n_cols, 1), col_stride,
+        seed if seed is not None else x, cfg.philox_seed,
         *_scalars(cfg.p, cfg.negative_slope, cfg.alpha),
         ACTIVATION=cfg.activation, HAS_BIAS=bias is not None, DROPOUT=cfg.dropout,
         BACKWARD=backward, SEED_FROM_PTR=seed is not None, COMPUTE=rt.compute_dtype(x.dtype),
-        INT64=rt.needs_int64(x),
-        QUARTER=QUARTER, num_warps=4)
+        INT64=rt.needs_int64(x), QUARTER=QUARTER, EVEN=n % BLOCK == 0,
+        BIAS_ROW=bias is not None and col_stride == 1 and n_cols % QUARTER == 0, num_warps=4)
 
 
 def _walks_as_is(x: torch.Tensor) -> bool:

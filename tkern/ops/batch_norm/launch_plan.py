@@ -101,21 +101,12 @@ def _like(t: torch.Tensor, x: torch.Tensor, view: _View) -> torch.Tensor:
     return torch.empty_like(x).copy_(t)
 
 
-_sm_count: dict = {}
-
-
 def _target_programs(device: torch.device, reduction: bool) -> int:
-    """Programs to aim for: a few waves on a GPU; a handful in the interpreter, where each program
-    costs numpy calls."""
-    if device.type == "cpu":  # the interpreter: each program costs Python per op
+    """Programs to aim for: a few waves on a GPU (or under ``rt.plan_as_gpu``); a handful in the
+    interpreter, where each program costs numpy calls."""
+    if not rt.plans_for_gpu(device):  # the interpreter: each program costs Python per op
         return 4 if reduction else 1
-    key = (device.type, device.index)
-    if key not in _sm_count:
-        try:
-            _sm_count[key] = torch.cuda.get_device_properties(device).multi_processor_count
-        except Exception:  # a device torch.cuda cannot describe
-            _sm_count[key] = 108
-    return (4 if reduction else 64) * _sm_count[key]
+    return (4 if reduction else 64) * rt.sm_count(device)
 
 
 class Plan(NamedTuple):
