@@ -620,6 +620,9 @@ def _prepare_input(x: torch.Tensor) -> torch.Tensor:
 
 def _like(t: torch.Tensor, x: torch.Tensor, view: _View) -> torch.Tensor:
     """``t`` (e.g. the incoming gradient) in a layout ``view`` can address; copies if needed."""
+    if t.shape != x.shape:
+        raise RuntimeError(f"tkern.batch_norm: the gradient has shape {tuple(t.shape)}, the "
+                           f"input {tuple(x.shape)}")
     if view.strides(t) is not None:
         return t
     return torch.empty_like(x).copy_(t)
@@ -689,7 +692,31 @@ def _launch_args(p: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# host building blocks (x already prepared with _prepare_input, numel > 0)
+# host building blocks.  Every launcher normalises the internal tensors it is given (x through
+# _prepare_input, statistics and parameters to dense rows) or checks them (in-place outputs), so a
+# strided or expanded view -- a gathered count broadcast over C, a row of a stacked buffer -- is
+# never read as if it were dense.
+
+
+def _dense(t, shape, name):
+    """``t`` (None, or a tensor of ``shape`` elements) as the kernels index it: dense rows, a copy
+    when strided or expanded; RuntimeError for a wrong shape."""
+    if t is None:
+        return None
+    if tuple(t.shape) != tuple(shape):
+        if len(shape) != 1 or t.numel() != shape[0]:
+            raise RuntimeError(f"tkern.batch_norm: {name} must have shape {tuple(shape)}, "
+                               f"got {tuple(t.shape)}")
+        t = t.reshape(-1)
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _in_place(t, C, name):
+    """A [C] tensor the kernels update in place: a copy would drop the update, so check it."""
+    if t is not None and (t.shape != (C,) or not t.is_contiguous()):
+        raise RuntimeError(f"tkern.batch_norm: {name} must be a contiguous [{C}] tensor, got "
+                           f"shape {tuple(t.shape)} and strides {t.stride()}")
+    return t
 
 
 def bn_partial_stats(x: torch.Tensor):
@@ -699,6 +726,7 @@ def bn_partial_stats(x: torch.Tensor):
     acc = rt.accum_dtype(x.dtype)
     if x.numel() == 0:  # an empty local batch (a SyncBatchNorm rank) contributes count 0
         return torch.zeros((4, 1, x.shape[1]), dtype=acc, device=x.device).unbind(0)
+    x = _prepare_input(x)
     p = plan(x, reduction=True)
     view = p["view"]
     sN, sC, sS = view.strides(x)
@@ -724,6 +752,11 @@ def bn_combine_stats(count, mean, m2, mean_lo=None, eps=1e-5, running_mean=None,
     per process, ready to be gathered across processes and merged again.
     ``as_rows=True``: the same results as one [3, C] (or [4, 1, C]) tensor, one row each."""
     P, C = mean.shape
+    count, mean, m2, mean_lo = (_dense(t, (P, C), name) for t, name in (
+        (count, "count"), (mean, "mean"), (m2, "m2"), (mean_lo, "mean_lo")))
+    if not local:
+        running_mean = _in_place(running_mean, C, "running_mean")
+        running_var = _in_place(running_var, C, "running_var")
     acc = mean.dtype
     dev = mean.device
     compute = tl.float64 if acc == torch.float64 else tl.float32
@@ -761,6 +794,10 @@ def _stat_args(x, mean, mean_lo, invstd, weight, bias, var, eps):
     """Pointer arguments and flags shared by the normalize and backward kernels.  ``var`` (with
     ``eps``) replaces ``invstd``: the kernels then take 1 / sqrt(var + eps) themselves."""
     from_var = var is not None
+    C = x.shape[1]
+    mean, mean_lo, invstd, weight, bias, var = (_dense(t, (C,), name) for t, name in (
+        (mean, "mean"), (mean_lo, "mean_lo"), (invstd, "invstd"), (weight, "weight"),
+        (bias, "bias"), (var, "var")))
     eps_hi, eps_lo = rt.split_f32(float(eps))
     flags = dict(HAS_LO=mean_lo is not None, FROM_VAR=from_var, HAS_W=weight is not None,
                  HAS_B=bias is not None, eps_hi=eps_hi, eps_lo=eps_lo)
@@ -774,6 +811,7 @@ def bn_normalize(x, mean, invstd, weight, bias, activation="identity", negative_
     """``act((x - mean - mean_lo) * invstd * weight + bias)``; ``activation`` is a kernel name
     (``activations.kernel_name``).  Output in x's dtype and memory format.  Eval passes the
     running stats: ``mean=running_mean, invstd=None, var=running_var, eps=eps``."""
+    x = _prepare_input(x)
     y = torch.empty_like(x)
     if x.numel() == 0:
         return y
@@ -806,6 +844,7 @@ def _backward_pass(x, dy, mean, invstd, weight, bias, activation, negative_slope
     """One ``_backward_reduce_kernel`` launch over the reduction plan: (sums [2, C], dx or None).
     ``dx_mode`` 1 adds the eval dx to the pass; 2 the training dx (plans with one partial only:
     each program then holds its channels' whole sums; ``count`` is the elements per channel)."""
+    x = _prepare_input(x)
     p = plan(x, reduction=True)
     view = p["view"]
     P, C = p["num_partials"], view.C
@@ -831,9 +870,12 @@ def bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g=None, sum_gx=None, c
     """dx.  Training: from the (global) sums of g and g * xhat and the (global) element count per
     channel (pass sums already divided by the count and ``count=1`` if the count is on a device).
     Eval (``training=False``): ``g * weight * invstd``."""
+    x = _prepare_input(x)
     dx = torch.empty_like(x)
     if x.numel() == 0:
         return dx
+    if training:
+        sum_g, sum_gx = _dense(sum_g, (x.shape[1],), "sum_g"), _dense(sum_gx, (x.shape[1],), "sum_gx")
     p = plan(x, reduction=False)
     view = p["view"]
     dy = _like(dy, x, view)
@@ -885,6 +927,9 @@ def _fused_forward(x, weight, bias, running_mean, running_var, num_batches_track
     p = plan(x, reduction=True)
     view = p["view"]
     C = view.C
+    weight, bias = _dense(weight, (C,), "weight"), _dense(bias, (C,), "bias")
+    running_mean = _in_place(running_mean, C, "running_mean")
+    running_var = _in_place(running_var, C, "running_var")
     stats = torch.empty((3, C), dtype=rt.accum_dtype(x.dtype), device=x.device)
     y = torch.empty_like(x) if write_y else x
     update = running_mean is not None
