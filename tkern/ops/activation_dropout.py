@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .. import _runtime as rt
-from ._math import from_pair
+from ._math import cast_rn, from_pair
 from ..activations import activate, activation_grad, eager_activation, kernel_name
 
 QUARTER = 512
@@ -55,7 +55,7 @@ def _quarter(X, BIAS, DY, OUT, offs, r, n_elements, n_cols, col_stride, threshol
         # a select, so the scale (0 when p = 1) never meets a dropped inf; dropped elements are
         # out * 0, as torch's x * mask: 0, or NaN where out is inf or NaN
         out = tl.where(_keep(r, threshold), out * scale, out * 0.0)
-    tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + offs, cast_rn(out, OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -77,7 +77,7 @@ import triton
 import triton.language as tl
 
 from .. import _runtime as rt
-from ._math import from_pair
+from ._math import cast_rn, from_pair
 from ..activations import activate, activation_grad, eager_activation, kernel_name
 
 # Elements per tile: 16 KiB of fp32 per loop step keeps enough loads in flight to approach memory
@@ -196,8 +196,8 @@ def _update_running(RMEAN, RVAR, NBT, c, cmask, n_tot, mean, m2, mom_hi, mom_lo,
     rv = tl.load(RVAR + c, mask=cmask, other=0.0)
     new_rm = (1.0 - factor) * rm.to(COMPUTE) + factor * mean
     new_rv = (1.0 - factor) * rv.to(COMPUTE) + factor * unbiased
-    tl.store(RMEAN + c, new_rm.to(rm.dtype), mask=cmask)
-    tl.store(RVAR + c, new_rv.to(rv.dtype), mask=cmask)
+    tl.store(RMEAN + c, cast_rn(new_rm, rm.dtype), mask=cmask)
+    tl.store(RVAR + c, cast_rn(new_rv, rv.dtype), mask=cmask)
 
 
 @triton.jit
@@ -348,7 +348,7 @@ def _normalize_units(X, Y, c, cmask, mean, mean_lo, scale, b, negative_slope, al
         x = tl.load(X + xo, mask=mask, other=0.0).to(COMPUTE)
         z = _centered(x, mean, mean_lo, HAS_LO) * scale[None, :] + b[None, :]
         y = activate(z, ACTIVATION, negative_slope, alpha)
-        tl.store(Y + yo, y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + yo, cast_rn(y, Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -449,7 +449,7 @@ def _dx_units(X, DY, DX, c, cmask, mean, mean_lo, invstd, w, b, mean_g, mean_gx,
         if TRAINING:
             g = g - mean_g[None, :] - xhat * mean_gx[None, :]
         dx = g * scale[None, :]
-        tl.store(DX + _offsets(n, s, c, soN, soS, soC), dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + _offsets(n, s, c, soN, soS, soC), cast_rn(dx, DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -492,7 +492,7 @@ def _backward_reduce_kernel(
         acc_gx += g * xhat
         if DX_MODE == 1:
             dx = g * scale[None, :]
-            tl.store(DX + _offsets(n, s, c, soN, soS, soC), dx.to(DX.dtype.element_ty), mask=mask)
+            tl.store(DX + _offsets(n, s, c, soN, soS, soC), cast_rn(dx, DX.dtype.element_ty), mask=mask)
     sum_g = tl.sum(acc_g, 0)
     sum_gx = tl.sum(acc_gx, 0)
     out = pid_p * C + c

@@ -42,8 +42,8 @@ Design:
   keep a 48-bit alpha, beta and k.  Compiled fp32 on NVIDIA GPUs takes log2 and exp2 from the
   hardware approximations (lg2/ex2.approx, a few ulps; libdevice's log alone cost as much as the
   rest of the forward); fp64 and the interpreter take exact ones.
-- bf16 under Triton's interpreter: its fp32 -> bf16 cast truncates where GPUs round to nearest
-  even, so there the kernels write an fp32 buffer that torch rounds (``_target``).
+- Stores round to nearest even through ``_math.cast_rn`` (Triton's interpreter alone would
+  truncate fp32 -> bf16).
 - Windows are clipped to [-(C-1), C-1] on the host: any size >= 1 works and channels outside
   [0, C) are zeros (masked loads), as with torch's zero padding.
 """
@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 from .. import _runtime as rt
-from ._math import from_pair
+from ._math import cast_rn, from_pair
 
 # Elements per tile, and per thread.  ptxas (sm_90a, fp32, NCHW, size 5 unrolled; see
 # perf/RESULTS.md) gives the backward 92 registers at four elements a thread: one 512-thread
@@ -184,7 +184,7 @@ def _lrn_forward_kernel(
                        COMPUTE, BLOCK_C, BLOCK_S)
     # pow(s, 0) is 1 for every s in torch, NaN and 0 included
     f = tl.where(bb == 0.0, 1.0, _pow_abs(kk + aa * sq, -bb, _negative_base(-bb), FAST))
-    tl.store(Y + n * syn + c * syc + s * sys, (x * f).to(Y.dtype.element_ty), mask=(c < C) & s_ok)
+    tl.store(Y + n * syn + c * syc + s * sys, cast_rn(x * f, Y.dtype.element_ty), mask=(c < C) & s_ok)
 
 
 @triton.jit
@@ -249,7 +249,7 @@ def _lrn_backward_kernel(
     # term as exact zeros
     f = tl.where(bb == 0.0, 1.0, _pow_abs(s_i, -bb, neg, FAST))
     dx = g * f - tl.where(bb == 0.0, 0.0, (2.0 * aa * bb) * x * acc)
-    tl.store(DX + n * sdn + c * sdc + s * sds, dx.to(DX.dtype.element_ty), mask=(c < C) & s_ok)
+    tl.store(DX + n * sdn + c * sdc + s * sds, cast_rn(dx, DX.dtype.element_ty), mask=(c < C) & s_ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,35 +345,23 @@ def _cfg(last, before, after, scale, beta, k):
     return dict(last=last, before=before, after=after, scale=scale, beta=beta, k=k)
 
 
-def _target(out: torch.Tensor) -> torch.Tensor:
-    """The buffer the kernel writes for ``out``: out itself, except for bf16 in Triton's
-    interpreter (a CPU tensor reaching a kernel), which truncates fp32 -> bf16 where GPUs round to
-    nearest even: there the kernel writes an fp32 twin with out's strides (out is dense) and torch
-    rounds it into out.  Compiled kernels never take the detour."""
-    if out.dtype == torch.bfloat16 and out.device.type == "cpu":
-        return torch.empty_like(out, dtype=torch.float32)
-    return out
-
-
 def _forward_impl(x, last, before, after, scale, beta, k):
     x, y = _forward_buffers(x, last)
-    t = _target(y)
-    x3, y3 = _view3(x, last), _view3(t, last)
+    x3, y3 = _view3(x, last), _view3(y, last)
     grid, dims, kw = _launch_args(x3, _cfg(last, before, after, scale, beta, k))
     _lrn_forward_kernel[grid](x3, y3, *dims, *x3.stride(), *y3.stride(),
                               INT64=rt.needs_int64(x3, y3), **kw)
-    return y if t is y else y.copy_(t)
+    return y
 
 
 def _backward_impl(x, dy, last, before, after, scale, beta, k):
     x, _ = _forward_buffers(x, last)
     (x, dy, dx), (x3, g3, _) = _walk(last, x, dy, _empty(x, last))
-    t = _target(dx)
-    d3 = _view3(t, last)
+    d3 = _view3(dx, last)
     grid, dims, kw = _launch_args(x3, _cfg(last, before, after, scale, beta, k))
     _lrn_backward_kernel[grid](x3, g3, d3, *dims, *x3.stride(), *g3.stride(), *d3.stride(),
                                INT64=rt.needs_int64(x3, g3, d3), **kw)
-    return dx if t is dx else dx.copy_(t)
+    return dx
 
 
 def _composite(x, last, before, after, scale, beta, k):
