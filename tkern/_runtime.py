@@ -121,6 +121,25 @@ def split_f32(v: float) -> tuple[float, float]:
     return hi, struct.unpack("f", struct.pack("f", v - hi))[0]
 
 
+def check_scalars(op: str, dtype: torch.dtype, **scalars) -> None:
+    """Float scalars reach kernels as fp32 pairs (``split_f32``), exact to ~48 bits within fp32's
+    range.  For float64 tensors, a value the pair cannot carry (|v| > ~3.4e38 becomes inf; below
+    ~1e-33 its bits are lost in subnormals) would be a silent wrong result: ValueError naming it.
+    fp32/fp16/bf16 tensors compute in fp32, where the fp32 value is the one torch uses too."""
+    if dtype != torch.float64:
+        return
+    for name, v in scalars.items():
+        v = float(v)
+        if v == 0.0 or not math.isfinite(v):  # 0, inf and NaN travel exactly
+            continue
+        hi, lo = split_f32(v)
+        if not abs((hi + lo) - v) <= abs(v) * 2.0 ** -40:
+            raise ValueError(
+                f"tkern.{op}: {name}={v!r} is outside the range float scalars reach float64 kernels "
+                f"in (|{name}| from about 1e-33 to 3.4e38, float32 pairs); it would arrive as "
+                f"{hi + lo!r}")
+
+
 def cdiv(a: int, b: int) -> int:
     return triton.cdiv(a, b)
 

@@ -306,6 +306,9 @@ def activation_dropout(x, activation="relu", p=0.5, training=True, *, bias=None,
         generator: where the Philox seed is drawn from (default: torch's default generator).
     """
     p = _check(x, bias, activation, p, approximate)
+    rt.check_scalars("activation_dropout", x.dtype,
+                     **({"negative_slope": negative_slope} if activation == "leaky_relu" else {}),
+                     **({"alpha": alpha} if activation == "elu" else {}))
     dropout = bool(training) and p > 0.0
     if not rt.use_triton("activation_dropout", x, bias):
         return _eager(x, bias, activation, p, dropout, negative_slope, alpha, approximate, generator)

@@ -122,7 +122,8 @@ def _two_sum(a, b):
     hi = a + b
     bb = hi - a
     lo = (a - (hi - bb)) + (b - bb)
-    return hi, lo
+    # an infinite sum has no low part (inf - inf would make the mean NaN, torch's is inf)
+    return hi, tl.where(hi - hi == 0, lo, 0.0)
 
 
 @triton.jit
@@ -140,6 +141,7 @@ def _shifted_stats(X, c, cmask, S, sN, sC, sS, nsb, n_units, u0, units,
     mask = smask[:, None] & cmask[None, :]
     x = tl.load(X + _offsets(n, s, c, sN, sS, sC), mask=mask, other=0.0).to(COMPUTE)
     shift = tl.sum(x, 0) / tl.maximum(tl.sum(smask.to(COMPUTE), 0), 1.0)
+    shift = tl.where(shift - shift == 0, shift, 0.0)  # an inf in the first tile: shift by 0
     cnt = tl.zeros([BLOCK_S], COMPUTE)  # per lane: valid elements seen
     s1 = tl.zeros([BLOCK_S, BLOCK_C], COMPUTE)
     s2 = tl.zeros([BLOCK_S, BLOCK_C], COMPUTE)
@@ -154,7 +156,8 @@ def _shifted_stats(X, c, cmask, S, sN, sC, sS, nsb, n_units, u0, units,
     n_tot = tl.sum(cnt, 0)
     sum1 = tl.sum(s1, 0)
     mean_s = sum1 / tl.maximum(n_tot, 1.0)  # relative to shift
-    m2 = tl.maximum(tl.sum(s2, 0) - sum1 * mean_s, 0.0)
+    # NaN (inf or NaN input) stays NaN, as torch's variance: a plain maximum would give 0
+    m2 = tl.maximum(tl.sum(s2, 0) - sum1 * mean_s, 0.0, propagate_nan=tl.PropagateNan.ALL)
     # the absolute mean as hi + lo: hi alone (fp32) would lose ulp(mean) when |mean| >> std
     hi, lo = _two_sum(shift, mean_s)
     return n_tot, hi, lo, m2
@@ -243,6 +246,7 @@ def _stats_combine_kernel(
         n_tot += tl.sum(n_i, 0)
         wsum += tl.sum(n_i * hi_i, 0)
     ref = wsum / tl.maximum(n_tot, 1.0)
+    ref = tl.where(ref - ref == 0, ref, 0.0)  # an infinite partial mean: deviations from 0
     # pass 2: the mean relative to ref
     dsum = tl.zeros([BLOCK_C], COMPUTE)
     for p0 in range(0, P, BLOCK_P):
@@ -1194,6 +1198,18 @@ def _check(input, running_mean, running_var, weight, bias, training, eps):
             + ", ".join(f"{name} {t.dtype}" for name, t in params.items()))
 
 
+def _check_scalars(dtype, eps, momentum, activation, negative_slope, alpha, op="batch_norm"):
+    """ValueError for a float scalar a float64 kernel would get wrong (rt.check_scalars)."""
+    scalars = dict(eps=eps)
+    if momentum is not None:
+        scalars["momentum"] = momentum
+    if activation == "leaky_relu":
+        scalars["negative_slope"] = negative_slope
+    elif activation == "elu":
+        scalars["alpha"] = alpha
+    rt.check_scalars(op, dtype, **scalars)
+
+
 def _flat(t):
     """A [C] parameter as the kernels index it (unit stride); a copy only when strided."""
     if t is None or (t.dim() == 1 and t.is_contiguous()):
@@ -1207,7 +1223,13 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     cumulative average 1 / num_batches_tracked, read on the device."""
     kact = kernel_name(activation, approximate)
     _check(input, running_mean, running_var, weight, bias, training, eps)
+    _check_scalars(input.dtype, eps, momentum if training and running_mean is not None else None,
+                   activation, negative_slope, alpha)
     if input.numel() == 0:
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None and t.numel() == 0:  # torch indexes weight[0] / bias[0] here
+                raise IndexError(f"tkern.batch_norm: an empty input with an empty {name} (C = 0): "
+                                 f"torch's batch_norm raises IndexError for it too")
         # torch's batch_norm on an empty input, whatever its rank or parameters: a copy (not a
         # view, not a fresh tensor: gradients still flow), scaled by weight[0] and shifted by
         # bias[0]; running stats untouched

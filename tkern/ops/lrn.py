@@ -500,6 +500,8 @@ def local_response_norm(input, size, alpha=1e-4, beta=0.75, k=1.0):
     An empty input is returned as is, as torch does.
     """
     size = _check("local_response_norm", input, "size", size, 1)
+    rt.check_scalars("local_response_norm", input.dtype, beta=beta, k=k,
+                     **{"alpha / size": float(alpha) / size})
     if input.numel() == 0:
         return input
     if not rt.use_triton("local_response_norm", input):
@@ -517,6 +519,8 @@ def local_response_normalization(input, depth_radius=5, bias=1.0, alpha=1.0, bet
     takes 4-D NHWC input; this takes any rank >= 3 with channels last.
     """
     r = _check("local_response_normalization", input, "depth_radius", depth_radius, 0)
+    rt.check_scalars("local_response_normalization", input.dtype, bias=bias, alpha=alpha,
+                     beta=beta)
     if input.numel() == 0:
         return input
     if not rt.use_triton("local_response_normalization", input):

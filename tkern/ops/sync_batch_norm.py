@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from .. import _runtime as rt
 from ..activations import eager_activation
-from .batch_norm import (_prepare_input, bn_backward_dx, bn_backward_reduce, bn_combine_stats,
+from .batch_norm import (_check_scalars, _prepare_input, bn_backward_dx, bn_backward_reduce, bn_combine_stats,
                          bn_normalize, bn_partial_stats)
 
 
@@ -166,6 +166,8 @@ def sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, ep
                     alpha=1.0, approximate="none", num_batches_tracked=None):
     """Training-mode BatchNorm over the global batch of ``group`` (world size > 1).
     ``momentum=None`` means the cumulative average 1 / num_batches_tracked."""
+    _check_scalars(input.dtype, eps, momentum, activation, negative_slope, alpha,
+                   op="SyncBatchNorm")
     cfg = dict(momentum=momentum, eps=float(eps), activation=activation,
                kernel_activation=kernel_activation, negative_slope=float(negative_slope),
                alpha=float(alpha), approximate=approximate)
