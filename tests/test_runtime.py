@@ -84,3 +84,36 @@ def test_float64_scalars_outside_float32_range_raise_value_error(device):
     torch.testing.assert_close(y, c / math.sqrt(1e-30 + 1e-30), rtol=1e-12, atol=0)
     # ignored parameters are not checked (relu has no slope)
     tkern.activation_dropout(x, "relu", 0.0, negative_slope=1e39)
+
+
+def test_fallback_warning_points_at_the_callers_line(monkeypatch):
+    """The CPU-fallback RuntimeWarning names the line that called tkern (function or module, at
+    whatever depth tkern's code runs), not a line inside tkern or torch."""
+    import inspect
+    import warnings
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the runtime rule reads it per call
+    monkeypatch.setattr(rt, "_warned", set())
+    x = torch.randn(4, 3, 5)
+    bn = tkern.nn.BatchNorm1d(3, activation="relu")
+    calls = [
+        lambda: tkern.batch_norm(x, None, None, training=True),
+        lambda: bn(x),
+        lambda: tkern.nn.BatchNorm1d(3).eval()(x),
+        lambda: tkern.activation_dropout(x, "gelu", 0.2),
+        lambda: tkern.nn.ActivationDropout("relu", 0.1)(x),
+        lambda: tkern.local_response_norm(x, 3),
+        lambda: tkern.nn.LocalResponseNorm(2)(x),
+        lambda: tkern.local_response_normalization(x, 1),
+        lambda: tkern.weight_norm(x, torch.rand(4, 1, 1), 0),
+    ]
+    for call in calls:
+        rt._warned.clear()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            call()
+        ours = [w for w in seen if issubclass(w.category, RuntimeWarning) and "tkern." in str(w.message)]
+        assert len(ours) == 1, [str(w.message) for w in seen]
+        lines, first = inspect.getsourcelines(call)
+        assert (ours[0].filename, ours[0].lineno) == (__file__, first), (
+            f"{ours[0].message} at {ours[0].filename}:{ours[0].lineno}")

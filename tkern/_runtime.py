@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+import sys
 import warnings
 
 import torch
@@ -21,6 +22,22 @@ import triton
 import triton.language as tl
 
 _warned: set[str] = set()
+# Frames in these folders are not the caller's: tkern itself, and torch (nn.Module.__call__ runs
+# between a user's ``model(x)`` and tkern's forward).
+_INTERNAL = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
+             os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+
+
+def warn_at_caller(message: str, category=RuntimeWarning) -> None:
+    """``warnings.warn`` attributed to the first frame outside tkern and torch: the user's line,
+    whatever the call depth of the op (functions, modules, autograd)."""
+    if sys.version_info >= (3, 12):
+        warnings.warn(message, category, skip_file_prefixes=_INTERNAL)
+        return
+    frame, level = sys._getframe(1), 2  # stacklevel 2 is this function's caller
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 def interpreter_enabled() -> bool:
@@ -53,12 +70,11 @@ def use_triton(op: str, *tensors: torch.Tensor | None) -> bool:
         return True
     if op not in _warned:
         _warned.add(op)
-        warnings.warn(
+        warn_at_caller(
             f"tkern.{op}: CPU tensors without TRITON_INTERPRET=1 run eager PyTorch, not tkern's "
             f"Triton kernels; move the tensors to a GPU (or set TRITON_INTERPRET=1 before importing "
             f"triton to run the kernels in Triton's interpreter).",
             RuntimeWarning,
-            stacklevel=3,
         )
     return False
 
