@@ -472,6 +472,8 @@ def _check(op: str, x, size_name: str, size, min_size: int) -> int:
         raise ValueError(
             f"tkern.{op}: expected 3D or higher dimensionality input (got {x.dim()} dimensions)"
         )
+    if x.numel() == 0:  # torch returns an empty input as is, before looking at the size
+        return 0
     # any integral value (numpy ints, a one-element integer tensor: torch takes them), but not a
     # bool, which torch rejects too (operator.index would take True, a bool tensor and, before
     # numpy 2.3, numpy's bool_ as 1)
@@ -500,10 +502,10 @@ def local_response_norm(input, size, alpha=1e-4, beta=0.75, k=1.0):
     An empty input is returned as is, as torch does.
     """
     size = _check("local_response_norm", input, "size", size, 1)
-    rt.check_scalars("local_response_norm", input.dtype, beta=beta, k=k,
-                     **{"alpha / size": float(alpha) / size})
     if input.numel() == 0:
         return input
+    rt.check_scalars("local_response_norm", input.dtype, beta=beta, k=k,
+                     **{"alpha / size": float(alpha) / size})
     if not rt.use_triton("local_response_norm", input):
         if input.dtype in (torch.float16, torch.bfloat16):  # torch's CPU avg_pool3d lacks them
             return F.local_response_norm(input.float(), size, alpha, beta, k).to(input.dtype)
@@ -519,10 +521,10 @@ def local_response_normalization(input, depth_radius=5, bias=1.0, alpha=1.0, bet
     takes 4-D NHWC input; this takes any rank >= 3 with channels last.
     """
     r = _check("local_response_normalization", input, "depth_radius", depth_radius, 0)
-    rt.check_scalars("local_response_normalization", input.dtype, bias=bias, alpha=alpha,
-                     beta=beta)
     if input.numel() == 0:
         return input
+    rt.check_scalars("local_response_normalization", input.dtype, bias=bias, alpha=alpha,
+                     beta=beta)
     if not rt.use_triton("local_response_normalization", input):
         return _composite(input, True, r, r, float(alpha), float(beta), float(bias))
     return _apply(input, True, r, r, alpha, beta, bias)
