@@ -26,7 +26,10 @@ COLUMNS = ["op", "mode", "provider", "dtype", "batch", "shape", "layout", "ms_p5
            "ms_p80", "gbps", "pct_peak", "speedup_vs_eager", "peak_mem_mb", "device"]
 METRICS = COLUMNS[7:14]
 KEY = ("op", "mode", "provider", "dtype", "batch", "shape", "layout")
-PROVIDERS = ("eager", "torch.compile", "tkern")
+PROVIDERS = ("eager", "torch.compile", "tkern", "flag_gems")
+# Peers: measured and checked like every provider, but their failures fail no sweep and their rows
+# count toward no target (perf/cases/gems.py).
+PEERS = ("flag_gems",)
 MODES = ("fwd", "bwd", "full")
 NA, WRONG = "n/a", "WRONG"  # markers for metric cells: provider unavailable / failed its check
 
@@ -101,6 +104,10 @@ class Sweep:
                 fn = case.eager
             elif p == "tkern":
                 fn = case.tkern
+            elif p == "flag_gems":
+                if case.gems is None:
+                    continue  # FlagGems lacks the op: no rows at all, rather than n/a rows
+                fn = case.gems
             else:
                 fn = self._compile(case.eager) if self._compile_available() else None
             out[p] = fn

@@ -103,14 +103,15 @@ def main() -> int:
     for act in ("relu", "gelu", "silu"):
         for backward in (False, True):
             consts = dict(ACTIVATION=act, HAS_BIAS=False, DROPOUT=True, BACKWARD=backward,
-                          COMPUTE=f32, INT64=False, QUARTER=ad.QUARTER)
+                          SEED_FROM_PTR=False, COMPUTE=f32, INT64=False, QUARTER=ad.QUARTER)
             report(f"activation_dropout {act} {'backward' if backward else 'forward'} bf16",
                    ad._kernel, consts, ad.BLOCK, 4, ptr="*bf16")
     common = dict(HAS_LO=True, HAS_W=True, HAS_B=True, FROM_VAR=False, ACTIVATION="relu",
                   COMPUTE=f32, INT64=False, BLOCK_S=256, BLOCK_C=16)
     # loops over units: the count is one unit's (a program with one unit of work)
     report("batch_norm normalize NCHW, per unit", bn._normalize_kernel, common, 4096, 16)
-    report("batch_norm dx NCHW, per unit", bn._dx_kernel, dict(common, TRAINING=True), 4096, 16)
+    report("batch_norm dx NCHW, per unit", bn._dx_kernel, dict(common, TRAINING=True, WRITE_SUMS=True),
+           4096, 16)
     return 0
 
 

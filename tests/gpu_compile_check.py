@@ -20,7 +20,7 @@ from tkern.ops import weight_norm as wn
 TARGET = GPUTarget("cuda", 90, 32)
 POINTERS = {"X", "Y", "BIAS", "DY", "OUT", "DX", "G", "V", "GW", "NORM", "DOT", "PART", "GG", "MEAN",
             "MEAN_LO", "INVSTD", "W", "B", "SUM_G", "SUM_GX", "PSUM_G", "PSUM_GX", "PCOUNT", "PMEAN",
-            "PMEAN_LO", "PM2", "OCOUNT", "OM2", "RMEAN", "RVAR", "NBT", "COUNT", "M2"}
+            "PMEAN_LO", "PM2", "OCOUNT", "OM2", "RMEAN", "RVAR", "NBT", "COUNT", "M2", "SUMS"}
 FLOATS = {"p", "scale_hi", "scale_lo", "eps_hi", "eps_lo", "mom_hi", "mom_lo", "negative_slope", "alpha", "inv_n_hi",
           "slope_hi", "slope_lo", "alpha_hi", "alpha_lo",
           "inv_n_lo", "k_hi", "k_lo", "a_hi", "a_lo", "b_hi", "b_lo", "scale"}
@@ -60,11 +60,13 @@ def main():
     for act in ("relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "elu", "tanh", "sigmoid"):
         for backward in (False, True):
             compile_variant(ad._kernel, dict(ACTIVATION=act, HAS_BIAS=True, DROPOUT=True, BACKWARD=backward,
-                                             COMPUTE=f32, INT64=act == "relu", QUARTER=ad.QUARTER),
-                            f"activation_dropout {act} backward={backward}", ptr="*bf16")
+                                             SEED_FROM_PTR=act == "gelu", COMPUTE=f32, INT64=act == "relu",
+                                             QUARTER=ad.QUARTER),
+                            f"activation_dropout {act} backward={backward}", ptr="*bf16",
+                            overrides={"SEED": "*i64"})
     compile_variant(ad._kernel, dict(ACTIVATION="gelu", HAS_BIAS=False, DROPOUT=False, BACKWARD=True,
-                                     COMPUTE=tl.float64, INT64=False, QUARTER=ad.QUARTER),
-                    "activation_dropout fp64", ptr="*fp64")
+                                     SEED_FROM_PTR=False, COMPUTE=tl.float64, INT64=False, QUARTER=ad.QUARTER),
+                    "activation_dropout fp64", ptr="*fp64", overrides={"SEED": "*i64"})
     tiles = dict(BLOCK_S=64, BLOCK_C=64)
     for int64 in (False, True):
         compile_variant(bn._stats_partial_kernel, dict(COMPUTE=f32, INT64=int64, **tiles),
@@ -72,17 +74,24 @@ def main():
         common = dict(HAS_LO=True, HAS_W=True, HAS_B=True, COMPUTE=f32, INT64=int64, **tiles)
         compile_variant(bn._normalize_kernel, dict(FROM_VAR=False, ACTIVATION="silu", **common),
                         f"bn normalize int64={int64}", overrides={"X": "*bf16", "Y": "*bf16"})
-        for dx_mode in (0, 1, 2):
+        for eval_dx, train_dx in ((False, False), (True, False), (False, True)):
             compile_variant(bn._backward_reduce_kernel,
-                            dict(DX_MODE=dx_mode, FROM_VAR=dx_mode == 1, ACTIVATION="leaky_relu", **common),
-                            f"bn backward_reduce dx_mode={dx_mode} int64={int64}")
+                            dict(EVAL_DX=eval_dx, TRAIN_DX=train_dx, FROM_VAR=eval_dx, ACTIVATION="leaky_relu",
+                                 **common),
+                            f"bn backward_reduce eval_dx={eval_dx} train_dx={train_dx} int64={int64}")
         for write_y in (False, True):
             compile_variant(bn._fused_forward_kernel,
                             dict(UPDATE=True, CUMULATIVE=write_y, WRITE_Y=write_y, HAS_W=True, HAS_B=False,
                                  ACTIVATION="elu", COMPUTE=f32, INT64=int64, **tiles),
                             f"bn fused_forward write_y={write_y} int64={int64}",
                             overrides={"X": "*bf16", "Y": "*bf16", "NBT": "*i64"})
-        compile_variant(bn._dx_kernel, dict(TRAINING=True, FROM_VAR=False, ACTIVATION="gelu", **common),
+        for cumulative in (False, True):
+            compile_variant(bn._merge_normalize_kernel,
+                            dict(UPDATE=True, CUMULATIVE=cumulative, HAS_W=True, HAS_B=True, ACTIVATION="relu",
+                                 COMPUTE=f32, INT64=int64, BLOCK_P=32, **tiles),
+                            f"bn merge_normalize cumulative={cumulative} int64={int64}",
+                            overrides={"X": "*bf16", "Y": "*bf16", "NBT": "*i64"})
+        compile_variant(bn._dx_kernel, dict(TRAINING=True, WRITE_SUMS=True, FROM_VAR=False, ACTIVATION="gelu", **common),
                         f"bn dx int64={int64}")
     for cumulative in (False, True):
         compile_variant(bn._stats_combine_kernel,

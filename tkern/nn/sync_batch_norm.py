@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from ..activations import check_activation, kernel_name
 from ..ops.sync_batch_norm import sync_batch_norm
-from .batch_norm import _TkernBatchNormMixin
+from .batch_norm import _TkernBatchNormMixin, drop_bias, split_bias
 
 
 class SyncBatchNorm(_TkernBatchNormMixin, torch.nn.SyncBatchNorm):
@@ -26,8 +26,10 @@ class SyncBatchNorm(_TkernBatchNormMixin, torch.nn.SyncBatchNorm):
                  process_group=None, device=None, dtype=None, *, activation=None,
                  negative_slope=0.01, alpha=1.0, approximate="none", **kwargs):
         # torch's constructor, not the mixin's: SyncBatchNorm takes process_group before device
+        bias = split_bias(kwargs)
         torch.nn.SyncBatchNorm.__init__(self, num_features, eps, momentum, affine,
                                         track_running_stats, process_group, device, dtype, **kwargs)
+        drop_bias(self, bias)
         check_activation(activation, approximate)
         self.activation = activation
         self.negative_slope = negative_slope

@@ -51,6 +51,7 @@ Design:
 from __future__ import annotations
 
 import operator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,7 @@ import triton.language as tl
 
 from .. import _runtime as rt
 from ._math import cast_rn, from_pair
+from ._op import Op, f32_pairs
 
 # Elements per tile, and per thread.  ptxas (sm_90a, fp32, NCHW, size 5 unrolled; see
 # perf/RESULTS.md) gives the backward 92 registers at four elements a thread: one 512-thread
@@ -282,11 +284,14 @@ def _blocks(C: int, S: int, channels_contiguous: bool) -> tuple[int, int]:
     return bc, bs
 
 
-def _scalars(cfg):
-    k_hi, k_lo = rt.split_f32(cfg["k"])
-    a_hi, a_lo = rt.split_f32(cfg["scale"])
-    b_hi, b_lo = rt.split_f32(cfg["beta"])
-    return dict(k_hi=k_hi, k_lo=k_lo, a_hi=a_hi, a_lo=a_lo, b_hi=b_hi, b_lo=b_lo)
+class LrnConfig(NamedTuple):
+    """The scalar arguments of one call (the custom ops' schema comes from these annotations)."""
+    last: bool  # channels on the last dim (TensorFlow's semantics), else dim 1 (PyTorch's)
+    before: int  # window: channels [c - before, c + after]
+    after: int
+    scale: float  # a: alpha / size (PyTorch) or alpha (TensorFlow)
+    beta: float
+    k: float
 
 
 def _launch_args(x3, cfg):
@@ -294,12 +299,14 @@ def _launch_args(x3, cfg):
     bc, bs = _blocks(C, S, x3.stride(1) == 1 and C > 1)
     c_tiles, s_tiles = triton.cdiv(C, bc), triton.cdiv(S, bs)
     grid = (c_tiles * x3.shape[0] * s_tiles,)
-    before = min(cfg["before"], C - 1)
-    after = min(cfg["after"], C - 1)
+    before = min(cfg.before, C - 1)
+    after = min(cfg.after, C - 1)
     unroll = before + after + 1 <= MAX_UNROLLED_WINDOW
     fast = (x3.is_cuda and torch.version.hip is None and x3.dtype != torch.float64
             and not rt.interpreter_enabled())  # the interpreter runs no inline PTX
-    kw = dict(before=before, after=after, **_scalars(cfg), UNROLL=unroll,
+    k_hi, k_lo, a_hi, a_lo, b_hi, b_lo = f32_pairs(cfg.k, cfg.scale, cfg.beta)
+    kw = dict(before=before, after=after, k_hi=k_hi, k_lo=k_lo, a_hi=a_hi, a_lo=a_lo, b_hi=b_hi,
+              b_lo=b_lo, UNROLL=unroll,
               BEFORE=before if unroll else 0, AFTER=after if unroll else 0, FAST=fast,
               COMPUTE=rt.compute_dtype(x3.dtype), BLOCK_C=bc, BLOCK_S=bs,
               num_warps=max(1, min(16, bc * bs // (32 * ELEMENTS_PER_THREAD))))
@@ -341,27 +348,36 @@ def _forward_buffers(x: torch.Tensor, last: bool):
     return x, y
 
 
-def _cfg(last, before, after, scale, beta, k):
-    return dict(last=last, before=before, after=after, scale=scale, beta=beta, k=k)
-
-
-def _forward_impl(x, last, before, after, scale, beta, k):
-    x, y = _forward_buffers(x, last)
-    x3, y3 = _view3(x, last), _view3(y, last)
-    grid, dims, kw = _launch_args(x3, _cfg(last, before, after, scale, beta, k))
+def _forward(x, cfg):
+    x, y = _forward_buffers(x, cfg.last)
+    x3, y3 = _view3(x, cfg.last), _view3(y, cfg.last)
+    grid, dims, kw = _launch_args(x3, cfg)
     _lrn_forward_kernel[grid](x3, y3, *dims, *x3.stride(), *y3.stride(),
                               INT64=rt.needs_int64(x3, y3), **kw)
-    return y
+    return (y,)
 
 
-def _backward_impl(x, dy, last, before, after, scale, beta, k):
+def _forward_fake(x, cfg):
+    return (_forward_buffers(x, cfg.last)[1],)
+
+
+def _backward_buffers(x, dy, last):
     x, _ = _forward_buffers(x, last)
-    (x, dy, dx), (x3, g3, _) = _walk(last, x, dy, _empty(x, last))
-    d3 = _view3(dx, last)
-    grid, dims, kw = _launch_args(x3, _cfg(last, before, after, scale, beta, k))
+    return _walk(last, x, dy, _empty(x, last))
+
+
+def _backward(douts, saved, cfg, needs):
+    """dx from the saved x alone: s and y are recomputed in the kernel."""
+    (x, dy, dx), (x3, g3, _) = _backward_buffers(saved[0], douts[0], cfg.last)
+    d3 = _view3(dx, cfg.last)
+    grid, dims, kw = _launch_args(x3, cfg)
     _lrn_backward_kernel[grid](x3, g3, d3, *dims, *x3.stride(), *g3.stride(), *d3.stride(),
                                INT64=rt.needs_int64(x3, g3, d3), **kw)
-    return dx
+    return (dx,)
+
+
+def _backward_fake(douts, saved, cfg, needs):
+    return (_backward_buffers(saved[0], douts[0], cfg.last)[0][2],)
 
 
 def _composite(x, last, before, after, scale, beta, k):
@@ -378,81 +394,19 @@ def _composite(x, last, before, after, scale, beta, k):
     return (y if last else y.movedim(-1, 1)).to(x.dtype)
 
 
-def _grad_x(ctx, dy, backward):
-    """dx from the saved x: the Triton kernel, or under create_graph=True (grad mode on inside
-    backward) torch ops whose graph autograd can differentiate again."""
-    (x,) = ctx.saved_tensors
-    if torch.is_grad_enabled():
-        with torch.enable_grad():
-            y = _composite(x, *ctx.cfg)
-        (dx,) = torch.autograd.grad(y, x, dy, create_graph=True)
-    else:
-        dx = backward(x, dy, *ctx.cfg)
-    return (dx,) + (None,) * len(ctx.cfg)
+def _saved_composite(saved, cfg):
+    return _composite(saved[0], *cfg)
 
 
-class _LocalResponseNormFunction(torch.autograd.Function):
-    """Eager autograd (a torch.library op costs tens of microseconds per call to dispatch; eager
-    calls take this path, torch.compile the ops below).  Saves x alone: s and y are recomputed."""
-
-    # forward without ctx and a separate setup_context: what torch.func transforms require
-    @staticmethod
-    def forward(x, *cfg):
-        return _forward_impl(x, *cfg)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs, output)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _grad_x(ctx, dy, _backward_impl)
-
-
-# The same kernels as torch.library custom ops (fake implementations, an autograd formula), which
-# torch.compile(fullgraph=True) traces through.
-@torch.library.custom_op("tkern::local_response_norm", mutates_args=())
-def _forward_op(x: torch.Tensor, last: bool, before: int, after: int, scale: float, beta: float,
-                k: float) -> torch.Tensor:
-    return _forward_impl(x, last, before, after, scale, beta, k)
-
-
-@_forward_op.register_fake
-def _(x, last, before, after, scale, beta, k):
-    return _forward_buffers(x, last)[1]
-
-
-@torch.library.custom_op("tkern::local_response_norm_backward", mutates_args=())
-def _backward_op(x: torch.Tensor, dy: torch.Tensor, last: bool, before: int, after: int,
-                 scale: float, beta: float, k: float) -> torch.Tensor:
-    return _backward_impl(x, dy, last, before, after, scale, beta, k)
-
-
-@_backward_op.register_fake
-def _(x, dy, last, before, after, scale, beta, k):
-    x, _ = _forward_buffers(x, last)
-    (_, _, dx), _ = _walk(last, x, dy, _empty(x, last))
-    return dx
-
-
-def _setup_context(ctx, inputs, output):
-    x, *cfg = inputs
-    ctx.save_for_backward(x)
-    ctx.cfg = cfg
-
-
-def _autograd_backward(ctx, dy):
-    return _grad_x(ctx, dy, _backward_op)
-
-
-_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+# The declaration: eager autograd, torch.library ops (tkern::local_response_norm and
+# tkern::local_response_norm_backward) for torch.compile, and double backward, built by _op.Op.
+OP = Op("tkern::local_response_norm", inputs=("x",), outputs=("y",), config=LrnConfig,
+        forward=_forward, fake=_forward_fake, saves=("x",), grads=("x",), backward=_backward,
+        backward_fake=_backward_fake, composite=_saved_composite)
 
 
 def _apply(x, last, before, after, scale, beta, k):
-    args = (x, last, before, after, float(scale), float(beta), float(k))
-    if torch.compiler.is_compiling():
-        return _forward_op(*args)
-    return _LocalResponseNormFunction.apply(*args)
+    return OP.apply(x, cfg=LrnConfig(last, before, after, float(scale), float(beta), float(k)))[0]
 
 
 # ----------------------------------------------------------------------------------------------
