@@ -53,7 +53,8 @@ written after every op); 0 all good; 2 bad arguments.
 examples:
   python -m perf --quick                         # CPU: interpreter smoke run, ~1-2 minutes
   python -m perf --ops batch_norm,batch_norm_relu --dtypes bf16 --batches 32,64,128
-  python -m perf --compare perf/results/2026-11-26-H100/results.json --max-slowdown 0.10"""
+  python -m perf --out baseline                  # then, after a change:
+  python -m perf --compare baseline/results.json --max-slowdown 0.10"""
 
 
 def _csv(s: str) -> list[str]:

@@ -152,6 +152,13 @@ _STYLES = {"fwd": "-", "bwd": "--", "full": ":"}
 _MARKERS = ["o", "s", "^", "D"]
 
 
+def drawn_providers(rows: list[dict]) -> list[str]:
+    """The providers with a line in a plot of ``rows`` (a timed point), in legend order: the
+    legend lists no torch.compile where it is n/a (off-GPU)."""
+    drawn = {r["provider"] for r in rows if is_num(r["ms_p50"])}
+    return [p for p in _COLORS if p in drawn]
+
+
 def plot(rows: list[dict], out_dir: Path, title_note: str = "") -> list[Path]:
     """One PNG per op: a row of panels per (shape, layout); left GB/s, right speedup vs eager
     (log scales); x is the batch size; colour = provider, line style = mode, marker = dtype."""
@@ -195,7 +202,7 @@ def plot(rows: list[dict], out_dir: Path, title_note: str = "") -> list[Path]:
         drawn = [r for r in ops_rows if is_num(r["ms_p50"])]  # the legend names what is drawn
         provs = {r["provider"] for r in drawn}
         modes = {r["mode"] for r in drawn}
-        handles = [Line2D([], [], color=c, label=p) for p, c in _COLORS.items() if p in provs]
+        handles = [Line2D([], [], color=_COLORS[p], label=p) for p in drawn_providers(ops_rows)]
         handles += [Line2D([], [], color="black", linestyle=s, label=m) for m, s in _STYLES.items()
                     if m in modes]
         handles += [Line2D([], [], color="black", linestyle="", marker=_MARKERS[i % len(_MARKERS)],

@@ -141,7 +141,7 @@ def main():
             compile_variant(
                 wn._weight_norm_kernel,
                 dict(BACKWARD=backward, REDUCE=True, APPLY=True, ONE_PASS=layout == 0, LAYOUT=layout, BLOCK_D=4,
-                     BLOCK_R=1024, COMPUTE=f32, INT64=layout == 2, OUT_RTNE=False, GG_RTNE=False,
+                     BLOCK_R=1024, COMPUTE=f32, INT64=layout == 2,
                      NORM_TY=tl.bfloat16, NORM_MODE=1, RATIO_TY=tl.bfloat16, RATIO_MODE=1),
                 f"weight_norm layout={layout} backward={backward}", overrides={"V": "*bf16", "OUT": "*bf16"})
     print(f"{len(failures)} failed")

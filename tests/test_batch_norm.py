@@ -648,3 +648,42 @@ def test_torch_edge_semantics(device):
     y = tkern.batch_norm(torch.empty(4, 3, 5, device="meta"), None, None, training=True,
                          activation="relu")
     assert y.device.type == "meta" and y.shape == (4, 3, 5)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter's numpy
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 4, 3), (5, 4, 4, 3)])  # one launch; split statistics
+def test_inf_and_nan_input_give_torch_running_stats(device, dtype, shape):
+    """+inf in a channel: the running mean becomes inf and the variance NaN, as torch's (the
+    merge must not turn inf - inf into NaN, nor clamp a NaN variance to 0); -inf and +inf, or a
+    NaN: NaN.  Outputs are NaN in those channels, as torch's."""
+    x = torch.randn(shape, device=device, dtype=dtype)
+    x[1, 0].view(-1)[1] = float("inf")
+    x[0, 1].view(-1)[0] = float("inf")
+    x[1, 1].view(-1)[0] = -float("inf")
+    x[0, 2].view(-1)[0] = float("nan")
+    x[0, 3].view(-1)[0] = -float("inf")  # in the first tile, which sets the shift
+    assert (bn_ops.num_partials(x) > 1) == (len(shape) == 4)
+    ours = [torch.zeros(4, device=device, dtype=dtype), torch.ones(4, device=device, dtype=dtype)]
+    theirs = [t.clone() for t in ours]
+    y = tkern.batch_norm(x, *ours, training=True)
+    y_t = F.batch_norm(x, *theirs, training=True)
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+    assert ours[0][0] == float("inf") and ours[0][3] == -float("inf")
+    torch.testing.assert_close(y, y_t, equal_nan=True)
+
+
+def test_empty_channels_with_weight_raise_index_error_as_torch(device):
+    """C = 0 with a weight or bias: torch's batch_norm raises IndexError (it scales the empty
+    input by weight[0]); without them it returns the empty input."""
+    x = torch.randn(4, 0, 3, device=device)
+    for kw in (dict(weight=torch.ones(0, device=device)), dict(bias=torch.zeros(0, device=device))):
+        for training in (True, False):
+            stats = (None, None) if training else (torch.zeros(0, device=device),) * 2
+            with pytest.raises(IndexError):
+                F.batch_norm(x, *stats, training=training, **kw)
+            with pytest.raises(IndexError, match="C = 0"):
+                tkern.batch_norm(x, *stats, training=training, **kw)
+    with pytest.raises(IndexError, match="C = 0"):
+        tkern.nn.BatchNorm2d(0).to(device)(torch.randn(2, 0, 3, 3, device=device))
+    assert tkern.batch_norm(x, None, None, training=True).shape == x.shape

@@ -299,6 +299,31 @@ def test_targets_read_the_issues_thresholds():
     assert got[lrn + "5.0x eager (geomean)"] == "FAIL"
 
 
+def test_plot_legend_lists_only_drawn_providers():
+    """Off-GPU torch.compile is n/a: no line, so no legend entry either."""
+    rows = [dict(provider=p, ms_p50=v) for p, v in (("eager", 1.0), ("torch.compile", report.NA),
+                                                   ("tkern", 0.5), ("tkern", report.NA))]
+    assert report.drawn_providers(rows) == ["eager", "tkern"]
+    rows.append(dict(provider="torch.compile", ms_p50=0.7))
+    assert report.drawn_providers(rows) == ["eager", "torch.compile", "tkern"]
+
+
+def test_help_examples_name_folders_they_make():
+    """--help's --compare example reads a results.json that an earlier example writes (no
+    folder that exists only on someone's machine)."""
+    import pathlib
+    import re
+
+    examples = "\n".join(line for line in cli.EPILOG.splitlines()
+                          if line.strip().startswith("python -m perf"))
+    outs = re.findall(r"--out (\S+)", examples)
+    compares = re.findall(r"--compare (\S+)", examples)
+    assert compares
+    for path in compares:
+        path = pathlib.PurePosixPath(path)
+        assert path.name == "results.json" and str(path.parent) in outs, path
+
+
 def _fake_flag_gems(wrong_dropout=False):
     """A stand-in for FlagGems' functions used by perf/cases/gems.py, written with torch ops."""
     import types

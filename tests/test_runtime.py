@@ -6,6 +6,7 @@ import struct
 import pytest
 import torch
 
+import tkern
 from tkern import _runtime as rt
 
 
@@ -48,3 +49,71 @@ def test_int64_offset_rule():
     assert not rt.needs_int64(torch.empty(1000))
     # a view whose span, not its element count, passes 2^31
     assert rt.needs_int64(torch.empty(2, device="meta").as_strided((2, 2), (2**31, 1)))
+
+
+def test_float64_scalars_outside_float32_range_raise_value_error(device):
+    """Float scalars travel to kernels as fp32 pairs: for float64 tensors, one the pair cannot
+    carry (an eps below ~1e-33, a slope or alpha past fp32's max) raises ValueError naming it
+    instead of giving a silently wrong result; in range they are exact, and fp32 tensors (which
+    compute with the fp32 value, as torch's do) are unaffected."""
+    x = torch.randn(4, 3, 5, device=device, dtype=torch.float64)
+    cases = [
+        ("eps", lambda t: tkern.batch_norm(t, None, None, training=True, eps=1e-40)),
+        ("negative_slope", lambda t: tkern.batch_norm(t, None, None, training=True,
+                                                       activation="leaky_relu",
+                                                       negative_slope=-1e39)),
+        ("alpha", lambda t: tkern.batch_norm(t, None, None, training=True, activation="elu",
+                                              alpha=1e39)),
+        ("momentum", lambda t: tkern.batch_norm(t, torch.zeros(3, device=device, dtype=t.dtype),
+                                                 torch.ones(3, device=device, dtype=t.dtype),
+                                                 training=True, momentum=1e-45)),
+        ("alpha", lambda t: tkern.activation_dropout(t, "elu", 0.0, alpha=4e38)),
+        ("negative_slope", lambda t: tkern.activation_dropout(t, "leaky_relu", 0.0,
+                                                               negative_slope=1e-39)),
+        ("k", lambda t: tkern.local_response_norm(t, 3, k=1e39)),
+        ("bias", lambda t: tkern.local_response_normalization(t, 1, bias=1e-42)),
+    ]
+    for name, fn in cases:
+        with pytest.raises(ValueError, match=name):
+            fn(x)
+        fn(x.float())  # fp32 takes the fp32 value, as torch's fp32 kernels
+    # in range, the float64 kernels use the exact value: 1e-30 is no fp32 number (as an fp32 it
+    # is 1e-30 * (1 + 3e-9)), and with var = 1e-30 it moves y by ~1e-9
+    c = torch.tensor([1e-15, -1e-15] * 6, device=device, dtype=torch.float64).view(4, 3, 1)
+    y = tkern.batch_norm(c, None, None, training=True, eps=1e-30)
+    torch.testing.assert_close(y, c / math.sqrt(1e-30 + 1e-30), rtol=1e-12, atol=0)
+    # ignored parameters are not checked (relu has no slope)
+    tkern.activation_dropout(x, "relu", 0.0, negative_slope=1e39)
+
+
+def test_fallback_warning_points_at_the_callers_line(monkeypatch):
+    """The CPU-fallback RuntimeWarning names the line that called tkern (function or module, at
+    whatever depth tkern's code runs), not a line inside tkern or torch."""
+    import inspect
+    import warnings
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the runtime rule reads it per call
+    monkeypatch.setattr(rt, "_warned", set())
+    x = torch.randn(4, 3, 5)
+    bn = tkern.nn.BatchNorm1d(3, activation="relu")
+    calls = [
+        lambda: tkern.batch_norm(x, None, None, training=True),
+        lambda: bn(x),
+        lambda: tkern.nn.BatchNorm1d(3).eval()(x),
+        lambda: tkern.activation_dropout(x, "gelu", 0.2),
+        lambda: tkern.nn.ActivationDropout("relu", 0.1)(x),
+        lambda: tkern.local_response_norm(x, 3),
+        lambda: tkern.nn.LocalResponseNorm(2)(x),
+        lambda: tkern.local_response_normalization(x, 1),
+        lambda: tkern.weight_norm(x, torch.rand(4, 1, 1), 0),
+    ]
+    for call in calls:
+        rt._warned.clear()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            call()
+        ours = [w for w in seen if issubclass(w.category, RuntimeWarning) and "tkern." in str(w.message)]
+        assert len(ours) == 1, [str(w.message) for w in seen]
+        lines, first = inspect.getsourcelines(call)
+        assert (ours[0].filename, ours[0].lineno) == (__file__, first), (
+            f"{ours[0].message} at {ours[0].filename}:{ours[0].lineno}")

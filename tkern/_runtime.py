@@ -15,6 +15,7 @@ import contextlib
 import math
 import os
 import struct
+import sys
 import warnings
 
 import torch
@@ -22,6 +23,22 @@ import triton
 import triton.language as tl
 
 _warned: set[str] = set()
+# Frames in these folders are not the caller's: tkern itself, and torch (nn.Module.__call__ runs
+# between a user's ``model(x)`` and tkern's forward).
+_INTERNAL = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
+             os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+
+
+def warn_at_caller(message: str, category=RuntimeWarning) -> None:
+    """``warnings.warn`` attributed to the first frame outside tkern and torch: the user's line,
+    whatever the call depth of the op (functions, modules, autograd)."""
+    if sys.version_info >= (3, 12):
+        warnings.warn(message, category, skip_file_prefixes=_INTERNAL)
+        return
+    frame, level = sys._getframe(1), 2  # stacklevel 2 is this function's caller
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 def interpreter_enabled() -> bool:
@@ -92,12 +109,11 @@ def use_triton(op: str, *tensors: torch.Tensor | None) -> bool:
         return True
     if op not in _warned:
         _warned.add(op)
-        warnings.warn(
+        warn_at_caller(
             f"tkern.{op}: CPU tensors without TRITON_INTERPRET=1 run eager PyTorch, not tkern's "
             f"Triton kernels; move the tensors to a GPU (or set TRITON_INTERPRET=1 before importing "
             f"triton to run the kernels in Triton's interpreter).",
             RuntimeWarning,
-            stacklevel=3,
         )
     return False
 
@@ -158,6 +174,25 @@ def split_f32(v: float) -> tuple[float, float]:
     if not math.isfinite(hi):
         return hi, 0.0
     return hi, struct.unpack("f", struct.pack("f", v - hi))[0]
+
+
+def check_scalars(op: str, dtype: torch.dtype, **scalars) -> None:
+    """Float scalars reach kernels as fp32 pairs (``split_f32``), exact to ~48 bits within fp32's
+    range.  For float64 tensors, a value the pair cannot carry (|v| > ~3.4e38 becomes inf; below
+    ~1e-33 its bits are lost in subnormals) would be a silent wrong result: ValueError naming it.
+    fp32/fp16/bf16 tensors compute in fp32, where the fp32 value is the one torch uses too."""
+    if dtype != torch.float64:
+        return
+    for name, v in scalars.items():
+        v = float(v)
+        if v == 0.0 or not math.isfinite(v):  # 0, inf and NaN travel exactly
+            continue
+        hi, lo = split_f32(v)
+        if not abs((hi + lo) - v) <= abs(v) * 2.0 ** -40:
+            raise ValueError(
+                f"tkern.{op}: {name}={v!r} is outside the range float scalars reach float64 kernels "
+                f"in (|{name}| from about 1e-33 to 3.4e38, float32 pairs); it would arrive as "
+                f"{hi + lo!r}")
 
 
 def cdiv(a: int, b: int) -> int:

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .. import _runtime as rt
-from ._math import from_pair
+from ._math import cast_rn, from_pair
 from . import _rng
 from ._op import Op, cdiv, f32_pairs
 from ..activations import activate, activation_grad, eager_activation, kernel_name
@@ -92,9 +92,9 @@ def _store_quarter(OUT, start, lanes, n_elements, x, b, dy, r, threshold, scale,
         out = tl.where(_keep(r, threshold), out * scale, out * 0.0)
     offs = start + lanes
     if EVEN:
-        tl.store(OUT + offs, out.to(OUT.dtype.element_ty))
+        tl.store(OUT + offs, cast_rn(out, OUT.dtype.element_ty))
     else:
-        tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=offs < n_elements)
+        tl.store(OUT + offs, cast_rn(out, OUT.dtype.element_ty), mask=offs < n_elements)
 
 
 @triton.jit(do_not_specialize=["seed"])  # a new seed per call: one compiled variant
@@ -327,6 +327,9 @@ def activation_dropout(x, activation="relu", p=0.5, training=True, *, bias=None,
         generator: where the Philox seed is drawn from (default: torch's default generator).
     """
     p = _check(x, bias, activation, p, approximate)
+    rt.check_scalars("activation_dropout", x.dtype,
+                     **({"negative_slope": negative_slope} if activation == "leaky_relu" else {}),
+                     **({"alpha": alpha} if activation == "elu" else {}))
     dropout = bool(training) and p > 0.0
     if not rt.use_triton("activation_dropout", x, bias):
         return _eager(x, bias, activation, p, dropout, negative_slope, alpha, approximate, generator)

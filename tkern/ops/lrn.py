@@ -42,8 +42,8 @@ Design:
   keep a 48-bit alpha, beta and k.  Compiled fp32 on NVIDIA GPUs takes log2 and exp2 from the
   hardware approximations (lg2/ex2.approx, a few ulps; libdevice's log alone cost as much as the
   rest of the forward); fp64 and the interpreter take exact ones.
-- bf16 under Triton's interpreter: its fp32 -> bf16 cast truncates where GPUs round to nearest
-  even, so there the kernels write an fp32 buffer that torch rounds (``_target``).
+- Stores round to nearest even through ``_math.cast_rn`` (Triton's interpreter alone would
+  truncate fp32 -> bf16).
 - Windows are clipped to [-(C-1), C-1] on the host: any size >= 1 works and channels outside
   [0, C) are zeros (masked loads), as with torch's zero padding.
 """
@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 
 from .. import _runtime as rt
-from ._math import from_pair
+from ._math import cast_rn, from_pair
 from ._op import Op, f32_pairs
 
 # Elements per tile, and per thread.  ptxas (sm_90a, fp32, NCHW, size 5 unrolled; see
@@ -186,7 +186,7 @@ def _lrn_forward_kernel(
                        COMPUTE, BLOCK_C, BLOCK_S)
     # pow(s, 0) is 1 for every s in torch, NaN and 0 included
     f = tl.where(bb == 0.0, 1.0, _pow_abs(kk + aa * sq, -bb, _negative_base(-bb), FAST))
-    tl.store(Y + n * syn + c * syc + s * sys, (x * f).to(Y.dtype.element_ty), mask=(c < C) & s_ok)
+    tl.store(Y + n * syn + c * syc + s * sys, cast_rn(x * f, Y.dtype.element_ty), mask=(c < C) & s_ok)
 
 
 @triton.jit
@@ -251,7 +251,7 @@ def _lrn_backward_kernel(
     # term as exact zeros
     f = tl.where(bb == 0.0, 1.0, _pow_abs(s_i, -bb, neg, FAST))
     dx = g * f - tl.where(bb == 0.0, 0.0, (2.0 * aa * bb) * x * acc)
-    tl.store(DX + n * sdn + c * sdc + s * sds, dx.to(DX.dtype.element_ty), mask=(c < C) & s_ok)
+    tl.store(DX + n * sdn + c * sdc + s * sds, cast_rn(dx, DX.dtype.element_ty), mask=(c < C) & s_ok)
 
 
 # Sliding kernels: positions contiguous (NCHW), windows up to MAX_UNROLLED_WINDOW.  A program owns
@@ -369,7 +369,7 @@ def _forward_step(YP, c, c_end, s, S, lead, v1, v2, v3, v4, v5, v6, v7, v8, kk, 
     else:
         sc = kk + aa * _window_sq(lead, v1, v2, v3, v4, v5, v6, v7, v8, WIN)
         y = xc * _pow_from_log(_log2_abs(sc, FAST, FTZ), sc, -bb, neg, NEG_BASE, FAST, FTZ)
-    tl.store(YP + s, y.to(YP.dtype.element_ty), mask=s < tl.where(c < c_end, S, 0))
+    tl.store(YP + s, cast_rn(y, YP.dtype.element_ty), mask=s < tl.where(c < c_end, S, 0))
     return lead, v1, v2, v3, v4, v5, v6, v7
 
 
@@ -469,7 +469,7 @@ def _backward_step(DP, L, c0, c_end, C, s, S, lead, g,
         else:
             ui = _slot(BEFORE, u1, u2, u3, u4, u5, u6, u7, u8)
         dx = ui - two_ab * xi * tsum
-    tl.store(DP + s, dx.to(DP.dtype.element_ty),
+    tl.store(DP + s, cast_rn(dx, DP.dtype.element_ty),
              mask=s < tl.where((i >= c0) & (i < c_end), S, 0))
     return (lead, v1, v2, v3, v4, v5, v6, v7, t, t1, t2, t3, t4, t5, t6, t7,
             u, u1, u2, u3, u4, u5, u6, u7)
@@ -699,29 +699,18 @@ def _forward_buffers(x: torch.Tensor, last: bool):
     return x, y
 
 
-def _target(out: torch.Tensor) -> torch.Tensor:
-    """The buffer the kernel writes for ``out``: out itself, except for bf16 in Triton's
-    interpreter (a CPU tensor reaching a kernel), which truncates fp32 -> bf16 where GPUs round to
-    nearest even: there the kernel writes an fp32 twin with out's strides (out is dense) and torch
-    rounds it into out.  Compiled kernels never take the detour."""
-    if out.dtype == torch.bfloat16 and not rt.plans_for_gpu(out.device):
-        return torch.empty_like(out, dtype=torch.float32)
-    return out
-
-
 def _forward(x, cfg):
     x, y = _forward_buffers(x, cfg.last)
-    t = _target(y)
-    x3, y3 = _view3(x, cfg.last), _view3(t, cfg.last)
+    x3, y3 = _view3(x, cfg.last), _view3(y, cfg.last)
     slide = _slide_args((x3, y3), cfg)
     if slide is not None:
         grid, args, kw = slide
         _lrn_forward_slide_kernel[grid](x3, y3, *args, **kw)
-        return (y if t is y else y.copy_(t),)
+        return (y,)
     grid, dims, kw = _launch_args(x3, cfg)
     _lrn_forward_kernel[grid](x3, y3, *dims, *x3.stride(), *y3.stride(),
                               INT64=rt.needs_int64(x3, y3), **kw)
-    return (y if t is y else y.copy_(t),)
+    return (y,)
 
 
 def _forward_fake(x, cfg):
@@ -736,17 +725,16 @@ def _backward_buffers(x, dy, last):
 def _backward(douts, saved, cfg, needs):
     """dx from the saved x alone: s and y are recomputed in the kernel."""
     (x, dy, dx), (x3, g3, _) = _backward_buffers(saved[0], douts[0], cfg.last)
-    t = _target(dx)
-    d3 = _view3(t, cfg.last)
+    d3 = _view3(dx, cfg.last)
     slide = _slide_args((x3, g3, d3), cfg)
     if slide is not None:
         grid, args, kw = slide
         _lrn_backward_slide_kernel[grid](x3, g3, d3, *args, **kw)
-        return (dx if t is dx else dx.copy_(t),)
+        return (dx,)
     grid, dims, kw = _launch_args(x3, cfg)
     _lrn_backward_kernel[grid](x3, g3, d3, *dims, *x3.stride(), *g3.stride(), *d3.stride(),
                                INT64=rt.needs_int64(x3, g3, d3), **kw)
-    return (dx if t is dx else dx.copy_(t),)
+    return (dx,)
 
 
 def _backward_fake(douts, saved, cfg, needs):
@@ -799,6 +787,8 @@ def _check(op: str, x, size_name: str, size, min_size: int) -> int:
         raise ValueError(
             f"tkern.{op}: expected 3D or higher dimensionality input (got {x.dim()} dimensions)"
         )
+    if x.numel() == 0:  # torch returns an empty input as is, before looking at the size
+        return 0
     # any integral value (numpy ints, a one-element integer tensor: torch takes them), but not a
     # bool, which torch rejects too (operator.index would take True, a bool tensor and, before
     # numpy 2.3, numpy's bool_ as 1)
@@ -829,6 +819,8 @@ def local_response_norm(input, size, alpha=1e-4, beta=0.75, k=1.0):
     size = _check("local_response_norm", input, "size", size, 1)
     if input.numel() == 0:
         return input
+    rt.check_scalars("local_response_norm", input.dtype, beta=beta, k=k,
+                     **{"alpha / size": float(alpha) / size})
     if not rt.use_triton("local_response_norm", input):
         if input.dtype in (torch.float16, torch.bfloat16):  # torch's CPU avg_pool3d lacks them
             return F.local_response_norm(input.float(), size, alpha, beta, k).to(input.dtype)
@@ -846,6 +838,8 @@ def local_response_normalization(input, depth_radius=5, bias=1.0, alpha=1.0, bet
     r = _check("local_response_normalization", input, "depth_radius", depth_radius, 0)
     if input.numel() == 0:
         return input
+    rt.check_scalars("local_response_normalization", input.dtype, bias=bias, alpha=alpha,
+                     beta=beta)
     if not rt.use_triton("local_response_normalization", input):
         return _composite(input, True, r, r, float(alpha), float(beta), float(bias))
     return _apply(input, True, r, r, alpha, beta, bias)

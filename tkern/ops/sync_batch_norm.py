@@ -27,7 +27,7 @@ import torch.distributed as dist
 from .. import _runtime as rt
 from ..activations import eager_activation
 from ._op import Op
-from .batch_norm import (_prepare_input, bn_backward_dx, bn_backward_reduce, bn_combine_stats,
+from .batch_norm import (_check_scalars, _prepare_input, bn_backward_dx, bn_backward_reduce, bn_combine_stats,
                          bn_normalize, bn_partial_stats)
 
 
@@ -194,6 +194,8 @@ def sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, ep
                     alpha=1.0, approximate="none", num_batches_tracked=None):
     """Training-mode BatchNorm over the global batch of ``group`` (world size > 1).
     ``momentum=None`` means the cumulative average 1 / num_batches_tracked."""
+    _check_scalars(input.dtype, eps, momentum, activation, negative_slope, alpha,
+                   op="SyncBatchNorm")
     cfg = SyncConfig(momentum, float(eps), activation, kernel_activation, float(negative_slope),
                      float(alpha), approximate, group)
     flat = [None if t is None else t.reshape(-1) for t in (weight, bias)]

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from .. import _runtime as rt
-from ._math import div_rn, sqrt_rn
+from ._math import cast_rn, div_rn, sqrt_rn
 from ._op import Op
 
 # Launch rule (module constants so tests can shrink them to exercise every path on tiny tensors).
@@ -52,20 +52,6 @@ SPLIT_BELOW = 256  # fewer slice programs than this (~2 per H100 SM): split the 
 SPLIT_TARGET = 1024  # about this many programs after splitting
 
 ROWS, COLS, GENERAL = 0, 1, 2
-
-
-@triton.jit
-def _cast(x, dst, RTNE: tl.constexpr):
-    """``x.to(dst)``.  Triton's interpreter truncates fp32 -> bf16 where GPUs round to nearest
-    even; with RTNE (interpreter runs only) the rounding is done here on the bits, so that the
-    interpreter gives the GPU's (and torch's) bf16 results."""
-    if RTNE:
-        x = x.to(tl.float32)
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + (((bits >> 16) & 1) + 0x7FFF)
-        r = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
-        x = tl.where(x != x, x, r)  # NaN stays NaN
-    return x.to(dst)
 
 
 @triton.jit
@@ -88,10 +74,8 @@ def _weight_norm_kernel(
     BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     COMPUTE: tl.constexpr,  # fp32, or fp64 when any input is fp64
     INT64: tl.constexpr,  # int64 offsets (tensors near 2^31 elements)
-    OUT_RTNE: tl.constexpr, GG_RTNE: tl.constexpr,  # interpreter, bf16 OUT / GG: round explicitly
     # forward only, torch's dtype rule for its composite path (see _scale_rounding): round the
-    # norm to NORM_TY, then g / norm to RATIO_TY.  MODE 0: no rounding, 1: cast, 2: cast with the
-    # interpreter's bf16 rounding fixed.
+    # norm to NORM_TY, then g / norm to RATIO_TY.  MODE 0: no rounding, 1: round (cast_rn).
     NORM_TY: tl.constexpr, NORM_MODE: tl.constexpr,
     RATIO_TY: tl.constexpr, RATIO_MODE: tl.constexpr,
 ):
@@ -162,7 +146,7 @@ def _weight_norm_kernel(
             norm = tl.load(NORM + d1, mask=dmask1, other=1.0).to(COMPUTE)
             if REDUCE:
                 dot = total
-                tl.store(GG + d1, _cast(div_rn(dot, norm), GG.dtype.element_ty, GG_RTNE), mask=dmask1)
+                tl.store(GG + d1, cast_rn(div_rn(dot, norm), GG.dtype.element_ty), mask=dmask1)
             else:
                 dot = tl.load(DOT + d1, mask=dmask1, other=0.0).to(COMPUTE)
             a = div_rn(g, norm)[:, None]
@@ -175,10 +159,10 @@ def _weight_norm_kernel(
             else:
                 norm = tl.load(NORM + d1, mask=dmask1, other=1.0).to(COMPUTE)
             if NORM_MODE != 0:
-                norm = _cast(norm, NORM_TY, NORM_MODE == 2).to(COMPUTE)
+                norm = cast_rn(norm, NORM_TY).to(COMPUTE)
             a = div_rn(g, norm)  # as torch: v * (g / norm); zero norm -> inf/NaN like torch
             if RATIO_MODE != 0:
-                a = _cast(a, RATIO_TY, RATIO_MODE == 2).to(COMPUTE)
+                a = cast_rn(a, RATIO_TY).to(COMPUTE)
             a = a[:, None]
             c = a  # unused
 
@@ -187,7 +171,7 @@ def _weight_norm_kernel(
                 out = a * (y - x * c)
             else:
                 out = x * a
-            tl.store(OUT + offs, _cast(out, OUT.dtype.element_ty, OUT_RTNE), mask=mask)
+            tl.store(OUT + offs, cast_rn(out, OUT.dtype.element_ty), mask=mask)
         else:
             for start in range(r_start, r_end, BLOCK_R):
                 r = (start + lanes)[None, :]
@@ -204,7 +188,7 @@ def _weight_norm_kernel(
                     out = a * (y - x * c)
                 else:
                     out = x * a
-                tl.store(OUT + offs, _cast(out, OUT.dtype.element_ty, OUT_RTNE), mask=mask)
+                tl.store(OUT + offs, cast_rn(out, OUT.dtype.element_ty), mask=mask)
 
 
 # Host helpers in plain integer arithmetic (triton.cdiv is a jit function, slow to call),
@@ -274,7 +258,7 @@ def _launch(plan, v, gw, g, norm, dot, part, out, gg, D, inner, *, backward, red
         v, gw, g, norm, dot, part, out, gg, D, plan["R"], inner, plan["chunk"],
         BACKWARD=backward, REDUCE=reduce, APPLY=apply, ONE_PASS=one_pass, LAYOUT=plan["layout"],
         BLOCK_D=plan["block_d"], BLOCK_R=plan["block_r"], COMPUTE=compute, INT64=int64,
-        OUT_RTNE=_interp_bf16(out), GG_RTNE=_interp_bf16(gg), num_warps=rt.num_warps_for(block),
+        num_warps=rt.num_warps_for(block),
         **(rounding or dict(NORM_TY=compute, NORM_MODE=0, RATIO_TY=compute, RATIO_MODE=0)),
     )
 
@@ -283,7 +267,7 @@ _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl
        torch.float64: tl.float64}
 
 
-def _scale_rounding(v, g, dim, compute_torch, device_is_cpu):
+def _scale_rounding(v, g, dim, compute_torch):
     """Where the forward rounds its per-slice scale, so that outputs equal torch's.
 
     torch's fused kernels (v and g of one dtype, not fp16, dim 0 or the last) compute the norm
@@ -295,20 +279,13 @@ def _scale_rounding(v, g, dim, compute_torch, device_is_cpu):
     fused = (v.dtype == g.dtype and v.dtype != torch.float16 and dim is not None
              and dim in (0, v.dim() - 1))
     size = compute_torch.itemsize
-    interp = device_is_cpu and rt.interpreter_enabled()
 
     def mode(dtype):
-        if fused or dtype.itemsize >= size:
-            return 0
-        return 2 if interp and dtype == torch.bfloat16 else 1
+        return 0 if fused or dtype.itemsize >= size else 1
 
     ratio = torch.promote_types(g.dtype, v.dtype)
     return dict(NORM_TY=_TL[v.dtype], NORM_MODE=mode(v.dtype), RATIO_TY=_TL[ratio],
                 RATIO_MODE=mode(ratio))
-
-
-def _interp_bf16(t):
-    return t.dtype == torch.bfloat16 and t.device.type == "cpu" and rt.interpreter_enabled()
 
 
 def _geometry(shape, dim):
@@ -332,7 +309,7 @@ def _forward(v, g, dim, out_dtype):
     stat = rt.accum_dtype(torch.float64 if torch.float64 in (v.dtype, g.dtype) else v.dtype)
     compute = tl.float64 if stat == torch.float64 else tl.float32
     int64 = _needs_int64(v, plan, D, inner)
-    rounding = _scale_rounding(v, g, dim, stat, v.device.type == "cpu")
+    rounding = _scale_rounding(v, g, dim, stat)
     w = torch.empty(v.shape, dtype=out_dtype, device=v.device)
     norm = torch.empty(D, dtype=stat, device=v.device)
     if plan["split"] == 1:

@@ -145,6 +145,18 @@ def _check(input, running_mean, running_var, weight, bias, training, eps):
             + ", ".join(f"{name} {t.dtype}" for name, t in params.items()))
 
 
+def _check_scalars(dtype, eps, momentum, activation, negative_slope, alpha, op="batch_norm"):
+    """ValueError for a float scalar a float64 kernel would get wrong (rt.check_scalars)."""
+    scalars = dict(eps=eps)
+    if momentum is not None:
+        scalars["momentum"] = momentum
+    if activation == "leaky_relu":
+        scalars["negative_slope"] = negative_slope
+    elif activation == "elu":
+        scalars["alpha"] = alpha
+    rt.check_scalars(op, dtype, **scalars)
+
+
 def _flat(t):
     """A [C] parameter as the kernels index it (unit stride); a copy only when strided."""
     if t is None or (t.dim() == 1 and t.is_contiguous()):
@@ -158,7 +170,13 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     cumulative average 1 / num_batches_tracked, read on the device."""
     kact = kernel_name(activation, approximate)
     _check(input, running_mean, running_var, weight, bias, training, eps)
+    _check_scalars(input.dtype, eps, momentum if training and running_mean is not None else None,
+                   activation, negative_slope, alpha)
     if input.numel() == 0:
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None and t.numel() == 0:  # torch indexes weight[0] / bias[0] here
+                raise IndexError(f"tkern.batch_norm: an empty input with an empty {name} (C = 0): "
+                                 f"torch's batch_norm raises IndexError for it too")
         # torch's batch_norm on an empty input, whatever its rank or parameters: a copy (not a
         # view, not a fresh tensor: gradients still flow), scaled by weight[0] and shifted by
         # bias[0]; running stats untouched

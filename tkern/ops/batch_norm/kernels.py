@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._math import from_pair
+from .._math import cast_rn, from_pair
 from ...activations import activate, activation_grad
 
 @triton.jit
@@ -47,7 +47,8 @@ def _two_sum(a, b):
     hi = a + b
     bb = hi - a
     lo = (a - (hi - bb)) + (b - bb)
-    return hi, lo
+    # an infinite sum has no low part (inf - inf would make the mean NaN, torch's is inf)
+    return hi, tl.where(hi - hi == 0, lo, 0.0)
 
 
 @triton.jit
@@ -65,6 +66,7 @@ def _shifted_stats(X, c, cmask, S, sN, sC, sS, nsb, n_units, u0, units,
     mask = smask[:, None] & cmask[None, :]
     x = tl.load(X + _offsets(n, s, c, sN, sS, sC), mask=mask, other=0.0).to(COMPUTE)
     shift = tl.sum(x, 0) / tl.maximum(tl.sum(smask.to(COMPUTE), 0), 1.0)
+    shift = tl.where(shift - shift == 0, shift, 0.0)  # an inf in the first tile: shift by 0
     cnt = tl.zeros([BLOCK_S], COMPUTE)  # per lane: valid elements seen
     s1 = tl.zeros([BLOCK_S, BLOCK_C], COMPUTE)
     s2 = tl.zeros([BLOCK_S, BLOCK_C], COMPUTE)
@@ -79,7 +81,8 @@ def _shifted_stats(X, c, cmask, S, sN, sC, sS, nsb, n_units, u0, units,
     n_tot = tl.sum(cnt, 0)
     sum1 = tl.sum(s1, 0)
     mean_s = sum1 / tl.maximum(n_tot, 1.0)  # relative to shift
-    m2 = tl.maximum(tl.sum(s2, 0) - sum1 * mean_s, 0.0)
+    # NaN (inf or NaN input) stays NaN, as torch's variance: a plain maximum would give 0
+    m2 = tl.maximum(tl.sum(s2, 0) - sum1 * mean_s, 0.0, propagate_nan=tl.PropagateNan.ALL)
     # the absolute mean as hi + lo: hi alone (fp32) would lose ulp(mean) when |mean| >> std
     hi, lo = _two_sum(shift, mean_s)
     return n_tot, hi, lo, m2
@@ -121,8 +124,8 @@ def _update_running(RMEAN, RVAR, NBT, c, cmask, n_tot, mean, m2, mom_hi, mom_lo,
     rv = tl.load(RVAR + c, mask=cmask, other=0.0)
     new_rm = (1.0 - factor) * rm.to(COMPUTE) + factor * mean
     new_rv = (1.0 - factor) * rv.to(COMPUTE) + factor * unbiased
-    tl.store(RMEAN + c, new_rm.to(rm.dtype), mask=cmask)
-    tl.store(RVAR + c, new_rv.to(rv.dtype), mask=cmask)
+    tl.store(RMEAN + c, cast_rn(new_rm, rm.dtype), mask=cmask)
+    tl.store(RVAR + c, cast_rn(new_rv, rv.dtype), mask=cmask)
 
 
 @triton.jit
@@ -156,6 +159,7 @@ def _merge_partials(PCOUNT, PMEAN, PMEAN_LO, PM2, P, C, c, cmask, HAS_LO: tl.con
         n_tot += tl.sum(n_i, 0)
         wsum += tl.sum(n_i * hi_i, 0)
     ref = wsum / tl.maximum(n_tot, 1.0)
+    ref = tl.where(ref - ref == 0, ref, 0.0)  # an infinite partial mean: deviations from 0
     # pass 2: the mean relative to ref
     dsum = tl.zeros([BLOCK_C], COMPUTE)
     for p0 in range(0, P, BLOCK_P):
@@ -282,7 +286,7 @@ def _normalize_units(X, Y, c, cmask, mean, mean_lo, scale, b, negative_slope, al
         x = tl.load(X + xo, mask=mask, other=0.0).to(COMPUTE)
         z = _centered(x, mean, mean_lo, HAS_LO) * scale[None, :] + b[None, :]
         y = activate(z, ACTIVATION, negative_slope, alpha)
-        tl.store(Y + yo, y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + yo, cast_rn(y, Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -436,7 +440,7 @@ def _dx_units(X, DY, DX, c, cmask, mean, mean_lo, invstd, w, b, mean_g, mean_gx,
         if TRAINING:
             g = g - mean_g[None, :] - xhat * mean_gx[None, :]
         dx = g * scale[None, :]
-        tl.store(DX + _offsets(n, s, c, soN, soS, soC), dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + _offsets(n, s, c, soN, soS, soC), cast_rn(dx, DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -480,7 +484,7 @@ def _backward_reduce_kernel(
         acc_gx += g * xhat
         if EVAL_DX:
             dx = g * scale[None, :]
-            tl.store(DX + _offsets(n, s, c, soN, soS, soC), dx.to(DX.dtype.element_ty), mask=mask)
+            tl.store(DX + _offsets(n, s, c, soN, soS, soC), cast_rn(dx, DX.dtype.element_ty), mask=mask)
     sum_g = tl.sum(acc_g, 0)
     sum_gx = tl.sum(acc_gx, 0)
     out = pid_p * C + c

@@ -13,6 +13,33 @@ from . import kernels as K
 from .launch_plan import _like, _prepare_input, launch_args, plan
 
 
+# Every launcher normalises the internal tensors it is given (x through _prepare_input,
+# statistics and parameters to dense rows) or checks them (in-place outputs), so a strided or
+# expanded view -- a gathered count broadcast over C, a row of a stacked buffer -- is never read
+# as if it were dense.
+
+
+def _dense(t, shape, name):
+    """``t`` (None, or a tensor of ``shape`` elements) as the kernels index it: dense rows, a copy
+    when strided or expanded; RuntimeError for a wrong shape."""
+    if t is None:
+        return None
+    if tuple(t.shape) != tuple(shape):
+        if len(shape) != 1 or t.numel() != shape[0]:
+            raise RuntimeError(f"tkern.batch_norm: {name} must have shape {tuple(shape)}, "
+                               f"got {tuple(t.shape)}")
+        t = t.reshape(-1)
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _in_place(t, C, name):
+    """A [C] tensor the kernels update in place: a copy would drop the update, so check it."""
+    if t is not None and (t.shape != (C,) or not t.is_contiguous()):
+        raise RuntimeError(f"tkern.batch_norm: {name} must be a contiguous [{C}] tensor, got "
+                           f"shape {tuple(t.shape)} and strides {t.stride()}")
+    return t
+
+
 def _activation_scalars(negative_slope, alpha) -> dict:
     """The activation's float parameters as fp32 pairs (exact for fp64 inputs, like eps)."""
     slope_hi, slope_lo, alpha_hi, alpha_lo = f32_pairs(negative_slope, alpha)
@@ -26,6 +53,7 @@ def bn_partial_stats(x: torch.Tensor):
     acc = rt.accum_dtype(x.dtype)
     if x.numel() == 0:  # an empty local batch (a SyncBatchNorm rank) contributes count 0
         return torch.zeros((4, 1, x.shape[1]), dtype=acc, device=x.device).unbind(0)
+    x = _prepare_input(x)
     p = plan(x, reduction=True)
     view = p.view
     sN, sC, sS = view.strides(x)
@@ -51,6 +79,11 @@ def bn_combine_stats(count, mean, m2, mean_lo=None, eps=1e-5, running_mean=None,
     per process, ready to be gathered across processes and merged again.
     ``as_rows=True``: the same results as one [3, C] (or [4, 1, C]) tensor, one row each."""
     P, C = mean.shape
+    count, mean, m2, mean_lo = (_dense(t, (P, C), name) for t, name in (
+        (count, "count"), (mean, "mean"), (m2, "m2"), (mean_lo, "mean_lo")))
+    if not local:
+        running_mean = _in_place(running_mean, C, "running_mean")
+        running_var = _in_place(running_var, C, "running_var")
     acc = mean.dtype
     dev = mean.device
     compute = rt.compute_dtype(acc)
@@ -87,6 +120,10 @@ def _stat_args(x, mean, mean_lo, invstd, weight, bias, var, eps):
     """Pointer arguments and flags shared by the normalize and backward kernels.  ``var`` (with
     ``eps``) replaces ``invstd``: the kernels then take 1 / sqrt(var + eps) themselves."""
     from_var = var is not None
+    C = x.shape[1]
+    mean, mean_lo, invstd, weight, bias, var = (_dense(t, (C,), name) for t, name in (
+        (mean, "mean"), (mean_lo, "mean_lo"), (invstd, "invstd"), (weight, "weight"),
+        (bias, "bias"), (var, "var")))
     eps_hi, eps_lo = f32_pairs(eps)
     flags = dict(HAS_LO=mean_lo is not None, FROM_VAR=from_var, HAS_W=weight is not None,
                  HAS_B=bias is not None, eps_hi=eps_hi, eps_lo=eps_lo)
@@ -100,6 +137,7 @@ def bn_normalize(x, mean, invstd, weight, bias, activation="identity", negative_
     """``act((x - mean - mean_lo) * invstd * weight + bias)``; ``activation`` is a kernel name
     (``activations.kernel_name``).  Output in x's dtype and memory format.  Eval passes the
     running stats: ``mean=running_mean, invstd=None, var=running_var, eps=eps``."""
+    x = _prepare_input(x)
     y = torch.empty_like(x)
     if x.numel() == 0:
         return y
@@ -133,6 +171,7 @@ def _backward_pass(x, dy, mean, invstd, weight, bias, activation, negative_slope
     ``partials=True``: the unsummed ``[2, P, C]`` workspace instead of the sums.
     ``eval_dx`` adds the eval dx to the pass; ``train_dx`` the training dx (one partial only:
     each program then holds its channels' whole sums; ``count`` is the elements per channel)."""
+    x = _prepare_input(x)
     p = plan(x, reduction=True)
     view = p.view
     P, C = p.num_partials, view.C
@@ -164,9 +203,16 @@ def bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g=None, sum_gx=None, c
     ``sum_g`` / ``sum_gx`` may be ``[P, C]`` partials: the kernel adds them up, and writes the
     totals into ``sums_out`` ([2, C]) when given.  Eval (``training=False``): ``g * weight *
     invstd``."""
+    x = _prepare_input(x)
     dx = torch.empty_like(x)
     if x.numel() == 0:
         return dx
+    if training:
+        C = x.shape[1]
+        rows_shape = (sum_g.shape[0], C) if sum_g.dim() == 2 else (C,)
+        sum_g, sum_gx = _dense(sum_g, rows_shape, "sum_g"), _dense(sum_gx, rows_shape, "sum_gx")
+        if sums_out is not None:
+            _in_place(sums_out.view(-1), 2 * C, "sums_out")
     p = plan(x, reduction=False)
     view = p.view
     dy = _like(dy, x, view)
@@ -206,6 +252,9 @@ def _fused_forward(x, weight, bias, running_mean, running_var, num_batches_track
     p = plan(x, reduction=True)
     view = p.view
     C = view.C
+    weight, bias = _dense(weight, (C,), "weight"), _dense(bias, (C,), "bias")
+    running_mean = _in_place(running_mean, C, "running_mean")
+    running_var = _in_place(running_var, C, "running_var")
     stats = torch.empty((3, C), dtype=rt.accum_dtype(x.dtype), device=x.device)
     y = torch.empty_like(x) if write_y else x
     update = running_mean is not None
@@ -257,6 +306,9 @@ def train_forward(x, weight, bias, running_mean, running_var, num_batches_tracke
     p = plan(x, reduction=False)
     view = p.view
     P, C = mean.shape
+    weight, bias = _dense(weight, (C,), "weight"), _dense(bias, (C,), "bias")
+    running_mean = _in_place(running_mean, C, "running_mean")
+    running_var = _in_place(running_var, C, "running_var")
     stats = torch.empty((3, C), dtype=mean.dtype, device=x.device)
     y = torch.empty_like(x)
     update = running_mean is not None

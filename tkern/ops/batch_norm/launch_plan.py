@@ -96,6 +96,9 @@ def _prepare_input(x: torch.Tensor) -> torch.Tensor:
 
 def _like(t: torch.Tensor, x: torch.Tensor, view: _View) -> torch.Tensor:
     """``t`` (e.g. the incoming gradient) in a layout ``view`` can address; copies if needed."""
+    if t.shape != x.shape:
+        raise RuntimeError(f"tkern.batch_norm: the gradient has shape {tuple(t.shape)}, the "
+                           f"input {tuple(x.shape)}")
     if view.strides(t) is not None:
         return t
     return torch.empty_like(x).copy_(t)
