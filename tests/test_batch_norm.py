@@ -5,13 +5,13 @@ import torch
 import torch.nn.functional as F
 
 import tkern
-from tkern.activations import eager_activation
+from tkern.activations import activation_scalars, eager_activation
 from tkern.ops import batch_norm as bn_ops
 from tkern.testing import assert_close_rule
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 ACTS = [(a, "none") for a in tkern.ACTIVATIONS] + [("gelu", "tanh")]
-PARAMS = dict(negative_slope=0.2, alpha=1.3)
+PARAMS = dict(negative_slope=0.2, alpha=1.3, min_val=-0.7, max_val=1.9, beta=1.7, threshold=2.5)
 MODULES = {1: "BatchNorm1d", 2: "BatchNorm2d", 3: "BatchNorm3d"}
 
 
@@ -154,7 +154,7 @@ def _functional_case(device, dtype, shape, training, act="identity", approximate
 
     def torch_fn(xin, rm, rv, w, b):
         y = F.batch_norm(xin, rm, rv, w, b, training, 0.2, 1e-4)
-        return eager_activation(y, act, approximate=approximate, **PARAMS)
+        return eager_activation(y, act, *activation_scalars(act, **PARAMS), approximate)
 
     def ours_fn(xin, rm, rv, w, b):
         return tkern.batch_norm(xin, rm, rv, w, b, training, 0.2, 1e-4, activation=act,
@@ -320,6 +320,29 @@ def test_fused_activation_eval_and_module(device):
     _close(x.grad, xt.grad, "dx")
     _close(ours.weight.grad, ref[0].weight.grad, "dweight")
     _close(ours.running_var, ref[0].running_var, "running_var")
+
+
+@pytest.mark.parametrize("act,kwargs,module", [
+    ("hardtanh", dict(min_val=-0.4, max_val=0.9), torch.nn.Hardtanh(-0.4, 0.9)),
+    ("softplus", dict(beta=2.0, threshold=1.5), torch.nn.Softplus(2.0, 1.5)),
+    ("relu6", {}, torch.nn.ReLU6()),
+])
+def test_activation_parameters_reach_the_module(device, act, kwargs, module):
+    """min_val/max_val and beta/threshold flow through tkern.nn.BatchNorm*d into the kernels."""
+    ref = torch.nn.Sequential(torch.nn.BatchNorm1d(3), module).to(device).double()
+    ours = tkern.nn.BatchNorm1d(3, activation=act, **kwargs).to(device).double()
+    assert all(f"{k}={v}" in repr(ours) for k, v in kwargs.items())
+    x = torch.randn(4, 3, 5, device=device, dtype=torch.float64, requires_grad=True)
+    xt = x.detach().clone().requires_grad_()
+    dy = torch.randn_like(x)
+    yo, yr = ours(x), ref(xt)
+    _close(yo, yr, "output")
+    torch.autograd.backward(yo, dy)
+    torch.autograd.backward(yr, dy)
+    _close(x.grad, xt.grad, "dx")
+    _close(ours.weight.grad, ref[0].weight.grad, "dweight")
+    with pytest.raises(ValueError, match="min_val cannot be greater"):
+        tkern.nn.BatchNorm1d(3, activation="hardtanh", min_val=1.0, max_val=0.0)
 
 
 # ------------------------------------------------------------------------------------------------

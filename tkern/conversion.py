@@ -58,7 +58,8 @@ def _swap(module: nn.Module) -> nn.Module | None:
     kind = type(module)  # exact types: a user's subclass may change forward
     if kind in _BATCH_NORMS:
         return _reclass(module, _BATCH_NORMS[kind], activation=None, negative_slope=0.01,
-                        alpha=1.0, approximate="none")
+                        alpha=1.0, approximate="none", min_val=-1.0, max_val=1.0, beta=1.0,
+                        threshold=20.0)
     if kind is nn.LocalResponseNorm:
         return _reclass(module, tnn.LocalResponseNorm)
     return None
@@ -69,6 +70,8 @@ def _activation_module(act: nn.Module, p: float) -> tnn.ActivationDropout:
         _ACTIVATION_NAMES[type(act)], p,
         negative_slope=getattr(act, "negative_slope", 0.01), alpha=getattr(act, "alpha", 1.0),
         approximate=getattr(act, "approximate", "none"),
+        min_val=getattr(act, "min_val", -1.0), max_val=getattr(act, "max_val", 1.0),
+        beta=getattr(act, "beta", 1.0), threshold=getattr(act, "threshold", 20.0),
     )
     return new.train(act.training)
 
@@ -104,8 +107,9 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, report: list[str]) -> None
                           f"({type(b).__name__}) apart: {why}")
         elif bn_left:
             fused = _activation_module(b, 0.0)
-            a.activation, a.negative_slope, a.alpha, a.approximate = (
-                fused.activation, fused.negative_slope, fused.alpha, fused.approximate)
+            for k in ("activation", "negative_slope", "alpha", "approximate", "min_val",
+                      "max_val", "beta", "threshold"):
+                setattr(a, k, getattr(fused, k))
             seq._modules[right] = nn.Identity()
             report.append(f"fused {prefix}{right} ({fused.activation}) into {prefix}{left} "
                           f"({type(a).__name__})")

@@ -78,7 +78,8 @@ import triton.language as tl
 
 from .. import _runtime as rt
 from ._math import from_pair
-from ..activations import activate, activation_grad, eager_activation, kernel_name
+from ..activations import (activate, activation_grad, activation_scalars, eager_activation,
+                           kernel_name)
 
 # Elements per tile: 16 KiB of fp32 per loop step keeps enough loads in flight to approach memory
 # bandwidth, with few enough registers per thread.
@@ -1205,12 +1206,13 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5, *, activation=None, negative_slope=0.01, alpha=1.0,
-               approximate="none"):
+               approximate="none", min_val=-1.0, max_val=1.0, beta=1.0, threshold=20.0):
     """``torch.nn.functional.batch_norm`` followed by a fused activation, in Triton.
 
     Arguments and errors as ``F.batch_norm``; ``activation`` (None = identity) is one of
-    ``tkern.ACTIVATIONS``, with ``negative_slope`` (leaky_relu), ``alpha`` (elu) and
-    ``approximate`` (gelu).  Input (N, C, *) of any floating dtype, NCHW or channels_last
+    ``tkern.ACTIVATIONS``, with ``negative_slope`` (leaky_relu), ``alpha`` (elu),
+    ``approximate`` (gelu), ``min_val``/``max_val`` (hardtanh) and ``beta``/``threshold``
+    (softplus).  Input (N, C, *) of any floating dtype, NCHW or channels_last
     (read through strides, output in the same memory format); fp16/bf16 input may come with fp32
     weight, bias and running stats.  Training updates running_mean/running_var in place with the
     unbiased batch variance.
@@ -1219,5 +1221,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         raise TypeError(f"tkern.batch_norm: momentum must be float, not {type(momentum).__name__}")
     if not isinstance(training, bool):
         raise TypeError(f"tkern.batch_norm: training must be bool, not {type(training).__name__}")
+    scalars = activation_scalars(activation, negative_slope, alpha, min_val, max_val, beta,
+                                 threshold)  # the kernels' two activation scalars
     return _batch_norm(input, running_mean, running_var, weight, bias, training, float(momentum),
-                       eps, activation, negative_slope, alpha, approximate)
+                       eps, activation, *scalars, approximate)
