@@ -40,7 +40,8 @@ class _TkernBatchNormMixin:
                                   getattr(self, "min_val", -1.0), getattr(self, "max_val", 1.0),
                                   getattr(self, "beta", 1.0), getattr(self, "threshold", 20.0))
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``act(bn(input))``, or ``act(bn(input) + residual)`` with ``residual``."""
         self._check_input_dim(input)
         momentum = 0.0 if self.momentum is None else self.momentum
         nbt = None
@@ -57,7 +58,7 @@ class _TkernBatchNormMixin:
             self.running_var if track else None,
             self.weight, self.bias, bn_training, momentum, self.eps,
             self.activation, *self._activation_scalars(), self.approximate,
-            num_batches_tracked=nbt,
+            num_batches_tracked=nbt, residual=residual,
         )
 
     def extra_repr(self) -> str:

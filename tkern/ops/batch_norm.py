@@ -1158,10 +1158,15 @@ def _flat(t):
 
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                activation, negative_slope, alpha, approximate, num_batches_tracked=None):
+                activation, negative_slope, alpha, approximate, num_batches_tracked=None,
+                residual=None):
     """Shared body of ``batch_norm`` and the modules.  ``momentum=None`` (modules only) means the
     cumulative average 1 / num_batches_tracked, read on the device."""
     kact = kernel_name(activation, approximate)
+    if residual is not None:
+        y = _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                        None, negative_slope, alpha, "none", num_batches_tracked)
+        return eager_activation(y + residual, activation, negative_slope, alpha, approximate)
     _check(input, running_mean, running_var, weight, bias, training, eps)
     if input.numel() == 0:
         # torch's batch_norm on an empty input, whatever its rank or parameters: a copy (not a
