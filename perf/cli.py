@@ -124,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(e.g. 64x112x112,2048x7x7); default every shape of the chosen ops")
     p.add_argument("--providers", type=_choices(list(PROVIDERS), {"compile": "torch.compile"}),
                    default=list(PROVIDERS),
-                   help="comma list of eager, torch.compile (alias compile), tkern; default all. "
-                        "eager is needed for speedup_vs_eager")
+                   help="comma list of eager, torch.compile (alias compile), tkern, "
+                        "tkern+compile (torch.compile of a converted model: train_step cases "
+                        "only); default all. eager is needed for speedup_vs_eager")
     p.add_argument("--quick", action="store_true",
                    help="tiny shapes, 3 batch sizes, float32: a smoke run. Without a GPU it runs "
                         "tkern in Triton's interpreter (CPU-interpreter timings, not GPU results) "

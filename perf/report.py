@@ -145,7 +145,8 @@ def table(rows: list[dict], providers: list[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ plots
-_COLORS = {"eager": "#7f7f7f", "torch.compile": "#1f77b4", "tkern": "#d62728"}
+_COLORS = {"eager": "#7f7f7f", "torch.compile": "#1f77b4", "tkern": "#d62728",
+           "tkern+compile": "#9467bd"}
 _STYLES = {"fwd": "-", "bwd": "--", "full": ":"}
 _MARKERS = ["o", "s", "^", "D"]
 

@@ -11,7 +11,11 @@ from torch import fx, nn
 
 import tkern
 
-tv = pytest.importorskip("torchvision", reason="torchvision is not importable with this torch")
+try:
+    import torchvision as tv
+except Exception as e:  # noqa: BLE001 - absent, or built for another torch (fails on import)
+    pytest.skip(f"torchvision is not importable with this torch ({type(e).__name__})",
+                allow_module_level=True)
 
 MODELS = ["resnet18", "resnet50", "googlenet", "mobilenet_v2", "mobilenet_v3_large",
           "densenet121", "efficientnet_b0", "regnet_y_400mf", "vgg11_bn"]

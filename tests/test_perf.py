@@ -296,3 +296,22 @@ def test_targets_read_the_issues_thresholds():
     rows.append(row("local_response_norm", "full", "tkern", "WRONG", batch=16))
     got = {what: status for _, what, status, _ in targets.evaluate(rows)}
     assert got[lrn + "5.0x eager (geomean)"] == "FAIL"
+
+
+def test_torchvision_train_step_cases_and_their_providers():
+    """resnet50 and mobilenet_v2 training steps when torchvision imports; only they get the
+    torch.compile(tkern.convert(model)) provider, and their rows report images/s."""
+    from perf.cases import train_step
+    from perf.runner import PROVIDERS, Sweep
+    cases = train_step.torchvision_cases(dict(image=32, width=0, hidden=0, classes=10))
+    if not cases:
+        pytest.skip("torchvision is not importable with this torch")
+    assert [c.label for c in cases] == ["torchvision resnet50", "torchvision mobilenet_v2"]
+    assert all(c.extra["compile_tkern"] and c.extra["images"] for c in cases)
+    assert any(type(m).__name__ == "BatchNorm2d" and m.activation == "relu"
+               for m in cases[0].extra["model"].modules())
+    sweep = Sweep.__new__(Sweep)
+    sweep.cfg = type("Cfg", (), dict(providers=list(PROVIDERS), device=torch.device("cpu")))()
+    assert list(sweep._providers(cases[0])) == list(PROVIDERS)
+    alexnet = train_step.cases(quick=True)[0]
+    assert "tkern+compile" not in sweep._providers(alexnet)
