@@ -553,17 +553,20 @@ def test_opcheck(device):
     nbt = torch.tensor(3, device=device)
     torch.library.opcheck(bn_ops._stats_op, (x.detach().transpose(0, 2), rm, rv, nbt, None, 1e-5))
     stats = bn_ops._stats_op(x.detach(), None, None, None, 0.0, 1e-5)
-    torch.library.opcheck(bn_ops._forward_op,
-                          (x, w, b, stats, None, None, 1e-5, True, "relu", 0.01, 1.0))
+    r = torch.randn(4, 3, 5, device=device, requires_grad=True)
+    for res in (None, r):
+        torch.library.opcheck(bn_ops._forward_op,
+                              (x, w, b, stats, None, None, 1e-5, True, "relu", 0.01, 1.0, res))
     rv = torch.rand(3, device=device) + 0.5
     torch.library.opcheck(bn_ops._forward_op,  # eval: from the running stats
-                          (x, None, b, None, rm, rv, 1e-3, False, "elu", 0.01, 0.5))
+                          (x, None, b, None, rm, rv, 1e-3, False, "elu", 0.01, 0.5, None))
     dy = torch.randn(4, 3, 5, device=device)
     for training in (True, False):
-        torch.library.opcheck(bn_ops._backward_op,
-                              (dy, x.detach(), w.detach(), None, stats if training else None,
-                               None if training else rm, None if training else rv, 1e-5,
-                               training, "silu", 0.01, 1.0, True, True))
+        for res in (None, r.detach()):
+            torch.library.opcheck(bn_ops._backward_op,
+                                  (dy, x.detach(), w.detach(), None, stats if training else None,
+                                   None if training else rm, None if training else rv, 1e-5,
+                                   training, "silu", 0.01, 1.0, True, True, res, res is not None))
 
 
 @pytest.mark.parametrize("shape", [(5, 3, 4), (2, 3, 4)])
@@ -655,3 +658,88 @@ def test_torch_edge_semantics(device):
     y = tkern.batch_norm(torch.empty(4, 3, 5, device="meta"), None, None, training=True,
                          activation="relu")
     assert y.device.type == "meta" and y.shape == (4, 3, 5)
+
+
+# ------------------------------------------------------------------------------------------------
+# residual: act(bn(x) + r) in the normalize pass
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training,shape,channels_last", [
+    (True, (2, 3, 4, 5), False),  # one launch each way
+    (True, (17, 3, 61), False),  # split statistics, reduce + dx launches
+    (False, (3, 5, 2, 3), True),
+])
+def test_residual_matches_torch(device, dtype, training, shape, channels_last):
+    """Output, dx, dresidual, dweight, dbias and running stats against torch's
+    act(F.batch_norm(x) + r), by the 2x rule at each dtype."""
+    C = shape[1]
+    x64 = torch.randn(shape, device=device, dtype=torch.float64) * 2 + 0.5
+    if channels_last:
+        x64 = x64.contiguous(memory_format=torch.channels_last)
+    r64 = torch.randn(shape, device=device, dtype=torch.float64)
+    dy64 = torch.randn(shape, device=device, dtype=torch.float64)
+    w64, b64 = torch.randn(C, device=device, dtype=torch.float64), torch.randn(C, device=device, dtype=torch.float64)
+    rm64 = torch.randn(C, device=device, dtype=torch.float64)
+    rv64 = torch.rand(C, device=device, dtype=torch.float64) + 0.5
+    # the reference sees the inputs rounded to dtype, as tkern and torch do
+    x64, r64, dy64, w64, b64, rm64, rv64 = (t.to(dtype).double() for t in
+                                            (x64, r64, dy64, w64, b64, rm64, rv64))
+
+    def run(fn, dt):
+        x, r = (t.to(dt).requires_grad_() for t in (x64, r64))
+        w, b = (t.to(dt).requires_grad_() for t in (w64, b64))
+        rm, rv = rm64.to(dt), rv64.to(dt)
+        y = fn(x, r, rm, rv, w, b)
+        grads = torch.autograd.grad(y, (x, r, w, b), dy64.to(dt))
+        return (y, *grads, rm, rv)
+
+    def ours(x, r, rm, rv, w, b):
+        return tkern.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, activation="relu",
+                                residual=r)
+
+    def theirs(x, r, rm, rv, w, b):
+        return F.relu(F.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5) + r)
+
+    if training:
+        assert (bn_ops.num_partials(x64) > 1) == (shape[0] == 17)
+    o, t, ref = run(ours, dtype), run(theirs, dtype), run(theirs, torch.float64)
+    assert o[0].stride() == t[0].stride()
+    for name, a, b, c in zip(("output", "dx", "dresidual", "dweight", "dbias", "running_mean",
+                              "running_var"), o, t, ref):
+        assert_close_rule(a, b, c, name=name)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_residual_gradcheck(device, training):
+    x = torch.randn(3, 2, 3, device=device, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(3, 2, 3, device=device, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, device=device, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, device=device, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.randn(2, device=device, dtype=torch.float64), torch.rand(2, device=device, dtype=torch.float64) + 0.5
+
+    def fn(x, r, w, b):
+        return tkern.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5,
+                                activation="softplus", beta=1.5, threshold=1.0, residual=r)
+
+    assert torch.autograd.gradcheck(fn, (x, r, w, b))
+
+
+def test_residual_only_gradient_and_module(device):
+    """A residual that alone needs a gradient still gets it (the reduction pass writes it), and
+    the modules take ``residual=``."""
+    ref = torch.nn.BatchNorm2d(3).to(device).double()
+    ours = tkern.nn.BatchNorm2d(3, activation="hardswish").to(device).double()
+    x = torch.randn(2, 3, 4, 4, device=device, dtype=torch.float64)
+    for training in (True, False):
+        ref.train(training)
+        ours.train(training)
+        r = torch.randn(2, 3, 4, 4, device=device, dtype=torch.float64, requires_grad=True)
+        rt_ = r.detach().clone().requires_grad_()
+        yo = ours(x, residual=r)
+        yr = F.hardswish(ref(x) + rt_)
+        _close(yo, yr, "output")
+        (go,) = torch.autograd.grad(yo.sum(), r)
+        (gr,) = torch.autograd.grad(yr.sum(), rt_)
+        _close(go, gr, "dresidual")
+        _close(ours.running_mean, ref.running_mean, "running_mean")

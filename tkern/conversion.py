@@ -368,11 +368,14 @@ def convert(model: nn.Module, *, fuse: bool = True) -> nn.Module:
     tkern's (hooks included), in place, and return the model.
 
     With ``fuse``, inside an ``nn.Sequential`` a BatchNorm directly followed by an activation
-    (ReLU, LeakyReLU, Sigmoid, Tanh, GELU, SiLU, ELU) becomes one fused BatchNorm, and an
+    module of the table becomes one fused BatchNorm, and an
     activation directly followed by Dropout becomes one ``ActivationDropout``; the emptied slot
     becomes ``nn.Identity``.  Activations and Dropout are replaced only when fused.  A pair is
     kept apart when either module has hooks, when an activation and its Dropout have different
     training flags, or when an in-place activation's input could be seen outside the pair.
+    Then each module holding an unfused BatchNorm is traced with torch.fx and BatchNorm ->
+    activation (module, function or method) and BatchNorm -> + residual -> activation are fused
+    in its graph, which replaces that module's forward on the instance (see the README).
     state_dict keys do not change.  What changed, and each pair kept apart, is logged on the
     ``tkern`` logger (INFO) and kept as ``model.tkern_report``.
     """

@@ -338,8 +338,9 @@ def _centered(x, mean, mean_lo, HAS_LO: tl.constexpr):
 def _normalize_units(X, Y, c, cmask, mean, mean_lo, scale, b, negative_slope, alpha,
                      S, sxN, sxC, sxS, syN, syC, syS, nsb, n_units, u0, units,
                      HAS_LO: tl.constexpr, ACTIVATION: tl.constexpr, COMPUTE: tl.constexpr,
-                     INT64: tl.constexpr, BLOCK_S: tl.constexpr):
-    """y = act((x - mean - mean_lo) * scale + b) over the units [u0, u0 + units)."""
+                     INT64: tl.constexpr, BLOCK_S: tl.constexpr, R=None, HAS_R: tl.constexpr = False):
+    """y = act((x - mean - mean_lo) * scale + b [+ r]) over the units [u0, u0 + units); the
+    residual R (HAS_R) has x's strides."""
     lanes_s = tl.arange(0, BLOCK_S)
     for i in range(0, units):
         n, s, smask = _unit(u0 + i, nsb, lanes_s, S, n_units, INT64, BLOCK_S)
@@ -348,6 +349,8 @@ def _normalize_units(X, Y, c, cmask, mean, mean_lo, scale, b, negative_slope, al
         yo = _offsets(n, s, c, syN, syS, syC)
         x = tl.load(X + xo, mask=mask, other=0.0).to(COMPUTE)
         z = _centered(x, mean, mean_lo, HAS_LO) * scale[None, :] + b[None, :]
+        if HAS_R:
+            z += tl.load(R + xo, mask=mask, other=0.0).to(COMPUTE)
         y = activate(z, ACTIVATION, negative_slope, alpha)
         tl.store(Y + yo, y.to(Y.dtype.element_ty), mask=mask)
 
@@ -365,6 +368,8 @@ def _normalize_kernel(
     HAS_LO: tl.constexpr, FROM_VAR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     ACTIVATION: tl.constexpr,
     COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    R=None,  # residual [N, C, S] with X's strides, added before the activation when HAS_R
+    HAS_R: tl.constexpr = False,
 ):
     c, cmask, mean, mean_lo, invstd, w, b, negative_slope, alpha = _program_channels(
         MEAN, MEAN_LO, INVSTD, W, B, C, eps_hi, eps_lo, slope_hi, slope_lo, alpha_hi, alpha_lo,
@@ -372,7 +377,7 @@ def _normalize_kernel(
     _normalize_units(X, Y, c, cmask, mean, mean_lo, invstd * w, b, negative_slope, alpha,
                      S, sxN, sxC, sxS, syN, syC, syS, nsb, n_units,
                      tl.program_id(1) * units_per_prog, units_per_prog,
-                     HAS_LO, ACTIVATION, COMPUTE, INT64, BLOCK_S)
+                     HAS_LO, ACTIVATION, COMPUTE, INT64, BLOCK_S, R, HAS_R)
 
 
 @triton.jit
@@ -387,6 +392,8 @@ def _fused_forward_kernel(
     UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr, WRITE_Y: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACTIVATION: tl.constexpr,
     COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    R=None,  # residual [N, C, S] with X's strides, added before the activation when HAS_R
+    HAS_R: tl.constexpr = False,
 ):
     """Training forward in one launch for layers whose channel blocks span few units: each
     program reduces its channels over the whole batch, writes the statistics, updates the running
@@ -414,18 +421,19 @@ def _fused_forward_kernel(
                          from_pair(slope_hi, slope_lo, COMPUTE),
                          from_pair(alpha_hi, alpha_lo, COMPUTE),
                          S, sxN, sxC, sxS, syN, syC, syS, nsb, n_units, u0, n_units,
-                         True, ACTIVATION, COMPUTE, INT64, BLOCK_S)
+                         True, ACTIVATION, COMPUTE, INT64, BLOCK_S, R, HAS_R)
 
 
 @triton.jit
 def _grad_pre_activation(x, dy, mean, mean_lo, invstd, w, b, negative_slope, alpha,
-                         HAS_LO: tl.constexpr, ACTIVATION: tl.constexpr):
-    """xhat and g = dy * act'(z), with z rebuilt from x and the saved statistics."""
+                         HAS_LO: tl.constexpr, ACTIVATION: tl.constexpr, r=0.0):
+    """xhat and g = dy * act'(z), with z rebuilt from x, the saved statistics and the residual r
+    (0 without one).  g is also the residual's gradient."""
     xhat = _centered(x, mean, mean_lo, HAS_LO) * invstd[None, :]
     if ACTIVATION == "identity":
         g = dy
     else:
-        z = xhat * w[None, :] + b[None, :]
+        z = xhat * w[None, :] + b[None, :] + r
         g = dy * activation_grad(z, ACTIVATION, negative_slope, alpha)
     return xhat, g
 
@@ -435,18 +443,26 @@ def _dx_units(X, DY, DX, c, cmask, mean, mean_lo, invstd, w, b, mean_g, mean_gx,
               negative_slope, alpha, S, sxN, sxC, sxS, sdN, sdC, sdS, soN, soC, soS,
               nsb, n_units, u0, units, TRAINING: tl.constexpr, HAS_LO: tl.constexpr,
               ACTIVATION: tl.constexpr, COMPUTE: tl.constexpr, INT64: tl.constexpr,
-              BLOCK_S: tl.constexpr):
+              BLOCK_S: tl.constexpr, R=None, DR=None, HAS_R: tl.constexpr = False,
+              WRITE_DR: tl.constexpr = False):
     """dx over the units [u0, u0 + units): w * invstd * (g - mean_g - xhat * mean_gx) in
-    training (mean_g, mean_gx: the batch means of g and g * xhat), w * invstd * g in eval."""
+    training (mean_g, mean_gx: the batch means of g and g * xhat), w * invstd * g in eval.
+    With a residual R (x's strides), g rebuilds z + r; WRITE_DR stores g, its gradient, to DR."""
     lanes_s = tl.arange(0, BLOCK_S)
     scale = invstd * w
     for i in range(0, units):
         n, s, smask = _unit(u0 + i, nsb, lanes_s, S, n_units, INT64, BLOCK_S)
         mask = smask[:, None] & cmask[None, :]
-        x = tl.load(X + _offsets(n, s, c, sxN, sxS, sxC), mask=mask, other=0.0).to(COMPUTE)
+        xo = _offsets(n, s, c, sxN, sxS, sxC)
+        x = tl.load(X + xo, mask=mask, other=0.0).to(COMPUTE)
         dy = tl.load(DY + _offsets(n, s, c, sdN, sdS, sdC), mask=mask, other=0.0).to(COMPUTE)
+        r = 0.0
+        if HAS_R:
+            r = tl.load(R + xo, mask=mask, other=0.0).to(COMPUTE)
         xhat, g = _grad_pre_activation(x, dy, mean, mean_lo, invstd, w, b, negative_slope, alpha,
-                                       HAS_LO, ACTIVATION)
+                                       HAS_LO, ACTIVATION, r)
+        if WRITE_DR:
+            tl.store(DR + xo, g.to(DR.dtype.element_ty), mask=mask)
         if TRAINING:
             g = g - mean_g[None, :] - xhat * mean_gx[None, :]
         dx = g * scale[None, :]
@@ -467,6 +483,8 @@ def _backward_reduce_kernel(
     HAS_LO: tl.constexpr, FROM_VAR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     ACTIVATION: tl.constexpr,
     COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    R=None, DR=None,  # residual and its gradient (= g), [N, C, S] with X's strides, when HAS_R
+    HAS_R: tl.constexpr = False,
 ):
     """Sums of g = dy * act'(z) and g * xhat over this program's units.  DX_MODE 1 (eval: dx
     needs no sums) writes dx in the same pass; DX_MODE 2 (training, one program per channel
@@ -484,10 +502,16 @@ def _backward_reduce_kernel(
     for i in range(0, units_per_prog):
         n, s, smask = _unit(u0 + i, nsb, lanes_s, S, n_units, INT64, BLOCK_S)
         mask = smask[:, None] & cmask[None, :]
-        x = tl.load(X + _offsets(n, s, c, sxN, sxS, sxC), mask=mask, other=0.0).to(COMPUTE)
+        xo = _offsets(n, s, c, sxN, sxS, sxC)
+        x = tl.load(X + xo, mask=mask, other=0.0).to(COMPUTE)
         dy = tl.load(DY + _offsets(n, s, c, sdN, sdS, sdC), mask=mask, other=0.0).to(COMPUTE)
+        r = 0.0
+        if HAS_R:
+            r = tl.load(R + xo, mask=mask, other=0.0).to(COMPUTE)
         xhat, g = _grad_pre_activation(x, dy, mean, mean_lo, invstd, w, b, negative_slope, alpha,
-                                       HAS_LO, ACTIVATION)
+                                       HAS_LO, ACTIVATION, r)
+        if HAS_R:
+            tl.store(DR + xo, g.to(DR.dtype.element_ty), mask=mask)
         g = tl.where(mask, g, 0.0)
         acc_g += g
         acc_gx += g * xhat
@@ -504,7 +528,7 @@ def _backward_reduce_kernel(
         _dx_units(X, DY, DX, c, cmask, mean, mean_lo, invstd, w, b, sum_g * inv_n, sum_gx * inv_n,
                   negative_slope, alpha, S, sxN, sxC, sxS, sdN, sdC, sdS, soN, soC, soS,
                   nsb, n_units, u0, units_per_prog, True, HAS_LO, ACTIVATION, COMPUTE, INT64,
-                  BLOCK_S)
+                  BLOCK_S, R, DR, HAS_R, False)
 
 
 @triton.jit
@@ -521,6 +545,9 @@ def _dx_kernel(
     HAS_B: tl.constexpr,
     ACTIVATION: tl.constexpr,
     COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    R=None, DR=None,  # residual and its gradient, [N, C, S] with X's strides, when HAS_R
+    HAS_R: tl.constexpr = False,
+    WRITE_DR: tl.constexpr = False,  # store g to DR (when no reduction pass wrote it)
 ):
     c, cmask, mean, mean_lo, invstd, w, b, negative_slope, alpha = _program_channels(
         MEAN, MEAN_LO, INVSTD, W, B, C, eps_hi, eps_lo, slope_hi, slope_lo, alpha_hi, alpha_lo,
@@ -535,7 +562,7 @@ def _dx_kernel(
     _dx_units(X, DY, DX, c, cmask, mean, mean_lo, invstd, w, b, mean_g, mean_gx,
               negative_slope, alpha, S, sxN, sxC, sxS, sdN, sdC, sdS, soN, soC, soS,
               nsb, n_units, tl.program_id(1) * units_per_prog, units_per_prog, TRAINING, HAS_LO,
-              ACTIVATION, COMPUTE, INT64, BLOCK_S)
+              ACTIVATION, COMPUTE, INT64, BLOCK_S, R, DR, HAS_R, WRITE_DR)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -770,8 +797,15 @@ def _stat_args(x, mean, mean_lo, invstd, weight, bias, var, eps):
     return ptrs, flags
 
 
+def _residual_args(residual, dr=None) -> dict:
+    """Kernel arguments for an optional residual (already in x's layout) and its gradient."""
+    if residual is None:
+        return {}
+    return dict(R=residual, HAS_R=True, **({} if dr is None else dict(DR=dr)))
+
+
 def bn_normalize(x, mean, invstd, weight, bias, activation="identity", negative_slope=0.01,
-                 alpha=1.0, mean_lo=None, var=None, eps=0.0):
+                 alpha=1.0, mean_lo=None, var=None, eps=0.0, residual=None):
     """``act((x - mean - mean_lo) * invstd * weight + bias)``; ``activation`` is a kernel name
     (``activations.kernel_name``).  Output in x's dtype and memory format.  Eval passes the
     running stats: ``mean=running_mean, invstd=None, var=running_var, eps=eps``."""
@@ -784,7 +818,8 @@ def bn_normalize(x, mean, invstd, weight, bias, activation="identity", negative_
     _normalize_kernel[p["grid"]](
         x, y, *ptrs, view.C, view.cols, *view.strides(x), *view.strides(y),
         **_activation_scalars(negative_slope, alpha), ACTIVATION=activation,
-        COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(y), **flags, **_launch_args(p))
+        COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(y), **flags, **_launch_args(p),
+        **_residual_args(residual))
     return y
 
 
@@ -803,7 +838,7 @@ def bn_backward_reduce(x, dy, mean, invstd, weight, bias, activation="identity",
 
 
 def _backward_pass(x, dy, mean, invstd, weight, bias, activation, negative_slope, alpha, mean_lo,
-                   var, eps, dx_mode=0, count=1):
+                   var, eps, dx_mode=0, count=1, residual=None, dr=None):
     """One ``_backward_reduce_kernel`` launch over the reduction plan: (sums [2, C], dx or None).
     ``dx_mode`` 1 adds the eval dx to the pass; 2 the training dx (plans with one partial only:
     each program then holds its channels' whole sums; ``count`` is the elements per channel)."""
@@ -821,14 +856,15 @@ def _backward_pass(x, dy, mean, invstd, weight, bias, activation, negative_slope
         x, dy, out, *ptrs, ws[0], ws[1], C, view.cols, *view.strides(x), *view.strides(dy),
         *view.strides(out), inv_n_hi=inv_hi, inv_n_lo=inv_lo,
         **_activation_scalars(negative_slope, alpha), DX_MODE=dx_mode, ACTIVATION=activation,
-        COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(dy, out), **flags, **_launch_args(p))
+        COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(dy, out), **flags, **_launch_args(p),
+        **_residual_args(residual, dr))
     sums = ws[:, 0] if P == 1 else ws.sum(1)  # deterministic combine over the splits
     return sums, dx
 
 
 def bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g=None, sum_gx=None, count=1,
                    activation="identity", negative_slope=0.01, alpha=1.0, training=True,
-                   mean_lo=None, var=None, eps=0.0):
+                   mean_lo=None, var=None, eps=0.0, residual=None, dr=None, write_dr=False):
     """dx.  Training: from the (global) sums of g and g * xhat and the (global) element count per
     channel (pass sums already divided by the count and ``count=1`` if the count is on a device).
     Eval (``training=False``): ``g * weight * invstd``."""
@@ -846,7 +882,8 @@ def bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g=None, sum_gx=None, c
         inv_n_hi=inv_hi, inv_n_lo=inv_lo, **_activation_scalars(negative_slope, alpha),
         TRAINING=training, ACTIVATION=activation,
         COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(dy, dx), **flags,
-        **_launch_args(p))
+        **_launch_args(p), **_residual_args(residual, dr),
+        **(dict(WRITE_DR=True) if write_dr else {}))
     return dx
 
 
@@ -880,7 +917,8 @@ def _stat_kwargs(stats, running_mean, running_var, eps):
 
 
 def _fused_forward(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
-                   eps, activation="identity", negative_slope=0.01, alpha=1.0, write_y=True):
+                   eps, activation="identity", negative_slope=0.01, alpha=1.0, write_y=True,
+                   residual=None):
     """The one-launch training forward (x prepared, non-empty, a plan with one partial):
     (y or None, statistics [3, C]); running stats, when given, updated in place."""
     p = plan(x, reduction=True)
@@ -903,7 +941,7 @@ def _fused_forward(x, weight, bias, running_mean, running_var, num_batches_track
         UPDATE=update, CUMULATIVE=cumulative, WRITE_Y=write_y, HAS_W=weight is not None,
         HAS_B=bias is not None, ACTIVATION=activation, COMPUTE=rt.compute_dtype(x.dtype),
         INT64=view.int64(y), BLOCK_S=p["BLOCK_S"], BLOCK_C=p["BLOCK_C"],
-        num_warps=p["num_warps"])
+        num_warps=p["num_warps"], **_residual_args(residual))
     return (y if write_y else None), stats
 
 
@@ -923,92 +961,121 @@ def _stats_impl(x, running_mean, running_var, num_batches_tracked, momentum, eps
                             num_batches_tracked=num_batches_tracked, as_rows=True)
 
 
+def _residual_like(residual, x):
+    """The residual in x's (prepared) layout: the kernels read it through x's offsets."""
+    if residual is None or residual.stride() == x.stride():
+        return residual
+    return torch.empty_like(x).copy_(residual)
+
+
 def _train_forward_impl(x, weight, bias, running_mean, running_var, num_batches_tracked,
-                        momentum, eps, activation, negative_slope, alpha):
+                        momentum, eps, activation, negative_slope, alpha, residual=None):
     """Training forward (eager): (y, batch statistics [3, C]), running stats updated in place.
     One launch when the plan has one partial per channel, else three (stats, merge, normalize)."""
     x = _prepare_input(x)
+    residual = _residual_like(residual, x)
     if x.numel() and plan(x, reduction=True)["num_partials"] == 1:
         return _fused_forward(x, weight, bias, running_mean, running_var, num_batches_tracked,
-                              momentum, eps, activation, negative_slope, alpha)
+                              momentum, eps, activation, negative_slope, alpha,
+                              residual=residual)
     stats = _stats_impl(x, running_mean, running_var, num_batches_tracked, momentum, eps)
     return _normalize_impl(x, weight, bias, stats, None, None, eps, True, activation,
-                           negative_slope, alpha), stats
+                           negative_slope, alpha, residual), stats
 
 
 def _normalize_impl(x, weight, bias, stats, running_mean, running_var, eps, training, activation,
-                    negative_slope, alpha):
+                    negative_slope, alpha, residual=None):
     """y from batch statistics ``stats`` [3, C] (training) or from the running stats (eval)."""
     x = _prepare_input(x)
     mean, invstd, kw = _stat_kwargs(stats, running_mean, running_var, eps)
-    return bn_normalize(x, mean, invstd, weight, bias, activation, negative_slope, alpha, **kw)
+    return bn_normalize(x, mean, invstd, weight, bias, activation, negative_slope, alpha, **kw,
+                        residual=_residual_like(residual, x))
 
 
 def _backward_impl(dy, x, weight, bias, stats, running_mean, running_var, eps, training,
-                   activation, negative_slope, alpha, need_x, need_wb):
-    """(dx or an empty tensor, sums [2, C]: sum g = dbias, sum g * xhat = dweight).
+                   activation, negative_slope, alpha, need_x, need_wb, residual=None,
+                   need_r=False):
+    """(dx or an empty tensor, sums [2, C]: sum g = dbias, sum g * xhat = dweight, and the
+    residual's gradient g or an empty tensor).
     Passes over x and dy: eval one; training one per program when the plan has one partial per
     channel (reduce, then dx from cache), else two launches (reduce, dx)."""
     x = _prepare_input(x)
     mean, invstd, kw = _stat_kwargs(stats, running_mean, running_var, eps)
+    residual = _residual_like(residual, x)
+    # with a residual, g (dy * act'(bn(x) + r)) is the residual's gradient: the first pass over
+    # each element writes it
+    dr = torch.empty_like(x) if residual is not None else None
+    res = dict(residual=residual, dr=dr)
     args = (x, dy, mean, invstd, weight, bias, activation, negative_slope, alpha,
             kw.get("mean_lo"), kw.get("var"), kw.get("eps", 0.0))
     C = x.shape[1]
     zeros = x.new_zeros((2, C), dtype=rt.accum_dtype(x.dtype))
     dx = x.new_empty(0)
     if x.numel() == 0:
-        return (torch.empty_like(x) if need_x else dx), zeros
+        return ((torch.empty_like(x) if need_x else dx), zeros,
+                (torch.empty_like(x) if need_r else dx))
+
+    def out(dx, sums):
+        return dx, sums, (dr if need_r and dr is not None else x.new_empty(0))
+
     count = x.numel() // C
+    need_pass = need_wb or (need_r and residual is not None)
     if need_x and not training:
-        if not need_wb:  # elementwise: the plan with more programs
-            return bn_backward_dx(x, dy, mean, invstd, weight, bias, activation=activation,
-                                  negative_slope=negative_slope, alpha=alpha, training=False,
-                                  **kw), zeros
-        sums, dx = _backward_pass(*args, dx_mode=1)
-        return dx, sums
+        if not need_pass:  # elementwise: the plan with more programs
+            return out(bn_backward_dx(x, dy, mean, invstd, weight, bias, activation=activation,
+                                      negative_slope=negative_slope, alpha=alpha,
+                                      training=False, **kw, **res,
+                                      write_dr=residual is not None), zeros)
+        sums, dx = _backward_pass(*args, dx_mode=1, **res)
+        return out(dx, sums)
     if need_x and plan(x, reduction=True)["num_partials"] == 1:
-        sums, dx = _backward_pass(*args, dx_mode=2, count=count)
-        return dx, sums
-    if not (need_x or need_wb):
-        return dx, zeros
-    sums, _ = _backward_pass(*args)
+        sums, dx = _backward_pass(*args, dx_mode=2, count=count, **res)
+        return out(dx, sums)
+    if not (need_x or need_pass):
+        return out(dx, zeros)
+    sums, _ = _backward_pass(*args, **res)
     if need_x:
         dx = bn_backward_dx(x, dy, mean, invstd, weight, bias, sums[0], sums[1], count,
-                            activation, negative_slope, alpha, training=True, **kw)
-    return dx, sums
+                            activation, negative_slope, alpha, training=True, **kw, **res)
+    return out(dx, sums)
 
 
 def _differentiable_backward(ctx, dy):
     """Backward under create_graph=True (double backward): the same gradient from torch ops, whose
     graph autograd can differentiate again.  The first-order path never comes here."""
-    x, weight, bias, _, running_mean, running_var = ctx.saved_tensors
+    x, weight, bias, _, running_mean, running_var, residual = ctx.saved_tensors
     eps, training, activation, negative_slope, alpha = ctx.cfg
     act, approximate = ("gelu", "tanh") if activation == "gelu_tanh" else (activation, "none")
-    wanted = [t for t, need in zip((x, weight, bias), ctx.needs_input_grad[:3]) if need]
+    needs = (*ctx.needs_input_grad[:3], residual is not None and ctx.needs_input_grad[-1])
+    wanted = [t for t, need in zip((x, weight, bias, residual), needs) if need]
     with torch.enable_grad():
         y = F.batch_norm(x, None if training else running_mean, None if training else running_var,
                          weight, bias, training, 0.0, eps)
+        if residual is not None:
+            y = y + residual
         y = eager_activation(y, act, negative_slope, alpha, approximate)
     grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
-    return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:3])
+    return tuple(next(grads) if need else None for need in needs)
 
 
 def _grads(ctx, dy, backward):
-    """(dx, dweight, dbias) from what forward saved: x, weight, bias and the statistics used
-    (never the pre-activation: it is rebuilt from them)."""
+    """(dx, dweight, dbias, dresidual) from what forward saved: x, weight, bias, the statistics
+    used and the residual (never the pre-activation: it is rebuilt from them)."""
     if torch.is_grad_enabled():
         return _differentiable_backward(ctx, dy)
-    x, weight, bias, stats, running_mean, running_var = ctx.saved_tensors
+    x, weight, bias, stats, running_mean, running_var, residual = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    dx, sums = backward(dy, x, weight, bias, stats, running_mean, running_var, *ctx.cfg,
-                        need_x, need_w or need_b)
+    need_r = residual is not None and ctx.needs_input_grad[-1]
+    dx, sums, dr = backward(dy, x, weight, bias, stats, running_mean, running_var, *ctx.cfg,
+                            need_x, need_w or need_b, residual, need_r)
     return (dx if need_x else None, sums[1].to(weight.dtype) if need_w else None,
-            sums[0].to(bias.dtype) if need_b else None)
+            sums[0].to(bias.dtype) if need_b else None, dr if need_r else None)
 
 
-def _save(ctx, x, weight, bias, stats, running_mean, running_var, eps, *cfg):
-    ctx.save_for_backward(x, weight, bias, stats, running_mean, running_var)
-    ctx.cfg = (eps, *cfg)
+def _save(ctx, x, weight, bias, stats, running_mean, running_var, eps, training, activation,
+          negative_slope, alpha, residual=None):
+    ctx.save_for_backward(x, weight, bias, stats, running_mean, running_var, residual)
+    ctx.cfg = (eps, training, activation, negative_slope, alpha)
 
 
 class _BatchNormFunction(torch.autograd.Function):
@@ -1019,24 +1086,26 @@ class _BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, running_mean, running_var, eps, training, activation,
-                negative_slope, alpha, update):
+                negative_slope, alpha, update, residual):
         act = (activation, negative_slope, alpha)
         if training:
-            return _train_forward_impl(x, weight, bias, *update, eps, *act)
+            return _train_forward_impl(x, weight, bias, *update, eps, *act, residual)
         return _normalize_impl(x, weight, bias, None, running_mean, running_var, eps, False,
-                               *act), None
+                               *act, residual), None
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, running_mean, running_var, eps, training, *act, _ = inputs
+        x, weight, bias, running_mean, running_var, eps, training, *act, _, residual = inputs
         stats = output[1]
         if stats is not None:
             ctx.mark_non_differentiable(stats)
-        _save(ctx, x, weight, bias, stats, running_mean, running_var, eps, training, *act)
+        _save(ctx, x, weight, bias, stats, running_mean, running_var, eps, training, *act,
+              residual)
 
     @staticmethod
     def backward(ctx, dy, _):
-        return _grads(ctx, dy, _backward_impl) + (None,) * 8
+        dx, dw, db, dr = _grads(ctx, dy, _backward_impl)
+        return (dx, dw, db) + (None,) * 8 + (dr,)
 
 
 @torch.library.custom_op("tkern::batch_norm_stats", mutates_args=("running_mean", "running_var"))
@@ -1055,14 +1124,15 @@ def _(x, running_mean, running_var, num_batches_tracked, momentum, eps):
 def _forward_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                 stats: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
                 running_var: Optional[torch.Tensor], eps: float, training: bool, activation: str,
-                negative_slope: float, alpha: float) -> torch.Tensor:
+                negative_slope: float, alpha: float,
+                residual: Optional[torch.Tensor]) -> torch.Tensor:
     return _normalize_impl(x, weight, bias, stats, running_mean, running_var, eps, training,
-                           activation, negative_slope, alpha)
+                           activation, negative_slope, alpha, residual)
 
 
 @_forward_op.register_fake
 def _(x, weight, bias, stats, running_mean, running_var, eps, training, activation,
-      negative_slope, alpha):
+      negative_slope, alpha, residual):
     return torch.empty_like(_prepare_input(x))
 
 
@@ -1071,22 +1141,28 @@ def _backward_op(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tenso
                  bias: Optional[torch.Tensor], stats: Optional[torch.Tensor],
                  running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                  eps: float, training: bool, activation: str, negative_slope: float, alpha: float,
-                 need_x: bool, need_wb: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 need_x: bool, need_wb: bool, residual: Optional[torch.Tensor],
+                 need_r: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward_impl(dy, x, weight, bias, stats, running_mean, running_var, eps, training,
-                          activation, negative_slope, alpha, need_x, need_wb)
+                          activation, negative_slope, alpha, need_x, need_wb, residual, need_r)
 
 
 @_backward_op.register_fake
 def _(dy, x, weight, bias, stats, running_mean, running_var, eps, training, activation,
-      negative_slope, alpha, need_x, need_wb):
+      negative_slope, alpha, need_x, need_wb, residual, need_r):
     x = _prepare_input(x)
     dx = torch.empty_like(x) if need_x else x.new_empty(0)
-    return dx, x.new_empty((2, x.shape[1]), dtype=rt.accum_dtype(x.dtype))
+    dr = torch.empty_like(x) if need_r else x.new_empty(0)
+    return dx, x.new_empty((2, x.shape[1]), dtype=rt.accum_dtype(x.dtype)), dr
 
 
-_forward_op.register_autograd(
-    lambda ctx, dy: _grads(ctx, dy, _backward_op) + (None,) * 8,
-    setup_context=lambda ctx, inputs, output: _save(ctx, *inputs))
+def _op_grads(ctx, dy):
+    dx, dw, db, dr = _grads(ctx, dy, _backward_op)
+    return (dx, dw, db) + (None,) * 8 + (dr,)
+
+
+_forward_op.register_autograd(_op_grads,
+                              setup_context=lambda ctx, inputs, output: _save(ctx, *inputs))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1163,7 +1239,13 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     """Shared body of ``batch_norm`` and the modules.  ``momentum=None`` (modules only) means the
     cumulative average 1 / num_batches_tracked, read on the device."""
     kact = kernel_name(activation, approximate)
-    if residual is not None:
+    if residual is not None and not (
+            isinstance(residual, torch.Tensor) and isinstance(input, torch.Tensor)
+            and residual.shape == input.shape and residual.dtype == input.dtype
+            and residual.device == input.device and input.numel() > 0
+            and rt.use_triton("batch_norm", input, residual)):
+        # broadcast, promotion, an empty batch or the eager fallback: torch adds, as
+        # act(bn(x) + r) would
         y = _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                         None, negative_slope, alpha, "none", num_batches_tracked)
         return eager_activation(y + residual, activation, negative_slope, alpha, approximate)
@@ -1194,14 +1276,14 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     if not torch.compiler.is_compiling():
         y, _ = _BatchNormFunction.apply(input, weight, bias, None if training else rm,
                                         None if training else rv, float(eps), bool(training),
-                                        *act, (rm, rv, nbt, momentum))
+                                        *act, (rm, rv, nbt, momentum), residual)
     else:
         stats = None
         if training:
             stats = _stats_op(input.detach(), rm, rv, nbt, momentum, float(eps))
         # eval: one launch, the kernel takes invstd from running_var itself
         y = _forward_op(input, weight, bias, stats, None if training else rm,
-                        None if training else rv, float(eps), bool(training), *act)
+                        None if training else rv, float(eps), bool(training), *act, residual)
     if update:  # strided running stats were updated as contiguous copies (_flat)
         for t, flat in ((running_mean, rm), (running_var, rv)):
             if flat is not t:
@@ -1211,13 +1293,16 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5, *, activation=None, negative_slope=0.01, alpha=1.0,
-               approximate="none", min_val=-1.0, max_val=1.0, beta=1.0, threshold=20.0):
+               approximate="none", min_val=-1.0, max_val=1.0, beta=1.0, threshold=20.0,
+               residual=None):
     """``torch.nn.functional.batch_norm`` followed by a fused activation, in Triton.
 
     Arguments and errors as ``F.batch_norm``; ``activation`` (None = identity) is one of
     ``tkern.ACTIVATIONS``, with ``negative_slope`` (leaky_relu), ``alpha`` (elu),
     ``approximate`` (gelu), ``min_val``/``max_val`` (hardtanh) and ``beta``/``threshold``
-    (softplus).  Input (N, C, *) of any floating dtype, NCHW or channels_last
+    (softplus).  ``residual`` (a tensor of the input's shape) gives ``act(bn(x) + residual)`` in
+    the same pass, with its gradient; backward rebuilds the pre-activation from x, the residual
+    and the statistics.  Input (N, C, *) of any floating dtype, NCHW or channels_last
     (read through strides, output in the same memory format); fp16/bf16 input may come with fp32
     weight, bias and running stats.  Training updates running_mean/running_var in place with the
     unbiased batch variance.
@@ -1229,4 +1314,4 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     scalars = activation_scalars(activation, negative_slope, alpha, min_val, max_val, beta,
                                  threshold)  # the kernels' two activation scalars
     return _batch_norm(input, running_mean, running_var, weight, bias, training, float(momentum),
-                       eps, activation, *scalars, approximate)
+                       eps, activation, *scalars, approximate, residual=residual)
