@@ -9,5 +9,7 @@ import os
 
 import torch
 
-if not torch.cuda.is_available():
+# perf.static_cost compiles the kernels for a GPU in a process of its own (TKERN_STATIC_COST=1):
+# there they must stay compilable JITFunctions
+if not torch.cuda.is_available() and not os.environ.get("TKERN_STATIC_COST"):
     os.environ["TRITON_INTERPRET"] = "1"

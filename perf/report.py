@@ -77,11 +77,13 @@ def compare(rows: list[dict], baseline: list[dict], max_slowdown: float,
             providers: list[str] | None = None) -> tuple[int, list[dict]]:
     """Rows slower than the baseline's matching row by more than ``max_slowdown`` (a fraction),
     comparing medians.  Returns (number of rows compared, offenders with their baseline time)."""
+    from .runner import PEERS
+
     base = {key_of(r): r for r in baseline}
     matched, bad = 0, []
     for r in rows:
-        if providers and r["provider"] not in providers:
-            continue
+        if (providers and r["provider"] not in providers) or (not providers and r["provider"] in PEERS):
+            continue  # a peer's speed (flag_gems) gates nothing unless asked for
         b = base.get(key_of(r))
         if b is None or not is_num(b["ms_p50"]) or b["ms_p50"] <= 0 or not is_num(r["ms_p50"]):
             continue
@@ -146,7 +148,7 @@ def table(rows: list[dict], providers: list[str]) -> str:
 
 # ------------------------------------------------------------------------------------------ plots
 _COLORS = {"eager": "#7f7f7f", "torch.compile": "#1f77b4", "tkern": "#d62728",
-           "tkern+compile": "#9467bd"}
+           "tkern+compile": "#9467bd", "flag_gems": "#2ca02c"}
 _STYLES = {"fwd": "-", "bwd": "--", "full": ":"}
 _MARKERS = ["o", "s", "^", "D"]
 
@@ -191,8 +193,12 @@ def plot(rows: list[dict], out_dir: Path, title_note: str = "") -> list[Path]:
                 ax.set_xlabel("batch size", fontsize=8)
                 ax.tick_params(labelsize=7)
                 ax.grid(True, alpha=0.3)
-        handles = [Line2D([], [], color=c, label=p) for p, c in _COLORS.items()]
-        handles += [Line2D([], [], color="black", linestyle=s, label=m) for m, s in _STYLES.items()]
+        drawn = [r for r in ops_rows if is_num(r["ms_p50"])]  # the legend names what is drawn
+        provs = {r["provider"] for r in drawn}
+        modes = {r["mode"] for r in drawn}
+        handles = [Line2D([], [], color=c, label=p) for p, c in _COLORS.items() if p in provs]
+        handles += [Line2D([], [], color="black", linestyle=s, label=m) for m, s in _STYLES.items()
+                    if m in modes]
         handles += [Line2D([], [], color="black", linestyle="", marker=_MARKERS[i % len(_MARKERS)],
                            label=d) for i, d in enumerate(dtypes)]
         height = fig.get_figheight()  # title, then the legend, then the panels (in inches)

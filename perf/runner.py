@@ -28,7 +28,10 @@ METRICS = COLUMNS[7:15]
 KEY = ("op", "mode", "provider", "dtype", "batch", "shape", "layout")
 # "tkern+compile" is torch.compile of the tkern function, for cases that ask for it
 # (extra["compile_tkern"]: torch.compile(tkern.convert(model)) training steps)
-PROVIDERS = ("eager", "torch.compile", "tkern", "tkern+compile")
+PROVIDERS = ("eager", "torch.compile", "tkern", "tkern+compile", "flag_gems")
+# Peers: measured and checked like every provider, but their failures fail no sweep and their rows
+# count toward no target (perf/cases/gems.py).
+PEERS = ("flag_gems",)
 MODES = ("fwd", "bwd", "full")
 NA, WRONG = "n/a", "WRONG"  # markers for metric cells: provider unavailable / failed its check
 
@@ -107,6 +110,10 @@ class Sweep:
                 if not case.extra.get("compile_tkern"):
                     continue  # no row: only whole-model cases compile tkern
                 fn = self._compile(case.tkern) if self._compile_available() else None
+            elif p == "flag_gems":
+                if case.gems is None:
+                    continue  # FlagGems lacks the op: no rows at all, rather than n/a rows
+                fn = case.gems
             else:
                 fn = self._compile(case.eager) if self._compile_available() else None
             out[p] = fn

@@ -20,7 +20,7 @@ from tkern.ops import weight_norm as wn
 TARGET = GPUTarget("cuda", 90, 32)
 POINTERS = {"X", "Y", "BIAS", "DY", "OUT", "DX", "G", "V", "GW", "NORM", "DOT", "PART", "GG", "MEAN",
             "MEAN_LO", "INVSTD", "W", "B", "SUM_G", "SUM_GX", "PSUM_G", "PSUM_GX", "PCOUNT", "PMEAN",
-            "PMEAN_LO", "PM2", "OCOUNT", "OM2", "RMEAN", "RVAR", "NBT", "COUNT", "M2"}
+            "PMEAN_LO", "PM2", "OCOUNT", "OM2", "RMEAN", "RVAR", "NBT", "COUNT", "M2", "SUMS"}
 FLOATS = {"p", "scale_hi", "scale_lo", "eps_hi", "eps_lo", "mom_hi", "mom_lo", "negative_slope", "alpha", "inv_n_hi",
           "slope_hi", "slope_lo", "alpha_hi", "alpha_lo",
           "inv_n_lo", "k_hi", "k_lo", "a_hi", "a_lo", "b_hi", "b_lo", "scale"}
@@ -30,8 +30,13 @@ failures = []
 def compile_variant(fn, consts, name, ptr="*fp32", overrides=None):
     fn = getattr(fn, "fn", fn) if not hasattr(fn, "params") else fn
     sig = {}
+    consts = dict(consts)
     for kp in fn.params:
-        if kp.is_constexpr:
+        given = kp.name in consts or (overrides and kp.name in overrides)
+        if kp.has_default and not given:  # optional arguments (BatchNorm's residual) at defaults
+            sig[kp.name] = "constexpr"
+            consts[kp.name] = kp.default
+        elif kp.is_constexpr:
             sig[kp.name] = "constexpr"
         elif overrides and kp.name in overrides:
             sig[kp.name] = overrides[kp.name]
@@ -57,14 +62,24 @@ def compile_variant(fn, consts, name, ptr="*fp32", overrides=None):
 
 def main():
     f32 = tl.float32
-    for act in ("relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "elu", "tanh", "sigmoid"):
-        for backward in (False, True):
+    for act in ("relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "elu", "tanh", "sigmoid",
+                "relu6", "hardtanh", "hardswish", "hardsigmoid", "mish", "softplus"):
+        for backward in ((False, True) if act in ("relu", "gelu", "elu") else (True,)):
             compile_variant(ad._kernel, dict(ACTIVATION=act, HAS_BIAS=True, DROPOUT=True, BACKWARD=backward,
-                                             COMPUTE=f32, INT64=act == "relu", QUARTER=ad.QUARTER),
-                            f"activation_dropout {act} backward={backward}", ptr="*bf16")
+                                             SEED_FROM_PTR=act == "gelu", COMPUTE=f32, INT64=act == "relu",
+                                             QUARTER=ad.QUARTER, EVEN=False, BIAS_ROW=False),
+                            f"activation_dropout {act} backward={backward}", ptr="*bf16",
+                            overrides={"SEED": "*i64"})
+    for even, bias_row in ((True, True), (True, False), (False, True)):
+        compile_variant(ad._kernel, dict(ACTIVATION="gelu", HAS_BIAS=True, DROPOUT=True, BACKWARD=True,
+                                         SEED_FROM_PTR=False, COMPUTE=f32, INT64=False, QUARTER=ad.QUARTER,
+                                         EVEN=even, BIAS_ROW=bias_row),
+                        f"activation_dropout even={even} bias_row={bias_row}", ptr="*bf16",
+                        overrides={"SEED": "*i64"})
     compile_variant(ad._kernel, dict(ACTIVATION="gelu", HAS_BIAS=False, DROPOUT=False, BACKWARD=True,
-                                     COMPUTE=tl.float64, INT64=False, QUARTER=ad.QUARTER),
-                    "activation_dropout fp64", ptr="*fp64")
+                                     SEED_FROM_PTR=False, COMPUTE=tl.float64, INT64=False, QUARTER=ad.QUARTER,
+                                     EVEN=False, BIAS_ROW=False),
+                    "activation_dropout fp64", ptr="*fp64", overrides={"SEED": "*i64"})
     tiles = dict(BLOCK_S=64, BLOCK_C=64)
     for int64 in (False, True):
         compile_variant(bn._stats_partial_kernel, dict(COMPUTE=f32, INT64=int64, **tiles),
@@ -72,18 +87,44 @@ def main():
         common = dict(HAS_LO=True, HAS_W=True, HAS_B=True, COMPUTE=f32, INT64=int64, **tiles)
         compile_variant(bn._normalize_kernel, dict(FROM_VAR=False, ACTIVATION="silu", **common),
                         f"bn normalize int64={int64}", overrides={"X": "*bf16", "Y": "*bf16"})
-        for dx_mode in (0, 1, 2):
+        for eval_dx, train_dx in ((False, False), (True, False), (False, True)):
             compile_variant(bn._backward_reduce_kernel,
-                            dict(DX_MODE=dx_mode, FROM_VAR=dx_mode == 1, ACTIVATION="leaky_relu", **common),
-                            f"bn backward_reduce dx_mode={dx_mode} int64={int64}")
+                            dict(EVAL_DX=eval_dx, TRAIN_DX=train_dx, FROM_VAR=eval_dx, ACTIVATION="leaky_relu",
+                                 **common),
+                            f"bn backward_reduce eval_dx={eval_dx} train_dx={train_dx} int64={int64}")
         for write_y in (False, True):
             compile_variant(bn._fused_forward_kernel,
                             dict(UPDATE=True, CUMULATIVE=write_y, WRITE_Y=write_y, HAS_W=True, HAS_B=False,
                                  ACTIVATION="elu", COMPUTE=f32, INT64=int64, **tiles),
                             f"bn fused_forward write_y={write_y} int64={int64}",
                             overrides={"X": "*bf16", "Y": "*bf16", "NBT": "*i64"})
-        compile_variant(bn._dx_kernel, dict(TRAINING=True, FROM_VAR=False, ACTIVATION="gelu", **common),
+        for cumulative in (False, True):
+            compile_variant(bn._merge_normalize_kernel,
+                            dict(UPDATE=True, CUMULATIVE=cumulative, HAS_W=True, HAS_B=True, ACTIVATION="relu",
+                                 COMPUTE=f32, INT64=int64, BLOCK_P=32, **tiles),
+                            f"bn merge_normalize cumulative={cumulative} int64={int64}",
+                            overrides={"X": "*bf16", "Y": "*bf16", "NBT": "*i64"})
+        compile_variant(bn._dx_kernel, dict(TRAINING=True, WRITE_SUMS=True, FROM_VAR=False, ACTIVATION="gelu", **common),
                         f"bn dx int64={int64}")
+    # the residual variants (HAS_R: R read, DR written in backward's first pass)
+    res = dict(HAS_LO=True, HAS_W=True, HAS_B=True, COMPUTE=f32, INT64=False, HAS_R=True, **tiles)
+    bf16 = {"X": "*bf16", "Y": "*bf16", "R": "*bf16"}
+    compile_variant(bn._normalize_kernel, dict(FROM_VAR=True, ACTIVATION="relu", **res),
+                    "bn normalize residual", overrides=bf16)
+    compile_variant(bn._fused_forward_kernel,
+                    dict(UPDATE=True, CUMULATIVE=False, WRITE_Y=True, ACTIVATION="hardswish",
+                         **{k: v for k, v in res.items() if k != "HAS_LO"}),
+                    "bn fused_forward residual", overrides=dict(bf16, NBT="*i64"))
+    compile_variant(bn._merge_normalize_kernel,
+                    dict(UPDATE=True, CUMULATIVE=False, ACTIVATION="relu6", BLOCK_P=32,
+                         **{k: v for k, v in res.items() if k != "HAS_LO"}),
+                    "bn merge_normalize residual", overrides=dict(bf16, NBT="*i64"))
+    compile_variant(bn._backward_reduce_kernel,
+                    dict(EVAL_DX=False, TRAIN_DX=True, FROM_VAR=False, ACTIVATION="relu", **res),
+                    "bn backward_reduce residual", overrides={"R": "*fp32", "DR": "*fp32"})
+    compile_variant(bn._dx_kernel, dict(TRAINING=False, WRITE_SUMS=False, FROM_VAR=True,
+                                        ACTIVATION="relu", WRITE_DR=True, **res),
+                    "bn dx residual eval", overrides={"R": "*fp32", "DR": "*fp32"})
     for cumulative in (False, True):
         compile_variant(bn._stats_combine_kernel,
                         dict(HAS_LO=True, UPDATE=True, CUMULATIVE=cumulative, WRITE_INVSTD=True, WRITE_M2=False,
@@ -103,6 +144,23 @@ def main():
                   AFTER=2, FAST=False)
     compile_variant(lrn._lrn_forward_kernel, consts, "lrn forward fp64", ptr="*fp64")
     compile_variant(lrn._lrn_backward_kernel, consts, "lrn backward fp64", ptr="*fp64")
+    # the sliding kernels (positions contiguous): windows, the per-launch flags, int64, fp64
+    for (before, after), flags in [((2, 2), dict(NEG_BASE=False, BETA_ZERO=False, FTZ=True)),
+                                   ((0, 0), dict(NEG_BASE=True, BETA_ZERO=False, FTZ=False)),
+                                   ((4, 4), dict(NEG_BASE=True, BETA_ZERO=True, FTZ=False)),
+                                   ((0, 3), dict(NEG_BASE=False, BETA_ZERO=False, FTZ=True))]:
+        for int64 in (False, True):
+            consts = dict(BEFORE=before, AFTER=after, FAST=True, COMPUTE=f32, INT64=int64,
+                          BLOCK_S=512, **flags)
+            name = f"window=({before},{after}) {flags} int64={int64}"
+            compile_variant(lrn._lrn_forward_slide_kernel, consts, f"lrn forward slide {name}",
+                            ptr="*bf16")
+            compile_variant(lrn._lrn_backward_slide_kernel, consts, f"lrn backward slide {name}",
+                            ptr="*fp16")
+    consts = dict(BEFORE=2, AFTER=2, FAST=False, COMPUTE=tl.float64, INT64=False, BLOCK_S=128,
+                  NEG_BASE=True, BETA_ZERO=False, FTZ=False)
+    compile_variant(lrn._lrn_forward_slide_kernel, consts, "lrn forward slide fp64", ptr="*fp64")
+    compile_variant(lrn._lrn_backward_slide_kernel, consts, "lrn backward slide fp64", ptr="*fp64")
     for layout in (0, 1, 2):
         for backward in (False, True):
             compile_variant(

@@ -6,7 +6,9 @@ import torch.nn.functional as F
 
 import tkern
 from tkern.activations import activation_scalars, eager_activation
+from tkern.nn.batch_norm import TORCH_HAS_BIAS_ARG
 from tkern.ops import batch_norm as bn_ops
+from tkern.ops.batch_norm import kernels as bn_kernels, launch_plan as bn_plan
 from tkern.testing import assert_close_rule
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -15,9 +17,19 @@ PARAMS = dict(negative_slope=0.2, alpha=1.3, min_val=-0.7, max_val=1.9, beta=1.7
 MODULES = {1: "BatchNorm1d", 2: "BatchNorm2d", 3: "BatchNorm3d"}
 
 
+def _torch_module(name, *args, **kwargs):
+    """torch's module.  ``bias=False`` on a torch without the argument (2.11) is built the way
+    torch >= 2.13 builds it: an affine weight, the bias parameter registered as None."""
+    bias = True if TORCH_HAS_BIAS_ARG else kwargs.pop("bias", True)
+    m = getattr(torch.nn, name)(*args, **kwargs)
+    if not bias and m.affine:
+        m.register_parameter("bias", None)
+    return m
+
+
 def _pair(name, *args, **kwargs):
     """A torch module and a tkern module of the same kind with identical random state."""
-    ref = getattr(torch.nn, name)(*args, **kwargs)
+    ref = _torch_module(name, *args, **kwargs)
     ours = getattr(tkern.nn, name)(*args, **kwargs)
     with torch.no_grad():
         for t in ref.parameters():
@@ -115,7 +127,13 @@ def test_module_attributes_and_repr():
     plain = tkern.nn.BatchNorm1d(3)
     assert plain.activation is None
     assert repr(plain) == repr(torch.nn.BatchNorm1d(3))
-    assert tkern.nn.BatchNorm3d(2, bias=False).bias is None
+    no_bias = tkern.nn.BatchNorm3d(2, bias=False)
+    assert no_bias.bias is None and no_bias.weight is not None
+    assert "bias" not in no_bias.state_dict() and "weight" in no_bias.state_dict()
+    assert repr(no_bias) == repr(_torch_module("BatchNorm3d", 2, bias=False)).replace(
+        "affine=True, ", "affine=True, bias=False, " if not TORCH_HAS_BIAS_ARG else "affine=True, ")
+    assert "bias=False" in repr(no_bias)
+    assert tkern.nn.SyncBatchNorm(3, bias=False).bias is None
     with pytest.raises(ValueError, match="unknown activation"):
         tkern.nn.BatchNorm2d(4, activation="swish")
 
@@ -241,7 +259,7 @@ def test_split_path_small_c_large_spatial(device, fmt):
 
 
 class _LaunchCounter:
-    """Stands in for a kernel in ``bn_ops`` and counts its launches."""
+    """Stands in for a kernel in ``tkern.ops.batch_norm.kernels`` and counts its launches."""
 
     def __init__(self, kernel):
         self.kernel, self.launches = kernel, 0
@@ -252,23 +270,22 @@ class _LaunchCounter:
 
 
 _KERNELS = ("_fused_forward_kernel", "_stats_partial_kernel", "_stats_combine_kernel",
-            "_normalize_kernel", "_backward_reduce_kernel", "_dx_kernel")
+            "_merge_normalize_kernel", "_normalize_kernel", "_backward_reduce_kernel", "_dx_kernel")
 
 
 @pytest.mark.parametrize("path", ["one_program", "split"])
 def test_one_program_and_split_paths(device, monkeypatch, path):
     """Both plans, every backward variant (training, eval with and without parameter grads,
     parameter grads only), over several steps with the cumulative average; and the launch
-    counts: one each way for a layer whose channels span few tiles, else 3 forward, 2 backward
-    (+ a torch sum)."""
+    counts: one each way for a layer whose channels span few tiles, else 2 forward, 2 backward."""
     # the default plans: a small layer takes one program per channel block, a large one splits
     assert bn_ops.num_partials(torch.randn(2, 3, 4, 4, device=device)) == 1
     assert bn_ops.num_partials(torch.randn(8, 2, 64, 64, device=device)) > 1
-    monkeypatch.setattr(bn_ops, "FUSED_MAX_UNITS", 10**9 if path == "one_program" else 0)
-    monkeypatch.setattr(bn_ops, "_plans", {})
-    counters = {name: _LaunchCounter(getattr(bn_ops, name)) for name in _KERNELS}
+    monkeypatch.setattr(bn_plan, "FUSED_MAX_UNITS", 10**9 if path == "one_program" else 0)
+    monkeypatch.setattr(bn_plan._PLANS, "plans", {})
+    counters = {name: _LaunchCounter(getattr(bn_kernels, name)) for name in _KERNELS}
     for name, counter in counters.items():
-        monkeypatch.setattr(bn_ops, name, counter)
+        monkeypatch.setattr(bn_kernels, name, counter)
     ref, ours = _pair("BatchNorm2d", 3, momentum=None, device=device, dtype=torch.float64)
     ref = torch.nn.Sequential(ref, torch.nn.SiLU())
     ours.activation = "silu"
@@ -280,8 +297,8 @@ def test_one_program_and_split_paths(device, monkeypatch, path):
     if path == "one_program":
         assert launches == {"_fused_forward_kernel": 1, "_backward_reduce_kernel": 1}
     else:
-        assert launches == {"_stats_partial_kernel": 1, "_stats_combine_kernel": 1,
-                            "_normalize_kernel": 1, "_backward_reduce_kernel": 1, "_dx_kernel": 1}
+        assert launches == {"_stats_partial_kernel": 1, "_merge_normalize_kernel": 1,
+                            "_backward_reduce_kernel": 1, "_dx_kernel": 1}
     for mode, grad_x, grad_wb in (("train", True, True), ("eval", True, True),
                                   ("eval", True, False), ("train", False, True),
                                   ("eval", False, True), ("train", True, False)):
@@ -548,25 +565,28 @@ def test_opcheck(device):
     x = torch.randn(4, 3, 5, device=device, requires_grad=True)
     w = torch.rand(3, device=device, requires_grad=True)
     b = torch.randn(3, device=device, requires_grad=True)
-    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
-    torch.library.opcheck(bn_ops._stats_op, (x.detach(), rm, rv, None, 0.1, 1e-5))
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device) + 0.5
     nbt = torch.tensor(3, device=device)
-    torch.library.opcheck(bn_ops._stats_op, (x.detach().transpose(0, 2), rm, rv, nbt, None, 1e-5))
-    stats = bn_ops._stats_op(x.detach(), None, None, None, 0.0, 1e-5)
+    fwd, bwd = bn_ops.OP._fwd_op, bn_ops.OP._bwd_op
     r = torch.randn(4, 3, 5, device=device, requires_grad=True)
     for res in (None, r):
-        torch.library.opcheck(bn_ops._forward_op,
-                              (x, w, b, stats, None, None, 1e-5, True, "relu", 0.01, 1.0, res))
-    rv = torch.rand(3, device=device) + 0.5
-    torch.library.opcheck(bn_ops._forward_op,  # eval: from the running stats
-                          (x, None, b, None, rm, rv, 1e-3, False, "elu", 0.01, 0.5, None))
+        torch.library.opcheck(fwd, (x, w, b, rm, rv, None, res, 1e-5, True, 0.1, "relu", 0.01,
+                                    1.0))
+    torch.library.opcheck(fwd, (x.transpose(0, 2), None, None, rm, rv, nbt, None, 1e-5, True, None,
+                                "identity", 0.01, 1.0))
+    torch.library.opcheck(fwd, (x, None, b, rm, rv, None, None, 1e-3, False, 0.0, "elu", 0.01,
+                                0.5))
+    torch.library.opcheck(fwd, (x, w, None, rm, rv, None, r, 1e-3, False, 0.0, "silu", 0.01,
+                                1.0))
+    _, stats = fwd(x.detach(), None, None, None, None, None, None, 1e-5, True, 0.0, "identity",
+                   0.01, 1.0)[:2]
     dy = torch.randn(4, 3, 5, device=device)
     for training in (True, False):
         for res in (None, r.detach()):
-            torch.library.opcheck(bn_ops._backward_op,
-                                  (dy, x.detach(), w.detach(), None, stats if training else None,
-                                   None if training else rm, None if training else rv, 1e-5,
-                                   training, "silu", 0.01, 1.0, True, True, res, res is not None))
+            saved = [x.detach(), w.detach(), b.detach(), rm, rv, res,
+                     stats if training else x.new_empty(0)]
+            torch.library.opcheck(bwd, ([dy], saved, 1e-5, training, 0.1, "silu", 0.01, 1.0,
+                                        [True, True, True, res is not None]))
 
 
 @pytest.mark.parametrize("shape", [(5, 3, 4), (2, 3, 4)])
@@ -596,7 +616,8 @@ def test_torch_compile_fullgraph(device, shape):
 def test_gpu_like_plans_and_int64_offsets(device, monkeypatch, programs):
     """The launch plans a GPU gets (many splits, tail units past the end, several units per
     program) and the int64 index path, on small tensors."""
-    monkeypatch.setattr(bn_ops, "_target_programs", lambda dev, reduction: programs)
+    monkeypatch.setattr(bn_plan, "_target_programs", lambda dev, reduction: programs)
+    monkeypatch.setattr(bn_plan._PLANS, "plans", {})
     monkeypatch.setattr(bn_ops.rt, "needs_int64", lambda *t, **k: programs == 3)
     for shape, fmt in (((5, 3, 7, 9), None), ((5, 3, 7, 9), torch.channels_last), ((11, 6), None)):
         _functional_case(device, torch.float32, shape, True, act="silu", memory_format=fmt)

@@ -25,7 +25,8 @@ def test_lrn_opcheck(device):
                  (x.permute(0, 2, 3, 1), True, 2, 2, 0.5, 0.5, 1.0)]:
         torch.library.opcheck(_op("local_response_norm"), args)
     torch.library.opcheck(_op("local_response_norm_backward"),
-                          (x.detach(), torch.randn_like(x), False, 1, 1, 1e-2, 0.75, 1.0))
+                          ([torch.randn_like(x)], [x.detach()], False, 1, 1, 1e-2, 0.75, 1.0,
+                           [True]))
 
 
 def test_weight_norm_opcheck(device):

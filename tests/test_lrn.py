@@ -195,6 +195,47 @@ def test_tile_boundaries(device, monkeypatch, int64):
     torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("shape,size", [
+    (shape, size) for shape in [(2, 5, 7), (1, 3, 49), (1, 37, 14, 14), (1, 6, 55, 55), (2, 1, 7)]
+    for size in (1, 3, 5, 9)] + [((1, 130, 3), 5)])
+def test_sliding_kernels(device, monkeypatch, shape, size):
+    """The sliding-window kernels (positions contiguous): awkward S (7, 49, 196, 3025), C = 1 and
+    130 (LRN layers have at most a few hundred channels), windows 1 to 9, several channel chunks
+    (8 channels forced: chunk edges, a last chunk not a multiple of the four steps a trip), fp64
+    against torch to 1e-12."""
+    monkeypatch.setattr(lrn_ops, "SLIDE_CHUNK", 8)
+    x = torch.randn(*shape, device=device, dtype=torch.float64)
+    g = torch.randn_like(x)
+    x3 = x.view(x.shape[0], x.shape[1], -1)
+    cfg = lrn_ops.LrnConfig(False, size // 2, (size - 1) // 2, 0.7 / size, 0.75, 1.3)
+    assert lrn_ops._slide_args((x3, x3), cfg) is not None  # the path under test
+    y, gx = _grads(tkern.local_response_norm, x, g, size, 0.7, 0.75, 1.3)
+    y_ref, gx_ref = _grads(F.local_response_norm, x, g, size, 0.7, 0.75, 1.3)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_sliding_plan_on_a_gpu():
+    """Planned as on a 132-SM GPU (what perf.static_cost records): the sliding kernels for NCHW
+    (16-channel chunks where the grid is small, 32 where large), the tile kernels for
+    channels_last; the planning override ends with its block."""
+    import tkern._runtime as rt
+
+    cfg = lrn_ops.LrnConfig(False, 2, 2, 1e-4 / 5, 0.75, 2.0)
+    small = torch.empty(2, 96, 3025).view(2, 96, -1)
+    large = torch.empty(256, 96, 3025)
+    with rt.plan_as_gpu(132):
+        assert rt.plans_for_gpu(small.device) and rt.sm_count(small.device) == 132
+        _, args_small, kw = lrn_ops._slide_args((small, small), cfg)
+        _, args_large, _ = lrn_ops._slide_args((large, large), cfg)
+        cl = torch.empty(2, 96, 5, 5).to(memory_format=torch.channels_last)
+        cl3 = cl.view(2, 96, -1)  # channels contiguous: positions are not
+        assert lrn_ops._slide_args((cl3, cl3), cfg) is None
+    assert args_small[3] == 16 and args_large[3] == 32
+    assert kw["FTZ"] and not kw["NEG_BASE"] and not kw["BETA_ZERO"]
+    assert not rt.plans_for_gpu(small.device)
+
+
 def test_edge_parameters(device):
     x = torch.randn(2, 6, 5, device=device, dtype=torch.float64)
     g = torch.randn_like(x)

@@ -33,7 +33,8 @@ def quick_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("perf")
     out = tmp / "quick"
     status = cli.main(["--quick", "--no-progress", "--ops", "activation_dropout,lrn",
-                       "--layouts", "contiguous", "--out", str(out)])
+                       "--layouts", "contiguous", "--providers", "eager,compile,tkern",
+                       "--out", str(out)])
     return status, out
 
 
@@ -302,7 +303,7 @@ def test_torchvision_train_step_cases_and_their_providers():
     """resnet50 and mobilenet_v2 training steps when torchvision imports; only they get the
     torch.compile(tkern.convert(model)) provider, and their rows report images/s."""
     from perf.cases import train_step
-    from perf.runner import PROVIDERS, Sweep
+    from perf.runner import PEERS, PROVIDERS, Sweep
     cases = train_step.torchvision_cases(dict(image=32, width=0, hidden=0, classes=10))
     if not cases:
         pytest.skip("torchvision is not importable with this torch")
@@ -312,6 +313,124 @@ def test_torchvision_train_step_cases_and_their_providers():
                for m in cases[0].extra["model"].modules())
     sweep = Sweep.__new__(Sweep)
     sweep.cfg = type("Cfg", (), dict(providers=list(PROVIDERS), device=torch.device("cpu")))()
-    assert list(sweep._providers(cases[0])) == list(PROVIDERS)
+    # no flag_gems row: the peer has no whole-model case
+    assert list(sweep._providers(cases[0])) == [p for p in PROVIDERS if p not in PEERS]
     alexnet = train_step.cases(quick=True)[0]
     assert "tkern+compile" not in sweep._providers(alexnet)
+
+
+def _fake_flag_gems(wrong_dropout=False):
+    """A stand-in for FlagGems' functions used by perf/cases/gems.py, written with torch ops."""
+    import types
+
+    F = torch.nn.functional
+
+    def batch_norm(x, w, b, rm, rv, training, momentum, eps):
+        dims = [d for d in range(x.dim()) if d != 1]
+        var, mean = torch.var_mean(x.float(), dims, unbiased=False)
+        F.batch_norm(x.detach(), rm, rv, None, None, True, momentum, eps)  # running stats
+        return F.batch_norm(x, None, None, w, b, True, 0.0, eps), mean, torch.rsqrt(var + eps)
+
+    def batch_norm_backward(dy, x, w, rm, rv, mean, inv_std, train, eps, mask):
+        xx, ww = x.detach().requires_grad_(), w.detach().requires_grad_()
+        bb = torch.zeros_like(ww, requires_grad=True)
+        with torch.enable_grad():  # called inside an autograd Function's backward
+            y = F.batch_norm(xx, None, None, ww, bb, True, 0.0, eps)
+            return torch.autograd.grad(y, (xx, ww, bb), dy)
+
+    def dropout(x, p, train):
+        mask = torch.rand_like(x, dtype=torch.float32) >= p
+        return x * mask / (1 - p) * (1.5 if wrong_dropout else 1.0), mask
+
+    def dropout_backward(dy, mask, scale):
+        return dy * mask * scale
+
+    fake = types.ModuleType("flag_gems")
+    fake.__version__ = "fake"
+    fake.ops = types.SimpleNamespace(batch_norm=batch_norm, batch_norm_backward=batch_norm_backward,
+                                     dropout=dropout, dropout_backward=dropout_backward)
+    fake.weight_norm = lambda v, g, dim: torch._weight_norm(v, g, dim)
+    return fake
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_flag_gems_peer_provider(tmp_path, monkeypatch, capsys, wrong):
+    """Where flag_gems imports, it is a provider of batch_norm, dropout and weight norm, checked
+    like every provider; a wrong peer marks its rows WRONG but fails neither the sweep nor a
+    target (here a torch-written stand-in, on CPU)."""
+    import sys
+
+    from perf import targets
+    from perf.cases import gems
+
+    monkeypatch.setitem(sys.modules, "flag_gems", _fake_flag_gems(wrong))
+    gems.module.cache_clear()
+    try:
+        status, out = _run(tmp_path, "--ops", "bn,bn_relu,dropout,wn,lrn", "--batches", "2", "--modes",
+                           "fwd,full", "--layouts", "contiguous", "--no-plots")
+    finally:
+        gems.module.cache_clear()
+    assert status == 0, capsys.readouterr().err
+    rows = report.read_rows(out / "results.json")
+    peer = [r for r in rows if r["provider"] == "flag_gems"]
+    assert {r["op"] for r in peer} == {"batch_norm", "batch_norm_relu", "activation_dropout",
+                                       "weight_norm"}  # LRN: FlagGems has none, so no rows
+    bad = [r for r in peer if r["ms_p50"] == WRONG]
+    if wrong:
+        assert {r["op"] for r in bad} == {"activation_dropout"}
+        assert all(f["provider"] == "flag_gems" for f in json.loads(
+            (out / "results.json").read_text())["meta"]["failures"])
+    else:
+        assert not bad and all(r["ms_p50"] > 0 for r in peer)
+    assert "flag_gems ms" in capsys.readouterr().out
+    for _, what, status, _ in targets.evaluate(rows):
+        assert status != "FAIL" or not wrong or "flag_gems" not in what
+
+
+def test_flag_gems_absent_is_no_provider(tmp_path, monkeypatch):
+    import sys
+
+    from perf.cases import gems
+
+    monkeypatch.setitem(sys.modules, "flag_gems", None)  # import raises ImportError
+    gems.module.cache_clear()
+    try:
+        assert gems.available()[0] is False
+        status, out = _run(tmp_path, "--ops", "wn", "--batches", "1", "--modes", "fwd", "--no-plots")
+    finally:
+        gems.module.cache_clear()
+    assert status == 0
+    assert {r["provider"] for r in report.read_rows(out / "results.json")} == {
+        "eager", "torch.compile", "tkern"}
+
+
+def test_gpu_check_summary_stays_readable(tmp_path):
+    """summary.txt keeps to 120 lines and 11,000 characters however many tests fail, lists the
+    counts, each failure's first line (up to its cap), and tells a cut phase apart."""
+    from perf import summary
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    out.mkdir()
+    (work / "env.json").write_text(json.dumps({"commit": "abc", "card": "H100", "torch": "2.11.0"}))
+    (work / "phases.tsv").write_text("tests-gpu\t60\t41\t0\nperf\t165\t170\t0\n"
+                                     "tests-suite\t185\t190\t124\n")
+    lines = [json.dumps({"collected": 500})]
+    lines += [json.dumps({"nodeid": f"tests/test_x.py::test_{i}", "when": "call", "outcome": "failed",
+                          "first": "AssertionError: " + "x" * 300}) for i in range(200)]
+    lines += [json.dumps({"nodeid": f"tests/test_y.py::test_{i}", "when": "call", "outcome": "passed",
+                          "first": ""}) for i in range(250)]
+    (work / "outcomes-tests-suite.jsonl").write_text("\n".join(lines) + "\n{\"nodeid\": ")  # cut
+    (work / "targets.txt").write_text("#2  activation_dropout full bfloat16: >= 2.0x eager (geomean)"
+                                      "  PASS     2.31x over 9 cases\n")
+    assert summary.main([str(work), str(out)]) == 0
+    text = (out / "summary.txt").read_text()
+    rows = text.splitlines()
+    assert len(rows) <= summary.MAX_LINES and len(text) <= summary.MAX_CHARS
+    assert all(len(r) <= summary.WIDTH for r in rows)
+    assert "tests-suite: 250 passed, 200 failed, 0 error, 0 skipped of 500 collected, 50 NOT RUN" in text
+    assert "no end of session" in text and "CUT at budget" in text
+    assert text.count("FAIL tests/test_x.py::") == summary.MAX_FAILURES
+    assert "PASS    #2 activation_dropout full bfloat16: >= 2.0x eager  2.31x over 9 cases" in text
+    assert "tests-gpu: no outcomes" in text
+    assert summary.main(["--verdict", str(work), str(out)]) == 1  # failures and a cut phase

@@ -230,26 +230,51 @@ def test_low_precision_rounding_like_torch(device, dtype):
 
 
 def test_torch_parametrization_test_inputs(device):
-    """PyTorch's own test_weight_norm_parametrization, run on tkern's parametrization."""
-    for dtype in (torch.float, torch.bfloat16):
-        torch.manual_seed(0)
-        x = torch.randn(3, 4, dtype=dtype, device=device)
-        m = torch.nn.Linear(4, 5, dtype=dtype, device=device)
-        expected = m(x)
-        m = tkern.nn.utils.weight_norm(m)
-        assert m.parametrizations.weight.original1.size() == m.weight.size()
-        assert m.parametrizations.weight.original0.size() == (5, 1)
-        torch.testing.assert_close(m(x), expected)
-        parametrize.remove_parametrizations(m, "weight")
-        assert not hasattr(m, "parametrizations")
-        torch.testing.assert_close(m(x), expected)
-        m = tkern.nn.utils.weight_norm(m, dim=1)
-        assert m.parametrizations.weight.original0.size() == (1, 4)
-        torch.testing.assert_close(m(x), expected)
-        m = torch.nn.Linear(4, 5, dtype=dtype, device=device)
-        expected = m(x)
-        m = tkern.nn.utils.weight_norm(m, dim=None)
-        torch.testing.assert_close(m(x), expected)
+    """PyTorch's own test_weight_norm_parametrization, run on tkern's parametrization, in fp32.
+
+    torch's test also runs bf16 and compares exactly with the layer before parametrization; whether
+    g * v / ||v|| rounds back onto the same bf16 weights depends on the data (torch 2.11's own
+    weight norm fails it on this seed), so bf16 is checked by the rule below instead."""
+    dtype = torch.float
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, dtype=dtype, device=device)
+    m = torch.nn.Linear(4, 5, dtype=dtype, device=device)
+    expected = m(x)
+    m = tkern.nn.utils.weight_norm(m)
+    assert m.parametrizations.weight.original1.size() == m.weight.size()
+    assert m.parametrizations.weight.original0.size() == (5, 1)
+    torch.testing.assert_close(m(x), expected)
+    parametrize.remove_parametrizations(m, "weight")
+    assert not hasattr(m, "parametrizations")
+    torch.testing.assert_close(m(x), expected)
+    m = tkern.nn.utils.weight_norm(m, dim=1)
+    assert m.parametrizations.weight.original0.size() == (1, 4)
+    torch.testing.assert_close(m(x), expected)
+    m = torch.nn.Linear(4, 5, dtype=dtype, device=device)
+    expected = m(x)
+    m = tkern.nn.utils.weight_norm(m, dim=None)
+    torch.testing.assert_close(m(x), expected)
+
+
+@pytest.mark.parametrize("dim", [0, 1, None])
+def test_parametrization_low_precision_layer(device, dim):
+    """bf16/fp16 layers under tkern's parametrization: the output obeys the tolerance rule against
+    the fp64 layer with the original weights, with torch's own parametrization as the same-dtype
+    result, over several fresh draws (a data-independent form of torch's bf16 check)."""
+    import copy
+
+    for dtype in (torch.bfloat16, torch.float16):
+        for _ in range(3):
+            x = torch.randn(3, 29, device=device, dtype=dtype)
+            lin = torch.nn.Linear(29, 37, device=device, dtype=dtype)
+            ref = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
+            theirs = parametrizations.weight_norm(copy.deepcopy(lin), dim=dim)
+            ours = tkern.nn.utils.weight_norm(copy.deepcopy(lin), dim=dim)
+            with torch.no_grad():
+                assert_close_rule(ours(x), theirs(x), ref, name=f"{dtype} dim={dim}")
+                parametrize.remove_parametrizations(ours, "weight")
+                parametrize.remove_parametrizations(theirs, "weight")
+                assert_close_rule(ours.weight, theirs.weight, lin.weight.double(), name="weight")
 
 
 def test_layouts_and_expanded_gradient(device):
@@ -273,9 +298,10 @@ def test_opcheck(device):
     """The custom ops' schemas, fake implementations and autograd registration."""
     v = torch.randn(5, 3, 2, device=device, requires_grad=True)
     g = torch.randn(3, 1, device=device).t().reshape(1, 3, 1).requires_grad_()
-    torch.library.opcheck(wn_mod._forward_op, (v, g, 1))
-    torch.library.opcheck(wn_mod._backward_op, (torch.randn(5, 3, 2, device=device), v.detach(),
-                                                g.detach(), torch.rand(3, device=device) + 1, 1))
+    torch.library.opcheck(wn_mod.OP._fwd_op, (v, g, 1))
+    torch.library.opcheck(wn_mod.OP._bwd_op, ([torch.randn(5, 3, 2, device=device)],
+                                              [v.detach(), g.detach(),
+                                               torch.rand(3, device=device) + 1], 1, [True, True]))
 
 
 def test_torch_compile_fullgraph(device):

@@ -11,6 +11,7 @@ Tensors on different devices raise ``RuntimeError``, as PyTorch's own ops do.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import struct
@@ -44,12 +45,50 @@ def check_same_device(*tensors: torch.Tensor | None) -> torch.device | None:
     return device
 
 
+# Set by ``plan_as_gpu``: the SM count of a card that CPU tensors' launches are planned for, so that
+# perf.static_cost can record, without a GPU, the launches a GPU run makes (and compile them).
+_planned_sms: int | None = None
+_sm_counts: dict = {}
+
+
+@contextlib.contextmanager
+def plan_as_gpu(sm_count: int):
+    """Within this block CPU tensors take the GPU path and GPU-sized plans for a card of
+    ``sm_count`` SMs.  For recording launches only (perf.static_cost): the caller intercepts
+    the launches, which would otherwise run compiled code on CPU memory."""
+    global _planned_sms
+    saved, _planned_sms = _planned_sms, int(sm_count)
+    try:
+        yield
+    finally:
+        _planned_sms = saved
+
+
+def plans_for_gpu(device: torch.device) -> bool:
+    """True when launches on ``device`` are planned and compiled as on a GPU (not the
+    interpreter's few big programs)."""
+    return device.type != "cpu" or _planned_sms is not None
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (``plan_as_gpu``'s count when set), cached."""
+    if _planned_sms is not None:
+        return _planned_sms
+    key = (device.type, device.index)
+    if key not in _sm_counts:
+        try:
+            _sm_counts[key] = torch.cuda.get_device_properties(device).multi_processor_count
+        except Exception:  # a device torch.cuda cannot describe
+            _sm_counts[key] = 108
+    return _sm_counts[key]
+
+
 def use_triton(op: str, *tensors: torch.Tensor | None) -> bool:
     """Apply the runtime rule for ``op``: True to launch Triton kernels, False for the eager fallback."""
     device = check_same_device(*tensors)
     if device is not None and device.type == "meta":  # shapes only: torch's ops give them
         return False
-    if device is None or device.type != "cpu" or interpreter_enabled():
+    if device is None or device.type != "cpu" or interpreter_enabled() or _planned_sms is not None:
         return True
     if op not in _warned:
         _warned.add(op)

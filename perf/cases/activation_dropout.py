@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import tkern
 from tkern.testing import assert_close_rule
 
+from . import gems
 from .base import CHECK_FACTOR, Case, Inputs, Result, layout_tensor, nbytes
 
 NAME = "activation_dropout"
@@ -127,10 +128,11 @@ def cases(quick: bool) -> list[Case]:
     eager, ref, tk = _mlp_fns(MLP_P)
     out.append(Case("activation_dropout", mlp, "contiguous", "transformer MLP bias+GELU+dropout",
                     _make(mlp, "contiguous", True), eager, tk, _bytes(mlp, True), reference=ref,
-                    compare=_compare(MLP_P)))
+                    compare=_compare(MLP_P), gems=gems.activation_dropout("gelu", MLP_P, True)))
     eager, ref, tk = _conv_fns(CONV_P)
     for layout in ("contiguous", "channels_last"):
         out.append(Case("activation_dropout", conv, layout, "conv feature map ReLU+dropout",
                         _make(conv, layout, False), eager, tk, _bytes(conv, False), reference=ref,
-                        compare=_compare(CONV_P)))
+                        compare=_compare(CONV_P),
+                        gems=gems.activation_dropout("relu", CONV_P, False)))
     return out

@@ -104,6 +104,8 @@ class Case:
     reference: Callable | None = None
     compare: Callable[[Result, Result, Result, torch.dtype], None] | None = None
     extra: dict = field(default_factory=dict)
+    # The flag_gems peer's function for this case (perf/cases/gems.py), where FlagGems has the op.
+    gems: Callable | None = None
 
     @property
     def shape_str(self) -> str:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import tkern
 
+from . import gems
 from .base import Case, Inputs, layout_tensor, nbytes
 
 NAME = "batch_norm"
@@ -97,7 +98,8 @@ def cases(quick: bool) -> list[Case]:
         shape = (c, h, w)
         for layout in ("contiguous", "channels_last"):
             out.append(Case("batch_norm", shape, layout, label, _make(shape, layout), eager_bn,
-                            tkern_bn, _bytes(shape)))
+                            tkern_bn, _bytes(shape), gems=gems.batch_norm(MOMENTUM, EPS, False)))
             out.append(Case("batch_norm_relu", shape, layout, label, _make(shape, layout),
-                            eager_bn_relu, tkern_bn_relu, _bytes(shape)))
+                            eager_bn_relu, tkern_bn_relu, _bytes(shape),
+                            gems=gems.batch_norm(MOMENTUM, EPS, True)))
     return out

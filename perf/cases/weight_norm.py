@@ -20,6 +20,7 @@ import torch
 
 import tkern
 
+from . import gems
 from .base import Case, Inputs, nbytes
 
 NAME = "weight_norm"
@@ -62,6 +63,6 @@ def tkern_wn(v, g):
 def cases(quick: bool) -> list[Case]:
     return [
         Case("weight_norm", shape, "contiguous", label, _make(shape), eager_wn, tkern_wn,
-             _bytes(shape), extra={"max_batch": MAX_BATCH})
+             _bytes(shape), extra={"max_batch": MAX_BATCH}, gems=gems.weight_norm)
         for shape, label in (QUICK_SHAPES if quick else SHAPES)
     ]

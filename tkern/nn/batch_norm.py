@@ -5,14 +5,38 @@ Each class subclasses its torch counterpart, so constructor arguments, parameter
 its version-1 loading) are torch's own.  One mixin supplies ``__init__`` (the activation
 arguments), ``forward`` and ``extra_repr``.  The activation is not part of the state_dict (like
 the other constructor arguments), so checkpoints move freely between torch and tkern.
+
+``bias=False`` (affine weight, no bias) is tkern's on every supported torch: torch 2.13 added the
+argument, and on older torch (2.11) tkern drops the bias parameter itself after torch's
+constructor, so the module, its state_dict (no ``bias`` key) and its gradients are those of a
+newer torch's ``BatchNorm(..., bias=False)``.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 
 from ..activations import activation_repr, activation_scalars, check_activation
 from ..ops.batch_norm import _batch_norm
+
+
+# Whether the installed torch's BatchNorm takes ``bias=`` (torch >= 2.13).
+TORCH_HAS_BIAS_ARG = "bias" in inspect.signature(torch.nn.modules.batchnorm._NormBase.__init__).parameters
+
+
+def split_bias(kwargs: dict) -> bool:
+    """Pops ``bias`` from ``kwargs`` where torch lacks it; returns the bias flag."""
+    if TORCH_HAS_BIAS_ARG:
+        return kwargs.get("bias", True)
+    return bool(kwargs.pop("bias", True))
+
+
+def drop_bias(module: torch.nn.Module, bias: bool) -> None:
+    """``bias=False`` on a torch without the argument: what torch >= 2.13's constructor does."""
+    if not TORCH_HAS_BIAS_ARG and module.affine and not bias:
+        module.register_parameter("bias", None)
 
 
 class _TkernBatchNormMixin:
@@ -23,8 +47,10 @@ class _TkernBatchNormMixin:
                  negative_slope=0.01, alpha=1.0, approximate="none", min_val=-1.0, max_val=1.0,
                  beta=1.0, threshold=20.0, **kwargs):
         # kwargs passes on keyword-only arguments of the installed torch (e.g. bias=False)
+        bias = split_bias(kwargs)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          **kwargs)
+        drop_bias(self, bias)
         check_activation(activation, approximate)
         activation_scalars(activation, negative_slope, alpha, min_val, max_val, beta, threshold)
         self.activation = activation
@@ -63,6 +89,8 @@ class _TkernBatchNormMixin:
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
+        if not TORCH_HAS_BIAS_ARG and self.affine and self.bias is None:
+            s = s.replace("affine=True, ", "affine=True, bias=False, ")  # newer torch's wording
         if self.activation is not None:
             s += f", activation={self.activation}" + activation_repr(
                 self.activation, self.approximate, negative_slope=self.negative_slope,

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from ..activations import activation_scalars, check_activation, kernel_name
 from ..ops.sync_batch_norm import sync_batch_norm
-from .batch_norm import _TkernBatchNormMixin
+from .batch_norm import _TkernBatchNormMixin, drop_bias, split_bias
 
 
 class SyncBatchNorm(_TkernBatchNormMixin, torch.nn.SyncBatchNorm):
@@ -27,8 +27,10 @@ class SyncBatchNorm(_TkernBatchNormMixin, torch.nn.SyncBatchNorm):
                  negative_slope=0.01, alpha=1.0, approximate="none", min_val=-1.0, max_val=1.0,
                  beta=1.0, threshold=20.0, **kwargs):
         # torch's constructor, not the mixin's: SyncBatchNorm takes process_group before device
+        bias = split_bias(kwargs)
         torch.nn.SyncBatchNorm.__init__(self, num_features, eps, momentum, affine,
                                         track_running_stats, process_group, device, dtype, **kwargs)
+        drop_bias(self, bias)
         check_activation(activation, approximate)
         activation_scalars(activation, negative_slope, alpha, min_val, max_val, beta, threshold)
         self.activation = activation

@@ -8,15 +8,21 @@ Design:
 - Each program covers BLOCK = 4 * QUARTER elements as four contiguous quarters.  One Philox call per
   counter gives four random words, one per quarter, a quarter of the generator's cost.  Counters are
   global (program * QUARTER + lane), so no two blocks share random numbers.  QUARTER is a fixed
-  constant because the mask depends on it: forward and backward must agree.
-- The seed comes from torch's generator (see ``draw_seed_tensor``): ``torch.manual_seed`` reproduces a run.
+  constant because the mask depends on it: forward and backward must agree.  Every quarter's loads
+  are issued before any math (bytes in flight), each thread holds 8 contiguous elements (16-byte
+  accesses in bf16), and each quarter's random word has the quarter's shape, so the mask is built
+  in the data's layout.  Static predictions: ``python -m perf.static_cost --ops dropout``.
+- The seed comes from torch's generators as torch's dropout takes it (``_rng.draw``): the CUDA
+  device's Philox state (host-side, graph-safe under capture), the CPU generator for CPU tensors;
+  ``torch.manual_seed`` reproduces a run.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
-from typing import Optional
+from typing import NamedTuple
 
 import torch
 import triton
@@ -24,10 +30,14 @@ import triton.language as tl
 
 from .. import _runtime as rt
 from ._math import from_pair
+from . import _rng
+from ._op import Op, cdiv, f32_pairs
 from ..activations import (activate, activation_grad, activation_scalars, eager_activation,
                            kernel_name)
 
-QUARTER = 512
+# 1024 elements a quarter over 128 threads: 8 contiguous elements a thread, one 16-byte access
+# for bf16 (two for fp32)
+QUARTER = 1024
 BLOCK = 4 * QUARTER
 
 
@@ -40,41 +50,76 @@ def _keep(r, threshold):
 
 
 @triton.jit
-def _quarter(X, BIAS, DY, OUT, offs, r, n_elements, n_cols, col_stride, threshold, scale,
-             negative_slope, alpha, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
-             DROPOUT: tl.constexpr, BACKWARD: tl.constexpr, COMPUTE: tl.constexpr):
-    mask = offs < n_elements
-    z = tl.load(X + offs, mask=mask, other=0.0).to(COMPUTE)
-    if HAS_BIAS:  # in a dense layout, the last-dim index of offset o is (o // stride) % size
-        z += tl.load(BIAS + (offs // col_stride) % n_cols, mask=mask, other=0.0).to(COMPUTE)
+def _load_quarter(X, BIAS, DY, start, lanes, n_elements, n_cols, col_stride,
+                  HAS_BIAS: tl.constexpr, BIAS_ROW: tl.constexpr, BACKWARD: tl.constexpr,
+                  EVEN: tl.constexpr):
+    # x, the bias and dy of the quarter at element offset start (bias and dy: x when absent)
+    offs = start + lanes
+    if EVEN:  # every program full: no bounds to check
+        x = tl.load(X + offs)
+    else:
+        x = tl.load(X + offs, mask=offs < n_elements, other=0.0)
+    b = x
+    if HAS_BIAS:
+        if BIAS_ROW:  # the quarter lies in one row: its columns are contiguous from one start
+            b = tl.load(BIAS + (start % n_cols) + lanes)
+        elif EVEN:  # in a dense layout, the last-dim index of offset o is (o // stride) % size
+            b = tl.load(BIAS + (offs // col_stride) % n_cols)
+        else:
+            b = tl.load(BIAS + (offs // col_stride) % n_cols, mask=offs < n_elements, other=0.0)
+    dy = x
+    if BACKWARD:
+        if EVEN:
+            dy = tl.load(DY + offs)
+        else:
+            dy = tl.load(DY + offs, mask=offs < n_elements, other=0.0)
+    return x, b, dy
+
+
+@triton.jit
+def _store_quarter(OUT, start, lanes, n_elements, x, b, dy, r, threshold, scale, negative_slope,
+                   alpha, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+                   BACKWARD: tl.constexpr, COMPUTE: tl.constexpr, EVEN: tl.constexpr):
+    z = x.to(COMPUTE)
+    if HAS_BIAS:
+        z += b.to(COMPUTE)
     if BACKWARD:  # dz = dy * act'(z) * mask * scale
-        out = tl.load(DY + offs, mask=mask, other=0.0).to(COMPUTE)
-        out = out * activation_grad(z, ACTIVATION, negative_slope, alpha)
+        out = dy.to(COMPUTE) * activation_grad(z, ACTIVATION, negative_slope, alpha)
     else:  # y = act(z) * mask * scale
         out = activate(z, ACTIVATION, negative_slope, alpha)
     if DROPOUT:
         # a select, so the scale (0 when p = 1) never meets a dropped inf; dropped elements are
         # out * 0, as torch's x * mask: 0, or NaN where out is inf or NaN
         out = tl.where(_keep(r, threshold), out * scale, out * 0.0)
-    tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
+    offs = start + lanes
+    if EVEN:
+        tl.store(OUT + offs, out.to(OUT.dtype.element_ty))
+    else:
+        tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=offs < n_elements)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed per call: one compiled variant
 def _kernel(
     X,  # input, flat (n_elements,)
     BIAS,  # bias over the last dim (n_cols,), or a dummy when HAS_BIAS is False
     DY,  # backward: gradient of y, in X's layout; forward: a dummy
     OUT,  # forward: y; backward: dx (= dz); flat, in X's layout
     n_elements, n_cols, col_stride,  # element count; last dim's size and stride (the bias index)
-    seed, threshold,  # Philox seed; drop threshold, ceil(p * 2^31) - 1 (see _keep)
+    SEED,  # a 0-dim int64 tensor holding the Philox seed when SEED_FROM_PTR, else a dummy
+    seed, threshold,  # Philox seed (unless SEED_FROM_PTR); drop threshold, ceil(p * 2^31) - 1
     # fp32 pairs (hi, lo) of 1 / (1 - p) (0 when p == 1), the leaky_relu slope and the elu alpha
     scale_hi, scale_lo, slope_hi, slope_lo, alpha_hi, alpha_lo,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     BACKWARD: tl.constexpr,
+    SEED_FROM_PTR: tl.constexpr,  # seed from SEED (device-side: CUDA graphs, compile, CPU)
     COMPUTE: tl.constexpr,  # fp32, or fp64 for fp64 tensors
     INT64: tl.constexpr,  # index in int64 (tensors past 2^31 elements)
     QUARTER: tl.constexpr,
+    EVEN: tl.constexpr,  # n_elements is a multiple of 4 * QUARTER: no bounds checks
+    BIAS_ROW: tl.constexpr,  # col_stride 1 and QUARTER divides n_cols (see _load_quarter)
 ):
+    # Every load of the four quarters is issued before any math (bytes in flight); each
+    # quarter's random word r_q has the quarter's own shape, hence the data's layout.
     pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
@@ -82,36 +127,62 @@ def _kernel(
     negative_slope = from_pair(slope_hi, slope_lo, COMPUTE)
     alpha = from_pair(alpha_hi, alpha_lo, COMPUTE)
     lanes = tl.arange(0, QUARTER)
+    base = pid * (4 * QUARTER)
+    x0, b0, d0 = _load_quarter(X, BIAS, DY, base, lanes, n_elements, n_cols, col_stride, HAS_BIAS,
+                               BIAS_ROW, BACKWARD, EVEN)
+    x1, b1, d1 = _load_quarter(X, BIAS, DY, base + QUARTER, lanes, n_elements, n_cols, col_stride,
+                               HAS_BIAS, BIAS_ROW, BACKWARD, EVEN)
+    x2, b2, d2 = _load_quarter(X, BIAS, DY, base + 2 * QUARTER, lanes, n_elements, n_cols,
+                               col_stride, HAS_BIAS, BIAS_ROW, BACKWARD, EVEN)
+    x3, b3, d3 = _load_quarter(X, BIAS, DY, base + 3 * QUARTER, lanes, n_elements, n_cols,
+                               col_stride, HAS_BIAS, BIAS_ROW, BACKWARD, EVEN)
     counters = pid * QUARTER + lanes
     if DROPOUT:
+        if SEED_FROM_PTR:
+            seed = tl.load(SEED)
         r0, r1, r2, r3 = tl.randint4x(seed, counters)  # one Philox call, a word per quarter
     else:
         r0, r1, r2, r3 = counters, counters, counters, counters  # unused
-    base = pid * (4 * QUARTER) + lanes
-    _quarter(X, BIAS, DY, OUT, base, r0, n_elements, n_cols, col_stride, threshold, scale,
-             negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE)
-    _quarter(X, BIAS, DY, OUT, base + QUARTER, r1, n_elements, n_cols, col_stride, threshold,
-             scale, negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE)
-    _quarter(X, BIAS, DY, OUT, base + 2 * QUARTER, r2, n_elements, n_cols, col_stride, threshold,
-             scale, negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE)
-    _quarter(X, BIAS, DY, OUT, base + 3 * QUARTER, r3, n_elements, n_cols, col_stride, threshold,
-             scale, negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE)
+    _store_quarter(OUT, base, lanes, n_elements, x0, b0, d0, r0, threshold, scale, negative_slope,
+                   alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE, EVEN)
+    _store_quarter(OUT, base + QUARTER, lanes, n_elements, x1, b1, d1, r1, threshold, scale,
+                   negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE, EVEN)
+    _store_quarter(OUT, base + 2 * QUARTER, lanes, n_elements, x2, b2, d2, r2, threshold, scale,
+                   negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE, EVEN)
+    _store_quarter(OUT, base + 3 * QUARTER, lanes, n_elements, x3, b3, d3, r3, threshold, scale,
+                   negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE, EVEN)
 
 
-def _kernel_args(x, activation, p, dropout, negative_slope, alpha, has_bias, seed):
-    """Launch arguments shared by forward and backward."""
-    scale_hi, scale_lo = rt.split_f32(0.0 if p >= 1.0 else 1.0 / (1.0 - p))
-    slope_hi, slope_lo = rt.split_f32(negative_slope)
-    alpha_hi, alpha_lo = rt.split_f32(alpha)
+class DropoutConfig(NamedTuple):
+    """The scalar arguments of one call (the custom ops' schema comes from these annotations)."""
+    activation: str  # a kernel name (``activations.kernel_name``)
+    p: float
+    dropout: bool  # training and p > 0
+    negative_slope: float
+    alpha: float
+    philox_seed: int  # the seed when no seed tensor is given (CUDA, eager: see _rng)
+
+
+@functools.lru_cache(maxsize=1024)
+def _scalars(p: float, negative_slope: float, alpha: float) -> tuple:
+    """(threshold, scale, slope and alpha as fp32 pairs): see ``_kernel``'s arguments."""
+    threshold = min(math.ceil(p * 2.0**31), 2**31) - 1
+    return (threshold, *f32_pairs(0.0 if p >= 1.0 else 1.0 / (1.0 - p), negative_slope, alpha))
+
+
+def _launch(x, bias, dy, out, seed, cfg, backward):
+    """One ``_kernel`` launch over x's memory (dense: any dim order)."""
+    n = x.numel()
     n_cols = x.shape[-1] if x.dim() else 1
-    return dict(
-        n_elements=x.numel(), n_cols=max(n_cols, 1), col_stride=x.stride(-1) if n_cols > 1 else 1,
-        seed=seed, threshold=min(math.ceil(p * 2.0**31), 2**31) - 1,
-        scale_hi=scale_hi, scale_lo=scale_lo, slope_hi=slope_hi, slope_lo=slope_lo,
-        alpha_hi=alpha_hi, alpha_lo=alpha_lo,
-        ACTIVATION=activation, HAS_BIAS=has_bias, DROPOUT=dropout,
-        COMPUTE=rt.compute_dtype(x.dtype), INT64=rt.needs_int64(x), QUARTER=QUARTER, num_warps=4,
-    )
+    col_stride = x.stride(-1) if n_cols > 1 else 1
+    _kernel[(cdiv(n, BLOCK),)](
+        x, bias if bias is not None else x, dy, out, n, max(n_cols, 1), col_stride,
+        seed if seed is not None else x, cfg.philox_seed,
+        *_scalars(cfg.p, cfg.negative_slope, cfg.alpha),
+        ACTIVATION=cfg.activation, HAS_BIAS=bias is not None, DROPOUT=cfg.dropout,
+        BACKWARD=backward, SEED_FROM_PTR=seed is not None, COMPUTE=rt.compute_dtype(x.dtype),
+        INT64=rt.needs_int64(x), QUARTER=QUARTER, EVEN=n % BLOCK == 0,
+        BIAS_ROW=bias is not None and col_stride == 1 and n_cols % QUARTER == 0, num_warps=4)
 
 
 def _walks_as_is(x: torch.Tensor) -> bool:
@@ -126,118 +197,68 @@ def _empty_output(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-def _forward_impl(x, bias, seed, activation, p, dropout, negative_slope, alpha):
-    has_bias = bias is not None
+def _forward(x, bias, seed, cfg):
     if not _walks_as_is(x):
         x = x.contiguous()
     y = torch.empty_like(x)
     if x.numel():
-        args = _kernel_args(x, activation, p, dropout, negative_slope, alpha, has_bias, int(seed))
-        _kernel[(triton.cdiv(x.numel(), BLOCK),)](x, bias if has_bias else x, x, y, BACKWARD=False,
-                                                  **args)
-    return y
+        _launch(x, bias, x, y, seed, cfg, backward=False)
+    return (y,)
 
 
-def _backward_impl(dy, x, bias, seed, activation, p, dropout, negative_slope, alpha):
-    has_bias = bias is not None
+def _forward_fake(x, bias, seed, cfg):
+    return (_empty_output(x),)
+
+
+def _backward(douts, saved, cfg, needs):
+    """(dx, dbias) from x, the bias and the seed (never a mask): one kernel, plus the bias
+    gradient's sum over rows."""
+    (dy,), (x, bias, seed) = douts, saved
     if not _walks_as_is(x):
         x = x.contiguous()
     if dy.stride() != x.stride():
         dy = torch.empty_like(x).copy_(dy)  # walk dy in x's layout: the mask is keyed by offset
     dx = torch.empty_like(x)
     if x.numel():
-        args = _kernel_args(x, activation, p, dropout, negative_slope, alpha, has_bias, int(seed))
-        _kernel[(triton.cdiv(x.numel(), BLOCK),)](x, bias if has_bias else x, dy, dx, BACKWARD=True,
-                                                  **args)
-    return dx
-
-
-def _differentiable_backward(ctx, dy):
-    """Backward under create_graph=True (double backward): the same gradients from torch ops,
-    which autograd can differentiate again.  The mask is drawn again as a tensor (the forward
-    kernel on ones); the first-order path never comes here."""
-    x, bias, seed = ctx.saved_tensors
-    activation, p, dropout, negative_slope, alpha = ctx.cfg
-    act, approximate = ("gelu", "tanh") if activation == "gelu_tanh" else (activation, "none")
-    wanted = [t for t, need in zip((x, bias), ctx.needs_input_grad[:2]) if need]
-    with torch.enable_grad():
-        y = eager_activation(x if bias is None else x + bias, act, negative_slope, alpha,
-                             approximate)
-        if dropout:  # keep * 1 / (1 - p) (0 when p = 1), drawn in the memory order forward walked
-            walked = x if _walks_as_is(x) else x.contiguous()
-            ones = torch.ones_like(walked)  # walked's strides: dense, so empty_like keeps them
-            y = y * _forward_impl(ones, None, seed, "identity", p, True, 0.0, 0.0)
-    grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
-    return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:2])
-
-
-def _grads(ctx, dy, backward):
-    """(dx, dbias) from what forward saved: x, the bias and the seed, never the mask."""
-    if torch.is_grad_enabled():
-        return _differentiable_backward(ctx, dy)
-    x, bias, seed = ctx.saved_tensors
-    dx = backward(dy, x, bias, seed, *ctx.cfg)
+        _launch(x, bias, dy, dx, seed, cfg, backward=True)
     dbias = None
-    if bias is not None and ctx.needs_input_grad[1]:
-        # sum over every dim but the last (flatten, not reshape(-1, n): n may be 0)
-        rows = dx if dx.dim() == 1 else dx.flatten(0, -2).sum(0, dtype=rt.accum_dtype(dx.dtype))
-        dbias = rows.to(bias.dtype)
+    if bias is not None and needs[1]:
+        # every dim but the last (flatten, not reshape(-1, n): n may be 0), accumulated in fp32
+        # (fp64) and written in the bias' dtype by the one reduction kernel
+        rows = dx if dx.dim() == 1 else dx.flatten(0, -2)
+        dbias = rows.sum(0, dtype=bias.dtype) if dx.dim() > 1 else dx.to(bias.dtype)
     return dx, dbias
 
 
-class _ActivationDropoutFunction(torch.autograd.Function):
-    """Eager autograd: dispatching a torch.library op costs tens of microseconds per call, as much
-    as the kernel on a few-MB tensor, so eager calls take this path and torch.compile the ops."""
-
-    # forward without ctx and a separate setup_context: what torch.func transforms require
-    @staticmethod
-    def forward(x, bias, seed, *cfg):
-        return _forward_impl(x, bias, seed, *cfg)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs, output)  # a non-dense x is copied again in backward
-
-    @staticmethod
-    def backward(ctx, dy):
-        return (*_grads(ctx, dy, _backward_impl), None) + (None,) * len(ctx.cfg)
+def _backward_fake(douts, saved, cfg, needs):
+    (dy,), (x, bias, seed) = douts, saved
+    dbias = bias.new_empty(bias.shape) if bias is not None and needs[1] else None
+    return _empty_output(x), dbias
 
 
-# The same kernels as torch.library custom ops (fake implementations, an autograd formula), which
-# torch.compile(fullgraph=True) traces through.  The seed travels as a 0-dim CPU tensor: drawing it
-# is part of the traced graph, and reading it here costs no GPU sync.
-@torch.library.custom_op("tkern::activation_dropout", mutates_args=())
-def _forward_op(x: torch.Tensor, bias: Optional[torch.Tensor], seed: torch.Tensor, activation: str,
-                p: float, dropout: bool, negative_slope: float, alpha: float) -> torch.Tensor:
-    return _forward_impl(x, bias, seed, activation, p, dropout, negative_slope, alpha)
+def _composite(saved, cfg):
+    """y from torch ops, for double backward.  The mask is drawn again as a tensor (the forward
+    kernel on ones, in the memory order forward walked)."""
+    x, bias, seed = saved
+    act, approximate = (("gelu", "tanh") if cfg.activation == "gelu_tanh"
+                        else (cfg.activation, "none"))
+    y = eager_activation(x if bias is None else x + bias, act, cfg.negative_slope, cfg.alpha,
+                         approximate)
+    if cfg.dropout:  # keep * 1 / (1 - p) (0 when p = 1)
+        walked = x if _walks_as_is(x) else x.contiguous()
+        ones = torch.ones_like(walked)  # walked's strides: dense, so empty_like keeps them
+        with torch.no_grad():
+            mask, = _forward(ones, None, seed, cfg._replace(activation="identity"))
+        y = y * mask
+    return y
 
 
-@_forward_op.register_fake
-def _(x, bias, seed, activation, p, dropout, negative_slope, alpha):
-    return _empty_output(x)
-
-
-@torch.library.custom_op("tkern::activation_dropout_backward", mutates_args=())
-def _backward_op(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], seed: torch.Tensor,
-                 activation: str, p: float, dropout: bool, negative_slope: float,
-                 alpha: float) -> torch.Tensor:
-    return _backward_impl(dy, x, bias, seed, activation, p, dropout, negative_slope, alpha)
-
-
-@_backward_op.register_fake
-def _(dy, x, bias, seed, activation, p, dropout, negative_slope, alpha):
-    return _empty_output(x)
-
-
-def _setup_context(ctx, inputs, output):
-    x, bias, seed, *cfg = inputs
-    ctx.save_for_backward(x, bias, seed)
-    ctx.cfg = cfg
-
-
-_forward_op.register_autograd(
-    lambda ctx, dy: (*_grads(ctx, dy, _backward_op), None) + (None,) * len(ctx.cfg),
-    setup_context=_setup_context)
+# The declaration: eager autograd, torch.library ops (tkern::activation_dropout and
+# tkern::activation_dropout_backward) for torch.compile, and double backward, built by _op.Op.
+OP = Op("tkern::activation_dropout", inputs=("x", "bias?", "seed?"), outputs=("y",),
+        config=DropoutConfig, forward=_forward, fake=_forward_fake, saves=("x", "bias", "seed"),
+        grads=("x", "bias"), backward=_backward, backward_fake=_backward_fake,
+        composite=_composite)
 
 
 class _ProbabilityError(ValueError, RuntimeError):
@@ -317,8 +338,7 @@ def activation_dropout(x, activation="relu", p=0.5, training=True, *, bias=None,
     if not rt.use_triton("activation_dropout", x, bias):
         return _eager(x, bias, activation, p, dropout, negative_slope, alpha, approximate, generator)
     bias = _contiguous_bias(x, bias)
-    seed = rt.draw_seed_tensor(generator) if dropout else torch.zeros((), dtype=torch.int64)
-    args = (x, bias, seed, kernel_name(activation, approximate), p, dropout, negative_slope, alpha)
-    if torch.compiler.is_compiling():
-        return _forward_op(*args)
-    return _ActivationDropoutFunction.apply(*args)
+    seed, seed_int = _rng.draw(x.device, generator) if dropout else (None, 0)
+    cfg = DropoutConfig(kernel_name(activation, approximate), p, dropout, negative_slope, alpha,
+                        seed_int)
+    return OP.apply(x, bias, seed, cfg=cfg)[0]

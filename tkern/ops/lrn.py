@@ -22,10 +22,10 @@ Design:
   is small).  Windows up to MAX_UNROLLED_WINDOW compile per (before, after) with the loops
   unrolled, so each shifted tile is loaded once: 2 size - 1 tiles of x and size of dy, all from
   L1/L2 but the tile itself.  Larger windows take a runtime loop, O(size^2) cached loads.
-  Static cost (``python -m perf.static_cost``, sm_90a PTX per fp32 element, size 5): forward
-  ~44 instructions, backward ~146 with 11 MUFU ops.  At ~3 TB/s an H100 issues roughly 80 and 120
-  per element in the time its 8 and 12 bytes take to move: the forward should be memory-bound,
-  the backward close.  Not yet timed on a GPU.
+  Positions-contiguous layouts (NCHW) with windows up to MAX_UNROLLED_WINDOW take the sliding
+  kernels instead (see their comment): each x and dy element read once, the window in registers;
+  ``python -m perf.static_cost --ops lrn`` predicts them at >= 80% of copy bandwidth on the sweep's
+  shapes (predictions, not timings).
   autograd saves x alone: s and y are recomputed, which costs no DRAM traffic, while saving them
   would add a write in forward and a read in backward.
 - Double backward (create_graph=True, seen as grad mode on inside backward) recomputes the forward
@@ -51,6 +51,7 @@ Design:
 from __future__ import annotations
 
 import operator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,7 @@ import triton.language as tl
 
 from .. import _runtime as rt
 from ._math import from_pair
+from ._op import Op, f32_pairs
 
 # Elements per tile, and per thread.  ptxas (sm_90a, fp32, NCHW, size 5 unrolled; see
 # perf/RESULTS.md) gives the backward 92 registers at four elements a thread: one 512-thread
@@ -252,6 +254,299 @@ def _lrn_backward_kernel(
     tl.store(DX + n * sdn + c * sdc + s * sds, dx.to(DX.dtype.element_ty), mask=(c < C) & s_ok)
 
 
+# Sliding kernels: positions contiguous (NCHW), windows up to MAX_UNROLLED_WINDOW.  A program owns
+# BLOCK_S positions of one sample and walks a chunk of channels; the window's x values ride in
+# registers (v1 the newest .. v8 the oldest, carried across the loop), so each x and dy element
+# comes from memory once (plus a halo of size - 1 channels per chunk, from L2) and every window
+# sum is still summed directly (no running sum to cancel).  Four channels a loop trip, their loads
+# issued before their math: four loads per thread in flight (Little's law: bytes in flight).
+
+
+@triton.jit
+def _slot(i: tl.constexpr, v1, v2, v3, v4, v5, v6, v7, v8):
+    # the i-th newest carried value (i constexpr, 1..8)
+    if i == 1:
+        r = v1
+    elif i == 2:
+        r = v2
+    elif i == 3:
+        r = v3
+    elif i == 4:
+        r = v4
+    elif i == 5:
+        r = v5
+    elif i == 6:
+        r = v6
+    elif i == 7:
+        r = v7
+    else:
+        r = v8
+    return r
+
+
+@triton.jit
+def _row(P, ch, s, C, S, COMPUTE: tl.constexpr):
+    # one channel's row at P (pointer to position 0 of channel ch) for the block's positions;
+    # zeros outside channels [0, C) (torch's zero padding): a scalar limit, one compare a lane
+    lim = tl.where((ch >= 0) & (ch < C), S, 0)
+    return tl.load(P + s, mask=s < lim, other=0.0).to(COMPUTE)
+
+
+@triton.jit
+def _slide_start(C, S, s_tiles, chunk, INT64: tl.constexpr, BLOCK_S: tl.constexpr):
+    # (n, first channel, end channel, positions).  Chunks of one (n, position block) are adjacent
+    # in launch order: a chunk's halo was just read by its neighbour (L2).
+    pid = tl.program_id(0)
+    c_chunks = tl.cdiv(C, chunk)
+    q = pid % c_chunks
+    r = pid // c_chunks
+    st = r % s_tiles
+    n = r // s_tiles
+    c0 = q * chunk
+    if INT64:
+        n = n.to(tl.int64)
+        c0 = c0.to(tl.int64)
+    s = st * BLOCK_S + tl.arange(0, BLOCK_S)
+    return n, c0, tl.minimum(c0 + chunk, C), s
+
+
+@triton.jit
+def _wide(v, INT64: tl.constexpr):
+    if INT64:
+        v = v.to(tl.int64)
+    return v
+
+
+@triton.jit
+def _log2_abs(v, FAST: tl.constexpr, FTZ: tl.constexpr):
+    # FTZ (with FAST): the host knows s is a normal number, where lg2's .ftz form gives the same
+    # result without the subnormal-input fix-up (three instructions)
+    if FAST and FTZ:
+        r = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [tl.abs(v)],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        r = _log2(tl.abs(v), FAST)
+    return r
+
+
+@triton.jit
+def _pow_from_log(lg, s, e, neg, NEG_BASE: tl.constexpr, FAST: tl.constexpr,
+                  FTZ: tl.constexpr = False):
+    # s^e from lg = log2|s| (see _pow_abs); NEG_BASE False: the host knows s >= 0 (k, a >= 0).
+    # FTZ: the host knows s^e is normal (see _log2_abs)
+    if FAST and FTZ:
+        p = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [e * lg],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        p = _exp2(e * lg, FAST)
+    if NEG_BASE:
+        p = tl.where(s < 0.0, p * neg, p)
+    return p
+
+
+@triton.jit
+def _window_sq(lead, v1, v2, v3, v4, v5, v6, v7, v8, WIN: tl.constexpr):
+    # sum of squares of the window: lead and the WIN - 1 newest carried values
+    sq = lead * lead
+    for i in tl.static_range(1, WIN):
+        v = _slot(i, v1, v2, v3, v4, v5, v6, v7, v8)
+        sq += v * v
+    return sq
+
+
+@triton.jit
+def _forward_step(YP, c, c_end, s, S, lead, v1, v2, v3, v4, v5, v6, v7, v8, kk, aa, bb, neg,
+                  AFTER: tl.constexpr, WIN: tl.constexpr, NEG_BASE: tl.constexpr,
+                  BETA_ZERO: tl.constexpr, FAST: tl.constexpr, FTZ: tl.constexpr):
+    # y at channel c (row pointer YP) from lead = x at c + AFTER and the carried window; returns
+    # the window moved on by one channel
+    if AFTER == 0:
+        xc = lead
+    else:
+        xc = _slot(AFTER, v1, v2, v3, v4, v5, v6, v7, v8)
+    if BETA_ZERO:  # pow(s, 0) is 1 for every s in torch, NaN and 0 included
+        y = xc
+    else:
+        sc = kk + aa * _window_sq(lead, v1, v2, v3, v4, v5, v6, v7, v8, WIN)
+        y = xc * _pow_from_log(_log2_abs(sc, FAST, FTZ), sc, -bb, neg, NEG_BASE, FAST, FTZ)
+    tl.store(YP + s, y.to(YP.dtype.element_ty), mask=s < tl.where(c < c_end, S, 0))
+    return lead, v1, v2, v3, v4, v5, v6, v7
+
+
+# chunk unspecialised: a 16-divisible chunk would give the four rows of a trip different
+# known alignments, hence different layouts (shared-memory shuffles between them)
+@triton.jit(do_not_specialize=["chunk"])
+def _lrn_forward_slide_kernel(
+    X,  # input (N, C, S), strides (sxn, sxc, 1)
+    Y,  # output (N, C, S), strides (syn, syc, 1)
+    C, S, s_tiles, chunk,  # channels; positions; position blocks per sample; channels per program
+    sxn, sxc, syn, syc,
+    k_hi, k_lo, a_hi, a_lo, b_hi, b_lo,  # as in _lrn_forward_kernel
+    BEFORE: tl.constexpr, AFTER: tl.constexpr,  # window [c - BEFORE, c + AFTER], size <= 9
+    NEG_BASE: tl.constexpr,  # s can be negative (k < 0 or alpha < 0): pow's sign rules apply
+    BETA_ZERO: tl.constexpr,  # beta == 0: y = x exactly
+    FTZ: tl.constexpr,  # s and s^-beta are normal numbers (see _log2_abs)
+    FAST: tl.constexpr, COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    WIN: tl.constexpr = BEFORE + AFTER + 1
+    n, c0, c_end, s = _slide_start(C, S, s_tiles, chunk, INT64, BLOCK_S)
+    kk = from_pair(k_hi, k_lo, COMPUTE)
+    aa = from_pair(a_hi, a_lo, COMPUTE)
+    bb = from_pair(b_hi, b_lo, COMPUTE)
+    neg = _negative_base(-bb)
+    sxc = _wide(sxc, INT64)
+    syc = _wide(syc, INT64)
+    # row pointers, carried and stepped by the channel stride: every row then has the same
+    # known alignment, so all loads and stores share one layout (no shared-memory shuffles)
+    xp = X + n * sxn + (c0 + AFTER) * sxc  # the first step's lead channel
+    yp = Y + n * syn + c0 * syc
+    z = tl.zeros([BLOCK_S], dtype=COMPUTE)
+    v1, v2, v3, v4, v5, v6, v7, v8 = z, z, z, z, z, z, z, z
+    # the window before the first channel: x at c0 - BEFORE .. c0 + AFTER - 1, oldest first
+    for d in tl.static_range(1 - WIN, 0):
+        v8, v7, v6, v5, v4, v3, v2 = v7, v6, v5, v4, v3, v2, v1
+        v1 = _row(xp + d * sxc, c0 + AFTER + d, s, C, S, COMPUTE)
+    # four channels a trip: their loads are issued together, before the math (bytes in flight);
+    # steps past c_end store nothing
+    for c in range(c0, c_end, 4):
+        l0 = _row(xp, c + AFTER, s, C, S, COMPUTE)
+        l1 = _row(xp + sxc, c + AFTER + 1, s, C, S, COMPUTE)
+        l2 = _row(xp + 2 * sxc, c + AFTER + 2, s, C, S, COMPUTE)
+        l3 = _row(xp + 3 * sxc, c + AFTER + 3, s, C, S, COMPUTE)
+        v1, v2, v3, v4, v5, v6, v7, v8 = _forward_step(
+            yp, c, c_end, s, S, l0, v1, v2, v3, v4, v5, v6, v7, v8, kk, aa, bb, neg, AFTER, WIN,
+            NEG_BASE, BETA_ZERO, FAST, FTZ)
+        v1, v2, v3, v4, v5, v6, v7, v8 = _forward_step(
+            yp + syc, c + 1, c_end, s, S, l1, v1, v2, v3, v4, v5, v6, v7, v8, kk, aa, bb, neg,
+            AFTER, WIN, NEG_BASE, BETA_ZERO, FAST, FTZ)
+        v1, v2, v3, v4, v5, v6, v7, v8 = _forward_step(
+            yp + 2 * syc, c + 2, c_end, s, S, l2, v1, v2, v3, v4, v5, v6, v7, v8, kk, aa, bb, neg,
+            AFTER, WIN, NEG_BASE, BETA_ZERO, FAST, FTZ)
+        v1, v2, v3, v4, v5, v6, v7, v8 = _forward_step(
+            yp + 3 * syc, c + 3, c_end, s, S, l3, v1, v2, v3, v4, v5, v6, v7, v8, kk, aa, bb, neg,
+            AFTER, WIN, NEG_BASE, BETA_ZERO, FAST, FTZ)
+        xp += 4 * sxc
+        yp += 4 * syc
+
+
+@triton.jit
+def _backward_step(DP, L, c0, c_end, C, s, S, lead, g,
+                   v1, v2, v3, v4, v5, v6, v7, v8, t1, t2, t3, t4, t5, t6, t7, t8,
+                   u1, u2, u3, u4, u5, u6, u7, u8, kk, aa, bb, neg, e1, two_ab,
+                   BEFORE: tl.constexpr, AFTER: tl.constexpr, WIN: tl.constexpr,
+                   NEG_BASE: tl.constexpr, BETA_ZERO: tl.constexpr, FAST: tl.constexpr,
+                   FTZ: tl.constexpr):
+    # Step L: lead = x at L completes s_m at m = L - AFTER and with it (g = dy_m)
+    # t_m = dy_m x_m s_m^(-beta-1) and u_m = dy_m s_m^(-beta); channel i = m - BEFORE (row
+    # pointer DP), whose mirrored window [i - AFTER, i + BEFORE] of t is then complete, gets
+    #     dx_i = u_i - 2 a beta x_i sum t.
+    m = L - AFTER
+    i = m - BEFORE
+    if BETA_ZERO:  # y = x exactly (s^0 = 1 even at s = 0), and a zero second term as in torch
+        t = g
+        u = g
+        dx = _slot(BEFORE, t1, t2, t3, t4, t5, t6, t7, t8) if BEFORE > 0 else g
+    else:
+        sm = kk + aa * _window_sq(lead, v1, v2, v3, v4, v5, v6, v7, v8, WIN)
+        if AFTER == 0:
+            xm = lead
+        else:
+            xm = _slot(AFTER, v1, v2, v3, v4, v5, v6, v7, v8)
+        lg = _log2_abs(sm, FAST, FTZ)
+        # outside [0, C) t is 0 (g is 0 there, and k = 0 would give 0 * inf)
+        t = tl.where((m >= 0) & (m < C), g * xm * _pow_from_log(lg, sm, e1, -neg, NEG_BASE, FAST),
+                     0.0)
+        u = g * _pow_from_log(lg, sm, -bb, neg, NEG_BASE, FAST, FTZ)
+        tsum = t
+        for j in tl.static_range(1, WIN):
+            tsum += _slot(j, t1, t2, t3, t4, t5, t6, t7, t8)
+        if WIN == 1:
+            xi = lead
+        else:
+            xi = _slot(WIN - 1, v1, v2, v3, v4, v5, v6, v7, v8)
+        if BEFORE == 0:
+            ui = u
+        else:
+            ui = _slot(BEFORE, u1, u2, u3, u4, u5, u6, u7, u8)
+        dx = ui - two_ab * xi * tsum
+    tl.store(DP + s, dx.to(DP.dtype.element_ty),
+             mask=s < tl.where((i >= c0) & (i < c_end), S, 0))
+    return (lead, v1, v2, v3, v4, v5, v6, v7, t, t1, t2, t3, t4, t5, t6, t7,
+            u, u1, u2, u3, u4, u5, u6, u7)
+
+
+# chunk unspecialised: a 16-divisible chunk would give the four rows of a trip different
+# known alignments, hence different layouts (shared-memory shuffles between them)
+@triton.jit(do_not_specialize=["chunk"])
+def _lrn_backward_slide_kernel(
+    X,  # forward's input (N, C, S), strides (sxn, sxc, 1)
+    G,  # gradient of the output (N, C, S), strides (sgn, sgc, 1)
+    DX,  # gradient of the input (N, C, S), strides (sdn, sdc, 1)
+    C, S, s_tiles, chunk,
+    sxn, sxc, sgn, sgc, sdn, sdc,
+    k_hi, k_lo, a_hi, a_lo, b_hi, b_lo,
+    BEFORE: tl.constexpr, AFTER: tl.constexpr, NEG_BASE: tl.constexpr, BETA_ZERO: tl.constexpr,
+    FTZ: tl.constexpr, FAST: tl.constexpr, COMPUTE: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    # see _backward_step; the first WIN - 1 steps of a chunk fill the t window (its halo).
+    # beta = 0 keeps the same walk with dx = dy (dy carried in the t slots).
+    WIN: tl.constexpr = BEFORE + AFTER + 1
+    n, c0, c_end, s = _slide_start(C, S, s_tiles, chunk, INT64, BLOCK_S)
+    kk = from_pair(k_hi, k_lo, COMPUTE)
+    aa = from_pair(a_hi, a_lo, COMPUTE)
+    bb = from_pair(b_hi, b_lo, COMPUTE)
+    neg = _negative_base(-bb)
+    e1 = -bb - 1.0
+    two_ab = 2.0 * aa * bb
+    sxc = _wide(sxc, INT64)
+    sgc = _wide(sgc, INT64)
+    sdc = _wide(sdc, INT64)
+    xp = X + n * sxn + c0 * sxc  # lead channel L
+    gp = G + n * sgn + (c0 - AFTER) * sgc  # channel m = L - AFTER
+    dp = DX + n * sdn + (c0 - AFTER - BEFORE) * sdc  # channel i = m - BEFORE
+    z = tl.zeros([BLOCK_S], dtype=COMPUTE)
+    v1, v2, v3, v4, v5, v6, v7, v8 = z, z, z, z, z, z, z, z  # x at L - 1, L - 2, ...
+    t1, t2, t3, t4, t5, t6, t7, t8 = z, z, z, z, z, z, z, z  # t at m - 1, m - 2, ...
+    u1, u2, u3, u4, u5, u6, u7, u8 = z, z, z, z, z, z, z, z  # u at m - 1, m - 2, ...
+    for d in tl.static_range(1 - WIN, 0):  # x below the first lead c0 fills the window
+        v8, v7, v6, v5, v4, v3, v2 = v7, v6, v5, v4, v3, v2, v1
+        v1 = _row(xp + d * sxc, c0 + d, s, C, S, COMPUTE)
+    # four steps a trip, their loads issued together before the math (see the forward)
+    for L in range(c0, c_end + BEFORE + AFTER, 4):
+        x0 = _row(xp, L, s, C, S, COMPUTE)
+        g0 = _row(gp, L - AFTER, s, C, S, COMPUTE)
+        x1 = _row(xp + sxc, L + 1, s, C, S, COMPUTE)
+        g1 = _row(gp + sgc, L + 1 - AFTER, s, C, S, COMPUTE)
+        x2 = _row(xp + 2 * sxc, L + 2, s, C, S, COMPUTE)
+        g2 = _row(gp + 2 * sgc, L + 2 - AFTER, s, C, S, COMPUTE)
+        x3 = _row(xp + 3 * sxc, L + 3, s, C, S, COMPUTE)
+        g3 = _row(gp + 3 * sgc, L + 3 - AFTER, s, C, S, COMPUTE)
+        (v1, v2, v3, v4, v5, v6, v7, v8, t1, t2, t3, t4, t5, t6, t7, t8,
+         u1, u2, u3, u4, u5, u6, u7, u8) = _backward_step(
+            dp, L, c0, c_end, C, s, S, x0, g0, v1, v2, v3, v4, v5, v6, v7, v8,
+            t1, t2, t3, t4, t5, t6, t7, t8, u1, u2, u3, u4, u5, u6, u7, u8, kk, aa, bb, neg, e1,
+            two_ab, BEFORE, AFTER, WIN, NEG_BASE, BETA_ZERO, FAST, FTZ)
+        (v1, v2, v3, v4, v5, v6, v7, v8, t1, t2, t3, t4, t5, t6, t7, t8,
+         u1, u2, u3, u4, u5, u6, u7, u8) = _backward_step(
+            dp + sdc, L + 1, c0, c_end, C, s, S, x1, g1, v1, v2, v3, v4, v5, v6, v7, v8,
+            t1, t2, t3, t4, t5, t6, t7, t8, u1, u2, u3, u4, u5, u6, u7, u8, kk, aa, bb, neg, e1,
+            two_ab, BEFORE, AFTER, WIN, NEG_BASE, BETA_ZERO, FAST, FTZ)
+        (v1, v2, v3, v4, v5, v6, v7, v8, t1, t2, t3, t4, t5, t6, t7, t8,
+         u1, u2, u3, u4, u5, u6, u7, u8) = _backward_step(
+            dp + 2 * sdc, L + 2, c0, c_end, C, s, S, x2, g2, v1, v2, v3, v4, v5, v6, v7, v8,
+            t1, t2, t3, t4, t5, t6, t7, t8, u1, u2, u3, u4, u5, u6, u7, u8, kk, aa, bb, neg, e1,
+            two_ab, BEFORE, AFTER, WIN, NEG_BASE, BETA_ZERO, FAST, FTZ)
+        (v1, v2, v3, v4, v5, v6, v7, v8, t1, t2, t3, t4, t5, t6, t7, t8,
+         u1, u2, u3, u4, u5, u6, u7, u8) = _backward_step(
+            dp + 3 * sdc, L + 3, c0, c_end, C, s, S, x3, g3, v1, v2, v3, v4, v5, v6, v7, v8,
+            t1, t2, t3, t4, t5, t6, t7, t8, u1, u2, u3, u4, u5, u6, u7, u8, kk, aa, bb, neg, e1,
+            two_ab, BEFORE, AFTER, WIN, NEG_BASE, BETA_ZERO, FAST, FTZ)
+        xp += 4 * sxc
+        gp += 4 * sgc
+        dp += 4 * sdc
+
+
 # ----------------------------------------------------------------------------------------------
 # host side
 
@@ -282,11 +577,71 @@ def _blocks(C: int, S: int, channels_contiguous: bool) -> tuple[int, int]:
     return bc, bs
 
 
-def _scalars(cfg):
-    k_hi, k_lo = rt.split_f32(cfg["k"])
-    a_hi, a_lo = rt.split_f32(cfg["scale"])
-    b_hi, b_lo = rt.split_f32(cfg["beta"])
-    return dict(k_hi=k_hi, k_lo=k_lo, a_hi=a_hi, a_lo=a_lo, b_hi=b_hi, b_lo=b_lo)
+class LrnConfig(NamedTuple):
+    """The scalar arguments of one call (the custom ops' schema comes from these annotations)."""
+    last: bool  # channels on the last dim (TensorFlow's semantics), else dim 1 (PyTorch's)
+    before: int  # window: channels [c - before, c + after]
+    after: int
+    scale: float  # a: alpha / size (PyTorch) or alpha (TensorFlow)
+    beta: float
+    k: float
+
+
+# Sliding kernels: channels per program (a halo of size - 1 channels per chunk is reread from L2,
+# and the backward's first size - 1 steps of a chunk compute its halo), and elements per thread.
+SLIDE_CHUNK = 32
+# ... halved on a GPU when the grid would hold fewer programs than this per SM: long-running
+# programs over few waves leave a tail of lone programs (perf.static_cost's model)
+SLIDE_MIN_PROGRAMS_PER_SM = 6
+SLIDE_ELEMENTS_PER_THREAD = 4
+
+
+def _slide_block(S: int) -> int:
+    """Positions per sliding program: the largest of 512, 256, 128 whose last block wastes
+    under 1/16 of the work (S = 3136: 256), else the smallest that covers S."""
+    if S <= 128:
+        return max(16, triton.next_power_of_2(S))
+    for bs in (512, 256, 128):
+        if triton.cdiv(S, bs) * bs * 15 <= S * 16:
+            return bs
+    return 128
+
+
+def _normal_powers(cfg) -> bool:
+    """Whether s = k + a sum x^2 and s^-beta are normal fp32 numbers for every input: k at least
+    the smallest normal, a >= 0 (so s >= k), and 0 <= beta < 126 / 128 (s <= fp32's max keeps
+    s^-beta above 2^-126).  Then lg2/ex2's .ftz forms give the exact same results."""
+    return cfg.k >= 2.0**-125 and cfg.scale >= 0.0 and 0.0 <= cfg.beta < 126 / 128
+
+
+def _slide_args(ts, cfg):
+    """Launch of the sliding kernels for the (N, C, S) views ``ts`` (x first), or None where they
+    do not apply: positions not unit-stride in every tensor, one position, or a looped window."""
+    N, C, S = ts[0].shape
+    before, after = min(cfg.before, C - 1), min(cfg.after, C - 1)
+    if S == 1 or before + after + 1 > MAX_UNROLLED_WINDOW or any(t.stride(2) != 1 for t in ts):
+        return None
+    bs = _slide_block(S)
+    s_tiles = triton.cdiv(S, bs)
+    chunk = min(C, SLIDE_CHUNK)
+    if (rt.plans_for_gpu(ts[0].device) and chunk > 16
+            and N * s_tiles * triton.cdiv(C, chunk)
+            < SLIDE_MIN_PROGRAMS_PER_SM * rt.sm_count(ts[0].device)):
+        chunk = 16
+    grid = (N * s_tiles * triton.cdiv(C, chunk),)
+    fast = (ts[0].device.type in ("cuda", "cpu") and rt.plans_for_gpu(ts[0].device)
+            and torch.version.hip is None and ts[0].dtype != torch.float64
+            and not rt.interpreter_enabled())  # the interpreter runs no inline PTX
+    k_hi, k_lo, a_hi, a_lo, b_hi, b_lo = f32_pairs(cfg.k, cfg.scale, cfg.beta)
+    kw = dict(k_hi=k_hi, k_lo=k_lo, a_hi=a_hi, a_lo=a_lo, b_hi=b_hi, b_lo=b_lo, BEFORE=before, AFTER=after, FAST=fast,
+              NEG_BASE=not (cfg.k >= 0.0 and cfg.scale >= 0.0), BETA_ZERO=cfg.beta == 0.0,
+              FTZ=_normal_powers(cfg),
+              COMPUTE=rt.compute_dtype(ts[0].dtype), INT64=rt.needs_int64(*ts), BLOCK_S=bs,
+              num_warps=max(1, bs // (32 * SLIDE_ELEMENTS_PER_THREAD)))
+    strides = [st for t in ts for st in t.stride()[:2]]
+    return grid, (C, S, s_tiles, chunk, *strides), kw
+
+
 
 
 def _launch_args(x3, cfg):
@@ -294,12 +649,15 @@ def _launch_args(x3, cfg):
     bc, bs = _blocks(C, S, x3.stride(1) == 1 and C > 1)
     c_tiles, s_tiles = triton.cdiv(C, bc), triton.cdiv(S, bs)
     grid = (c_tiles * x3.shape[0] * s_tiles,)
-    before = min(cfg["before"], C - 1)
-    after = min(cfg["after"], C - 1)
+    before = min(cfg.before, C - 1)
+    after = min(cfg.after, C - 1)
     unroll = before + after + 1 <= MAX_UNROLLED_WINDOW
-    fast = (x3.is_cuda and torch.version.hip is None and x3.dtype != torch.float64
+    fast = (x3.device.type in ("cuda", "cpu") and rt.plans_for_gpu(x3.device)
+            and torch.version.hip is None and x3.dtype != torch.float64
             and not rt.interpreter_enabled())  # the interpreter runs no inline PTX
-    kw = dict(before=before, after=after, **_scalars(cfg), UNROLL=unroll,
+    k_hi, k_lo, a_hi, a_lo, b_hi, b_lo = f32_pairs(cfg.k, cfg.scale, cfg.beta)
+    kw = dict(before=before, after=after, k_hi=k_hi, k_lo=k_lo, a_hi=a_hi, a_lo=a_lo, b_hi=b_hi,
+              b_lo=b_lo, UNROLL=unroll,
               BEFORE=before if unroll else 0, AFTER=after if unroll else 0, FAST=fast,
               COMPUTE=rt.compute_dtype(x3.dtype), BLOCK_C=bc, BLOCK_S=bs,
               num_warps=max(1, min(16, bc * bs // (32 * ELEMENTS_PER_THREAD))))
@@ -341,39 +699,58 @@ def _forward_buffers(x: torch.Tensor, last: bool):
     return x, y
 
 
-def _cfg(last, before, after, scale, beta, k):
-    return dict(last=last, before=before, after=after, scale=scale, beta=beta, k=k)
-
-
 def _target(out: torch.Tensor) -> torch.Tensor:
     """The buffer the kernel writes for ``out``: out itself, except for bf16 in Triton's
     interpreter (a CPU tensor reaching a kernel), which truncates fp32 -> bf16 where GPUs round to
     nearest even: there the kernel writes an fp32 twin with out's strides (out is dense) and torch
     rounds it into out.  Compiled kernels never take the detour."""
-    if out.dtype == torch.bfloat16 and out.device.type == "cpu":
+    if out.dtype == torch.bfloat16 and not rt.plans_for_gpu(out.device):
         return torch.empty_like(out, dtype=torch.float32)
     return out
 
 
-def _forward_impl(x, last, before, after, scale, beta, k):
-    x, y = _forward_buffers(x, last)
+def _forward(x, cfg):
+    x, y = _forward_buffers(x, cfg.last)
     t = _target(y)
-    x3, y3 = _view3(x, last), _view3(t, last)
-    grid, dims, kw = _launch_args(x3, _cfg(last, before, after, scale, beta, k))
+    x3, y3 = _view3(x, cfg.last), _view3(t, cfg.last)
+    slide = _slide_args((x3, y3), cfg)
+    if slide is not None:
+        grid, args, kw = slide
+        _lrn_forward_slide_kernel[grid](x3, y3, *args, **kw)
+        return (y if t is y else y.copy_(t),)
+    grid, dims, kw = _launch_args(x3, cfg)
     _lrn_forward_kernel[grid](x3, y3, *dims, *x3.stride(), *y3.stride(),
                               INT64=rt.needs_int64(x3, y3), **kw)
-    return y if t is y else y.copy_(t)
+    return (y if t is y else y.copy_(t),)
 
 
-def _backward_impl(x, dy, last, before, after, scale, beta, k):
+def _forward_fake(x, cfg):
+    return (_forward_buffers(x, cfg.last)[1],)
+
+
+def _backward_buffers(x, dy, last):
     x, _ = _forward_buffers(x, last)
-    (x, dy, dx), (x3, g3, _) = _walk(last, x, dy, _empty(x, last))
+    return _walk(last, x, dy, _empty(x, last))
+
+
+def _backward(douts, saved, cfg, needs):
+    """dx from the saved x alone: s and y are recomputed in the kernel."""
+    (x, dy, dx), (x3, g3, _) = _backward_buffers(saved[0], douts[0], cfg.last)
     t = _target(dx)
-    d3 = _view3(t, last)
-    grid, dims, kw = _launch_args(x3, _cfg(last, before, after, scale, beta, k))
+    d3 = _view3(t, cfg.last)
+    slide = _slide_args((x3, g3, d3), cfg)
+    if slide is not None:
+        grid, args, kw = slide
+        _lrn_backward_slide_kernel[grid](x3, g3, d3, *args, **kw)
+        return (dx if t is dx else dx.copy_(t),)
+    grid, dims, kw = _launch_args(x3, cfg)
     _lrn_backward_kernel[grid](x3, g3, d3, *dims, *x3.stride(), *g3.stride(), *d3.stride(),
                                INT64=rt.needs_int64(x3, g3, d3), **kw)
-    return dx if t is dx else dx.copy_(t)
+    return (dx if t is dx else dx.copy_(t),)
+
+
+def _backward_fake(douts, saved, cfg, needs):
+    return (_backward_buffers(saved[0], douts[0], cfg.last)[0][2],)
 
 
 def _composite(x, last, before, after, scale, beta, k):
@@ -390,81 +767,19 @@ def _composite(x, last, before, after, scale, beta, k):
     return (y if last else y.movedim(-1, 1)).to(x.dtype)
 
 
-def _grad_x(ctx, dy, backward):
-    """dx from the saved x: the Triton kernel, or under create_graph=True (grad mode on inside
-    backward) torch ops whose graph autograd can differentiate again."""
-    (x,) = ctx.saved_tensors
-    if torch.is_grad_enabled():
-        with torch.enable_grad():
-            y = _composite(x, *ctx.cfg)
-        (dx,) = torch.autograd.grad(y, x, dy, create_graph=True)
-    else:
-        dx = backward(x, dy, *ctx.cfg)
-    return (dx,) + (None,) * len(ctx.cfg)
+def _saved_composite(saved, cfg):
+    return _composite(saved[0], *cfg)
 
 
-class _LocalResponseNormFunction(torch.autograd.Function):
-    """Eager autograd (a torch.library op costs tens of microseconds per call to dispatch; eager
-    calls take this path, torch.compile the ops below).  Saves x alone: s and y are recomputed."""
-
-    # forward without ctx and a separate setup_context: what torch.func transforms require
-    @staticmethod
-    def forward(x, *cfg):
-        return _forward_impl(x, *cfg)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs, output)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _grad_x(ctx, dy, _backward_impl)
-
-
-# The same kernels as torch.library custom ops (fake implementations, an autograd formula), which
-# torch.compile(fullgraph=True) traces through.
-@torch.library.custom_op("tkern::local_response_norm", mutates_args=())
-def _forward_op(x: torch.Tensor, last: bool, before: int, after: int, scale: float, beta: float,
-                k: float) -> torch.Tensor:
-    return _forward_impl(x, last, before, after, scale, beta, k)
-
-
-@_forward_op.register_fake
-def _(x, last, before, after, scale, beta, k):
-    return _forward_buffers(x, last)[1]
-
-
-@torch.library.custom_op("tkern::local_response_norm_backward", mutates_args=())
-def _backward_op(x: torch.Tensor, dy: torch.Tensor, last: bool, before: int, after: int,
-                 scale: float, beta: float, k: float) -> torch.Tensor:
-    return _backward_impl(x, dy, last, before, after, scale, beta, k)
-
-
-@_backward_op.register_fake
-def _(x, dy, last, before, after, scale, beta, k):
-    x, _ = _forward_buffers(x, last)
-    (_, _, dx), _ = _walk(last, x, dy, _empty(x, last))
-    return dx
-
-
-def _setup_context(ctx, inputs, output):
-    x, *cfg = inputs
-    ctx.save_for_backward(x)
-    ctx.cfg = cfg
-
-
-def _autograd_backward(ctx, dy):
-    return _grad_x(ctx, dy, _backward_op)
-
-
-_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+# The declaration: eager autograd, torch.library ops (tkern::local_response_norm and
+# tkern::local_response_norm_backward) for torch.compile, and double backward, built by _op.Op.
+OP = Op("tkern::local_response_norm", inputs=("x",), outputs=("y",), config=LrnConfig,
+        forward=_forward, fake=_forward_fake, saves=("x",), grads=("x",), backward=_backward,
+        backward_fake=_backward_fake, composite=_saved_composite)
 
 
 def _apply(x, last, before, after, scale, beta, k):
-    args = (x, last, before, after, float(scale), float(beta), float(k))
-    if torch.compiler.is_compiling():
-        return _forward_op(*args)
-    return _LocalResponseNormFunction.apply(*args)
+    return OP.apply(x, cfg=LrnConfig(last, before, after, float(scale), float(beta), float(k)))[0]
 
 
 # ----------------------------------------------------------------------------------------------

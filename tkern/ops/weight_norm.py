@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -42,6 +42,7 @@ import triton.language as tl
 
 from .. import _runtime as rt
 from ._math import div_rn, sqrt_rn
+from ._op import Op
 
 # Launch rule (module constants so tests can shrink them to exercise every path on tiny tensors).
 TILE = 4096  # elements per program per loop step
@@ -370,96 +371,55 @@ def _backward(gw, v, g, norm, dim):
     return grad_v, grad_g
 
 
-def _forward_impl(v, g, dim):
+class WeightNormConfig(NamedTuple):
+    dim: Optional[int]  # the dim that keeps one norm per index; None: the whole tensor
+
+
+def _forward_op_impl(v, g, cfg):
     # parameters are contiguous; anything else is copied once.  g is read flat, unit stride.
-    return _forward(v.contiguous(), g.reshape(-1).contiguous(), dim, torch.result_type(v, g))
+    return _forward(v.contiguous(), g.reshape(-1).contiguous(), cfg.dim, torch.result_type(v, g))
 
 
-def _backward_impl(gw, v, g, norm, dim):
-    grad_v, grad_g = _backward(gw, v.contiguous(), g.reshape(-1).contiguous(), norm, dim)
+def _stat_dtype(v, g):
+    return rt.accum_dtype(torch.float64 if torch.float64 in (v.dtype, g.dtype) else v.dtype)
+
+
+def _forward_fake(v, g, cfg):
+    D = 1 if cfg.dim is None else v.shape[cfg.dim]
+    return (v.new_empty(v.shape, dtype=torch.result_type(v, g)),
+            v.new_empty((D,), dtype=_stat_dtype(v, g)))
+
+
+def _backward_op_impl(douts, saved, cfg, needs):
+    """From v, g and the fp32 norms forward saved: no re-reduction of v^2."""
+    (gw,), (v, g, norm) = douts, saved
+    grad_v, grad_g = _backward(gw, v.contiguous(), g.reshape(-1).contiguous(), norm, cfg.dim)
     return grad_v, grad_g.reshape(g.shape)
 
 
-def _differentiable_backward(gw, v, g, dim):
-    """The same gradients in torch ops, differentiable: used only under create_graph=True
-    (double backward), where the kernel's outputs would carry no graph."""
-    outer, D, inner = _geometry(v.shape, dim)
-    ct = torch.float64 if torch.float64 in (v.dtype, g.dtype, gw.dtype) else torch.float32
-    v3 = v.reshape(outer, D, inner).to(ct)
-    gw3 = gw.reshape(outer, D, inner).to(ct)
-    g3 = g.reshape(1, D, 1).to(ct)
-    norm = v3.square().sum((0, 2), keepdim=True).sqrt()
-    dot = (gw3 * v3).sum((0, 2), keepdim=True)
-    grad_v = g3 / norm * (gw3 - v3 * (dot / (norm * norm)))
-    return grad_v.reshape(v.shape).to(v.dtype), (dot / norm).reshape(g.shape).to(g.dtype)
-
-
-def _grads(ctx, gw, kernel_backward):
-    if gw is None:
-        return None, None, None
-    v, g, norm = ctx.saved_tensors  # v, g and the fp32 norms: no re-reduction of v^2
-    if torch.is_grad_enabled():  # backward with create_graph=True
-        grad_v, grad_g = _differentiable_backward(gw, v, g, ctx.dim)
-    else:
-        grad_v, grad_g = kernel_backward(gw, v, g, norm, ctx.dim)
-    return (grad_v if ctx.needs_input_grad[0] else None,
-            grad_g if ctx.needs_input_grad[1] else None, None)
-
-
-class _WeightNormFunction(torch.autograd.Function):
-    """Eager autograd: the launchers called directly (a custom op's Python dispatch costs more
-    than the kernel itself on a 4096x4096 weight)."""
-
-    @staticmethod
-    def forward(v, g, dim):  # setup_context style, so torch.func.grad works too
-        return _forward_impl(v, g, dim)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs, output)
-
-    @staticmethod
-    def backward(ctx, gw, _grad_norm):
-        return _grads(ctx, gw, _backward_impl)
-
-
-# Under torch.compile the same launchers run as torch.library custom ops (fake implementations,
-# autograd formula), so that torch.compile(fullgraph=True) traces a weight-normed model through
-# them.  The forward op also returns the norms: backward's saved state, never differentiated.
-@torch.library.custom_op("tkern::weight_norm", mutates_args=())
-def _forward_op(v: torch.Tensor, g: torch.Tensor,
-                dim: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward_impl(v, g, dim)
-
-
-@_forward_op.register_fake
-def _(v, g, dim):
-    D = 1 if dim is None else v.shape[dim]
-    stat = rt.accum_dtype(torch.float64 if torch.float64 in (v.dtype, g.dtype) else v.dtype)
-    return (v.new_empty(v.shape, dtype=torch.result_type(v, g)), v.new_empty((D,), dtype=stat))
-
-
-@torch.library.custom_op("tkern::weight_norm_backward", mutates_args=())
-def _backward_op(gw: torch.Tensor, v: torch.Tensor, g: torch.Tensor, norm: torch.Tensor,
-                 dim: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    return _backward_impl(gw, v, g, norm, dim)
-
-
-@_backward_op.register_fake
-def _(gw, v, g, norm, dim):
+def _backward_fake(douts, saved, cfg, needs):
+    v, g, _ = saved
     return v.new_empty(v.shape), g.new_empty(g.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    v, g, dim = inputs
-    _, norm = output
-    ctx.mark_non_differentiable(norm)
-    ctx.save_for_backward(v, g, norm)
-    ctx.dim = dim
+def _composite(saved, cfg):
+    """w from torch ops (``v * (g / ||v||)`` in fp32/fp64), for double backward."""
+    v, g, _ = saved
+    outer, D, inner = _geometry(v.shape, cfg.dim)
+    ct = torch.float64 if torch.float64 in (v.dtype, g.dtype) else torch.float32
+    v3 = v.reshape(outer, D, inner).to(ct)
+    norm = v3.square().sum((0, 2), keepdim=True).sqrt()
+    w = v3 * (g.reshape(1, D, 1).to(ct) / norm)
+    return w.reshape(v.shape).to(torch.result_type(v, g))
 
 
-_forward_op.register_autograd(lambda ctx, gw, _grad_norm: _grads(ctx, gw, _backward_op),
-                              setup_context=_setup_context)
+# The declaration: eager autograd, torch.library ops (tkern::weight_norm and
+# tkern::weight_norm_backward) for torch.compile, and double backward, built by _op.Op.  The
+# norms are an output autograd saves and never differentiates.
+OP = Op("tkern::weight_norm", inputs=("v", "g"), outputs=("w", "norm"), aux=("norm",),
+        config=WeightNormConfig, forward=_forward_op_impl, fake=_forward_fake,
+        saves=("v", "g", "norm"), grads=("v", "g"), backward=_backward_op_impl,
+        backward_fake=_backward_fake, composite=_composite)
 
 
 class _DtypeNotImplemented(rt.DtypeError, NotImplementedError):
@@ -531,6 +491,4 @@ def weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int | None = 0) -> torch.
         )
     if not rt.use_triton("weight_norm", v, g) or v.numel() == 0:
         return _eager(v, g, nd, torch.result_type(v, g))
-    if torch.compiler.is_compiling():
-        return _forward_op(v, g, nd)[0]
-    return _WeightNormFunction.apply(v, g, nd)[0]
+    return OP.apply(v, g, cfg=WeightNormConfig(nd))[0]

@@ -1,0 +1,317 @@
+"""``python -m perf --host``: host cost per call, kernel bodies skipped, beside eager PyTorch.
+
+What runs.  Every host step of a tkern call runs as it would on a GPU: argument checks, the op
+mechanism's autograd.Function (or torch.library op), plans, allocations, the launchers' argument
+lists, and for each kernel launch Triton's own launch front end: the real argument binder
+(``create_function_from_signature`` for a CUDA sm_90 backend, the specialisation of every
+argument), the kernel-cache key and lookup and the grid's canonicalisation, exactly the steps of
+``JITFunction.run`` before the driver call.  Only the kernel body is skipped (and the driver's C
+launch, a few us on a GPU, is not counted).  On CPU this is done by ``skip_kernel_bodies``: it
+replaces the interpreter's ``InterpretedFunction.run`` (the hook every ``kernel[grid](...)`` goes
+through under ``TRITON_INTERPRET=1``) with that front end plus a launch counter.  Outputs are then
+uninitialised memory: the figures are host time, not results.
+
+Plans are the GPU's (``launch_plan._target_programs`` for a 132-SM card), so BatchNorm takes the
+launch structure it takes on an H100/H200.
+
+Counts per call and direction: Triton launches (the hook above), and other torch kernels (aten
+ops seen by a TorchDispatchMode, leaving out allocations and views, which start no kernel).
+
+On a GPU the kernels run (no hook): tkern and eager both run the small shapes, timed with a
+synchronisation per round, i.e. launch-bound latency; Triton launches are not counted there.
+
+Eager PyTorch runs the same call for real on CPU tensors of the same rank and channel count but
+a small batch and spatial size, so that its kernels take a few us: its figure is host cost plus
+those few us (an upper bound of its host cost).  tkern's BatchNorm runs on the case's real shape
+(its plan, hence its launches, depend on it), the other ops on the small shape too.  torch ops
+that tkern itself starts (the bias gradient's sum, BatchNorm's eval weight-gradient sum) run their
+CPU bodies for real.
+
+Host mode runs torch single-threaded and takes large CPU allocations from the heap (``mallopt``),
+as a GPU's caching allocator would serve them.  Figures are host-machine dependent: record the
+machine with them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# aten ops that start no kernel: allocation, views and metadata
+_NO_KERNEL = {
+    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "view",
+    "_unsafe_view", "as_strided", "t", "transpose", "permute", "unsqueeze", "squeeze", "select",
+    "slice", "unbind", "expand", "alias", "detach", "_reshape_alias", "split", "split_with_sizes",
+    "lift_fresh", "unfold", "reshape", "flatten", "movedim", "view_as", "_to_copy_meta",
+    "is_same_size", "promote_types", "result_type", "_local_scalar_dense", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "set_",
+}
+
+
+class _KernelCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        if name not in _NO_KERNEL and not func.namespace == "tkern":
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+class _FrontEnd:
+    """Triton's launch front end for one kernel: ``JITFunction.run`` up to the driver call."""
+
+    _backend = None
+
+    def __init__(self, interpreted):
+        from triton.runtime.jit import JITFunction, create_function_from_signature
+
+        if _FrontEnd._backend is None:
+            from triton.backends.compiler import GPUTarget
+            from triton.compiler import make_backend
+            _FrontEnd._backend = make_backend(GPUTarget("cuda", 90, 32))
+        keep = ("do_not_specialize", "do_not_specialize_on_alignment")
+        jf = JITFunction(interpreted.fn, **{k: v for k, v in interpreted.kwargs.items()
+                                            if k in keep})
+        self.binder = create_function_from_signature(jf.signature, jf.params, self._backend)
+        self.key_cache: dict = {}
+        self.kernel_cache: dict = {}
+
+    def __call__(self, args, grid, kwargs):
+        from triton import knobs
+        from triton.runtime.jit import compute_cache_key
+
+        kwargs["debug"] = kwargs.get("debug", None) or knobs.runtime.debug
+        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+        bound_args, specialization, options = self.binder(*args, **kwargs)
+        key = compute_cache_key(self.key_cache, specialization, options)
+        if self.kernel_cache.get(key) is None:
+            self.kernel_cache[key] = True  # "compiled" once
+        if callable(grid):
+            grid = grid(bound_args)
+        grid_size = len(grid)
+        return (grid[0], grid[1] if grid_size > 1 else 1, grid[2] if grid_size > 2 else 1,
+                tuple(bound_args.values()))
+
+
+class LaunchLog:
+    def __init__(self):
+        self.launches = 0
+        self.names: list[str] = []
+
+
+@contextlib.contextmanager
+def skip_kernel_bodies():
+    """Within: every Triton launch runs Triton's front end (binder, cache key, grid) and is
+    counted in the yielded ``LaunchLog``; no kernel body runs.  CPU with TRITON_INTERPRET=1 only."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    log = LaunchLog()
+    ends: dict = {}
+    original = InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        end = ends.get(self.fn)
+        if end is None:
+            end = ends[self.fn] = _FrontEnd(self)
+        end(args, grid, kwargs)
+        log.launches += 1
+        log.names.append(self.fn.__name__)
+
+    InterpretedFunction.run = run
+    try:
+        yield log
+    finally:
+        InterpretedFunction.run = original
+
+
+@contextlib.contextmanager
+def gpu_like_plans(sm_count: int = 132):
+    from tkern.ops.batch_norm import launch_plan
+
+    original = launch_plan._target_programs
+    launch_plan._target_programs = lambda device, reduction: (4 if reduction else 64) * sm_count
+    launch_plan._PLANS.clear()
+    try:
+        yield
+    finally:
+        launch_plan._target_programs = original
+        launch_plan._PLANS.clear()
+
+
+class Case:
+    """One call: ``make(shape)`` -> (fn, inputs needing grad, upstream-grad maker)."""
+
+    def __init__(self, name: str, make: Callable, shape: tuple, small: tuple):
+        self.name, self.make, self.shape, self.small = name, make, shape, small
+
+
+def _bn_case(activation, training):
+    def make(shape, ours):
+        import tkern
+        C = shape[1]
+        if ours:
+            m = tkern.nn.BatchNorm2d(C, activation=activation)
+            fn = m
+        else:
+            bn = torch.nn.BatchNorm2d(C)
+            m = bn
+            fn = (lambda t: torch.relu(bn(t))) if activation == "relu" else bn
+        m.train(training)
+        x = torch.randn(shape, requires_grad=True)
+        return fn, x
+    return make
+
+
+def _dropout_case(bias):
+    def make(shape, ours):
+        import tkern
+        x = torch.randn(shape, requires_grad=True)
+        b = torch.randn(shape[-1], requires_grad=True) if bias else None
+        if ours:
+            return (lambda t: tkern.activation_dropout(t, "gelu", 0.1, bias=b)), x
+        if bias:
+            return (lambda t: F.dropout(F.gelu(t + b), 0.1)), x
+        return (lambda t: F.dropout(F.gelu(t), 0.1)), x
+    return make
+
+
+def _lrn_make(shape, ours):
+    import tkern
+    x = torch.randn(shape, requires_grad=True)
+    if ours:
+        return (lambda t: tkern.local_response_norm(t, 5)), x
+    return (lambda t: F.local_response_norm(t, 5)), x
+
+
+def _wn_make(shape, ours):
+    import tkern
+    v = torch.randn(shape, requires_grad=True)
+    g = torch.rand(shape[0], 1, requires_grad=True) + 0.5
+    g = g.detach().requires_grad_()
+    if ours:
+        return (lambda t: tkern.weight_norm(t, g, 0)), v
+    return (lambda t: torch._weight_norm(t, g, 0)), v
+
+
+CASES = [
+    Case("BatchNorm2d(2048)+relu train", _bn_case("relu", True), (32, 2048, 7, 7), (2, 2048, 2, 2)),
+    Case("BatchNorm2d(64)+relu train", _bn_case("relu", True), (32, 64, 56, 56), (2, 64, 4, 4)),
+    Case("BatchNorm2d(2048) eval", _bn_case(None, False), (32, 2048, 7, 7), (2, 2048, 2, 2)),
+    # launch structure independent of the size: both on the small shape (the CPU then runs the
+    # bias gradient's torch sum for real on little data, as eager's kernels)
+    Case("activation_dropout gelu p=0.1 +bias", _dropout_case(True), (16, 1024), (16, 1024)),
+    Case("activation_dropout gelu p=0.1", _dropout_case(False), (16, 1024), (16, 1024)),
+    Case("local_response_norm size 5", _lrn_make, (2, 96, 9, 9), (2, 96, 9, 9)),
+    Case("weight_norm dim 0", _wn_make, (256, 256), (256, 256)),
+]
+
+
+def _time_us(step: Callable, reps: int, rounds: int = 15) -> float:
+    """The least over rounds of the mean time per call, in us (the least disturbed round on a
+    shared machine; synchronised on a GPU: there the
+    figure is launch-bound latency)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    step()
+    step()
+    per = []
+    for _ in range(rounds):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            step()
+        sync()
+        per.append((time.perf_counter() - t0) / reps * 1e6)
+    return min(per)
+
+
+def _measure(case: Case, ours: bool, reps: int) -> dict:
+    gpu = torch.cuda.is_available()
+    shape = case.shape if ours and not gpu else case.small
+    with torch.device("cuda" if gpu else "cpu"):
+        fn, x = case.make(shape, ours)
+        dy = torch.randn(shape)
+        if isinstance(fn, torch.nn.Module):
+            fn.to(x.device)
+
+    def fwd():
+        return fn(x)
+
+    params = list(fn.parameters()) if isinstance(fn, torch.nn.Module) else []
+
+    def full():
+        x.grad = None  # no accumulation kernel: autograd hands its gradient over
+        for p in params:
+            p.grad = None
+        fn(x).backward(dy)
+
+    # counts: one forward, one backward, separately
+    counts = {}
+    ctx = skip_kernel_bodies() if ours and not gpu else contextlib.nullcontext(LaunchLog())
+    with ctx as log:
+        with _KernelCounter() as k:
+            y = fn(x)
+        counts["fwd"] = (log.launches, list(k.ops))
+        n0 = log.launches
+        with _KernelCounter() as k:
+            y.backward(dy)
+        counts["bwd"] = (log.launches - n0, list(k.ops))
+        t_fwd = _time_us(fwd, reps)
+        t_full = _time_us(full, reps)
+    return dict(fwd_us=t_fwd, full_us=t_full, counts=counts)
+
+
+def _cached_cpu_allocations() -> None:
+    """Large CPU tensors from the heap rather than fresh mmaps (glibc ``mallopt``): close to a
+    GPU's caching allocator, so that allocating tkern's full-size outputs costs what it costs
+    there, not page-table work per call.  Linux/glibc only; elsewhere a no-op."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 31 - 1)
+    except (OSError, AttributeError):
+        pass
+
+
+def run(reps: int = 200, cases=None, out=print) -> list[dict]:
+    """Measure every case (tkern and eager) and print one table; returns the rows."""
+    import platform
+
+    rows = []
+    _cached_cpu_allocations()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # host cost, not intra-op parallelism (and no spinning threads)
+    try:
+        with gpu_like_plans():
+            for case in cases or CASES:
+                ours = _measure(case, True, reps)
+                theirs = _measure(case, False, reps)
+                rows.append(dict(case=case.name, shape=case.shape, tkern=ours, eager=theirs))
+    finally:
+        torch.set_num_threads(threads)
+    out(f"host cost per call (us), kernel bodies skipped; {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}, triton {__import__('triton').__version__}; "
+        f"tkern on the shape shown, eager on a small shape of the same C (its kernels run)")
+    head = (f"{'case':38s} {'shape':>18s} | {'tkern fwd':>9s} {'fwd+bwd':>8s} {'launch f/b':>10s}"
+            f" {'other torch f / b':28s} | {'eager fwd':>9s} {'fwd+bwd':>8s} | ratio")
+    out(head)
+    out("-" * len(head))
+    for r in rows:
+        t, e = r["tkern"], r["eager"]
+        (lf, of), (lb, ob) = t["counts"]["fwd"], t["counts"]["bwd"]
+        other = f"{','.join(of) or '-'} / {','.join(ob) or '-'}"
+        out(f"{r['case']:38s} {str(tuple(r['shape'])):>18s} | {t['fwd_us']:9.1f} {t['full_us']:8.1f}"
+            f" {f'{lf} / {lb}':>10s} {other:28s} | {e['fwd_us']:9.1f} {e['full_us']:8.1f} |"
+            f" {t['full_us'] / e['full_us']:.2f}x")
+    return rows

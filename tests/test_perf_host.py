@@ -1,0 +1,51 @@
+"""``python -m perf --host`` runs and counts every kernel a call starts (not a timed test: the
+figures are host-dependent; the counts are not)."""
+
+import pytest
+import torch
+
+from perf import host
+
+
+def _rows(names):
+    cases = [c for c in host.CASES if c.name in names]
+    assert len(cases) == len(names)
+    lines = []
+    return host.run(reps=1, cases=cases, out=lines.append), lines
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU mode stubs the interpreter")
+def test_host_mode_counts_launches():
+    names = ["BatchNorm2d(2048)+relu train", "BatchNorm2d(64)+relu train", "BatchNorm2d(2048) eval",
+             "activation_dropout gelu p=0.1 +bias", "activation_dropout gelu p=0.1",
+             "local_response_norm size 5", "weight_norm dim 0"]
+    rows, lines = _rows(names)
+    got = {r["case"]: r["tkern"]["counts"] for r in rows}
+    # (Triton launches, other torch kernels) per direction, GPU-like plans.  BatchNorm's module
+    # adds num_batches_tracked.add_(1) in training, as torch's does.
+    assert got["BatchNorm2d(2048)+relu train"] == {"fwd": (2, ["add_"]), "bwd": (2, [])}
+    assert got["BatchNorm2d(64)+relu train"] == {"fwd": (2, ["add_"]), "bwd": (2, [])}
+    assert got["BatchNorm2d(2048) eval"]["fwd"] == (1, [])
+    assert got["activation_dropout gelu p=0.1 +bias"] == {"fwd": (1, ["randint"]), "bwd": (1, ["sum"])}
+    assert got["activation_dropout gelu p=0.1"] == {"fwd": (1, ["randint"]), "bwd": (1, [])}
+    assert got["local_response_norm size 5"] == {"fwd": (1, []), "bwd": (1, [])}
+    assert got["weight_norm dim 0"] == {"fwd": (1, []), "bwd": (1, [])}
+    for r in rows:  # eager's side ran too, with kernels of its own and no Triton launches
+        assert r["eager"]["counts"]["fwd"][0] == 0 and r["eager"]["counts"]["fwd"][1]
+        assert r["tkern"]["fwd_us"] > 0 and r["eager"]["full_us"] > 0
+    assert len(lines) == 3 + len(names) and all(n in "\n".join(lines) for n in names)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU mode stubs the interpreter")
+def test_skipped_bodies_still_bind_arguments():
+    """The stub runs Triton's argument binder: a wrong argument list still fails."""
+    from tkern.ops.activation_dropout import _kernel
+
+    with host.skip_kernel_bodies() as log, pytest.raises(TypeError):
+        _kernel[(1,)](torch.ones(4))
+    x = torch.ones(4)
+    with host.skip_kernel_bodies() as log:
+        y = torch.full_like(x, 7.0)
+        import tkern
+        tkern.local_response_norm(x.view(1, 4, 1), 3)
+    assert log.launches == 1 and log.names == ["_lrn_forward_kernel"] and y.eq(7).all()

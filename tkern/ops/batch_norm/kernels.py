@@ -1,0 +1,569 @@
+"""BatchNorm's Triton kernels (the design is in ``tkern/ops/batch_norm/__init__.py``).
+
+Every kernel addresses its tensors as ``[N, C, S]`` through strides and walks *units* (one
+sample, one block of S) for a block of channels; the launchers in ``launch.py`` pass the plan
+(``launch_plan.py``) as ``nsb, n_units, units_per_prog, BLOCK_S, BLOCK_C``.
+- ``_fused_forward_kernel``: training forward in one launch (statistics, running stats, y).
+- ``_stats_partial_kernel`` -> ``_merge_normalize_kernel``: the split training forward (each
+  normalize program merges its channels' partials); ``_stats_combine_kernel`` merges partials
+  alone (statistics without y, SyncBatchNorm); eval runs ``_normalize_kernel`` alone (invstd
+  from running_var).
+- ``_backward_reduce_kernel`` (sums; dx in the same launch with EVAL_DX / TRAIN_DX) and
+  ``_dx_kernel``: backward.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .._math import from_pair
+from ...activations import activate, activation_grad
+
+@triton.jit
+def _unit(u, nsb, lanes_s, S, n_units, INT64: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Sample index, spatial indices and their mask of unit ``u`` (sample u // nsb, S-block
+    u % nsb)."""
+    if INT64:  # s can pass 2^31 when samples and positions merge into one axis
+        u = u.to(tl.int64)
+        lanes_s = lanes_s.to(tl.int64)
+    n = u // nsb
+    s = (u - n * nsb) * BLOCK_S + lanes_s
+    # a unit past the end masks everything (a scalar select: the interpreter mistypes bool & scalar)
+    smask = s < tl.where(u < n_units, S, 0)
+    return n, s, smask
+
+
+@triton.jit
+def _offsets(n, s, c, sN, sS, sC):
+    """Offsets of the tile (spatial s) x (channels c) of sample n, for strides sN, sS, sC."""
+    return n * sN + s[:, None] * sS + c.to(s.dtype)[None, :] * sC  # s is int64 under INT64
+
+
+@triton.jit
+def _two_sum(a, b):
+    """(hi, lo) with hi = fl(a + b) and hi + lo == a + b exactly (Knuth's TwoSum; adds only, so
+    FMA contraction cannot disturb it)."""
+    hi = a + b
+    bb = hi - a
+    lo = (a - (hi - bb)) + (b - bb)
+    return hi, lo
+
+
+@triton.jit
+def _shifted_stats(X, c, cmask, S, sN, sC, sS, nsb, n_units, u0, units,
+                   COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr,
+                   BLOCK_C: tl.constexpr):
+    """(count, mean as hi + lo, M2) per channel c of the units [u0, u0 + units)."""
+    lanes_s = tl.arange(0, BLOCK_S)
+    # Shift: the mean of the first tile.  Values are summed as xs = x - shift per lane (no
+    # reductions in the loop) and the variance comes from shifted sums, M2 = S2 - S1^2 / n, whose
+    # cancellation grows with (shift - mean)^2 / var.  The first tile is part of the data, so that
+    # ratio is at most (tiles per program), a few hundred at worst: a few ulps on the variance,
+    # never catastrophic, whatever |mean| / std is.
+    n, s, smask = _unit(u0, nsb, lanes_s, S, n_units, INT64, BLOCK_S)
+    mask = smask[:, None] & cmask[None, :]
+    x = tl.load(X + _offsets(n, s, c, sN, sS, sC), mask=mask, other=0.0).to(COMPUTE)
+    shift = tl.sum(x, 0) / tl.maximum(tl.sum(smask.to(COMPUTE), 0), 1.0)
+    cnt = tl.zeros([BLOCK_S], COMPUTE)  # per lane: valid elements seen
+    s1 = tl.zeros([BLOCK_S, BLOCK_C], COMPUTE)
+    s2 = tl.zeros([BLOCK_S, BLOCK_C], COMPUTE)
+    for i in range(0, units):
+        n, s, smask = _unit(u0 + i, nsb, lanes_s, S, n_units, INT64, BLOCK_S)
+        mask = smask[:, None] & cmask[None, :]
+        x = tl.load(X + _offsets(n, s, c, sN, sS, sC), mask=mask, other=0.0).to(COMPUTE)
+        xs = tl.where(mask, x - shift[None, :], 0.0)
+        cnt += smask.to(COMPUTE)
+        s1 += xs
+        s2 += xs * xs
+    n_tot = tl.sum(cnt, 0)
+    sum1 = tl.sum(s1, 0)
+    mean_s = sum1 / tl.maximum(n_tot, 1.0)  # relative to shift
+    m2 = tl.maximum(tl.sum(s2, 0) - sum1 * mean_s, 0.0)
+    # the absolute mean as hi + lo: hi alone (fp32) would lose ulp(mean) when |mean| >> std
+    hi, lo = _two_sum(shift, mean_s)
+    return n_tot, hi, lo, m2
+
+
+@triton.jit
+def _stats_partial_kernel(
+    X,  # input viewed as [N, C, S] through (sN, sC, sS)
+    PCOUNT, PMEAN, PMEAN_LO, PM2,  # [P, C] partial count, mean as hi + lo, M2 (sum of squared dev.)
+    C, S, sN, sC, sS,  # channel count, spatial size, strides of X
+    nsb, n_units, units_per_prog,  # S-blocks per sample; units in all; units per program
+    COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_p = tl.program_id(1)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    n_tot, hi, lo, m2 = _shifted_stats(X, c, cmask, S, sN, sC, sS, nsb, n_units,
+                                       pid_p * units_per_prog, units_per_prog,
+                                       COMPUTE, INT64, BLOCK_S, BLOCK_C)
+    out = pid_p * C + c
+    tl.store(PCOUNT + out, tl.zeros([BLOCK_C], COMPUTE) + n_tot, mask=cmask)
+    tl.store(PMEAN + out, hi, mask=cmask)
+    tl.store(PMEAN_LO + out, lo, mask=cmask)
+    tl.store(PM2 + out, m2, mask=cmask)
+
+
+@triton.jit
+def _update_running(RMEAN, RVAR, NBT, c, cmask, n_tot, mean, m2, mom_hi, mom_lo,
+                    CUMULATIVE: tl.constexpr, COMPUTE: tl.constexpr):
+    """running = (1 - f) * running + f * batch, with the unbiased variance; f is the momentum, or
+    1 / num_batches_tracked (read on the device) for the cumulative average."""
+    if CUMULATIVE:
+        factor = 1.0 / tl.load(NBT).to(COMPUTE)
+    else:
+        factor = from_pair(mom_hi, mom_lo, COMPUTE)
+    # a single value (possible only through SyncBatchNorm) keeps m2 / n
+    unbiased = m2 / tl.maximum(n_tot - 1.0, 1.0)
+    rm = tl.load(RMEAN + c, mask=cmask, other=0.0)
+    rv = tl.load(RVAR + c, mask=cmask, other=0.0)
+    new_rm = (1.0 - factor) * rm.to(COMPUTE) + factor * mean
+    new_rv = (1.0 - factor) * rv.to(COMPUTE) + factor * unbiased
+    tl.store(RMEAN + c, new_rm.to(rm.dtype), mask=cmask)
+    tl.store(RVAR + c, new_rv.to(rv.dtype), mask=cmask)
+
+
+@triton.jit
+def _partial_deviation(PCOUNT, PMEAN, PMEAN_LO, p, P, C, c, cmask, ref, HAS_LO: tl.constexpr,
+                       COMPUTE: tl.constexpr):
+    """Partials p of channels c: (count n_i, mean_i - ref with mean_i as hi + lo, offsets, mask)."""
+    m = (p < P)[:, None] & cmask[None, :]
+    offs = p[:, None] * C + c[None, :]
+    n_i = tl.load(PCOUNT + offs, mask=m, other=0.0).to(COMPUTE)
+    d_i = tl.load(PMEAN + offs, mask=m, other=0.0).to(COMPUTE) - ref[None, :]
+    if HAS_LO:
+        d_i += tl.load(PMEAN_LO + offs, mask=m, other=0.0).to(COMPUTE)
+    return n_i, d_i, offs, m
+
+
+@triton.jit
+def _merge_partials(PCOUNT, PMEAN, PMEAN_LO, PM2, P, C, c, cmask, HAS_LO: tl.constexpr,
+                    COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(count, mean as hi + lo, M2) of channels c from their P partials."""
+    lanes_p = tl.arange(0, BLOCK_P)
+    # pass 1: count and a reference near the mean (its rounding does not matter: every partial
+    # mean is taken relative to it, exactly when close)
+    n_tot = tl.zeros([BLOCK_C], COMPUTE)
+    wsum = tl.zeros([BLOCK_C], COMPUTE)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + lanes_p
+        m = (p < P)[:, None] & cmask[None, :]
+        offs = p[:, None] * C + c[None, :]
+        n_i = tl.load(PCOUNT + offs, mask=m, other=0.0).to(COMPUTE)
+        hi_i = tl.load(PMEAN + offs, mask=m, other=0.0).to(COMPUTE)
+        n_tot += tl.sum(n_i, 0)
+        wsum += tl.sum(n_i * hi_i, 0)
+    ref = wsum / tl.maximum(n_tot, 1.0)
+    # pass 2: the mean relative to ref
+    dsum = tl.zeros([BLOCK_C], COMPUTE)
+    for p0 in range(0, P, BLOCK_P):
+        n_i, d_i, offs, m = _partial_deviation(PCOUNT, PMEAN, PMEAN_LO, p0 + lanes_p, P, C, c,
+                                               cmask, ref, HAS_LO, COMPUTE)
+        dsum += tl.sum(n_i * d_i, 0)
+    mean_d = dsum / tl.maximum(n_tot, 1.0)
+    # pass 3: M2 = sum of M2_i + n_i (mean_i - mean)^2 (exact parallel formula)
+    m2 = tl.zeros([BLOCK_C], COMPUTE)
+    for p0 in range(0, P, BLOCK_P):
+        n_i, d_i, offs, m = _partial_deviation(PCOUNT, PMEAN, PMEAN_LO, p0 + lanes_p, P, C, c,
+                                               cmask, ref, HAS_LO, COMPUTE)
+        d_i -= mean_d[None, :]
+        m2 += tl.sum(tl.load(PM2 + offs, mask=m, other=0.0).to(COMPUTE) + n_i * d_i * d_i, 0)
+    # The mean as hi + lo: with |mean| >> std, the rounding of hi alone would move every xhat by
+    # up to ulp(mean) * invstd (3e-3 for 1000 + 0.01 * randn in fp32).
+    mean_hi, mean_lo = _two_sum(ref, mean_d)
+    return n_tot, mean_hi, mean_lo, m2
+
+
+@triton.jit
+def _stats_combine_kernel(
+    PCOUNT, PMEAN, PMEAN_LO, PM2,  # [P, C] partials: count, mean as hi + lo (lo if HAS_LO), M2
+    MEAN, MEAN_LO,  # [C] outputs: merged mean as hi + lo
+    INVSTD,  # [C] output when WRITE_INVSTD: 1 / sqrt(biased var + eps)
+    OCOUNT, OM2,  # [C] outputs when WRITE_M2: merged count and M2
+    RMEAN, RVAR,  # [C] running stats, updated in place when UPDATE
+    NBT,  # num_batches_tracked (int64 scalar) when CUMULATIVE: factor = 1 / NBT
+    P, C,
+    eps_hi, eps_lo, mom_hi, mom_lo,  # eps and momentum as fp32 pairs hi + lo (fp64 precision)
+    HAS_LO: tl.constexpr, UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr,
+    WRITE_INVSTD: tl.constexpr, WRITE_M2: tl.constexpr, COMPUTE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    n_tot, mean_hi, mean_lo, m2 = _merge_partials(PCOUNT, PMEAN, PMEAN_LO, PM2, P, C, c, cmask,
+                                                  HAS_LO, COMPUTE, BLOCK_P, BLOCK_C)
+    tl.store(MEAN + c, mean_hi, mask=cmask)
+    tl.store(MEAN_LO + c, mean_lo, mask=cmask)
+    if WRITE_M2:
+        tl.store(OCOUNT + c, n_tot, mask=cmask)
+        tl.store(OM2 + c, m2, mask=cmask)
+    if WRITE_INVSTD:
+        eps = from_pair(eps_hi, eps_lo, COMPUTE)
+        var = m2 / tl.maximum(n_tot, 1.0)
+        tl.store(INVSTD + c, _inv_sqrt(var + eps, COMPUTE), mask=cmask)
+    if UPDATE:
+        _update_running(RMEAN, RVAR, NBT, c, cmask, n_tot, mean_hi + mean_lo, m2, mom_hi, mom_lo,
+                        CUMULATIVE, COMPUTE)
+
+
+@triton.jit
+def _inv_sqrt(v, COMPUTE: tl.constexpr):
+    if COMPUTE == tl.float64:
+        r = 1.0 / tl.sqrt(v)
+    else:
+        r = 1.0 / tl.sqrt_rn(v)  # correctly rounded (tl.sqrt may be approximate)
+    return r
+
+
+@triton.jit
+def _channel_params(MEAN, MEAN_LO, INVSTD, W, B, c, cmask, eps, HAS_LO: tl.constexpr,
+                    FROM_VAR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                    COMPUTE: tl.constexpr):
+    """Per-channel statistics and affine parameters; with FROM_VAR, INVSTD holds the (running)
+    variance and invstd = 1 / sqrt(var + eps) is taken here (eval: no separate launch)."""
+    mean = tl.load(MEAN + c, mask=cmask, other=0.0).to(COMPUTE)
+    if HAS_LO:
+        mean_lo = tl.load(MEAN_LO + c, mask=cmask, other=0.0).to(COMPUTE)
+    else:
+        mean_lo = tl.zeros([c.shape[0]], COMPUTE)
+    invstd = tl.load(INVSTD + c, mask=cmask, other=1.0).to(COMPUTE)
+    if FROM_VAR:
+        invstd = _inv_sqrt(invstd + eps, COMPUTE)
+    if HAS_W:
+        w = tl.load(W + c, mask=cmask, other=0.0).to(COMPUTE)
+    else:
+        w = tl.full([c.shape[0]], 1.0, COMPUTE)
+    if HAS_B:
+        b = tl.load(B + c, mask=cmask, other=0.0).to(COMPUTE)
+    else:
+        b = tl.zeros([c.shape[0]], COMPUTE)
+    return mean, mean_lo, invstd, w, b
+
+
+@triton.jit
+def _program_channels(MEAN, MEAN_LO, INVSTD, W, B, C, eps_hi, eps_lo, slope_hi, slope_lo, alpha_hi,
+                      alpha_lo, HAS_LO: tl.constexpr, FROM_VAR: tl.constexpr, HAS_W: tl.constexpr,
+                      HAS_B: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The preamble of the elementwise and backward kernels: this program's block of channels
+    (grid axis 0) with its mask, statistics and affine parameters, and the activation's scalars."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    eps = from_pair(eps_hi, eps_lo, COMPUTE)
+    mean, mean_lo, invstd, w, b = _channel_params(MEAN, MEAN_LO, INVSTD, W, B, c, cmask, eps,
+                                                  HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE)
+    negative_slope = from_pair(slope_hi, slope_lo, COMPUTE)
+    alpha = from_pair(alpha_hi, alpha_lo, COMPUTE)
+    return c, cmask, mean, mean_lo, invstd, w, b, negative_slope, alpha
+
+
+@triton.jit
+def _centered(x, mean, mean_lo, HAS_LO: tl.constexpr):
+    # x - hi is exact when x is near the mean; lo then corrects what hi rounded away
+    xc = x - mean[None, :]
+    if HAS_LO:
+        xc = xc - mean_lo[None, :]
+    return xc
+
+
+@triton.jit
+def _normalize_units(X, Y, c, cmask, mean, mean_lo, scale, b, negative_slope, alpha,
+                     S, sxN, sxC, sxS, syN, syC, syS, nsb, n_units, u0, units,
+                     HAS_LO: tl.constexpr, ACTIVATION: tl.constexpr, COMPUTE: tl.constexpr,
+                     INT64: tl.constexpr, BLOCK_S: tl.constexpr, R=None,
+                     HAS_R: tl.constexpr = False):
+    """y = act((x - mean - mean_lo) * scale + b [+ r]) over the units [u0, u0 + units); the
+    residual R (HAS_R) has x's strides."""
+    lanes_s = tl.arange(0, BLOCK_S)
+    for i in range(0, units):
+        n, s, smask = _unit(u0 + i, nsb, lanes_s, S, n_units, INT64, BLOCK_S)
+        mask = smask[:, None] & cmask[None, :]
+        xo = _offsets(n, s, c, sxN, sxS, sxC)
+        yo = _offsets(n, s, c, syN, syS, syC)
+        x = tl.load(X + xo, mask=mask, other=0.0).to(COMPUTE)
+        z = _centered(x, mean, mean_lo, HAS_LO) * scale[None, :] + b[None, :]
+        if HAS_R:
+            z += tl.load(R + xo, mask=mask, other=0.0).to(COMPUTE)
+        y = activate(z, ACTIVATION, negative_slope, alpha)
+        tl.store(Y + yo, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _normalize_kernel(
+    X,  # input [N, C, S] through (sxN, sxC, sxS)
+    Y,  # output [N, C, S] through (syN, syC, syS)
+    MEAN, MEAN_LO, INVSTD,  # [C] statistics used (batch or running); MEAN_LO when HAS_LO
+    W, B,  # [C] affine weight and bias (dummies when HAS_W / HAS_B is False)
+    C, S, sxN, sxC, sxS, syN, syC, syS,
+    nsb, n_units, units_per_prog,
+    slope_hi, slope_lo, alpha_hi, alpha_lo,  # leaky_relu slope, elu alpha: fp32 pairs
+    eps_hi, eps_lo,  # eps as an fp32 pair, used with FROM_VAR (INVSTD then holds the variance)
+    HAS_LO: tl.constexpr, FROM_VAR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    R=None,  # residual [N, C, S] with X's strides, added before the activation when HAS_R
+    HAS_R: tl.constexpr = False,
+):
+    c, cmask, mean, mean_lo, invstd, w, b, negative_slope, alpha = _program_channels(
+        MEAN, MEAN_LO, INVSTD, W, B, C, eps_hi, eps_lo, slope_hi, slope_lo, alpha_hi, alpha_lo,
+        HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE, BLOCK_C)
+    _normalize_units(X, Y, c, cmask, mean, mean_lo, invstd * w, b, negative_slope, alpha,
+                     S, sxN, sxC, sxS, syN, syC, syS, nsb, n_units,
+                     tl.program_id(1) * units_per_prog, units_per_prog,
+                     HAS_LO, ACTIVATION, COMPUTE, INT64, BLOCK_S, R, HAS_R)
+
+
+@triton.jit
+def _finish_stats(MEAN, MEAN_LO, INVSTD, RMEAN, RVAR, NBT, c, smask, n_tot, mean, mean_lo, m2,
+                  eps_hi, eps_lo, mom_hi, mom_lo, UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr,
+                  COMPUTE: tl.constexpr):
+    """invstd from (count, M2); the statistics stored and the running stats updated where smask."""
+    invstd = _inv_sqrt(m2 / tl.maximum(n_tot, 1.0) + from_pair(eps_hi, eps_lo, COMPUTE), COMPUTE)
+    tl.store(MEAN + c, mean, mask=smask)
+    tl.store(MEAN_LO + c, mean_lo, mask=smask)
+    tl.store(INVSTD + c, invstd, mask=smask)
+    if UPDATE:
+        _update_running(RMEAN, RVAR, NBT, c, smask, n_tot, mean + mean_lo, m2, mom_hi, mom_lo,
+                        CUMULATIVE, COMPUTE)
+    return invstd
+
+
+@triton.jit
+def _affine_normalize(X, Y, W, B, c, cmask, mean, mean_lo, invstd, slope_hi, slope_lo, alpha_hi,
+                      alpha_lo, S, sxN, sxC, sxS, syN, syC, syS, nsb, n_units, u0, units,
+                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACTIVATION: tl.constexpr,
+                      COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr,
+                      BLOCK_C: tl.constexpr, R=None, HAS_R: tl.constexpr = False):
+    """y over units [u0, u0 + units) from the batch statistics and the affine parameters (and
+    the residual R when HAS_R)."""
+    if HAS_W:
+        invstd = invstd * tl.load(W + c, mask=cmask, other=0.0).to(COMPUTE)
+    if HAS_B:
+        b = tl.load(B + c, mask=cmask, other=0.0).to(COMPUTE)
+    else:
+        b = tl.zeros([BLOCK_C], COMPUTE)
+    _normalize_units(X, Y, c, cmask, mean, mean_lo, invstd, b,
+                     from_pair(slope_hi, slope_lo, COMPUTE), from_pair(alpha_hi, alpha_lo, COMPUTE),
+                     S, sxN, sxC, sxS, syN, syC, syS, nsb, n_units, u0, units,
+                     True, ACTIVATION, COMPUTE, INT64, BLOCK_S, R, HAS_R)
+
+
+@triton.jit
+def _fused_forward_kernel(
+    X, Y,  # [N, C, S] through their strides
+    MEAN, MEAN_LO, INVSTD,  # [C] outputs: the batch mean as hi + lo, 1 / sqrt(biased var + eps)
+    W, B,  # [C] affine weight and bias (dummies when HAS_W / HAS_B is False)
+    RMEAN, RVAR, NBT,  # running stats, updated in place when UPDATE; NBT when CUMULATIVE
+    C, S, sxN, sxC, sxS, syN, syC, syS,
+    nsb, n_units,
+    eps_hi, eps_lo, mom_hi, mom_lo, slope_hi, slope_lo, alpha_hi, alpha_lo,  # fp32 pairs
+    UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr, WRITE_Y: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACTIVATION: tl.constexpr,
+    COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    R=None,  # residual [N, C, S] with X's strides, added before the activation when HAS_R
+    HAS_R: tl.constexpr = False,
+):
+    """Training forward in one launch for layers whose channel blocks span few units: each
+    program reduces its channels over the whole batch, writes the statistics, updates the running
+    stats and (WRITE_Y) normalizes, re-reading x while it is still in cache."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    u0 = tl.program_id(1) * n_units  # 0 (a one-column grid), as a tensor _unit can widen
+    n_tot, mean, mean_lo, m2 = _shifted_stats(X, c, cmask, S, sxN, sxC, sxS, nsb, n_units,
+                                              u0, n_units, COMPUTE, INT64, BLOCK_S, BLOCK_C)
+    invstd = _finish_stats(MEAN, MEAN_LO, INVSTD, RMEAN, RVAR, NBT, c, cmask, n_tot, mean,
+                           mean_lo, m2, eps_hi, eps_lo, mom_hi, mom_lo, UPDATE, CUMULATIVE,
+                           COMPUTE)
+    if WRITE_Y:
+        _affine_normalize(X, Y, W, B, c, cmask, mean, mean_lo, invstd, slope_hi, slope_lo,
+                          alpha_hi, alpha_lo, S, sxN, sxC, sxS, syN, syC, syS, nsb, n_units, u0,
+                          n_units, HAS_W, HAS_B, ACTIVATION, COMPUTE, INT64, BLOCK_S, BLOCK_C,
+                          R, HAS_R)
+
+
+@triton.jit
+def _merge_normalize_kernel(
+    X, Y,  # [N, C, S] through their strides
+    PCOUNT, PMEAN, PMEAN_LO, PM2,  # [P, C] partials of _stats_partial_kernel
+    MEAN, MEAN_LO, INVSTD,  # [C] outputs: the batch mean as hi + lo, 1 / sqrt(biased var + eps)
+    W, B,  # [C] affine weight and bias (dummies when HAS_W / HAS_B is False)
+    RMEAN, RVAR, NBT,  # running stats, updated in place when UPDATE; NBT when CUMULATIVE
+    P, C, S, sxN, sxC, sxS, syN, syC, syS,
+    nsb, n_units, units_per_prog,
+    eps_hi, eps_lo, mom_hi, mom_lo, slope_hi, slope_lo, alpha_hi, alpha_lo,  # fp32 pairs
+    UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    ACTIVATION: tl.constexpr, COMPUTE: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    R=None,  # residual [N, C, S] with X's strides, added before the activation when HAS_R
+    HAS_R: tl.constexpr = False,
+):
+    """The split training forward's second launch: every program merges its channels' P
+    partials itself (P small rows from L2, instead of a combine launch), the first program along
+    the units writes the statistics and updates the running stats, and all normalize."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    n_tot, mean, mean_lo, m2 = _merge_partials(PCOUNT, PMEAN, PMEAN_LO, PM2, P, C, c, cmask,
+                                               True, COMPUTE, BLOCK_P, BLOCK_C)
+    first = c < tl.where(tl.program_id(1) == 0, C, 0)  # once per channel (bool & scalar mistypes)
+    invstd = _finish_stats(MEAN, MEAN_LO, INVSTD, RMEAN, RVAR, NBT, c, first, n_tot, mean,
+                           mean_lo, m2, eps_hi, eps_lo, mom_hi, mom_lo, UPDATE, CUMULATIVE,
+                           COMPUTE)
+    _affine_normalize(X, Y, W, B, c, cmask, mean, mean_lo, invstd, slope_hi, slope_lo, alpha_hi,
+                      alpha_lo, S, sxN, sxC, sxS, syN, syC, syS, nsb, n_units,
+                      tl.program_id(1) * units_per_prog, units_per_prog, HAS_W, HAS_B,
+                      ACTIVATION, COMPUTE, INT64, BLOCK_S, BLOCK_C, R, HAS_R)
+
+
+@triton.jit
+def _grad_pre_activation(x, dy, mean, mean_lo, invstd, w, b, negative_slope, alpha,
+                         HAS_LO: tl.constexpr, ACTIVATION: tl.constexpr, r=0.0):
+    """xhat and g = dy * act'(z), with z rebuilt from x, the saved statistics and the residual r
+    (0 without one).  g is also the residual's gradient."""
+    xhat = _centered(x, mean, mean_lo, HAS_LO) * invstd[None, :]
+    if ACTIVATION == "identity":
+        g = dy
+    else:
+        z = xhat * w[None, :] + b[None, :] + r
+        g = dy * activation_grad(z, ACTIVATION, negative_slope, alpha)
+    return xhat, g
+
+
+@triton.jit
+def _dx_units(X, DY, DX, c, cmask, mean, mean_lo, invstd, w, b, mean_g, mean_gx,
+              negative_slope, alpha, S, sxN, sxC, sxS, sdN, sdC, sdS, soN, soC, soS,
+              nsb, n_units, u0, units, TRAINING: tl.constexpr, HAS_LO: tl.constexpr,
+              ACTIVATION: tl.constexpr, COMPUTE: tl.constexpr, INT64: tl.constexpr,
+              BLOCK_S: tl.constexpr, R=None, DR=None, HAS_R: tl.constexpr = False,
+              WRITE_DR: tl.constexpr = False):
+    """dx over the units [u0, u0 + units): w * invstd * (g - mean_g - xhat * mean_gx) in
+    training (mean_g, mean_gx: the batch means of g and g * xhat), w * invstd * g in eval.
+    With a residual R (x's strides), g rebuilds z + r; WRITE_DR stores g, its gradient, to DR."""
+    lanes_s = tl.arange(0, BLOCK_S)
+    scale = invstd * w
+    for i in range(0, units):
+        n, s, smask = _unit(u0 + i, nsb, lanes_s, S, n_units, INT64, BLOCK_S)
+        mask = smask[:, None] & cmask[None, :]
+        xo = _offsets(n, s, c, sxN, sxS, sxC)
+        x = tl.load(X + xo, mask=mask, other=0.0).to(COMPUTE)
+        dy = tl.load(DY + _offsets(n, s, c, sdN, sdS, sdC), mask=mask, other=0.0).to(COMPUTE)
+        r = 0.0
+        if HAS_R:
+            r = tl.load(R + xo, mask=mask, other=0.0).to(COMPUTE)
+        xhat, g = _grad_pre_activation(x, dy, mean, mean_lo, invstd, w, b, negative_slope, alpha,
+                                       HAS_LO, ACTIVATION, r)
+        if WRITE_DR:
+            tl.store(DR + xo, g.to(DR.dtype.element_ty), mask=mask)
+        if TRAINING:
+            g = g - mean_g[None, :] - xhat * mean_gx[None, :]
+        dx = g * scale[None, :]
+        tl.store(DX + _offsets(n, s, c, soN, soS, soC), dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _backward_reduce_kernel(
+    X, DY, DX,  # [N, C, S] through their strides; DX written with EVAL_DX or TRAIN_DX
+    MEAN, MEAN_LO, INVSTD, W, B,  # [C] saved statistics (MEAN_LO when HAS_LO) and affine parameters
+    PSUM_G, PSUM_GX,  # [P, C] partial sums of g and g * xhat (the sums when P == 1)
+    C, S, sxN, sxC, sxS, sdN, sdC, sdS, soN, soC, soS,
+    nsb, n_units, units_per_prog,
+    inv_n_hi, inv_n_lo,  # 1 / count as an fp32 pair (hi + lo), used with TRAIN_DX
+    slope_hi, slope_lo, alpha_hi, alpha_lo,  # leaky_relu slope, elu alpha: fp32 pairs
+    eps_hi, eps_lo,  # eps as an fp32 pair, used with FROM_VAR (INVSTD then holds the variance)
+    EVAL_DX: tl.constexpr,  # write the eval dx (it needs no sums) in the same pass
+    TRAIN_DX: tl.constexpr,  # write the training dx in a second pass (one program per channel)
+    HAS_LO: tl.constexpr, FROM_VAR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    R=None, DR=None,  # residual and its gradient (= g), [N, C, S] with X's strides, when HAS_R
+    HAS_R: tl.constexpr = False,
+):
+    """Sums of g = dy * act'(z) and g * xhat over this program's units.  EVAL_DX (dx needs no
+    sums) writes dx in the same pass; TRAIN_DX (one program per channel block, so the sums are
+    whole) writes dx in a second pass, x and dy still in cache."""
+    c, cmask, mean, mean_lo, invstd, w, b, negative_slope, alpha = _program_channels(
+        MEAN, MEAN_LO, INVSTD, W, B, C, eps_hi, eps_lo, slope_hi, slope_lo, alpha_hi, alpha_lo,
+        HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE, BLOCK_C)
+    pid_p = tl.program_id(1)
+    lanes_s = tl.arange(0, BLOCK_S)
+    scale = invstd * w
+    # per-lane sums, reduced across lanes once at the end (no reductions inside the loop)
+    acc_g = tl.zeros([BLOCK_S, BLOCK_C], COMPUTE)
+    acc_gx = tl.zeros([BLOCK_S, BLOCK_C], COMPUTE)
+    u0 = pid_p * units_per_prog
+    for i in range(0, units_per_prog):
+        n, s, smask = _unit(u0 + i, nsb, lanes_s, S, n_units, INT64, BLOCK_S)
+        mask = smask[:, None] & cmask[None, :]
+        xo = _offsets(n, s, c, sxN, sxS, sxC)
+        x = tl.load(X + xo, mask=mask, other=0.0).to(COMPUTE)
+        dy = tl.load(DY + _offsets(n, s, c, sdN, sdS, sdC), mask=mask, other=0.0).to(COMPUTE)
+        r = 0.0
+        if HAS_R:
+            r = tl.load(R + xo, mask=mask, other=0.0).to(COMPUTE)
+        xhat, g = _grad_pre_activation(x, dy, mean, mean_lo, invstd, w, b, negative_slope, alpha,
+                                       HAS_LO, ACTIVATION, r)
+        if HAS_R:  # the first pass over each element writes the residual's gradient
+            tl.store(DR + xo, g.to(DR.dtype.element_ty), mask=mask)
+        g = tl.where(mask, g, 0.0)
+        acc_g += g
+        acc_gx += g * xhat
+        if EVAL_DX:
+            dx = g * scale[None, :]
+            tl.store(DX + _offsets(n, s, c, soN, soS, soC), dx.to(DX.dtype.element_ty), mask=mask)
+    sum_g = tl.sum(acc_g, 0)
+    sum_gx = tl.sum(acc_gx, 0)
+    out = pid_p * C + c
+    tl.store(PSUM_G + out, sum_g, mask=cmask)
+    tl.store(PSUM_GX + out, sum_gx, mask=cmask)
+    if TRAIN_DX:
+        inv_n = from_pair(inv_n_hi, inv_n_lo, COMPUTE)
+        _dx_units(X, DY, DX, c, cmask, mean, mean_lo, invstd, w, b, sum_g * inv_n, sum_gx * inv_n,
+                  negative_slope, alpha, S, sxN, sxC, sxS, sdN, sdC, sdS, soN, soC, soS,
+                  nsb, n_units, u0, units_per_prog, True, HAS_LO, ACTIVATION, COMPUTE, INT64,
+                  BLOCK_S, R, DR, HAS_R, False)
+
+
+@triton.jit
+def _dx_kernel(
+    X, DY, DX,  # [N, C, S] through their strides
+    MEAN, MEAN_LO, INVSTD, W, B,  # [C] saved statistics (MEAN_LO when HAS_LO) and affine parameters
+    SUM_G, SUM_GX,  # [P, C] partial sums of g and g * xhat over the (global) batch; eval: unused
+    SUMS,  # [2, C] output when WRITE_SUMS: the partials' totals (sum g, sum g * xhat)
+    n_rows,  # rows of SUM_G / SUM_GX, summed here in order (deterministic)
+    C, S, sxN, sxC, sxS, sdN, sdC, sdS, soN, soC, soS,
+    nsb, n_units, units_per_prog,
+    inv_n_hi, inv_n_lo,  # 1 / count as an fp32 pair (hi + lo)
+    slope_hi, slope_lo, alpha_hi, alpha_lo,  # leaky_relu slope, elu alpha: fp32 pairs
+    eps_hi, eps_lo,  # eps as an fp32 pair, used with FROM_VAR (INVSTD then holds the variance)
+    TRAINING: tl.constexpr, HAS_LO: tl.constexpr, FROM_VAR: tl.constexpr, HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr, WRITE_SUMS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    R=None, DR=None,  # residual and its gradient, [N, C, S] with X's strides, when HAS_R
+    HAS_R: tl.constexpr = False,
+    WRITE_DR: tl.constexpr = False,  # store g to DR (when no reduction pass wrote it)
+):
+    c, cmask, mean, mean_lo, invstd, w, b, negative_slope, alpha = _program_channels(
+        MEAN, MEAN_LO, INVSTD, W, B, C, eps_hi, eps_lo, slope_hi, slope_lo, alpha_hi, alpha_lo,
+        HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE, BLOCK_C)
+    if TRAINING:
+        # the partials' totals: P small rows from L2, so no separate reduction launch
+        sum_g = tl.zeros([BLOCK_C], COMPUTE)
+        sum_gx = tl.zeros([BLOCK_C], COMPUTE)
+        for p in range(0, n_rows):
+            sum_g += tl.load(SUM_G + p * C + c, mask=cmask, other=0.0).to(COMPUTE)
+            sum_gx += tl.load(SUM_GX + p * C + c, mask=cmask, other=0.0).to(COMPUTE)
+        if WRITE_SUMS:  # once per channel: by the first program along the units
+            first = c < tl.where(tl.program_id(1) == 0, C, 0)  # (bool & scalar mistypes)
+            tl.store(SUMS + c, sum_g, mask=first)
+            tl.store(SUMS + C + c, sum_gx, mask=first)
+        inv_n = from_pair(inv_n_hi, inv_n_lo, COMPUTE)
+        mean_g = sum_g * inv_n
+        mean_gx = sum_gx * inv_n
+    else:
+        mean_g = mean  # unused
+        mean_gx = mean
+    _dx_units(X, DY, DX, c, cmask, mean, mean_lo, invstd, w, b, mean_g, mean_gx,
+              negative_slope, alpha, S, sxN, sxC, sxS, sdN, sdC, sdS, soN, soC, soS,
+              nsb, n_units, tl.program_id(1) * units_per_prog, units_per_prog, TRAINING, HAS_LO,
+              ACTIVATION, COMPUTE, INT64, BLOCK_S, R, DR, HAS_R, WRITE_DR)

@@ -1,0 +1,354 @@
+"""BatchNorm's host launchers: each allocates its outputs and starts one kernel of
+``kernels.py`` with the plan of ``launch_plan.py``.  Also the building blocks SyncBatchNorm calls around
+torch.distributed's collectives (``bn_partial_stats``, ``bn_combine_stats``, ``bn_normalize``,
+``bn_backward_reduce``, ``bn_backward_dx``; see the package docstring)."""
+
+from __future__ import annotations
+
+import torch
+
+from ... import _runtime as rt
+from .._op import cdiv, f32_pairs, next_pow2
+from . import kernels as K
+from .launch_plan import _like, _prepare_input, launch_args, plan
+
+
+def _activation_scalars(negative_slope, alpha) -> dict:
+    """The activation's float parameters as fp32 pairs (exact for fp64 inputs, like eps)."""
+    slope_hi, slope_lo, alpha_hi, alpha_lo = f32_pairs(negative_slope, alpha)
+    return dict(slope_hi=slope_hi, slope_lo=slope_lo, alpha_hi=alpha_hi, alpha_lo=alpha_lo)
+
+
+def bn_partial_stats(x: torch.Tensor):
+    """Per-split partial statistics of a local batch (x prepared): (count, mean, m2, mean_lo),
+    each [P, C] in the accumulation dtype (fp32, fp64 for fp64); the mean of a partial is
+    mean + mean_lo.  An empty x gives one partial of count 0."""
+    acc = rt.accum_dtype(x.dtype)
+    if x.numel() == 0:  # an empty local batch (a SyncBatchNorm rank) contributes count 0
+        return torch.zeros((4, 1, x.shape[1]), dtype=acc, device=x.device).unbind(0)
+    p = plan(x, reduction=True)
+    view = p.view
+    sN, sC, sS = view.strides(x)
+    P, C = p.num_partials, view.C
+    count, mean, m2, mean_lo = torch.empty((4, P, C), dtype=acc, device=x.device).unbind(0)
+    K._stats_partial_kernel[p.grid](
+        x, count, mean, mean_lo, m2, C, view.cols, sN, sC, sS,
+        COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(), **launch_args(p))
+    return count, mean, m2, mean_lo
+
+
+def bn_combine_stats(count, mean, m2, mean_lo=None, eps=1e-5, running_mean=None,
+                     running_var=None, momentum=0.1, num_batches_tracked=None, local=False,
+                     as_rows=False):
+    """Merge partials (count, mean, m2 and optional mean_lo: [P, C] each, as bn_partial_stats
+    returns them, or gathered from several processes).
+
+    Default: returns (mean, mean_lo, invstd), [C] each: the batch mean as hi + lo (lo keeps the
+    digits hi rounds away when |mean| >> std) and 1 / sqrt(biased var + eps); running stats, when
+    given, are updated in place with the unbiased variance and ``momentum`` (``momentum=None``:
+    factor 1 / ``num_batches_tracked``, read on the device).
+    ``local=True``: returns the merged (count, mean, m2, mean_lo) as [1, C] tensors, one partial
+    per process, ready to be gathered across processes and merged again.
+    ``as_rows=True``: the same results as one [3, C] (or [4, 1, C]) tensor, one row each."""
+    P, C = mean.shape
+    acc = mean.dtype
+    dev = mean.device
+    compute = rt.compute_dtype(acc)
+    if local:
+        out = torch.empty((4, 1, C), dtype=acc, device=dev)
+        out_count, out_mean, out_m2, out_lo = out.unbind(0)
+        invstd = out_mean  # unused
+    else:
+        out = torch.empty((3, C), dtype=acc, device=dev)
+        out_mean, out_lo, invstd = out.unbind(0)
+        out_count = out_m2 = out_mean  # unused
+    update = running_mean is not None and not local
+    cumulative = update and momentum is None
+    block_p = min(next_pow2(P), 32)
+    block_c = min(next_pow2(C), 128)
+    eps_hi, eps_lo, mom_hi, mom_lo = f32_pairs(eps, 0.0 if momentum is None else momentum)
+    K._stats_combine_kernel[(cdiv(C, block_c),)](
+        count, mean, mean_lo if mean_lo is not None else mean, m2, out_mean, out_lo, invstd,
+        out_count, out_m2,
+        running_mean if update else out_mean, running_var if update else out_mean,
+        num_batches_tracked if cumulative else out_mean,
+        P, C, eps_hi, eps_lo, mom_hi, mom_lo,
+        HAS_LO=mean_lo is not None, UPDATE=update, CUMULATIVE=cumulative,
+        WRITE_INVSTD=not local, WRITE_M2=local,
+        COMPUTE=compute, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
+    if as_rows:
+        return out
+    if local:
+        return out_count, out_mean, out_m2, out_lo
+    return out_mean, out_lo, invstd
+
+
+def _stat_args(x, mean, mean_lo, invstd, weight, bias, var, eps):
+    """Pointer arguments and flags shared by the normalize and backward kernels.  ``var`` (with
+    ``eps``) replaces ``invstd``: the kernels then take 1 / sqrt(var + eps) themselves."""
+    from_var = var is not None
+    eps_hi, eps_lo = f32_pairs(eps)
+    flags = dict(HAS_LO=mean_lo is not None, FROM_VAR=from_var, HAS_W=weight is not None,
+                 HAS_B=bias is not None, eps_hi=eps_hi, eps_lo=eps_lo)
+    ptrs = (mean, mean_lo if mean_lo is not None else mean, var if from_var else invstd,
+            weight if weight is not None else mean, bias if bias is not None else mean)
+    return ptrs, flags
+
+
+def _residual_args(residual, dr=None) -> dict:
+    """Kernel arguments for an optional residual (already in x's layout) and its gradient."""
+    if residual is None:
+        return {}
+    return dict(R=residual, HAS_R=True, **({} if dr is None else dict(DR=dr)))
+
+
+def _residual_like(residual, x):
+    """The residual in x's (prepared) layout: the kernels read it through x's offsets."""
+    if residual is None or residual.stride() == x.stride():
+        return residual
+    return torch.empty_like(x).copy_(residual)
+
+
+def bn_normalize(x, mean, invstd, weight, bias, activation="identity", negative_slope=0.01,
+                 alpha=1.0, mean_lo=None, var=None, eps=0.0, residual=None):
+    """``act((x - mean - mean_lo) * invstd * weight + bias)``; ``activation`` is a kernel name
+    (``activations.kernel_name``).  Output in x's dtype and memory format.  Eval passes the
+    running stats: ``mean=running_mean, invstd=None, var=running_var, eps=eps``."""
+    y = torch.empty_like(x)
+    if x.numel() == 0:
+        return y
+    p = plan(x, reduction=False)
+    view = p.view
+    ptrs, flags = _stat_args(x, mean, mean_lo, invstd, weight, bias, var, eps)
+    K._normalize_kernel[p.grid](
+        x, y, *ptrs, view.C, view.cols, *view.strides(x), *view.strides(y),
+        **_activation_scalars(negative_slope, alpha), ACTIVATION=activation,
+        COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(y), **flags, **launch_args(p),
+        **_residual_args(residual))
+    return y
+
+
+def bn_backward_reduce(x, dy, mean, invstd, weight, bias, activation="identity",
+                       negative_slope=0.01, alpha=1.0, mean_lo=None, as_rows=False, var=None,
+                       eps=0.0):
+    """Per-channel (sum g, sum g * xhat) over the local batch, g = dy * act'(z): [C] each in the
+    accumulation dtype.  They are dbias and dweight, and what SyncBatchNorm all-reduces
+    (``as_rows=True``: one [2, C] tensor)."""
+    if x.numel() == 0:
+        sums = torch.zeros((2, x.shape[1]), dtype=rt.accum_dtype(x.dtype), device=x.device)
+    else:
+        sums, _ = _backward_pass(x, dy, mean, invstd, weight, bias, activation, negative_slope,
+                                 alpha, mean_lo, var, eps)
+    return sums if as_rows else sums.unbind(0)
+
+
+def _backward_pass(x, dy, mean, invstd, weight, bias, activation, negative_slope, alpha, mean_lo,
+                   var, eps, eval_dx=False, train_dx=False, count=1, partials=False,
+                   residual=None, dr=None):
+    """One ``_backward_reduce_kernel`` launch over the reduction plan: (sums [2, C], dx or None);
+    ``partials=True``: the unsummed ``[2, P, C]`` workspace instead of the sums.
+    ``eval_dx`` adds the eval dx to the pass; ``train_dx`` the training dx (one partial only:
+    each program then holds its channels' whole sums; ``count`` is the elements per channel)."""
+    p = plan(x, reduction=True)
+    view = p.view
+    P, C = p.num_partials, view.C
+    assert not train_dx or P == 1, "a training dx in the reduction pass needs whole channels"
+    dy = _like(dy, x, view)
+    with_dx = eval_dx or train_dx
+    dx = torch.empty_like(x) if with_dx else None
+    ws = torch.empty((2, P, C), dtype=rt.accum_dtype(x.dtype), device=x.device)
+    ptrs, flags = _stat_args(x, mean, mean_lo, invstd, weight, bias, var, eps)
+    inv_hi, inv_lo = f32_pairs(1.0 / max(count, 1))
+    out = dx if with_dx else x  # a dummy pointer without dx
+    K._backward_reduce_kernel[p.grid](
+        x, dy, out, *ptrs, ws[0], ws[1], C, view.cols, *view.strides(x), *view.strides(dy),
+        *view.strides(out), inv_n_hi=inv_hi, inv_n_lo=inv_lo,
+        **_activation_scalars(negative_slope, alpha), EVAL_DX=eval_dx, TRAIN_DX=train_dx,
+        ACTIVATION=activation,
+        COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(dy, out), **flags, **launch_args(p),
+        **_residual_args(residual, dr))
+    if partials:
+        return ws, dx
+    sums = ws[:, 0] if P == 1 else ws.sum(1)  # deterministic combine over the splits
+    return sums, dx
+
+
+def bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g=None, sum_gx=None, count=1,
+                   activation="identity", negative_slope=0.01, alpha=1.0, training=True,
+                   mean_lo=None, var=None, eps=0.0, sums_out=None, residual=None, dr=None,
+                   write_dr=False):
+    """dx.  Training: from the (global) sums of g and g * xhat and the (global) element count per
+    channel (pass sums already divided by the count and ``count=1`` if the count is on a device).
+    ``sum_g`` / ``sum_gx`` may be ``[P, C]`` partials: the kernel adds them up, and writes the
+    totals into ``sums_out`` ([2, C]) when given.  Eval (``training=False``): ``g * weight *
+    invstd``."""
+    dx = torch.empty_like(x)
+    if x.numel() == 0:
+        return dx
+    p = plan(x, reduction=False)
+    view = p.view
+    dy = _like(dy, x, view)
+    ptrs, flags = _stat_args(x, mean, mean_lo, invstd, weight, bias, var, eps)
+    inv_hi, inv_lo = f32_pairs(1.0 / max(count, 1))
+    rows = sum_g.shape[0] if training and sum_g.dim() == 2 else 1
+    K._dx_kernel[p.grid](
+        x, dy, dx, *ptrs, sum_g if training else mean, sum_gx if training else mean,
+        sums_out if sums_out is not None else mean, rows,
+        view.C, view.cols, *view.strides(x), *view.strides(dy), *view.strides(dx),
+        inv_n_hi=inv_hi, inv_n_lo=inv_lo, **_activation_scalars(negative_slope, alpha),
+        TRAINING=training, WRITE_SUMS=sums_out is not None, ACTIVATION=activation,
+        COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(dy, dx), **flags,
+        **launch_args(p), **_residual_args(residual, dr),
+        **(dict(WRITE_DR=True) if write_dr else {}))
+    return dx
+
+
+def num_partials(x: torch.Tensor) -> int:
+    """How many splits per channel the statistics pass uses for ``x`` (1 = one program per
+    channel block); exposed for tests and tuning."""
+    return plan(_prepare_input(x), reduction=True).num_partials
+
+
+
+def _stat_kwargs(stats, running_mean, running_var, eps):
+    """(mean, invstd, extra kwargs) for the launchers: batch statistics (rows of ``stats``) or,
+    without them (eval), the running stats, whose invstd the kernels take themselves."""
+    if stats is not None:
+        return stats[0], stats[2], dict(mean_lo=stats[1])
+    return running_mean, None, dict(var=running_var, eps=eps)
+
+
+def _fused_forward(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
+                   eps, activation="identity", negative_slope=0.01, alpha=1.0, write_y=True,
+                   residual=None):
+    """The one-launch training forward (x prepared, non-empty, a plan with one partial):
+    (y or None, statistics [3, C]); running stats, when given, updated in place."""
+    p = plan(x, reduction=True)
+    view = p.view
+    C = view.C
+    stats = torch.empty((3, C), dtype=rt.accum_dtype(x.dtype), device=x.device)
+    y = torch.empty_like(x) if write_y else x
+    update = running_mean is not None
+    cumulative = update and momentum is None
+    eps_hi, eps_lo, mom_hi, mom_lo = f32_pairs(eps, 0.0 if momentum is None else momentum)
+    dummy = stats[0]
+    K._fused_forward_kernel[(p.grid[0],)](
+        x, y, stats[0], stats[1], stats[2],
+        weight if weight is not None else dummy, bias if bias is not None else dummy,
+        running_mean if update else dummy, running_var if update else dummy,
+        num_batches_tracked if cumulative else dummy,
+        C, view.cols, *view.strides(x), *view.strides(y), p.nsb, p.n_units,
+        eps_hi, eps_lo, mom_hi, mom_lo, **_activation_scalars(negative_slope, alpha),
+        UPDATE=update, CUMULATIVE=cumulative, WRITE_Y=write_y, HAS_W=weight is not None,
+        HAS_B=bias is not None, ACTIVATION=activation, COMPUTE=rt.compute_dtype(x.dtype),
+        INT64=view.int64(y), BLOCK_S=p.BLOCK_S, BLOCK_C=p.BLOCK_C,
+        num_warps=p.num_warps, **_residual_args(residual))
+    return (y if write_y else None), stats
+
+
+def _stats_impl(x, running_mean, running_var, num_batches_tracked, momentum, eps):
+    """Batch statistics [3, C] (mean, mean_lo, invstd); running stats updated in place."""
+    x = _prepare_input(x)
+    acc = rt.accum_dtype(x.dtype)
+    if x.numel() == 0:  # nothing to normalize; running stats stay as they are (as torch)
+        stats = torch.zeros((3, x.shape[1]), dtype=acc, device=x.device)
+        stats[2].fill_(1.0)
+        return stats
+    if plan(x, reduction=True).num_partials == 1:
+        return _fused_forward(x, None, None, running_mean, running_var, num_batches_tracked,
+                              momentum, eps, write_y=False)[1]
+    return bn_combine_stats(*bn_partial_stats(x), eps=eps, running_mean=running_mean,
+                            running_var=running_var, momentum=momentum,
+                            num_batches_tracked=num_batches_tracked, as_rows=True)
+
+
+def train_forward(x, weight, bias, running_mean, running_var, num_batches_tracked,
+                  momentum, eps, activation, negative_slope, alpha, residual=None):
+    """Training forward: (y, batch statistics [3, C]), running stats updated in place.
+    One launch when the plan has one partial per channel, else two (partials; merge+normalize).
+    ``residual`` (x's shape) is added before the activation."""
+    x = _prepare_input(x)
+    residual = _residual_like(residual, x)
+    if x.numel() == 0:
+        stats = _stats_impl(x, running_mean, running_var, num_batches_tracked, momentum, eps)
+        return torch.empty_like(x), stats
+    if plan(x, reduction=True).num_partials == 1:
+        return _fused_forward(x, weight, bias, running_mean, running_var, num_batches_tracked,
+                              momentum, eps, activation, negative_slope, alpha,
+                              residual=residual)
+    count, mean, m2, mean_lo = bn_partial_stats(x)
+    p = plan(x, reduction=False)
+    view = p.view
+    P, C = mean.shape
+    stats = torch.empty((3, C), dtype=mean.dtype, device=x.device)
+    y = torch.empty_like(x)
+    update = running_mean is not None
+    cumulative = update and momentum is None
+    dummy = stats[0]
+    K._merge_normalize_kernel[p.grid](
+        x, y, count, mean, mean_lo, m2, stats[0], stats[1], stats[2],
+        weight if weight is not None else dummy, bias if bias is not None else dummy,
+        running_mean if update else dummy, running_var if update else dummy,
+        num_batches_tracked if cumulative else dummy,
+        P, C, view.cols, *view.strides(x), *view.strides(y), p.nsb, p.n_units, p.units_per_prog,
+        *f32_pairs(eps, 0.0 if momentum is None else momentum, negative_slope, alpha),
+        UPDATE=update, CUMULATIVE=cumulative, HAS_W=weight is not None, HAS_B=bias is not None,
+        ACTIVATION=activation, COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(y),
+        BLOCK_P=min(next_pow2(P), 32), BLOCK_S=p.BLOCK_S, BLOCK_C=p.BLOCK_C,
+        num_warps=p.num_warps, **_residual_args(residual))
+    return y, stats
+
+
+def normalize(x, weight, bias, stats, running_mean, running_var, eps, training, activation,
+              negative_slope, alpha, residual=None):
+    """y from batch statistics ``stats`` [3, C] (training) or from the running stats (eval)."""
+    x = _prepare_input(x)
+    mean, invstd, kw = _stat_kwargs(stats, running_mean, running_var, eps)
+    return bn_normalize(x, mean, invstd, weight, bias, activation, negative_slope, alpha, **kw,
+                        residual=_residual_like(residual, x))
+
+
+def backward(dy, x, weight, bias, stats, running_mean, running_var, eps, training,
+             activation, negative_slope, alpha, need_x, need_wb, residual=None, need_r=False):
+    """(dx or None, sums [2, C] or None: sum g = dbias, sum g * xhat = dweight, the residual's
+    gradient g or None).
+    Passes over x and dy: eval one; training one per program when the plan has one partial per
+    channel (reduce, then dx from cache), else two launches (reduce, dx).  With a residual, the
+    first pass over each element also writes g = dy * act'(bn(x) + r), its gradient."""
+    x = _prepare_input(x)
+    mean, invstd, kw = _stat_kwargs(stats, running_mean, running_var, eps)
+    residual = _residual_like(residual, x)
+    need_r = need_r and residual is not None
+    # the reduction pass writes dr whenever it reads a residual (one flag, HAS_R)
+    dr = torch.empty_like(x) if residual is not None else None
+    res = dict(residual=residual, dr=dr)
+    args = (x, dy, mean, invstd, weight, bias, activation, negative_slope, alpha,
+            kw.get("mean_lo"), kw.get("var"), kw.get("eps", 0.0))
+    C = x.shape[1]
+    if x.numel() == 0:
+        sums = x.new_zeros((2, C), dtype=rt.accum_dtype(x.dtype)) if need_wb else None
+        return ((torch.empty_like(x) if need_x else None), sums,
+                (torch.empty_like(x) if need_r else None))
+    count = x.numel() // C
+    if need_x and not training:
+        if not need_wb:  # elementwise: the plan with more programs
+            return bn_backward_dx(x, dy, mean, invstd, weight, bias, activation=activation,
+                                  negative_slope=negative_slope, alpha=alpha, training=False,
+                                  **kw, **res, write_dr=need_r), None, dr if need_r else None
+        sums, dx = _backward_pass(*args, eval_dx=True, **res)
+        return dx, sums, dr if need_r else None
+    if need_x and plan(x, reduction=True).num_partials == 1:
+        sums, dx = _backward_pass(*args, train_dx=True, count=count, **res)
+        return dx, sums, dr if need_r else None
+    if not (need_x or need_wb or need_r):
+        return None, None, None
+    if not need_x:
+        sums = _backward_pass(*args, **res)[0]
+        return None, sums if need_wb else None, dr if need_r else None
+    # two launches: the partial sums (and dr), then dx, whose kernel also totals the partials
+    ws, _ = _backward_pass(*args, partials=True, **res)
+    sums = ws.new_empty((2, C)) if need_wb else None
+    dx = bn_backward_dx(x, dy, mean, invstd, weight, bias, ws[0], ws[1], count,
+                        activation, negative_slope, alpha, training=True, sums_out=sums, **kw,
+                        residual=residual)
+    return dx, sums, dr if need_r else None
