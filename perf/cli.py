@@ -17,7 +17,8 @@ import torch
 import perf  # noqa: F401  (decides TRITON_INTERPRET before triton is imported)
 
 EXIT_WRONG, EXIT_GATE, EXIT_INTERRUPTED = 1, 4, 8
-PROVIDER_DEFAULTS = ("eager", "torch.compile", "tkern", "flag_gems")  # flag_gems where importable
+# flag_gems where importable; tkern+compile only on the cases that ask for it
+PROVIDER_DEFAULTS = ("eager", "torch.compile", "tkern", "tkern+compile", "flag_gems")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -128,10 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--providers", type=_choices(list(PROVIDERS), {"compile": "torch.compile",
                                                                   "gems": "flag_gems"}),
                    default=None,
-                   help="comma list of eager, torch.compile (alias compile), tkern, flag_gems "
-                        "(alias gems: FlagGems, a peer Triton library, where importable; its rows "
-                        "count toward no target and its failures fail no sweep); default all. "
-                        "eager is needed for speedup_vs_eager")
+                   help="comma list of eager, torch.compile (alias compile), tkern, "
+                        "tkern+compile (torch.compile of a converted model: train_step cases "
+                        "only), flag_gems (alias gems: FlagGems, a peer Triton library, where "
+                        "importable; its rows count toward no target and its failures fail no "
+                        "sweep); default all. eager is needed for speedup_vs_eager")
     p.add_argument("--quick", action="store_true",
                    help="tiny shapes, 3 batch sizes, float32: a smoke run. Without a GPU it runs "
                         "tkern in Triton's interpreter (CPU-interpreter timings, not GPU results) "

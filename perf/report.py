@@ -147,7 +147,8 @@ def table(rows: list[dict], providers: list[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ plots
-_COLORS = {"eager": "#7f7f7f", "torch.compile": "#1f77b4", "tkern": "#d62728", "flag_gems": "#2ca02c"}
+_COLORS = {"eager": "#7f7f7f", "torch.compile": "#1f77b4", "tkern": "#d62728",
+           "tkern+compile": "#9467bd", "flag_gems": "#2ca02c"}
 _STYLES = {"fwd": "-", "bwd": "--", "full": ":"}
 _MARKERS = ["o", "s", "^", "D"]
 

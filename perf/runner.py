@@ -23,10 +23,12 @@ from .progress import Progress
 from .timing import Timer, peak_memory_mb, synchronize
 
 COLUMNS = ["op", "mode", "provider", "dtype", "batch", "shape", "layout", "ms_p50", "ms_p20",
-           "ms_p80", "gbps", "pct_peak", "speedup_vs_eager", "peak_mem_mb", "device"]
-METRICS = COLUMNS[7:14]
+           "ms_p80", "gbps", "pct_peak", "speedup_vs_eager", "peak_mem_mb", "images_per_s", "device"]
+METRICS = COLUMNS[7:15]
 KEY = ("op", "mode", "provider", "dtype", "batch", "shape", "layout")
-PROVIDERS = ("eager", "torch.compile", "tkern", "flag_gems")
+# "tkern+compile" is torch.compile of the tkern function, for cases that ask for it
+# (extra["compile_tkern"]: torch.compile(tkern.convert(model)) training steps)
+PROVIDERS = ("eager", "torch.compile", "tkern", "tkern+compile", "flag_gems")
 # Peers: measured and checked like every provider, but their failures fail no sweep and their rows
 # count toward no target (perf/cases/gems.py).
 PEERS = ("flag_gems",)
@@ -104,6 +106,10 @@ class Sweep:
                 fn = case.eager
             elif p == "tkern":
                 fn = case.tkern
+            elif p == "tkern+compile":
+                if not case.extra.get("compile_tkern"):
+                    continue  # no row: only whole-model cases compile tkern
+                fn = self._compile(case.tkern) if self._compile_available() else None
             elif p == "flag_gems":
                 if case.gems is None:
                     continue  # FlagGems lacks the op: no rows at all, rather than n/a rows
@@ -277,7 +283,9 @@ class Sweep:
             eager = timings.get(("eager", mode))
             row.update(ms_p50=p50, ms_p20=p20, ms_p80=p80, gbps=gbps,
                        pct_peak=100.0 * gbps / cfg.peak_gbps if cfg.peak_gbps > 0 else float("nan"),
-                       speedup_vs_eager=eager[0] / p50 if eager else float("nan"), peak_mem_mb=peak)
+                       speedup_vs_eager=eager[0] / p50 if eager else float("nan"), peak_mem_mb=peak,
+                       images_per_s=(batch / (p50 * 1e-3) if case.extra.get("images")
+                                     else float("nan")))
             rows.append(row)
         order = {(p, m): i for i, (p, m) in enumerate((p, m) for p in PROVIDERS for m in MODES)}
         rows.sort(key=lambda r: order.get((r["provider"], r["mode"]), 0))

@@ -30,8 +30,13 @@ failures = []
 def compile_variant(fn, consts, name, ptr="*fp32", overrides=None):
     fn = getattr(fn, "fn", fn) if not hasattr(fn, "params") else fn
     sig = {}
+    consts = dict(consts)
     for kp in fn.params:
-        if kp.is_constexpr:
+        given = kp.name in consts or (overrides and kp.name in overrides)
+        if kp.has_default and not given:  # optional arguments (BatchNorm's residual) at defaults
+            sig[kp.name] = "constexpr"
+            consts[kp.name] = kp.default
+        elif kp.is_constexpr:
             sig[kp.name] = "constexpr"
         elif overrides and kp.name in overrides:
             sig[kp.name] = overrides[kp.name]
@@ -57,8 +62,9 @@ def compile_variant(fn, consts, name, ptr="*fp32", overrides=None):
 
 def main():
     f32 = tl.float32
-    for act in ("relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "elu", "tanh", "sigmoid"):
-        for backward in (False, True):
+    for act in ("relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "elu", "tanh", "sigmoid",
+                "relu6", "hardtanh", "hardswish", "hardsigmoid", "mish", "softplus"):
+        for backward in ((False, True) if act in ("relu", "gelu", "elu") else (True,)):
             compile_variant(ad._kernel, dict(ACTIVATION=act, HAS_BIAS=True, DROPOUT=True, BACKWARD=backward,
                                              SEED_FROM_PTR=act == "gelu", COMPUTE=f32, INT64=act == "relu",
                                              QUARTER=ad.QUARTER, EVEN=False, BIAS_ROW=False),
@@ -100,6 +106,25 @@ def main():
                             overrides={"X": "*bf16", "Y": "*bf16", "NBT": "*i64"})
         compile_variant(bn._dx_kernel, dict(TRAINING=True, WRITE_SUMS=True, FROM_VAR=False, ACTIVATION="gelu", **common),
                         f"bn dx int64={int64}")
+    # the residual variants (HAS_R: R read, DR written in backward's first pass)
+    res = dict(HAS_LO=True, HAS_W=True, HAS_B=True, COMPUTE=f32, INT64=False, HAS_R=True, **tiles)
+    bf16 = {"X": "*bf16", "Y": "*bf16", "R": "*bf16"}
+    compile_variant(bn._normalize_kernel, dict(FROM_VAR=True, ACTIVATION="relu", **res),
+                    "bn normalize residual", overrides=bf16)
+    compile_variant(bn._fused_forward_kernel,
+                    dict(UPDATE=True, CUMULATIVE=False, WRITE_Y=True, ACTIVATION="hardswish",
+                         **{k: v for k, v in res.items() if k != "HAS_LO"}),
+                    "bn fused_forward residual", overrides=dict(bf16, NBT="*i64"))
+    compile_variant(bn._merge_normalize_kernel,
+                    dict(UPDATE=True, CUMULATIVE=False, ACTIVATION="relu6", BLOCK_P=32,
+                         **{k: v for k, v in res.items() if k != "HAS_LO"}),
+                    "bn merge_normalize residual", overrides=dict(bf16, NBT="*i64"))
+    compile_variant(bn._backward_reduce_kernel,
+                    dict(EVAL_DX=False, TRAIN_DX=True, FROM_VAR=False, ACTIVATION="relu", **res),
+                    "bn backward_reduce residual", overrides={"R": "*fp32", "DR": "*fp32"})
+    compile_variant(bn._dx_kernel, dict(TRAINING=False, WRITE_SUMS=False, FROM_VAR=True,
+                                        ACTIVATION="relu", WRITE_DR=True, **res),
+                    "bn dx residual eval", overrides={"R": "*fp32", "DR": "*fp32"})
     for cumulative in (False, True):
         compile_variant(bn._stats_combine_kernel,
                         dict(HAS_LO=True, UPDATE=True, CUMULATIVE=cumulative, WRITE_INVSTD=True, WRITE_M2=False,

@@ -8,19 +8,34 @@ import torch.nn.functional as F
 
 import tkern
 from tkern import _runtime
-from tkern.activations import eager_activation
+from tkern.activations import activation_scalars, eager_activation
 from tkern.ops.activation_dropout import BLOCK, QUARTER
 from tkern.testing import assert_close_rule
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 # (activation, approximate): every entry of the table, gelu in both forms
 ACTS = [(a, "none") for a in tkern.ACTIVATIONS] + [("gelu", "tanh")]
-PARAMS = dict(negative_slope=0.2, alpha=1.3)
+# every activation parameter away from its default (inputs are ~3 randn: both sides of the bounds)
+PARAMS = dict(negative_slope=0.2, alpha=1.3, min_val=-0.7, max_val=1.9, beta=1.7, threshold=2.5)
 
 
-def _eager(x, act, approximate, bias=None):
+def _eager(x, act, approximate, bias=None, params=PARAMS):
     z = x if bias is None else x + bias
-    return eager_activation(z, act, PARAMS["negative_slope"], PARAMS["alpha"], approximate)
+    return eager_activation(z, act, *activation_scalars(act, **params), approximate)
+
+
+def _torch_scalar_loop(x, act, params):
+    """torch's values and gradients one element at a time: its CPU kernels' vectorised loops
+    disagree with their scalar loops (and with the backward formula) at NaN, e.g. relu6'(NaN) is
+    0 in a vector lane and 1 in the scalar tail; tkern follows the formula."""
+    ys, ds = [], []
+    for v in x.detach():
+        e = v.reshape(1).clone().requires_grad_()
+        y = _eager(e, act, "none", params=params)
+        y.backward(torch.ones_like(y))
+        ys.append(y.detach())
+        ds.append(e.grad)
+    return torch.cat(ys), torch.cat(ds)
 
 
 def _mask(shape, p, device, seed):
@@ -178,7 +193,7 @@ def test_errors(device):
     with pytest.raises(ValueError, match="relu.*leaky_relu.*sigmoid.*tanh.*gelu.*silu.*elu"):
         tkern.activation_dropout(x, "swish")
     with pytest.raises(ValueError, match="valid activations"):
-        tkern.nn.ActivationDropout("mish")
+        tkern.nn.ActivationDropout("swish")
     with pytest.raises(RuntimeError, match="approximate"):
         tkern.activation_dropout(x, "gelu", approximate="fast")
     with pytest.raises(RuntimeError, match="bias"):
@@ -391,8 +406,52 @@ def test_nan_and_inf_follow_torch(device, act, approximate):
     ref = _eager(xr, act, approximate)
     torch.testing.assert_close(y[keep], ref[keep], equal_nan=True)
     y.backward(torch.ones_like(y))
-    ref.backward(torch.ones_like(ref))
-    torch.testing.assert_close(xo.grad[:1], xr.grad[:1], equal_nan=True)  # at NaN
+    if approximate == "none":  # NaN's gradient: torch's scalar loop (see _torch_scalar_loop)
+        _, d_ref = _torch_scalar_loop(x.cpu()[:1], act, PARAMS)
+        torch.testing.assert_close(xo.grad[:1].cpu(), d_ref, equal_nan=True)
+
+
+# (activation, parameters, points): each kink and branch boundary, with a point either side
+KINKS = [
+    ("relu6", {}, [0.0, 6.0]),
+    ("hardtanh", dict(min_val=-0.75, max_val=1.5), [-0.75, 1.5]),
+    ("hardtanh", dict(min_val=0.5, max_val=0.5), [0.5]),
+    ("hardswish", {}, [-3.0, 3.0]),
+    ("hardsigmoid", {}, [-3.0, 3.0]),
+    ("softplus", {}, [20.0, -20.0]),
+    ("softplus", dict(beta=2.0, threshold=5.0), [2.5, 0.0]),
+    ("softplus", dict(beta=-0.5, threshold=1.0), [-2.0]),
+    ("elu", dict(alpha=1.3), [0.0]),
+    ("leaky_relu", dict(negative_slope=0.2), [0.0]),
+    ("mish", {}, [0.0, -30.0, 30.0]),
+]
+
+
+@pytest.mark.parametrize("act,params,points", KINKS, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kinks_and_nan_follow_torch(device, act, params, points, dtype):
+    """Values and derivatives exactly at the kinks (relu6' is 0 at 0 and at 6, hardswish' 0 at -3
+    and 1 at 3, softplus is linear above its threshold...) and at NaN and +-inf, as torch's."""
+    pts = [q + d for q in points for d in (0.0, 1e-3, -1e-3)]
+    x = torch.tensor(pts + [float("nan"), float("inf"), -float("inf")], dtype=dtype)
+    y_ref, d_ref = _torch_scalar_loop(x, act, params)
+    xo = x.to(device).requires_grad_()
+    y = tkern.activation_dropout(xo, act, 0.0, **params)
+    y.backward(torch.ones_like(y))
+    finite_limit = slice(None) if act != "mish" else slice(0, -2)  # mish'(+-inf): inf * 0 = NaN
+    torch.testing.assert_close(y.detach().cpu(), y_ref, equal_nan=True)
+    torch.testing.assert_close(xo.grad.cpu()[finite_limit], d_ref[finite_limit], equal_nan=True)
+
+
+def test_activation_parameter_errors(device):
+    x = torch.randn(4, device=device)
+    with pytest.raises(ValueError, match="min_val cannot be greater than max_val"):
+        tkern.activation_dropout(x, "hardtanh", 0.0, min_val=1.0, max_val=0.0)
+    with pytest.raises(ValueError, match="min_val cannot be greater than max_val"):
+        tkern.nn.ActivationDropout("hardtanh", 0.1, min_val=1.0, max_val=0.0)
+    m = tkern.nn.ActivationDropout("softplus", 0.1, beta=2.0, threshold=7.0)
+    assert "beta=2.0" in repr(m) and "threshold=7.0" in repr(m)
+    assert "min_val=-2.0" in repr(tkern.nn.ActivationDropout("hardtanh", 0.1, min_val=-2.0))
 
 
 def test_dropped_inf_is_nan_like_torch(device):

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import tkern
-from tkern.activations import eager_activation
+from tkern.activations import activation_scalars, eager_activation
 from tkern.nn.batch_norm import TORCH_HAS_BIAS_ARG
 from tkern.ops import batch_norm as bn_ops
 from tkern.ops.batch_norm import kernels as bn_kernels, launch_plan as bn_plan
@@ -13,7 +13,7 @@ from tkern.testing import assert_close_rule
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 ACTS = [(a, "none") for a in tkern.ACTIVATIONS] + [("gelu", "tanh")]
-PARAMS = dict(negative_slope=0.2, alpha=1.3)
+PARAMS = dict(negative_slope=0.2, alpha=1.3, min_val=-0.7, max_val=1.9, beta=1.7, threshold=2.5)
 MODULES = {1: "BatchNorm1d", 2: "BatchNorm2d", 3: "BatchNorm3d"}
 
 
@@ -172,7 +172,7 @@ def _functional_case(device, dtype, shape, training, act="identity", approximate
 
     def torch_fn(xin, rm, rv, w, b):
         y = F.batch_norm(xin, rm, rv, w, b, training, 0.2, 1e-4)
-        return eager_activation(y, act, approximate=approximate, **PARAMS)
+        return eager_activation(y, act, *activation_scalars(act, **PARAMS), approximate)
 
     def ours_fn(xin, rm, rv, w, b):
         return tkern.batch_norm(xin, rm, rv, w, b, training, 0.2, 1e-4, activation=act,
@@ -337,6 +337,29 @@ def test_fused_activation_eval_and_module(device):
     _close(x.grad, xt.grad, "dx")
     _close(ours.weight.grad, ref[0].weight.grad, "dweight")
     _close(ours.running_var, ref[0].running_var, "running_var")
+
+
+@pytest.mark.parametrize("act,kwargs,module", [
+    ("hardtanh", dict(min_val=-0.4, max_val=0.9), torch.nn.Hardtanh(-0.4, 0.9)),
+    ("softplus", dict(beta=2.0, threshold=1.5), torch.nn.Softplus(2.0, 1.5)),
+    ("relu6", {}, torch.nn.ReLU6()),
+])
+def test_activation_parameters_reach_the_module(device, act, kwargs, module):
+    """min_val/max_val and beta/threshold flow through tkern.nn.BatchNorm*d into the kernels."""
+    ref = torch.nn.Sequential(torch.nn.BatchNorm1d(3), module).to(device).double()
+    ours = tkern.nn.BatchNorm1d(3, activation=act, **kwargs).to(device).double()
+    assert all(f"{k}={v}" in repr(ours) for k, v in kwargs.items())
+    x = torch.randn(4, 3, 5, device=device, dtype=torch.float64, requires_grad=True)
+    xt = x.detach().clone().requires_grad_()
+    dy = torch.randn_like(x)
+    yo, yr = ours(x), ref(xt)
+    _close(yo, yr, "output")
+    torch.autograd.backward(yo, dy)
+    torch.autograd.backward(yr, dy)
+    _close(x.grad, xt.grad, "dx")
+    _close(ours.weight.grad, ref[0].weight.grad, "dweight")
+    with pytest.raises(ValueError, match="min_val cannot be greater"):
+        tkern.nn.BatchNorm1d(3, activation="hardtanh", min_val=1.0, max_val=0.0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -545,17 +568,25 @@ def test_opcheck(device):
     rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device) + 0.5
     nbt = torch.tensor(3, device=device)
     fwd, bwd = bn_ops.OP._fwd_op, bn_ops.OP._bwd_op
-    torch.library.opcheck(fwd, (x, w, b, rm, rv, None, 1e-5, True, 0.1, "relu", 0.01, 1.0))
-    torch.library.opcheck(fwd, (x.transpose(0, 2), None, None, rm, rv, nbt, 1e-5, True, None,
+    r = torch.randn(4, 3, 5, device=device, requires_grad=True)
+    for res in (None, r):
+        torch.library.opcheck(fwd, (x, w, b, rm, rv, None, res, 1e-5, True, 0.1, "relu", 0.01,
+                                    1.0))
+    torch.library.opcheck(fwd, (x.transpose(0, 2), None, None, rm, rv, nbt, None, 1e-5, True, None,
                                 "identity", 0.01, 1.0))
-    torch.library.opcheck(fwd, (x, None, b, rm, rv, None, 1e-3, False, 0.0, "elu", 0.01, 0.5))
-    _, stats = fwd(x.detach(), None, None, None, None, None, 1e-5, True, 0.0, "identity", 0.01,
-                   1.0)[:2]
+    torch.library.opcheck(fwd, (x, None, b, rm, rv, None, None, 1e-3, False, 0.0, "elu", 0.01,
+                                0.5))
+    torch.library.opcheck(fwd, (x, w, None, rm, rv, None, r, 1e-3, False, 0.0, "silu", 0.01,
+                                1.0))
+    _, stats = fwd(x.detach(), None, None, None, None, None, None, 1e-5, True, 0.0, "identity",
+                   0.01, 1.0)[:2]
     dy = torch.randn(4, 3, 5, device=device)
     for training in (True, False):
-        saved = [x.detach(), w.detach(), b.detach(), rm, rv, stats if training else x.new_empty(0)]
-        torch.library.opcheck(bwd, ([dy], saved, 1e-5, training, 0.1, "silu", 0.01, 1.0,
-                                    [True, True, True]))
+        for res in (None, r.detach()):
+            saved = [x.detach(), w.detach(), b.detach(), rm, rv, res,
+                     stats if training else x.new_empty(0)]
+            torch.library.opcheck(bwd, ([dy], saved, 1e-5, training, 0.1, "silu", 0.01, 1.0,
+                                        [True, True, True, res is not None]))
 
 
 @pytest.mark.parametrize("shape", [(5, 3, 4), (2, 3, 4)])
@@ -687,3 +718,88 @@ def test_empty_channels_with_weight_raise_index_error_as_torch(device):
     with pytest.raises(IndexError, match="C = 0"):
         tkern.nn.BatchNorm2d(0).to(device)(torch.randn(2, 0, 3, 3, device=device))
     assert tkern.batch_norm(x, None, None, training=True).shape == x.shape
+
+
+# ------------------------------------------------------------------------------------------------
+# residual: act(bn(x) + r) in the normalize pass
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training,shape,channels_last", [
+    (True, (2, 3, 4, 5), False),  # one launch each way
+    (True, (17, 3, 61), False),  # split statistics, reduce + dx launches
+    (False, (3, 5, 2, 3), True),
+])
+def test_residual_matches_torch(device, dtype, training, shape, channels_last):
+    """Output, dx, dresidual, dweight, dbias and running stats against torch's
+    act(F.batch_norm(x) + r), by the 2x rule at each dtype."""
+    C = shape[1]
+    x64 = torch.randn(shape, device=device, dtype=torch.float64) * 2 + 0.5
+    if channels_last:
+        x64 = x64.contiguous(memory_format=torch.channels_last)
+    r64 = torch.randn(shape, device=device, dtype=torch.float64)
+    dy64 = torch.randn(shape, device=device, dtype=torch.float64)
+    w64, b64 = torch.randn(C, device=device, dtype=torch.float64), torch.randn(C, device=device, dtype=torch.float64)
+    rm64 = torch.randn(C, device=device, dtype=torch.float64)
+    rv64 = torch.rand(C, device=device, dtype=torch.float64) + 0.5
+    # the reference sees the inputs rounded to dtype, as tkern and torch do
+    x64, r64, dy64, w64, b64, rm64, rv64 = (t.to(dtype).double() for t in
+                                            (x64, r64, dy64, w64, b64, rm64, rv64))
+
+    def run(fn, dt):
+        x, r = (t.to(dt).requires_grad_() for t in (x64, r64))
+        w, b = (t.to(dt).requires_grad_() for t in (w64, b64))
+        rm, rv = rm64.to(dt), rv64.to(dt)
+        y = fn(x, r, rm, rv, w, b)
+        grads = torch.autograd.grad(y, (x, r, w, b), dy64.to(dt))
+        return (y, *grads, rm, rv)
+
+    def ours(x, r, rm, rv, w, b):
+        return tkern.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, activation="relu",
+                                residual=r)
+
+    def theirs(x, r, rm, rv, w, b):
+        return F.relu(F.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5) + r)
+
+    if training:
+        assert (bn_ops.num_partials(x64) > 1) == (shape[0] == 17)
+    o, t, ref = run(ours, dtype), run(theirs, dtype), run(theirs, torch.float64)
+    assert o[0].stride() == t[0].stride()
+    for name, a, b, c in zip(("output", "dx", "dresidual", "dweight", "dbias", "running_mean",
+                              "running_var"), o, t, ref):
+        assert_close_rule(a, b, c, name=name)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_residual_gradcheck(device, training):
+    x = torch.randn(3, 2, 3, device=device, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(3, 2, 3, device=device, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, device=device, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, device=device, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.randn(2, device=device, dtype=torch.float64), torch.rand(2, device=device, dtype=torch.float64) + 0.5
+
+    def fn(x, r, w, b):
+        return tkern.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5,
+                                activation="softplus", beta=1.5, threshold=1.0, residual=r)
+
+    assert torch.autograd.gradcheck(fn, (x, r, w, b))
+
+
+def test_residual_only_gradient_and_module(device):
+    """A residual that alone needs a gradient still gets it (the reduction pass writes it), and
+    the modules take ``residual=``."""
+    ref = torch.nn.BatchNorm2d(3).to(device).double()
+    ours = tkern.nn.BatchNorm2d(3, activation="hardswish").to(device).double()
+    x = torch.randn(2, 3, 4, 4, device=device, dtype=torch.float64)
+    for training in (True, False):
+        ref.train(training)
+        ours.train(training)
+        r = torch.randn(2, 3, 4, 4, device=device, dtype=torch.float64, requires_grad=True)
+        rt_ = r.detach().clone().requires_grad_()
+        yo = ours(x, residual=r)
+        yr = F.hardswish(ref(x) + rt_)
+        _close(yo, yr, "output")
+        (go,) = torch.autograd.grad(yo.sum(), r)
+        (gr,) = torch.autograd.grad(yr.sum(), rt_)
+        _close(go, gr, "dresidual")
+        _close(ours.running_mean, ref.running_mean, "running_mean")

@@ -76,14 +76,119 @@ def test_dropout_still_drops_after_conversion(device):
     assert torch.equal(head.eval()(h), torch.relu(h))
 
 
-def test_resnet_basic_block_matches_without_fusion(device):
+def test_resnet_basic_block_fuses_through_its_graph(device):
     original = BasicBlock(3, 6).to(device)
+    keys = list(original.state_dict())
     converted = tkern.convert(copy.deepcopy(original))
-    assert isinstance(converted.bn1, tkern.nn.BatchNorm2d) and converted.bn1.activation is None
-    assert type(converted.relu) is nn.ReLU  # standalone: kept, with its inplace aliasing
-    assert isinstance(converted.downsample[1], tkern.nn.BatchNorm2d)
-    assert not any("fused" in line for line in converted.tkern_report)
+    assert type(converted) is BasicBlock and list(converted.state_dict()) == keys
+    assert isinstance(converted.bn1, tkern.nn.BatchNorm2d) and converted.bn1.activation == "relu"
+    assert converted.bn2.activation == "relu"  # act(bn2(x) + downsample(x)), one op
+    assert converted.downsample[1].activation is None  # the residual
+    assert type(converted.relu) is nn.ReLU  # still there (state-free), no longer called
+    assert sum("fused" in line for line in converted.tkern_report) == 2
     _compare(original, converted, torch.randn(2, 3, 7, 7, device=device))
+    again = copy.deepcopy(converted)  # the rewritten forward is bound to the copy
+    torch.testing.assert_close(again.eval()(torch.ones(1, 3, 5, 5, device=device)),
+                               converted.eval()(torch.ones(1, 3, 5, 5, device=device)))
+
+
+class _Functional(nn.Module):
+    """Activations as functions and methods, in place or not, and an intermediate used twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn1, self.bn2, self.bn3 = nn.BatchNorm1d(4), nn.BatchNorm1d(4), nn.BatchNorm1d(4)
+        self.bn4, self.bn5 = nn.BatchNorm1d(4), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        a = torch.nn.functional.relu(self.bn1(x), inplace=True)
+        b = self.bn2(a).relu()
+        c = torch.nn.functional.hardtanh(self.bn3(b), -0.5, 0.75)
+        d = self.bn4(c)
+        e = torch.nn.functional.silu(d) + d  # d is used elsewhere: kept apart
+        return torch.nn.functional.softplus(x + self.bn5(e), beta=2.0)  # residual first
+
+
+def test_functional_and_method_activations_fuse(device):
+    original = _Functional().to(device).double()
+    model = tkern.convert(copy.deepcopy(original))
+    acts = [model.bn1.activation, model.bn2.activation, model.bn3.activation,
+            model.bn4.activation, model.bn5.activation]
+    assert acts == ["relu", "relu", "hardtanh", None, "softplus"]
+    assert (model.bn3.min_val, model.bn3.max_val, model.bn5.beta) == (-0.5, 0.75, 2.0)
+    assert any(line.startswith("kept bn4") and "used elsewhere" in line
+               for line in model.tkern_report)
+    _compare(original, model, torch.randn(6, 4, device=device, dtype=torch.float64))
+
+
+class _Dynamic(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv1d(2, 3, 1), nn.BatchNorm1d(3), nn.ReLU())
+        self.bn = nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        y = self.bn(self.body(x))
+        if y.sum() > 0:  # data-dependent: fx cannot trace this
+            return torch.relu(y)
+        return torch.relu(-y)
+
+
+class _TrainingBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        if self.training:
+            return torch.relu(self.bn(x))
+        return torch.sigmoid(self.bn(x))
+
+
+def test_untraceable_forwards_keep_their_sequential_fusion():
+    model = tkern.convert(_Dynamic())
+    assert model.body[1].activation == "relu" and model.bn.activation is None
+    assert any(line.startswith("could not trace (root) (_Dynamic)") for line in model.tkern_report)
+    assert "forward" not in model.__dict__
+    model = tkern.convert(_TrainingBranch())
+    assert model.bn.activation is None
+    assert any("depends on the training flag" in line for line in model.tkern_report)
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(model.eval()(x), torch.sigmoid(model.bn(x)))
+
+
+def test_hooks_keep_graph_patterns_apart():
+    block = BasicBlock(3, 4)
+    seen = []
+    block.bn1.register_forward_hook(lambda m, i, o: seen.append(o.clone()))
+    model = tkern.convert(block)
+    assert model.bn1.activation is None and model.bn2.activation == "relu"
+    assert any(line.startswith("kept bn1") and "hooks" in line for line in model.tkern_report)
+    model(torch.randn(2, 3, 5, 5))
+    assert len(seen) == 1 and (seen[0] < 0).any()  # the hook saw BatchNorm's own output
+
+
+def test_batchnorm_called_twice_is_kept_apart():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(3)
+
+        def forward(self, x):
+            return torch.relu(self.bn(x)) + torch.tanh(self.bn(x * 2))
+
+    model = tkern.convert(Twice())
+    assert model.bn.activation is None
+    assert sum("called at several places" in line for line in model.tkern_report) == 2
+
+
+def test_residual_with_broadcast_or_other_dtype_matches():
+    bn = tkern.nn.BatchNorm2d(3).double()
+    ref = nn.BatchNorm2d(3).double()
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    for r in (torch.randn(1, 3, 1, 5, dtype=torch.float64), torch.randn(2, 3, 4, 5)):
+        bn.activation = "relu"
+        torch.testing.assert_close(bn(x, residual=r), torch.relu(ref(x) + r))
 
 
 def test_fusion_only_where_it_should():

@@ -324,6 +324,26 @@ def test_help_examples_name_folders_they_make():
         assert path.name == "results.json" and str(path.parent) in outs, path
 
 
+def test_torchvision_train_step_cases_and_their_providers():
+    """resnet50 and mobilenet_v2 training steps when torchvision imports; only they get the
+    torch.compile(tkern.convert(model)) provider, and their rows report images/s."""
+    from perf.cases import train_step
+    from perf.runner import PEERS, PROVIDERS, Sweep
+    cases = train_step.torchvision_cases(dict(image=32, width=0, hidden=0, classes=10))
+    if not cases:
+        pytest.skip("torchvision is not importable with this torch")
+    assert [c.label for c in cases] == ["torchvision resnet50", "torchvision mobilenet_v2"]
+    assert all(c.extra["compile_tkern"] and c.extra["images"] for c in cases)
+    assert any(type(m).__name__ == "BatchNorm2d" and m.activation == "relu"
+               for m in cases[0].extra["model"].modules())
+    sweep = Sweep.__new__(Sweep)
+    sweep.cfg = type("Cfg", (), dict(providers=list(PROVIDERS), device=torch.device("cpu")))()
+    # no flag_gems row: the peer has no whole-model case
+    assert list(sweep._providers(cases[0])) == [p for p in PROVIDERS if p not in PEERS]
+    alexnet = train_step.cases(quick=True)[0]
+    assert "tkern+compile" not in sweep._providers(alexnet)
+
+
 def _fake_flag_gems(wrong_dropout=False):
     """A stand-in for FlagGems' functions used by perf/cases/gems.py, written with torch ops."""
     import types

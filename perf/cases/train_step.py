@@ -1,6 +1,9 @@
 """The training step of ``examples/train_alexnet.py``'s AlexNet-style CNN (LRN, BatchNorm,
 ReLU + dropout): eager PyTorch, torch.compile of the eager model, and the model after
-``tkern.convert``, at batch sizes 32 and up (tiny shapes and batches with ``--quick``).
+``tkern.convert``, at batch sizes 32 and up (tiny shapes and batches with ``--quick``).  When
+torchvision is importable, also torchvision's resnet50 and mobilenet_v2 (random weights, 224x224,
+full sweeps only: in the interpreter one step takes minutes), with a fourth provider,
+``torch.compile(tkern.convert(model))`` (``tkern+compile``); their rows give images/s.
 
 A row times the model's forward (fwd), its backward (bwd) or both (full) for the given batch; the
 optimizer step is not included.  Parameters and BatchNorm buffers are passed as arguments through
@@ -44,9 +47,16 @@ def _example():
     return module
 
 
-def _case(size: dict) -> Case:
+def _torchvision_model(name: str):
+    def build(width, hidden, classes):
+        import torchvision
+        return getattr(torchvision.models, name)(weights=None, num_classes=classes)
+    return build
+
+
+def _case(size: dict, build=None, label="examples/train_alexnet.py model", extra=None) -> Case:
     torch.manual_seed(0)
-    eager_model = _example().alexnet(size["width"], size["hidden"], size["classes"])
+    eager_model = (build or _example().alexnet)(size["width"], size["hidden"], size["classes"])
     tkern_model = tkern.convert(copy.deepcopy(eager_model))
     names = [n for n, _ in eager_model.named_parameters()]
     buffers = [n for n, b in eager_model.named_buffers() if b.is_floating_point()]
@@ -86,10 +96,24 @@ def _case(size: dict) -> Case:
                 raise AssertionError(f"grad[{i}]: {tuple(a.shape)} {a.dtype}, expected "
                                      f"{tuple(t.shape)} {t.dtype}, finite")
 
-    return Case("train_step", shape, "contiguous", "examples/train_alexnet.py model", make,
+    return Case("train_step", shape, "contiguous", label, make,
                 call(eager_model), call(tkern_model), min_bytes, compare=compare,
-                extra={"min_batch": MIN_BATCH})
+                extra={"min_batch": MIN_BATCH, "images": True, "model": tkern_model,
+                       **(extra or {})})
+
+
+def torchvision_cases(size: dict) -> list[Case]:
+    """resnet50 and mobilenet_v2 at ``size`` (image, classes), or none without torchvision."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # noqa: BLE001 - absent, or built for another torch (fails on import)
+        return []
+    return [_case(size, _torchvision_model(name), f"torchvision {name}",
+                  extra={"compile_tkern": True, "max_batch": 128})
+            for name in ("resnet50", "mobilenet_v2")]
 
 
 def cases(quick: bool) -> list[Case]:
-    return [_case(QUICK if quick else FULL)]
+    if quick:
+        return [_case(QUICK)]
+    return [_case(FULL)] + torchvision_cases(dict(FULL, classes=1000))

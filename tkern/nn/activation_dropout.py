@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..activations import check_activation
+from ..activations import activation_repr, activation_scalars, check_activation
 from ..ops.activation_dropout import _probability, activation_dropout
 
 
@@ -16,28 +16,29 @@ class ActivationDropout(torch.nn.Module):
     """
 
     def __init__(self, activation="relu", p=0.5, *, negative_slope=0.01, alpha=1.0,
-                 approximate="none", generator=None):
+                 approximate="none", min_val=-1.0, max_val=1.0, beta=1.0, threshold=20.0,
+                 generator=None):
         super().__init__()
         self.p = _probability(p)  # ValueError out of [0, 1], as nn.Dropout
         self.activation = check_activation(activation, approximate)
+        activation_scalars(activation, negative_slope, alpha, min_val, max_val, beta, threshold)
         self.negative_slope = negative_slope
         self.alpha = alpha
         self.approximate = approximate
+        self.min_val, self.max_val = min_val, max_val
+        self.beta, self.threshold = beta, threshold
         self.generator = generator
 
     def forward(self, x, bias=None):
         return activation_dropout(
             x, self.activation, self.p, self.training, bias=bias,
             negative_slope=self.negative_slope, alpha=self.alpha, approximate=self.approximate,
+            min_val=self.min_val, max_val=self.max_val, beta=self.beta, threshold=self.threshold,
             generator=self.generator,
         )
 
     def extra_repr(self) -> str:
-        parts = [f"activation={self.activation}", f"p={self.p}"]
-        if self.activation == "leaky_relu":
-            parts.append(f"negative_slope={self.negative_slope}")
-        elif self.activation == "elu":
-            parts.append(f"alpha={self.alpha}")
-        elif self.activation == "gelu" and self.approximate != "none":
-            parts.append(f"approximate={self.approximate!r}")
-        return ", ".join(parts)
+        return f"activation={self.activation}, p={self.p}" + activation_repr(
+            self.activation, self.approximate, negative_slope=self.negative_slope,
+            alpha=self.alpha, min_val=self.min_val, max_val=self.max_val, beta=self.beta,
+            threshold=self.threshold)

@@ -18,7 +18,7 @@ import inspect
 
 import torch
 
-from ..activations import check_activation
+from ..activations import activation_repr, activation_scalars, check_activation
 from ..ops.batch_norm import _batch_norm
 
 
@@ -44,19 +44,30 @@ class _TkernBatchNormMixin:
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, device=None, dtype=None, *, activation=None,
-                 negative_slope=0.01, alpha=1.0, approximate="none", **kwargs):
+                 negative_slope=0.01, alpha=1.0, approximate="none", min_val=-1.0, max_val=1.0,
+                 beta=1.0, threshold=20.0, **kwargs):
         # kwargs passes on keyword-only arguments of the installed torch (e.g. bias=False)
         bias = split_bias(kwargs)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          **kwargs)
         drop_bias(self, bias)
         check_activation(activation, approximate)
+        activation_scalars(activation, negative_slope, alpha, min_val, max_val, beta, threshold)
         self.activation = activation
         self.negative_slope = negative_slope
         self.alpha = alpha
         self.approximate = approximate
+        self.min_val, self.max_val = min_val, max_val
+        self.beta, self.threshold = beta, threshold
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def _activation_scalars(self):
+        # getattr: modules made before these parameters existed (pickles) lack them
+        return activation_scalars(self.activation, self.negative_slope, self.alpha,
+                                  getattr(self, "min_val", -1.0), getattr(self, "max_val", 1.0),
+                                  getattr(self, "beta", 1.0), getattr(self, "threshold", 20.0))
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``act(bn(input))``, or ``act(bn(input) + residual)`` with ``residual``."""
         self._check_input_dim(input)
         momentum = 0.0 if self.momentum is None else self.momentum
         nbt = None
@@ -72,8 +83,8 @@ class _TkernBatchNormMixin:
             self.running_mean if track else None,
             self.running_var if track else None,
             self.weight, self.bias, bn_training, momentum, self.eps,
-            self.activation, self.negative_slope, self.alpha, self.approximate,
-            num_batches_tracked=nbt,
+            self.activation, *self._activation_scalars(), self.approximate,
+            num_batches_tracked=nbt, residual=residual,
         )
 
     def extra_repr(self) -> str:
@@ -81,13 +92,10 @@ class _TkernBatchNormMixin:
         if not TORCH_HAS_BIAS_ARG and self.affine and self.bias is None:
             s = s.replace("affine=True, ", "affine=True, bias=False, ")  # newer torch's wording
         if self.activation is not None:
-            s += f", activation={self.activation}"
-            if self.activation == "leaky_relu":
-                s += f", negative_slope={self.negative_slope}"
-            elif self.activation == "elu":
-                s += f", alpha={self.alpha}"
-            elif self.activation == "gelu":
-                s += f", approximate={self.approximate!r}"
+            s += f", activation={self.activation}" + activation_repr(
+                self.activation, self.approximate, negative_slope=self.negative_slope,
+                alpha=self.alpha, min_val=self.min_val, max_val=self.max_val, beta=self.beta,
+                threshold=self.threshold)
         return s
 
 
@@ -95,7 +103,8 @@ class BatchNorm1d(_TkernBatchNormMixin, torch.nn.BatchNorm1d):
     """``torch.nn.BatchNorm1d`` on tkern kernels, with an optional fused activation.
 
     Accepts every argument of ``torch.nn.BatchNorm1d`` plus keyword-only ``activation`` (None, or
-    a name in ``tkern.ACTIVATIONS``), ``negative_slope``, ``alpha`` and ``approximate``.
+    a name in ``tkern.ACTIVATIONS``), ``negative_slope``, ``alpha``, ``approximate``,
+    ``min_val``, ``max_val``, ``beta`` and ``threshold`` (the activation's parameters, as torch's).
     Input (N, C) or (N, C, L).
     """
 

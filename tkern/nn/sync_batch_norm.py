@@ -8,7 +8,7 @@ import contextlib
 import torch
 import torch.distributed as dist
 
-from ..activations import check_activation, kernel_name
+from ..activations import activation_scalars, check_activation, kernel_name
 from ..ops.sync_batch_norm import sync_batch_norm
 from .batch_norm import _TkernBatchNormMixin, drop_bias, split_bias
 
@@ -19,22 +19,26 @@ class SyncBatchNorm(_TkernBatchNormMixin, torch.nn.SyncBatchNorm):
     Training with an initialised process group of world size > 1 normalizes with the statistics of
     the global batch (one all_gather forward, one all_reduce backward); otherwise it behaves as
     tkern's BatchNorm.  Eval does no communication.  Same constructor arguments as torch's, plus
-    keyword-only ``activation``, ``negative_slope``, ``alpha``, ``approximate``.
+    keyword-only ``activation`` and its parameters, as :class:`tkern.nn.BatchNorm1d`.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  process_group=None, device=None, dtype=None, *, activation=None,
-                 negative_slope=0.01, alpha=1.0, approximate="none", **kwargs):
+                 negative_slope=0.01, alpha=1.0, approximate="none", min_val=-1.0, max_val=1.0,
+                 beta=1.0, threshold=20.0, **kwargs):
         # torch's constructor, not the mixin's: SyncBatchNorm takes process_group before device
         bias = split_bias(kwargs)
         torch.nn.SyncBatchNorm.__init__(self, num_features, eps, momentum, affine,
                                         track_running_stats, process_group, device, dtype, **kwargs)
         drop_bias(self, bias)
         check_activation(activation, approximate)
+        activation_scalars(activation, negative_slope, alpha, min_val, max_val, beta, threshold)
         self.activation = activation
         self.negative_slope = negative_slope
         self.alpha = alpha
         self.approximate = approximate
+        self.min_val, self.max_val = min_val, max_val
+        self.beta, self.threshold = beta, threshold
 
     def _group(self):
         """The process group to synchronise over, or None when there is nothing to sync."""
@@ -53,12 +57,13 @@ class SyncBatchNorm(_TkernBatchNormMixin, torch.nn.SyncBatchNorm):
         if self.track_running_stats:
             self.num_batches_tracked.add_(1)
         track = self.track_running_stats
+        negative_slope, alpha = self._activation_scalars()  # the kernels' two scalars
         return sync_batch_norm(
             input, self.running_mean if track else None, self.running_var if track else None,
             self.weight, self.bias, momentum if track else 0.0, self.eps, group,
             activation=self.activation or "identity",
             kernel_activation=kernel_name(self.activation, self.approximate),
-            negative_slope=self.negative_slope, alpha=self.alpha, approximate=self.approximate,
+            negative_slope=negative_slope, alpha=alpha, approximate=self.approximate,
             num_batches_tracked=self.num_batches_tracked if track else None,
         )
 
@@ -103,7 +108,9 @@ class SyncBatchNorm(_TkernBatchNormMixin, torch.nn.SyncBatchNorm):
                       activation=getattr(module, "activation", None),
                       negative_slope=getattr(module, "negative_slope", 0.01),
                       alpha=getattr(module, "alpha", 1.0),
-                      approximate=getattr(module, "approximate", "none"))
+                      approximate=getattr(module, "approximate", "none"),
+                      **{k: getattr(module, k, v) for k, v in
+                         dict(min_val=-1.0, max_val=1.0, beta=1.0, threshold=20.0).items()})
             if module.affine:
                 with torch.no_grad():
                     out.weight = module.weight

@@ -32,7 +32,8 @@ from .. import _runtime as rt
 from ._math import cast_rn, from_pair
 from . import _rng
 from ._op import Op, cdiv, f32_pairs
-from ..activations import activate, activation_grad, eager_activation, kernel_name
+from ..activations import (activate, activation_grad, activation_scalars, eager_activation,
+                           kernel_name, named_scalars)
 
 # 1024 elements a quarter over 128 threads: 8 contiguous elements a thread, one 16-byte access
 # for bf16 (two for fp32)
@@ -310,31 +311,36 @@ def _eager(x, bias, activation, p, dropout, negative_slope, alpha, approximate, 
 
 
 def activation_dropout(x, activation="relu", p=0.5, training=True, *, bias=None,
-                       negative_slope=0.01, alpha=1.0, approximate="none", generator=None):
+                       negative_slope=0.01, alpha=1.0, approximate="none", min_val=-1.0,
+                       max_val=1.0, beta=1.0, threshold=20.0, generator=None):
     """``dropout(act(x + bias), p)`` in one fused kernel each way.
 
     Args:
         x: input of any shape and floating dtype; the output has its shape, dtype and (when x is
             dense) its memory layout.
-        activation: one of identity, relu, leaky_relu, sigmoid, tanh, gelu, silu, elu.
+        activation: one of identity, relu, leaky_relu, sigmoid, tanh, gelu, silu, elu, relu6,
+            hardtanh, hardswish, hardsigmoid, mish, softplus.
         p: probability of zeroing an element; survivors are scaled by 1 / (1 - p).
         training: dropout applies only when True (and p > 0), as with ``F.dropout``.
         bias: optional tensor added over the last dimension before the activation: ``[n]``,
             or any shape that broadcasts over the last dim alone (``[1]``, ``[1, n]``, ...).
             The output keeps x's dtype (a mixed-precision epilogue: an fp32 bias on bf16
             activations gives bf16), where torch's ``x + bias`` would promote.
-        negative_slope, alpha, approximate: parameters of leaky_relu, elu and gelu.
+        negative_slope, alpha, approximate, min_val/max_val, beta/threshold: parameters of
+            leaky_relu, elu, gelu, hardtanh and softplus, as torch's.
         generator: where the Philox seed is drawn from (default: torch's default generator).
     """
     p = _check(x, bias, activation, p, approximate)
+    # the kernels' two activation scalars (see tkern.activations)
+    negative_slope, alpha = activation_scalars(activation, negative_slope, alpha, min_val, max_val,
+                                               beta, threshold)
     rt.check_scalars("activation_dropout", x.dtype,
-                     **({"negative_slope": negative_slope} if activation == "leaky_relu" else {}),
-                     **({"alpha": alpha} if activation == "elu" else {}))
+                     **named_scalars(activation, negative_slope, alpha))
     dropout = bool(training) and p > 0.0
     if not rt.use_triton("activation_dropout", x, bias):
         return _eager(x, bias, activation, p, dropout, negative_slope, alpha, approximate, generator)
     bias = _contiguous_bias(x, bias)
     seed, seed_int = _rng.draw(x.device, generator) if dropout else (None, 0)
-    cfg = DropoutConfig(kernel_name(activation, approximate), p, dropout, float(negative_slope),
-                        float(alpha), seed_int)
+    cfg = DropoutConfig(kernel_name(activation, approximate), p, dropout, negative_slope, alpha,
+                        seed_int)
     return OP.apply(x, bias, seed, cfg=cfg)[0]

@@ -38,8 +38,13 @@ from memory, y written once:
 Eval uses the running stats and only ``_normalize_kernel`` (one launch: the kernel takes invstd
 from running_var).
 
-Backward saves x, weight, bias and the statistics used (the fp32/fp64 [3, C] mean, mean_lo, invstd
-in training; the running stats in eval); the pre-activation is rebuilt from them.
+Residual.  ``residual=r`` (x's shape and dtype) gives ``act(bn(x) + r)``: every normalize path
+(``HAS_R``) loads r through x's offsets (a copy in x's layout when its strides differ) and adds it
+before the activation; backward rebuilds ``z + r`` and the first pass over each element writes
+``dr = g`` (``DR``; ``WRITE_DR`` in the eval dx kernel, where no reduction pass runs).
+
+Backward saves x, weight, bias, the residual and the statistics used (the fp32/fp64 [3, C] mean,
+mean_lo, invstd in training; the running stats in eval); the pre-activation is rebuilt from them.
 1. ``_backward_reduce_kernel``: partial sums of g = dy * act'(z) and g * xhat per channel into
    ``[P, C]`` (deterministic: no float atomics); the dx kernel adds the P rows up (in order) and
    writes the totals, dbias and dweight.  With one partial per channel (the one-launch plan) the program holds
@@ -78,7 +83,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import _runtime as rt
-from ...activations import eager_activation, kernel_name
+from ...activations import activation_scalars, eager_activation, kernel_name, named_scalars
 from .autograd import OP, BatchNormConfig
 from .kernels import (_backward_reduce_kernel, _dx_kernel, _fused_forward_kernel,
                       _merge_normalize_kernel, _normalize_kernel, _stats_combine_kernel,
@@ -150,10 +155,7 @@ def _check_scalars(dtype, eps, momentum, activation, negative_slope, alpha, op="
     scalars = dict(eps=eps)
     if momentum is not None:
         scalars["momentum"] = momentum
-    if activation == "leaky_relu":
-        scalars["negative_slope"] = negative_slope
-    elif activation == "elu":
-        scalars["alpha"] = alpha
+    scalars.update(named_scalars(activation, negative_slope, alpha))
     rt.check_scalars(op, dtype, **scalars)
 
 
@@ -165,10 +167,22 @@ def _flat(t):
 
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                activation, negative_slope, alpha, approximate, num_batches_tracked=None):
+                activation, negative_slope, alpha, approximate, num_batches_tracked=None,
+                residual=None):
     """Shared body of ``batch_norm`` and the modules.  ``momentum=None`` (modules only) means the
-    cumulative average 1 / num_batches_tracked, read on the device."""
+    cumulative average 1 / num_batches_tracked, read on the device.  ``negative_slope`` and
+    ``alpha`` are the kernels' two activation scalars (``activations.activation_scalars``)."""
     kact = kernel_name(activation, approximate)
+    if residual is not None and not (
+            isinstance(residual, torch.Tensor) and isinstance(input, torch.Tensor)
+            and residual.shape == input.shape and residual.dtype == input.dtype
+            and residual.device == input.device and input.numel() > 0
+            and rt.use_triton("batch_norm", input, residual)):
+        # broadcast, promotion, an empty batch or the eager fallback: torch adds, as
+        # act(bn(x) + r) would
+        y = _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                        None, negative_slope, alpha, "none", num_batches_tracked)
+        return eager_activation(y + residual, activation, negative_slope, alpha, approximate)
     _check(input, running_mean, running_var, weight, bias, training, eps)
     _check_scalars(input.dtype, eps, momentum if training and running_mean is not None else None,
                    activation, negative_slope, alpha)
@@ -200,7 +214,7 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     momentum = momentum if update else 0.0
     cfg = BatchNormConfig(float(eps), bool(training), momentum, kact, float(negative_slope),
                           float(alpha))
-    y = OP.apply(input, weight, bias, rm, rv, nbt, cfg=cfg)[0]
+    y = OP.apply(input, weight, bias, rm, rv, nbt, residual, cfg=cfg)[0]
     if update:  # strided running stats were updated as contiguous copies (_flat)
         for t, flat in ((running_mean, rm), (running_var, rv)):
             if flat is not t:
@@ -210,12 +224,16 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5, *, activation=None, negative_slope=0.01, alpha=1.0,
-               approximate="none"):
+               approximate="none", min_val=-1.0, max_val=1.0, beta=1.0, threshold=20.0,
+               residual=None):
     """``torch.nn.functional.batch_norm`` followed by a fused activation, in Triton.
 
     Arguments and errors as ``F.batch_norm``; ``activation`` (None = identity) is one of
-    ``tkern.ACTIVATIONS``, with ``negative_slope`` (leaky_relu), ``alpha`` (elu) and
-    ``approximate`` (gelu).  Input (N, C, *) of any floating dtype, NCHW or channels_last
+    ``tkern.ACTIVATIONS``, with ``negative_slope`` (leaky_relu), ``alpha`` (elu),
+    ``approximate`` (gelu), ``min_val``/``max_val`` (hardtanh) and ``beta``/``threshold``
+    (softplus).  ``residual`` (a tensor of the input's shape) gives ``act(bn(x) + residual)`` in
+    the same pass, with its gradient; backward rebuilds the pre-activation from x, the residual
+    and the statistics.  Input (N, C, *) of any floating dtype, NCHW or channels_last
     (read through strides, output in the same memory format); fp16/bf16 input may come with fp32
     weight, bias and running stats.  Training updates running_mean/running_var in place with the
     unbiased batch variance.
@@ -224,5 +242,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         raise TypeError(f"tkern.batch_norm: momentum must be float, not {type(momentum).__name__}")
     if not isinstance(training, bool):
         raise TypeError(f"tkern.batch_norm: training must be bool, not {type(training).__name__}")
+    scalars = activation_scalars(activation, negative_slope, alpha, min_val, max_val, beta,
+                                 threshold)  # the kernels' two activation scalars
     return _batch_norm(input, running_mean, running_var, weight, bias, training, float(momentum),
-                       eps, activation, negative_slope, alpha, approximate)
+                       eps, activation, *scalars, approximate, residual=residual)

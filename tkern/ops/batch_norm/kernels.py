@@ -275,8 +275,10 @@ def _centered(x, mean, mean_lo, HAS_LO: tl.constexpr):
 def _normalize_units(X, Y, c, cmask, mean, mean_lo, scale, b, negative_slope, alpha,
                      S, sxN, sxC, sxS, syN, syC, syS, nsb, n_units, u0, units,
                      HAS_LO: tl.constexpr, ACTIVATION: tl.constexpr, COMPUTE: tl.constexpr,
-                     INT64: tl.constexpr, BLOCK_S: tl.constexpr):
-    """y = act((x - mean - mean_lo) * scale + b) over the units [u0, u0 + units)."""
+                     INT64: tl.constexpr, BLOCK_S: tl.constexpr, R=None,
+                     HAS_R: tl.constexpr = False):
+    """y = act((x - mean - mean_lo) * scale + b [+ r]) over the units [u0, u0 + units); the
+    residual R (HAS_R) has x's strides."""
     lanes_s = tl.arange(0, BLOCK_S)
     for i in range(0, units):
         n, s, smask = _unit(u0 + i, nsb, lanes_s, S, n_units, INT64, BLOCK_S)
@@ -285,6 +287,8 @@ def _normalize_units(X, Y, c, cmask, mean, mean_lo, scale, b, negative_slope, al
         yo = _offsets(n, s, c, syN, syS, syC)
         x = tl.load(X + xo, mask=mask, other=0.0).to(COMPUTE)
         z = _centered(x, mean, mean_lo, HAS_LO) * scale[None, :] + b[None, :]
+        if HAS_R:
+            z += tl.load(R + xo, mask=mask, other=0.0).to(COMPUTE)
         y = activate(z, ACTIVATION, negative_slope, alpha)
         tl.store(Y + yo, cast_rn(y, Y.dtype.element_ty), mask=mask)
 
@@ -302,6 +306,8 @@ def _normalize_kernel(
     HAS_LO: tl.constexpr, FROM_VAR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     ACTIVATION: tl.constexpr,
     COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    R=None,  # residual [N, C, S] with X's strides, added before the activation when HAS_R
+    HAS_R: tl.constexpr = False,
 ):
     c, cmask, mean, mean_lo, invstd, w, b, negative_slope, alpha = _program_channels(
         MEAN, MEAN_LO, INVSTD, W, B, C, eps_hi, eps_lo, slope_hi, slope_lo, alpha_hi, alpha_lo,
@@ -309,7 +315,7 @@ def _normalize_kernel(
     _normalize_units(X, Y, c, cmask, mean, mean_lo, invstd * w, b, negative_slope, alpha,
                      S, sxN, sxC, sxS, syN, syC, syS, nsb, n_units,
                      tl.program_id(1) * units_per_prog, units_per_prog,
-                     HAS_LO, ACTIVATION, COMPUTE, INT64, BLOCK_S)
+                     HAS_LO, ACTIVATION, COMPUTE, INT64, BLOCK_S, R, HAS_R)
 
 
 @triton.jit
@@ -332,8 +338,9 @@ def _affine_normalize(X, Y, W, B, c, cmask, mean, mean_lo, invstd, slope_hi, slo
                       alpha_lo, S, sxN, sxC, sxS, syN, syC, syS, nsb, n_units, u0, units,
                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACTIVATION: tl.constexpr,
                       COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr,
-                      BLOCK_C: tl.constexpr):
-    """y over units [u0, u0 + units) from the batch statistics and the affine parameters."""
+                      BLOCK_C: tl.constexpr, R=None, HAS_R: tl.constexpr = False):
+    """y over units [u0, u0 + units) from the batch statistics and the affine parameters (and
+    the residual R when HAS_R)."""
     if HAS_W:
         invstd = invstd * tl.load(W + c, mask=cmask, other=0.0).to(COMPUTE)
     if HAS_B:
@@ -343,7 +350,7 @@ def _affine_normalize(X, Y, W, B, c, cmask, mean, mean_lo, invstd, slope_hi, slo
     _normalize_units(X, Y, c, cmask, mean, mean_lo, invstd, b,
                      from_pair(slope_hi, slope_lo, COMPUTE), from_pair(alpha_hi, alpha_lo, COMPUTE),
                      S, sxN, sxC, sxS, syN, syC, syS, nsb, n_units, u0, units,
-                     True, ACTIVATION, COMPUTE, INT64, BLOCK_S)
+                     True, ACTIVATION, COMPUTE, INT64, BLOCK_S, R, HAS_R)
 
 
 @triton.jit
@@ -358,6 +365,8 @@ def _fused_forward_kernel(
     UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr, WRITE_Y: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACTIVATION: tl.constexpr,
     COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    R=None,  # residual [N, C, S] with X's strides, added before the activation when HAS_R
+    HAS_R: tl.constexpr = False,
 ):
     """Training forward in one launch for layers whose channel blocks span few units: each
     program reduces its channels over the whole batch, writes the statistics, updates the running
@@ -373,7 +382,8 @@ def _fused_forward_kernel(
     if WRITE_Y:
         _affine_normalize(X, Y, W, B, c, cmask, mean, mean_lo, invstd, slope_hi, slope_lo,
                           alpha_hi, alpha_lo, S, sxN, sxC, sxS, syN, syC, syS, nsb, n_units, u0,
-                          n_units, HAS_W, HAS_B, ACTIVATION, COMPUTE, INT64, BLOCK_S, BLOCK_C)
+                          n_units, HAS_W, HAS_B, ACTIVATION, COMPUTE, INT64, BLOCK_S, BLOCK_C,
+                          R, HAS_R)
 
 
 @triton.jit
@@ -389,6 +399,8 @@ def _merge_normalize_kernel(
     UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     ACTIVATION: tl.constexpr, COMPUTE: tl.constexpr, INT64: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    R=None,  # residual [N, C, S] with X's strides, added before the activation when HAS_R
+    HAS_R: tl.constexpr = False,
 ):
     """The split training forward's second launch: every program merges its channels' P
     partials itself (P small rows from L2, instead of a combine launch), the first program along
@@ -404,18 +416,19 @@ def _merge_normalize_kernel(
     _affine_normalize(X, Y, W, B, c, cmask, mean, mean_lo, invstd, slope_hi, slope_lo, alpha_hi,
                       alpha_lo, S, sxN, sxC, sxS, syN, syC, syS, nsb, n_units,
                       tl.program_id(1) * units_per_prog, units_per_prog, HAS_W, HAS_B,
-                      ACTIVATION, COMPUTE, INT64, BLOCK_S, BLOCK_C)
+                      ACTIVATION, COMPUTE, INT64, BLOCK_S, BLOCK_C, R, HAS_R)
 
 
 @triton.jit
 def _grad_pre_activation(x, dy, mean, mean_lo, invstd, w, b, negative_slope, alpha,
-                         HAS_LO: tl.constexpr, ACTIVATION: tl.constexpr):
-    """xhat and g = dy * act'(z), with z rebuilt from x and the saved statistics."""
+                         HAS_LO: tl.constexpr, ACTIVATION: tl.constexpr, r=0.0):
+    """xhat and g = dy * act'(z), with z rebuilt from x, the saved statistics and the residual r
+    (0 without one).  g is also the residual's gradient."""
     xhat = _centered(x, mean, mean_lo, HAS_LO) * invstd[None, :]
     if ACTIVATION == "identity":
         g = dy
     else:
-        z = xhat * w[None, :] + b[None, :]
+        z = xhat * w[None, :] + b[None, :] + r
         g = dy * activation_grad(z, ACTIVATION, negative_slope, alpha)
     return xhat, g
 
@@ -425,18 +438,26 @@ def _dx_units(X, DY, DX, c, cmask, mean, mean_lo, invstd, w, b, mean_g, mean_gx,
               negative_slope, alpha, S, sxN, sxC, sxS, sdN, sdC, sdS, soN, soC, soS,
               nsb, n_units, u0, units, TRAINING: tl.constexpr, HAS_LO: tl.constexpr,
               ACTIVATION: tl.constexpr, COMPUTE: tl.constexpr, INT64: tl.constexpr,
-              BLOCK_S: tl.constexpr):
+              BLOCK_S: tl.constexpr, R=None, DR=None, HAS_R: tl.constexpr = False,
+              WRITE_DR: tl.constexpr = False):
     """dx over the units [u0, u0 + units): w * invstd * (g - mean_g - xhat * mean_gx) in
-    training (mean_g, mean_gx: the batch means of g and g * xhat), w * invstd * g in eval."""
+    training (mean_g, mean_gx: the batch means of g and g * xhat), w * invstd * g in eval.
+    With a residual R (x's strides), g rebuilds z + r; WRITE_DR stores g, its gradient, to DR."""
     lanes_s = tl.arange(0, BLOCK_S)
     scale = invstd * w
     for i in range(0, units):
         n, s, smask = _unit(u0 + i, nsb, lanes_s, S, n_units, INT64, BLOCK_S)
         mask = smask[:, None] & cmask[None, :]
-        x = tl.load(X + _offsets(n, s, c, sxN, sxS, sxC), mask=mask, other=0.0).to(COMPUTE)
+        xo = _offsets(n, s, c, sxN, sxS, sxC)
+        x = tl.load(X + xo, mask=mask, other=0.0).to(COMPUTE)
         dy = tl.load(DY + _offsets(n, s, c, sdN, sdS, sdC), mask=mask, other=0.0).to(COMPUTE)
+        r = 0.0
+        if HAS_R:
+            r = tl.load(R + xo, mask=mask, other=0.0).to(COMPUTE)
         xhat, g = _grad_pre_activation(x, dy, mean, mean_lo, invstd, w, b, negative_slope, alpha,
-                                       HAS_LO, ACTIVATION)
+                                       HAS_LO, ACTIVATION, r)
+        if WRITE_DR:
+            tl.store(DR + xo, g.to(DR.dtype.element_ty), mask=mask)
         if TRAINING:
             g = g - mean_g[None, :] - xhat * mean_gx[None, :]
         dx = g * scale[None, :]
@@ -458,6 +479,8 @@ def _backward_reduce_kernel(
     HAS_LO: tl.constexpr, FROM_VAR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     ACTIVATION: tl.constexpr,
     COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    R=None, DR=None,  # residual and its gradient (= g), [N, C, S] with X's strides, when HAS_R
+    HAS_R: tl.constexpr = False,
 ):
     """Sums of g = dy * act'(z) and g * xhat over this program's units.  EVAL_DX (dx needs no
     sums) writes dx in the same pass; TRAIN_DX (one program per channel block, so the sums are
@@ -475,10 +498,16 @@ def _backward_reduce_kernel(
     for i in range(0, units_per_prog):
         n, s, smask = _unit(u0 + i, nsb, lanes_s, S, n_units, INT64, BLOCK_S)
         mask = smask[:, None] & cmask[None, :]
-        x = tl.load(X + _offsets(n, s, c, sxN, sxS, sxC), mask=mask, other=0.0).to(COMPUTE)
+        xo = _offsets(n, s, c, sxN, sxS, sxC)
+        x = tl.load(X + xo, mask=mask, other=0.0).to(COMPUTE)
         dy = tl.load(DY + _offsets(n, s, c, sdN, sdS, sdC), mask=mask, other=0.0).to(COMPUTE)
+        r = 0.0
+        if HAS_R:
+            r = tl.load(R + xo, mask=mask, other=0.0).to(COMPUTE)
         xhat, g = _grad_pre_activation(x, dy, mean, mean_lo, invstd, w, b, negative_slope, alpha,
-                                       HAS_LO, ACTIVATION)
+                                       HAS_LO, ACTIVATION, r)
+        if HAS_R:  # the first pass over each element writes the residual's gradient
+            tl.store(DR + xo, g.to(DR.dtype.element_ty), mask=mask)
         g = tl.where(mask, g, 0.0)
         acc_g += g
         acc_gx += g * xhat
@@ -495,7 +524,7 @@ def _backward_reduce_kernel(
         _dx_units(X, DY, DX, c, cmask, mean, mean_lo, invstd, w, b, sum_g * inv_n, sum_gx * inv_n,
                   negative_slope, alpha, S, sxN, sxC, sxS, sdN, sdC, sdS, soN, soC, soS,
                   nsb, n_units, u0, units_per_prog, True, HAS_LO, ACTIVATION, COMPUTE, INT64,
-                  BLOCK_S)
+                  BLOCK_S, R, DR, HAS_R, False)
 
 
 @triton.jit
@@ -514,6 +543,9 @@ def _dx_kernel(
     HAS_B: tl.constexpr, WRITE_SUMS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    R=None, DR=None,  # residual and its gradient, [N, C, S] with X's strides, when HAS_R
+    HAS_R: tl.constexpr = False,
+    WRITE_DR: tl.constexpr = False,  # store g to DR (when no reduction pass wrote it)
 ):
     c, cmask, mean, mean_lo, invstd, w, b, negative_slope, alpha = _program_channels(
         MEAN, MEAN_LO, INVSTD, W, B, C, eps_hi, eps_lo, slope_hi, slope_lo, alpha_hi, alpha_lo,
@@ -538,4 +570,4 @@ def _dx_kernel(
     _dx_units(X, DY, DX, c, cmask, mean, mean_lo, invstd, w, b, mean_g, mean_gx,
               negative_slope, alpha, S, sxN, sxC, sxS, sdN, sdC, sdS, soN, soC, soS,
               nsb, n_units, tl.program_id(1) * units_per_prog, units_per_prog, TRAINING, HAS_LO,
-              ACTIVATION, COMPUTE, INT64, BLOCK_S)
+              ACTIVATION, COMPUTE, INT64, BLOCK_S, R, DR, HAS_R, WRITE_DR)

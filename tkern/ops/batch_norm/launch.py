@@ -132,8 +132,22 @@ def _stat_args(x, mean, mean_lo, invstd, weight, bias, var, eps):
     return ptrs, flags
 
 
+def _residual_args(residual, dr=None) -> dict:
+    """Kernel arguments for an optional residual (already in x's layout) and its gradient."""
+    if residual is None:
+        return {}
+    return dict(R=residual, HAS_R=True, **({} if dr is None else dict(DR=dr)))
+
+
+def _residual_like(residual, x):
+    """The residual in x's (prepared) layout: the kernels read it through x's offsets."""
+    if residual is None or residual.stride() == x.stride():
+        return residual
+    return torch.empty_like(x).copy_(residual)
+
+
 def bn_normalize(x, mean, invstd, weight, bias, activation="identity", negative_slope=0.01,
-                 alpha=1.0, mean_lo=None, var=None, eps=0.0):
+                 alpha=1.0, mean_lo=None, var=None, eps=0.0, residual=None):
     """``act((x - mean - mean_lo) * invstd * weight + bias)``; ``activation`` is a kernel name
     (``activations.kernel_name``).  Output in x's dtype and memory format.  Eval passes the
     running stats: ``mean=running_mean, invstd=None, var=running_var, eps=eps``."""
@@ -147,7 +161,8 @@ def bn_normalize(x, mean, invstd, weight, bias, activation="identity", negative_
     K._normalize_kernel[p.grid](
         x, y, *ptrs, view.C, view.cols, *view.strides(x), *view.strides(y),
         **_activation_scalars(negative_slope, alpha), ACTIVATION=activation,
-        COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(y), **flags, **launch_args(p))
+        COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(y), **flags, **launch_args(p),
+        **_residual_args(residual))
     return y
 
 
@@ -166,7 +181,8 @@ def bn_backward_reduce(x, dy, mean, invstd, weight, bias, activation="identity",
 
 
 def _backward_pass(x, dy, mean, invstd, weight, bias, activation, negative_slope, alpha, mean_lo,
-                   var, eps, eval_dx=False, train_dx=False, count=1, partials=False):
+                   var, eps, eval_dx=False, train_dx=False, count=1, partials=False,
+                   residual=None, dr=None):
     """One ``_backward_reduce_kernel`` launch over the reduction plan: (sums [2, C], dx or None);
     ``partials=True``: the unsummed ``[2, P, C]`` workspace instead of the sums.
     ``eval_dx`` adds the eval dx to the pass; ``train_dx`` the training dx (one partial only:
@@ -188,7 +204,8 @@ def _backward_pass(x, dy, mean, invstd, weight, bias, activation, negative_slope
         *view.strides(out), inv_n_hi=inv_hi, inv_n_lo=inv_lo,
         **_activation_scalars(negative_slope, alpha), EVAL_DX=eval_dx, TRAIN_DX=train_dx,
         ACTIVATION=activation,
-        COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(dy, out), **flags, **launch_args(p))
+        COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(dy, out), **flags, **launch_args(p),
+        **_residual_args(residual, dr))
     if partials:
         return ws, dx
     sums = ws[:, 0] if P == 1 else ws.sum(1)  # deterministic combine over the splits
@@ -197,7 +214,8 @@ def _backward_pass(x, dy, mean, invstd, weight, bias, activation, negative_slope
 
 def bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g=None, sum_gx=None, count=1,
                    activation="identity", negative_slope=0.01, alpha=1.0, training=True,
-                   mean_lo=None, var=None, eps=0.0, sums_out=None):
+                   mean_lo=None, var=None, eps=0.0, sums_out=None, residual=None, dr=None,
+                   write_dr=False):
     """dx.  Training: from the (global) sums of g and g * xhat and the (global) element count per
     channel (pass sums already divided by the count and ``count=1`` if the count is on a device).
     ``sum_g`` / ``sum_gx`` may be ``[P, C]`` partials: the kernel adds them up, and writes the
@@ -226,7 +244,8 @@ def bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g=None, sum_gx=None, c
         inv_n_hi=inv_hi, inv_n_lo=inv_lo, **_activation_scalars(negative_slope, alpha),
         TRAINING=training, WRITE_SUMS=sums_out is not None, ACTIVATION=activation,
         COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(dy, dx), **flags,
-        **launch_args(p))
+        **launch_args(p), **_residual_args(residual, dr),
+        **(dict(WRITE_DR=True) if write_dr else {}))
     return dx
 
 
@@ -246,7 +265,8 @@ def _stat_kwargs(stats, running_mean, running_var, eps):
 
 
 def _fused_forward(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
-                   eps, activation="identity", negative_slope=0.01, alpha=1.0, write_y=True):
+                   eps, activation="identity", negative_slope=0.01, alpha=1.0, write_y=True,
+                   residual=None):
     """The one-launch training forward (x prepared, non-empty, a plan with one partial):
     (y or None, statistics [3, C]); running stats, when given, updated in place."""
     p = plan(x, reduction=True)
@@ -271,7 +291,7 @@ def _fused_forward(x, weight, bias, running_mean, running_var, num_batches_track
         UPDATE=update, CUMULATIVE=cumulative, WRITE_Y=write_y, HAS_W=weight is not None,
         HAS_B=bias is not None, ACTIVATION=activation, COMPUTE=rt.compute_dtype(x.dtype),
         INT64=view.int64(y), BLOCK_S=p.BLOCK_S, BLOCK_C=p.BLOCK_C,
-        num_warps=p.num_warps)
+        num_warps=p.num_warps, **_residual_args(residual))
     return (y if write_y else None), stats
 
 
@@ -292,16 +312,19 @@ def _stats_impl(x, running_mean, running_var, num_batches_tracked, momentum, eps
 
 
 def train_forward(x, weight, bias, running_mean, running_var, num_batches_tracked,
-                  momentum, eps, activation, negative_slope, alpha):
+                  momentum, eps, activation, negative_slope, alpha, residual=None):
     """Training forward: (y, batch statistics [3, C]), running stats updated in place.
-    One launch when the plan has one partial per channel, else two (partials; merge+normalize)."""
+    One launch when the plan has one partial per channel, else two (partials; merge+normalize).
+    ``residual`` (x's shape) is added before the activation."""
     x = _prepare_input(x)
+    residual = _residual_like(residual, x)
     if x.numel() == 0:
         stats = _stats_impl(x, running_mean, running_var, num_batches_tracked, momentum, eps)
         return torch.empty_like(x), stats
     if plan(x, reduction=True).num_partials == 1:
         return _fused_forward(x, weight, bias, running_mean, running_var, num_batches_tracked,
-                              momentum, eps, activation, negative_slope, alpha)
+                              momentum, eps, activation, negative_slope, alpha,
+                              residual=residual)
     count, mean, m2, mean_lo = bn_partial_stats(x)
     p = plan(x, reduction=False)
     view = p.view
@@ -324,49 +347,60 @@ def train_forward(x, weight, bias, running_mean, running_var, num_batches_tracke
         UPDATE=update, CUMULATIVE=cumulative, HAS_W=weight is not None, HAS_B=bias is not None,
         ACTIVATION=activation, COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(y),
         BLOCK_P=min(next_pow2(P), 32), BLOCK_S=p.BLOCK_S, BLOCK_C=p.BLOCK_C,
-        num_warps=p.num_warps)
+        num_warps=p.num_warps, **_residual_args(residual))
     return y, stats
 
 
 def normalize(x, weight, bias, stats, running_mean, running_var, eps, training, activation,
-              negative_slope, alpha):
+              negative_slope, alpha, residual=None):
     """y from batch statistics ``stats`` [3, C] (training) or from the running stats (eval)."""
     x = _prepare_input(x)
     mean, invstd, kw = _stat_kwargs(stats, running_mean, running_var, eps)
-    return bn_normalize(x, mean, invstd, weight, bias, activation, negative_slope, alpha, **kw)
+    return bn_normalize(x, mean, invstd, weight, bias, activation, negative_slope, alpha, **kw,
+                        residual=_residual_like(residual, x))
 
 
 def backward(dy, x, weight, bias, stats, running_mean, running_var, eps, training,
-             activation, negative_slope, alpha, need_x, need_wb):
-    """(dx or None, sums [2, C] or None: sum g = dbias, sum g * xhat = dweight).
+             activation, negative_slope, alpha, need_x, need_wb, residual=None, need_r=False):
+    """(dx or None, sums [2, C] or None: sum g = dbias, sum g * xhat = dweight, the residual's
+    gradient g or None).
     Passes over x and dy: eval one; training one per program when the plan has one partial per
-    channel (reduce, then dx from cache), else two launches (reduce, dx)."""
+    channel (reduce, then dx from cache), else two launches (reduce, dx).  With a residual, the
+    first pass over each element also writes g = dy * act'(bn(x) + r), its gradient."""
     x = _prepare_input(x)
     mean, invstd, kw = _stat_kwargs(stats, running_mean, running_var, eps)
+    residual = _residual_like(residual, x)
+    need_r = need_r and residual is not None
+    # the reduction pass writes dr whenever it reads a residual (one flag, HAS_R)
+    dr = torch.empty_like(x) if residual is not None else None
+    res = dict(residual=residual, dr=dr)
     args = (x, dy, mean, invstd, weight, bias, activation, negative_slope, alpha,
             kw.get("mean_lo"), kw.get("var"), kw.get("eps", 0.0))
     C = x.shape[1]
     if x.numel() == 0:
         sums = x.new_zeros((2, C), dtype=rt.accum_dtype(x.dtype)) if need_wb else None
-        return (torch.empty_like(x) if need_x else None), sums
+        return ((torch.empty_like(x) if need_x else None), sums,
+                (torch.empty_like(x) if need_r else None))
     count = x.numel() // C
     if need_x and not training:
         if not need_wb:  # elementwise: the plan with more programs
             return bn_backward_dx(x, dy, mean, invstd, weight, bias, activation=activation,
                                   negative_slope=negative_slope, alpha=alpha, training=False,
-                                  **kw), None
-        sums, dx = _backward_pass(*args, eval_dx=True)
-        return dx, sums
+                                  **kw, **res, write_dr=need_r), None, dr if need_r else None
+        sums, dx = _backward_pass(*args, eval_dx=True, **res)
+        return dx, sums, dr if need_r else None
     if need_x and plan(x, reduction=True).num_partials == 1:
-        sums, dx = _backward_pass(*args, train_dx=True, count=count)
-        return dx, sums
-    if not (need_x or need_wb):
-        return None, None
+        sums, dx = _backward_pass(*args, train_dx=True, count=count, **res)
+        return dx, sums, dr if need_r else None
+    if not (need_x or need_wb or need_r):
+        return None, None, None
     if not need_x:
-        return None, _backward_pass(*args)[0]
-    # two launches: the partial sums, then dx, whose kernel also totals the partials
-    ws, _ = _backward_pass(*args, partials=True)
+        sums = _backward_pass(*args, **res)[0]
+        return None, sums if need_wb else None, dr if need_r else None
+    # two launches: the partial sums (and dr), then dx, whose kernel also totals the partials
+    ws, _ = _backward_pass(*args, partials=True, **res)
     sums = ws.new_empty((2, C)) if need_wb else None
     dx = bn_backward_dx(x, dy, mean, invstd, weight, bias, ws[0], ws[1], count,
-                        activation, negative_slope, alpha, training=True, sums_out=sums, **kw)
-    return dx, sums
+                        activation, negative_slope, alpha, training=True, sums_out=sums, **kw,
+                        residual=residual)
+    return dx, sums, dr if need_r else None
