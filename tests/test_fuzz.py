@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import tkern  # noqa: E402
-from tkern.activations import eager_activation  # noqa: E402
+from tkern.activations import activation_scalars, eager_activation  # noqa: E402
 from tkern.testing import assert_close_rule  # noqa: E402
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "25"))
@@ -185,7 +185,10 @@ def test_fuzz_activation_dropout(device, data):
 
     def eager(xe, be):
         z = xe if be is None else xe + be.to(xe.dtype)
-        return eager_activation(z, act, approximate=approximate, **kw) * (kept.to(z.dtype) * scale)
+        # the public parameters as the two scalars eager_activation takes (softplus's are beta and
+        # threshold, left at their defaults here)
+        slots = activation_scalars(act, **kw)
+        return eager_activation(z, act, *slots, approximate=approximate) * (kept.to(z.dtype) * scale)
 
     results = []
     for d in (dtype, torch.float64):
