@@ -113,15 +113,20 @@ def skip_kernel_bodies():
     counted in the yielded ``LaunchLog``; no kernel body runs.  CPU with TRITON_INTERPRET=1 only."""
     from triton.runtime.interpreter import InterpretedFunction
 
+    from tkern._launch import HostEmulation
+
     log = LaunchLog()
     ends: dict = {}
     original = InterpretedFunction.run
+    fast = HostEmulation()
 
     def run(self, *args, grid, warmup, **kwargs):
         end = ends.get(self.fn)
         if end is None:
             end = ends[self.fn] = _FrontEnd(self)
-        end(args, grid, kwargs)
+        # tkern's GPU launch path: Triton's front end on a launch signature's first call, then
+        # tkern's own key and lookup (tkern._launch)
+        fast.launch(self, args, grid, kwargs, lambda: end(args, grid, dict(kwargs)))
         log.launches += 1
         log.names.append(self.fn.__name__)
 

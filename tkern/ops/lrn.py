@@ -59,6 +59,7 @@ import triton
 import triton.language as tl
 
 from .. import _runtime as rt
+from .._launch import jit
 from ._math import cast_rn, from_pair
 from ._op import Op, f32_pairs
 
@@ -161,7 +162,7 @@ def _window_sumsq(X, base, c, j, s_ok, C, sxc, before, after, UNROLL: tl.constex
     return acc
 
 
-@triton.jit
+@jit
 def _lrn_forward_kernel(
     X,  # input viewed as (N, C, S), strides (sxn, sxc, sxs)
     Y,  # output (N, C, S), strides (syn, syc, sys)
@@ -204,7 +205,7 @@ def _backward_term(X, G, xbase, gbase, c, j, s_ok, C, sxc, sgc, kk, aa, before, 
     return term, sj
 
 
-@triton.jit
+@jit
 def _lrn_backward_kernel(
     X,  # forward's input (N, C, S), strides (sxn, sxc, sxs)
     G,  # gradient of the output (N, C, S), strides (sgn, sgc, sgs)
@@ -375,7 +376,7 @@ def _forward_step(YP, c, c_end, s, S, lead, v1, v2, v3, v4, v5, v6, v7, v8, kk, 
 
 # chunk unspecialised: a 16-divisible chunk would give the four rows of a trip different
 # known alignments, hence different layouts (shared-memory shuffles between them)
-@triton.jit(do_not_specialize=["chunk"])
+@jit(do_not_specialize=["chunk"])
 def _lrn_forward_slide_kernel(
     X,  # input (N, C, S), strides (sxn, sxc, 1)
     Y,  # output (N, C, S), strides (syn, syc, 1)
@@ -477,7 +478,7 @@ def _backward_step(DP, L, c0, c_end, C, s, S, lead, g,
 
 # chunk unspecialised: a 16-divisible chunk would give the four rows of a trip different
 # known alignments, hence different layouts (shared-memory shuffles between them)
-@triton.jit(do_not_specialize=["chunk"])
+@jit(do_not_specialize=["chunk"])
 def _lrn_backward_slide_kernel(
     X,  # forward's input (N, C, S), strides (sxn, sxc, 1)
     G,  # gradient of the output (N, C, S), strides (sgn, sgc, 1)

@@ -1,0 +1,222 @@
+"""tkern's kernel launch path: Triton's launch without its per-call binder.
+
+``kernel[grid](*args)`` on a ``triton.jit`` function binds every argument, specialises each one
+(pointer alignment, integers equal to 1 or divisible by 16, their width), builds a cache key from
+that and the options, and looks the compiled kernel up: about 0.3 us per argument plus the key,
+5-25 us per launch with tkern's 15-40 arguments.  Kernels declared with ``@jit`` (this module)
+do that once per *launch signature* and then find the compiled kernel by a cheaper key:
+
+- a tensor contributes its dtype and whether its address is 16-byte aligned (all Triton
+  specialises a pointer on);
+- an integer declared ``do_not_specialize`` contributes only its width class (i32 / i64 / u64,
+  what Triton still distinguishes), so a per-call seed does not miss the cache;
+- a float contributes its type only (Triton passes every float as an fp32 argument);
+- every other argument contributes its value and type: never coarser than Triton's
+  specialisation (which keeps only ``== 1`` / ``% 16`` of an int), so one key never maps two
+  Triton variants to one entry.  Plans make those values repeat from call to call.
+
+On a hit the compiled kernel's own launcher is called with exactly the arguments and launch
+parameters ``JITFunction.run`` would pass (the bound arguments in signature order, defaults
+filled in).  Whatever this key cannot see goes through Triton's own ``run``: warm-up, callable
+grids, active launch hooks (profilers), and the first launch of each key (which compiles).
+
+Under ``TRITON_INTERPRET=1`` ``triton.jit`` returns the interpreter's function and ``@jit`` leaves
+it as it is (the interpreter has no launcher to call); ``perf.host`` replays this module's key
+and lookup there (``HostEmulation``) to measure the GPU path's host cost on CPU.
+"""
+
+from __future__ import annotations
+
+import inspect as _inspect
+import weakref
+
+import torch
+import triton
+
+_Tensor = torch.Tensor
+_I32 = 1 << 31
+_U64 = 1 << 63
+_CACHE_LIMIT = 1024  # entries per kernel and device: plans repeat, garbage (NaN scalars) must not grow
+
+
+def _width(v):
+    """The class Triton still tells apart for an unspecialised int (its kernel argument type)."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return ("int", v >= _I32 or v < -_I32, v >= _U64)
+    return v
+
+
+def launch_key(args: tuple, kwargs: dict, info: "_Params") -> tuple:
+    """The cache key of one launch (see the module docstring)."""
+    toks = [(a.dtype, not a.data_ptr() & 15) if isinstance(a, _Tensor)
+            else (a if a.__class__ is not float else None) for a in args]
+    n = len(args)
+    for i in info.const_pos:  # a constexpr float is specialised on its value
+        if i < n:
+            toks[i] = args[i]
+    for i in info.dns_pos:
+        if i < n:
+            toks[i] = _width(toks[i])
+    for k, v in kwargs.items():
+        if isinstance(v, _Tensor):
+            v = (v.dtype, not v.data_ptr() & 15)
+        elif k in info.dns_names:
+            v = _width(v)
+        elif v.__class__ is float and k in info.runtime_names:
+            v = None
+        toks.append((k, v))
+    toks.append(tuple(map(type, args)))
+    toks.append(tuple(map(type, kwargs.values())))
+    return tuple(toks)
+
+
+class Entry:
+    """A compiled kernel and how to build its launcher's argument list from a call."""
+
+    __slots__ = ("kernel", "launcher", "function", "packed", "rest")
+
+    def __init__(self, kernel, params, n_args: int, kwargs: dict):
+        self.kernel = kernel
+        # parameters after the positional ones, in signature order: (name, default)
+        self.rest = tuple((p.name, p.default) for p in params[n_args:])
+        for name, default in self.rest:
+            if name not in kwargs and default is _EMPTY:
+                raise TypeError(f"missing kernel argument {name!r}")
+        self.launcher = self.function = self.packed = None
+
+    def bind(self):
+        """Launcher, function handle and metadata: valid once the kernel has been loaded (after
+        its first launch)."""
+        k = self.kernel
+        self.launcher = k.run  # a property: loads the module on first use
+        self.function, self.packed = k.function, k.packed_metadata
+
+    def full_args(self, args: tuple, kwargs: dict) -> tuple:
+        return (*args, *[kwargs.get(name, default) for name, default in self.rest])
+
+
+_EMPTY = _inspect.Parameter.empty
+
+
+class _Params:
+    """A kernel's parameter list as ``Entry`` needs it (name, default), and its
+    do_not_specialize positions and names."""
+
+    def __init__(self, pyfn, dns):
+        sig = _inspect.signature(pyfn)
+        self.params = [_P(n, p.default) for n, p in sig.parameters.items()]
+        dns = dns or ()
+        names = [p.name for p in self.params]
+        pos = {d if isinstance(d, int) else names.index(d) for d in dns}
+        self.dns_pos = tuple(sorted(pos))
+        self.dns_names = frozenset(names[i] for i in pos)
+        const = [_is_constexpr(p.annotation) for p in sig.parameters.values()]
+        self.const_pos = tuple(i for i, c in enumerate(const) if c)
+        self.runtime_names = frozenset(n for n, c in zip(names, const) if not c)
+
+
+def _is_constexpr(annotation) -> bool:
+    """As Triton reads a parameter's annotation (the object, or its text under
+    ``from __future__ import annotations``)."""
+    if annotation is _EMPTY:
+        return False
+    return annotation is triton.language.constexpr or "constexpr" in str(annotation)
+
+
+class _P:
+    __slots__ = ("name", "default")
+
+    def __init__(self, name, default):
+        self.name, self.default = name, default
+
+
+def _hooks_idle() -> bool:
+    from triton import knobs
+    rt = knobs.runtime
+    for hook in (rt.launch_enter_hook, rt.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return False
+    return True
+
+
+class _FastJIT(triton.runtime.jit.JITFunction):
+    """A ``JITFunction`` whose launches after the first of each key skip Triton's binder."""
+
+    def run(self, *args, grid, warmup, **kwargs):
+        if warmup or callable(grid) or not _hooks_idle():
+            return super().run(*args, grid=grid, warmup=warmup, **kwargs)
+        info = self._tk_params
+        device = torch.cuda.current_device()
+        cache = self._tk_cache.get(device)
+        if cache is None:
+            cache = self._tk_cache[device] = {}
+        key = launch_key(args, kwargs, info)
+        entry = cache.get(key)
+        if entry is None:
+            kernel = super().run(*args, grid=grid, warmup=False, **kwargs)
+            if kernel is not None:
+                if len(cache) >= _CACHE_LIMIT:
+                    cache.clear()
+                entry = Entry(kernel, info.params, len(args), kwargs)
+                entry.bind()
+                cache[key] = entry
+            return kernel
+        n = len(grid)
+        entry.launcher(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
+                       torch._C._cuda_getCurrentRawStream(device), entry.function, entry.packed,
+                       None, None, None, *entry.full_args(args, kwargs))
+        return entry.kernel
+
+
+def jit(fn=None, **options):
+    """``triton.jit`` for kernels tkern launches: the same function, launched through the cached
+    path above when compiled (unchanged under the interpreter).  Helpers called from kernels stay
+    plain ``triton.jit``."""
+    if fn is None:
+        return lambda f: jit(f, **options)
+    k = triton.jit(fn, **options)
+    if type(k) is triton.runtime.jit.JITFunction:
+        k.__class__ = _FastJIT
+        k._tk_params = _Params(k.fn, k.do_not_specialize)
+        k._tk_cache = {}
+        _KERNELS.add(k)
+    return k
+
+
+def clear_cache() -> None:
+    """Forget every cached launch signature (after changing Triton's debug or instrumentation
+    knobs, which the key does not read)."""
+    for k in _KERNELS:
+        k._tk_cache.clear()
+
+
+_KERNELS: "weakref.WeakSet[_FastJIT]" = weakref.WeakSet()
+
+
+class HostEmulation:
+    """The hit path of ``_FastJIT.run`` for interpreted kernels, without a kernel: ``perf.host``
+    calls ``launch(fn, args, grid, kwargs, first)`` in place of the interpreter; ``first()``
+    stands in for Triton's own run (its binder) on a key's first launch."""
+
+    def __init__(self):
+        self.caches: dict = {}
+        self.params: dict = {}
+
+    def launch(self, fn, args, grid, kwargs, first):
+        info = self.params.get(fn.fn)
+        if info is None:
+            info = self.params[fn.fn] = _Params(fn.fn, fn.kwargs.get("do_not_specialize"))
+        cache = self.caches.setdefault(fn.fn, {})
+        key = launch_key(args, kwargs, info)
+        entry = cache.get(key)
+        if entry is None:
+            first()
+            cache[key] = Entry(None, info.params, len(args), kwargs)
+            return
+        n = len(grid)
+        _no_launcher(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, 0, None, None,
+                     None, None, None, *entry.full_args(args, kwargs))
+
+
+def _no_launcher(*args):
+    """Where the compiled launcher (C, a few us on a GPU, not counted) would run."""
