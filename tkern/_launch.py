@@ -28,12 +28,15 @@ and lookup there (``HostEmulation``) to measure the GPU path's host cost on CPU.
 from __future__ import annotations
 
 import inspect as _inspect
+import os
 import weakref
 
 import torch
 import triton
 
 _Tensor = torch.Tensor
+# TKERN_TRITON_LAUNCH=1 (read at import): every launch through Triton's own run, for comparison
+_TRITON_ONLY = os.environ.get("TKERN_TRITON_LAUNCH", "0") not in ("", "0")
 _I32 = 1 << 31
 _U64 = 1 << 63
 _CACHE_LIMIT = 1024  # entries per kernel and device: plans repeat, garbage (NaN scalars) must not grow
@@ -175,7 +178,7 @@ def jit(fn=None, **options):
     if fn is None:
         return lambda f: jit(f, **options)
     k = triton.jit(fn, **options)
-    if type(k) is triton.runtime.jit.JITFunction:
+    if type(k) is triton.runtime.jit.JITFunction and not _TRITON_ONLY:
         k.__class__ = _FastJIT
         k._tk_params = _Params(k.fn, k.do_not_specialize)
         k._tk_cache = {}
