@@ -152,10 +152,12 @@ def gpu_like_plans(sm_count: int = 132):
 
 
 class Case:
-    """One call: ``make(shape)`` -> (fn, inputs needing grad, upstream-grad maker)."""
+    """One call: ``make(shape, ours)`` -> (fn, input needing grad).  tkern runs on ``shape`` (its
+    plans, hence its launches, depend on it); eager PyTorch on ``tiny``, where its CPU kernels
+    cost least (see the module docstring)."""
 
-    def __init__(self, name: str, make: Callable, shape: tuple, small: tuple):
-        self.name, self.make, self.shape, self.small = name, make, shape, small
+    def __init__(self, name: str, make: Callable, shape: tuple, tiny: tuple):
+        self.name, self.make, self.shape, self.tiny = name, make, shape, tiny
 
 
 def _bn_case(activation, training):
@@ -206,40 +208,47 @@ def _wn_make(shape, ours):
     return (lambda t: torch._weight_norm(t, g, 0)), v
 
 
+# eager's tiny shapes keep the rank and the kind of call; its host cost does not depend on the
+# sizes on a GPU, its CPU kernels here do (BatchNorm's per channel, dropout's Bernoulli draw per
+# element), so the smallest shapes give the tightest bound on its host cost
 CASES = [
-    Case("BatchNorm2d(2048)+relu train", _bn_case("relu", True), (32, 2048, 7, 7), (2, 2048, 2, 2)),
-    Case("BatchNorm2d(64)+relu train", _bn_case("relu", True), (32, 64, 56, 56), (2, 64, 4, 4)),
-    Case("BatchNorm2d(2048) eval", _bn_case(None, False), (32, 2048, 7, 7), (2, 2048, 2, 2)),
-    # launch structure independent of the size: both on the small shape (the CPU then runs the
-    # bias gradient's torch sum for real on little data, as eager's kernels)
-    Case("activation_dropout gelu p=0.1 +bias", _dropout_case(True), (16, 1024), (16, 1024)),
-    Case("activation_dropout gelu p=0.1", _dropout_case(False), (16, 1024), (16, 1024)),
-    Case("local_response_norm size 5", _lrn_make, (2, 96, 9, 9), (2, 96, 9, 9)),
-    Case("weight_norm dim 0", _wn_make, (256, 256), (256, 256)),
+    Case("BatchNorm2d(2048)+relu train", _bn_case("relu", True), (32, 2048, 7, 7), (2, 8, 2, 2)),
+    Case("BatchNorm2d(64)+relu train", _bn_case("relu", True), (32, 64, 56, 56), (2, 8, 2, 2)),
+    Case("BatchNorm2d(2048) eval", _bn_case(None, False), (32, 2048, 7, 7), (2, 8, 2, 2)),
+    # the launch structure does not depend on the size: tkern on a small shape too (the CPU then
+    # runs the bias gradient's torch sum for real on little data)
+    Case("activation_dropout gelu p=0.1 +bias", _dropout_case(True), (16, 1024), (2, 8)),
+    Case("activation_dropout gelu p=0.1", _dropout_case(False), (16, 1024), (2, 8)),
+    Case("local_response_norm size 5", _lrn_make, (2, 96, 9, 9), (1, 8, 2, 2)),
+    Case("weight_norm dim 0", _wn_make, (256, 256), (8, 8)),
 ]
 
 
-def _time_us(step: Callable, reps: int, rounds: int = 15) -> float:
-    """The least over rounds of the mean time per call, in us (the least disturbed round on a
-    shared machine; synchronised on a GPU: there the
-    figure is launch-bound latency)."""
+def _time_us(steps: list, reps: int, rounds: int = 15) -> list:
+    """For each step, the least over rounds of the mean time per call, in us.  The steps take
+    turns round by round (tkern's and eager's, forward and forward+backward), so that a
+    disturbed stretch of a shared machine hits all of them alike; synchronised on a GPU (there
+    the figure is launch-bound latency)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    step()
-    step()
-    per = []
+    for step in steps:
+        step()
+        step()
+    best = [float("inf")] * len(steps)
     for _ in range(rounds):
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            step()
-        sync()
-        per.append((time.perf_counter() - t0) / reps * 1e6)
-    return min(per)
+        for i, step in enumerate(steps):
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                step()
+            sync()
+            best[i] = min(best[i], (time.perf_counter() - t0) / reps * 1e6)
+    return best
 
 
-def _measure(case: Case, ours: bool, reps: int) -> dict:
+def _prepare(case: Case, ours: bool, log: "LaunchLog"):
+    """(forward step, forward+backward step, counts per direction; launches from ``log``)."""
     gpu = torch.cuda.is_available()
-    shape = case.shape if ours and not gpu else case.small
+    shape = case.shape if ours and not gpu else case.tiny
     with torch.device("cuda" if gpu else "cpu"):
         fn, x = case.make(shape, ours)
         dy = torch.randn(shape)
@@ -257,20 +266,30 @@ def _measure(case: Case, ours: bool, reps: int) -> dict:
             p.grad = None
         fn(x).backward(dy)
 
-    # counts: one forward, one backward, separately
-    counts = {}
-    ctx = skip_kernel_bodies() if ours and not gpu else contextlib.nullcontext(LaunchLog())
+    return fwd, full, _counts(fn, x, dy, log)
+
+
+def _counts(fn, x, dy, log) -> dict:
+    n0 = log.launches
+    with _KernelCounter() as k:
+        y = fn(x)
+    counts = {"fwd": (log.launches - n0, list(k.ops))}
+    n0 = log.launches
+    with _KernelCounter() as k:
+        y.backward(dy)
+    counts["bwd"] = (log.launches - n0, list(k.ops))
+    return counts
+
+
+def _measure_pair(case: Case, reps: int, rounds: int) -> tuple[dict, dict]:
+    gpu = torch.cuda.is_available()
+    ctx = contextlib.nullcontext(LaunchLog()) if gpu else skip_kernel_bodies()
     with ctx as log:
-        with _KernelCounter() as k:
-            y = fn(x)
-        counts["fwd"] = (log.launches, list(k.ops))
-        n0 = log.launches
-        with _KernelCounter() as k:
-            y.backward(dy)
-        counts["bwd"] = (log.launches - n0, list(k.ops))
-        t_fwd = _time_us(fwd, reps)
-        t_full = _time_us(full, reps)
-    return dict(fwd_us=t_fwd, full_us=t_full, counts=counts)
+        t_fwd, t_full, t_counts = _prepare(case, True, log)
+        e_fwd, e_full, e_counts = _prepare(case, False, log)
+        times = _time_us([t_fwd, t_full, e_fwd, e_full], reps, rounds)
+    return (dict(fwd_us=times[0], full_us=times[1], counts=t_counts),
+            dict(fwd_us=times[2], full_us=times[3], counts=e_counts))
 
 
 def _cached_cpu_allocations() -> None:
@@ -289,7 +308,7 @@ def _cached_cpu_allocations() -> None:
         pass
 
 
-def run(reps: int = 200, cases=None, out=print) -> list[dict]:
+def run(reps: int = 40, cases=None, out=print, rounds: int = 25) -> list[dict]:
     """Measure every case (tkern and eager) and print one table; returns the rows."""
     import platform
 
@@ -300,14 +319,14 @@ def run(reps: int = 200, cases=None, out=print) -> list[dict]:
     try:
         with gpu_like_plans():
             for case in cases or CASES:
-                ours = _measure(case, True, reps)
-                theirs = _measure(case, False, reps)
+                ours, theirs = _measure_pair(case, reps, rounds)
                 rows.append(dict(case=case.name, shape=case.shape, tkern=ours, eager=theirs))
     finally:
         torch.set_num_threads(threads)
     out(f"host cost per call (us), kernel bodies skipped; {platform.processor() or platform.machine()}, "
         f"torch {torch.__version__}, triton {__import__('triton').__version__}; "
-        f"tkern on the shape shown, eager on a small shape of the same C (its kernels run)")
+        f"tkern on the shape shown, eager on a tiny shape (its CPU kernels run); "
+        f"least of {rounds} interleaved rounds of {reps} calls")
     head = (f"{'case':38s} {'shape':>18s} | {'tkern fwd':>9s} {'fwd+bwd':>8s} {'launch f/b':>10s}"
             f" {'other torch f / b':28s} | {'eager fwd':>9s} {'fwd+bwd':>8s} | ratio")
     out(head)
