@@ -113,12 +113,17 @@ def skip_kernel_bodies():
     counted in the yielded ``LaunchLog``; no kernel body runs.  CPU with TRITON_INTERPRET=1 only."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    from tkern._launch import HostEmulation
+    from tkern import _launch
 
     log = LaunchLog()
     ends: dict = {}
     original = InterpretedFunction.run
-    fast = HostEmulation()
+
+    def counted(name):
+        log.launches += 1
+        log.names.append(name)
+
+    fast = _launch.HostEmulation(counted)
 
     def run(self, *args, grid, warmup, **kwargs):
         end = ends.get(self.fn)
@@ -131,10 +136,12 @@ def skip_kernel_bodies():
         log.names.append(self.fn.__name__)
 
     InterpretedFunction.run = run
+    previous, _launch.EMULATION = _launch.EMULATION, fast
     try:
         yield log
     finally:
         InterpretedFunction.run = original
+        _launch.EMULATION = previous
 
 
 @contextlib.contextmanager

@@ -157,6 +157,7 @@ def test_fast_path_hands_the_launcher_tritons_arguments(monkeypatch):
         return compiled
 
     monkeypatch.setattr(triton.runtime.jit.JITFunction, "run", triton_run)
+    monkeypatch.setattr(_launch, "_TRITON_RUN", triton_run)  # Triton's own, not a recorder
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda d: 1234, raising=False)
     x = torch.randn(16)
@@ -171,3 +172,35 @@ def test_fast_path_hands_the_launcher_tritons_arguments(monkeypatch):
     assert len(slow) == 2
     jf[lambda meta: (1,)](x, 5, 11, 2.5, True, B=4)  # a callable grid: Triton's path
     assert len(slow) == 3
+
+
+def test_site_hands_the_launcher_tritons_arguments(monkeypatch):
+    """``Site``: everything but the leading tensors fixed; a hit passes tensors, tail and the
+    remaining parameters (keywords, defaults) in signature order."""
+    jf = triton.runtime.jit.JITFunction(_probe.fn, do_not_specialize=["seed"])
+    jf.__class__ = _launch._FastJIT
+    jf._tk_params, jf._tk_cache = _launch._Params(jf.fn, jf.do_not_specialize), {}
+    compiled, slow = _FakeCompiled(), []
+
+    def triton_run(self, *args, grid, warmup, **kwargs):
+        slow.append((args, kwargs))
+        return compiled
+
+    monkeypatch.setattr(triton.runtime.jit.JITFunction, "run", triton_run)
+    monkeypatch.setattr(_launch, "_TRITON_RUN", triton_run)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda d: 99, raising=False)
+    site = _launch.Site(jf, (4,), (5, 7, 1.5), flag=True, B=8)
+    x, y = torch.randn(16), torch.randn(32)
+    site(x)
+    assert slow == [((x, 5, 7, 1.5), {"flag": True, "B": 8})] and not compiled.calls
+    site(y)  # another tensor, same dtype and alignment: tkern's path
+    assert len(slow) == 1
+    assert compiled.calls == [(4, 1, 1, 99, "fn-handle", "meta", None, None, None,
+                               y, 5, 7, 1.5, True, 8, 0.5)]
+    site(y[1:])  # misaligned: a new variant, Triton's path
+    site(y.double())
+    assert len(slow) == 3
+    monkeypatch.setattr(triton.runtime.jit.JITFunction, "run", lambda *a, **k: slow.append(a))
+    site(y)  # Triton's run replaced (a recorder): it sees the launch
+    assert len(slow) == 4 and len(compiled.calls) == 1

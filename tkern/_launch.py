@@ -142,11 +142,21 @@ def _hooks_idle() -> bool:
     return True
 
 
-class _FastJIT(triton.runtime.jit.JITFunction):
+_JIT = triton.runtime.jit.JITFunction
+_TRITON_RUN = _JIT.run
+
+
+def _own_path() -> bool:
+    """Whether tkern may call launchers itself: Triton's ``run`` is not replaced (perf.static_cost
+    records launches that way, on CPU tensors) and no launch hook (a profiler) is active."""
+    return _JIT.run is _TRITON_RUN and _hooks_idle()
+
+
+class _FastJIT(_JIT):
     """A ``JITFunction`` whose launches after the first of each key skip Triton's binder."""
 
     def run(self, *args, grid, warmup, **kwargs):
-        if warmup or callable(grid) or not _hooks_idle():
+        if warmup or callable(grid) or not _own_path():
             return super().run(*args, grid=grid, warmup=warmup, **kwargs)
         info = self._tk_params
         device = torch.cuda.current_device()
@@ -178,7 +188,7 @@ def jit(fn=None, **options):
     if fn is None:
         return lambda f: jit(f, **options)
     k = triton.jit(fn, **options)
-    if type(k) is triton.runtime.jit.JITFunction and not _TRITON_ONLY:
+    if type(k) is _JIT and not _TRITON_ONLY:
         k.__class__ = _FastJIT
         k._tk_params = _Params(k.fn, k.do_not_specialize)
         k._tk_cache = {}
@@ -196,19 +206,95 @@ def clear_cache() -> None:
 _KERNELS: "weakref.WeakSet[_FastJIT]" = weakref.WeakSet()
 
 
-class HostEmulation:
-    """The hit path of ``_FastJIT.run`` for interpreted kernels, without a kernel: ``perf.host``
-    calls ``launch(fn, args, grid, kwargs, first)`` in place of the interpreter; ``first()``
-    stands in for Triton's own run (its binder) on a key's first launch."""
+def _tokens(tensors: tuple) -> tuple:
+    return tuple([(t.dtype, not t.data_ptr() & 15) for t in tensors])
 
-    def __init__(self):
+
+class Site:
+    """One launch of one plan, everything fixed but the leading tensors: ``Site(kernel, grid,
+    tail, **kwargs)(*tensors)`` launches ``kernel[grid](*tensors, *tail, **kwargs)``.
+
+    Ops keep a Site per plan (a plan is cached by the inputs' metadata and the config, so its
+    grid, integers, flags and scalars are fixed): a call then costs the tensors' dtype and
+    alignment, one lookup and the compiled launcher's call, with the full argument list built
+    once per variant.  The first launch of each variant goes through ``kernel[grid]``."""
+
+    __slots__ = ("kernel", "grid", "tail", "kwargs", "_entries", "__weakref__")
+
+    def __init__(self, kernel, grid: tuple, tail: tuple = (), **kwargs):
+        self.kernel, self.tail, self.kwargs = kernel, tuple(tail), kwargs
+        n = len(grid)
+        self.grid = (grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1)
+        self._entries: dict = {}
+
+    def __call__(self, *tensors):
+        if self.kernel.__class__ is _FastJIT and _own_path():
+            device = torch.cuda.current_device()
+            key = (device, *_tokens(tensors))
+            hit = self._entries.get(key)
+            if hit is not None:
+                launcher, function, packed, rest = hit
+                g = self.grid
+                launcher(g[0], g[1], g[2], torch._C._cuda_getCurrentRawStream(device), function,
+                         packed, None, None, None, *tensors, *self.tail, *rest)
+                return
+            kernel = self.kernel[self.grid](*tensors, *self.tail, **self.kwargs)
+            if kernel is not None:
+                entry = Entry(kernel, self.kernel._tk_params.params,
+                              len(tensors) + len(self.tail), self.kwargs)
+                entry.bind()
+                self._entries[key] = (entry.launcher, entry.function, entry.packed,
+                                      tuple(entry.full_args((), self.kwargs)))
+            return
+        if EMULATION is not None and EMULATION.active:
+            EMULATION.site(self, tensors)
+            return
+        self.kernel[self.grid](*tensors, *self.tail, **self.kwargs)
+
+
+# set by ``perf.host`` while it measures: interpreted launches replay the GPU path's host steps
+EMULATION = None
+
+
+class HostEmulation:
+    """The hit paths of ``_FastJIT.run`` and ``Site`` for interpreted kernels, without a kernel:
+    ``perf.host`` calls ``launch(fn, args, grid, kwargs, first)`` in place of the interpreter
+    (``first()`` stands in for Triton's own run, its binder, on a key's first launch), and Sites
+    call ``site``; ``counted(name)`` is told of every launch a Site makes without the
+    interpreter."""
+
+    def __init__(self, counted=None):
         self.caches: dict = {}
         self.params: dict = {}
+        self.sites: "weakref.WeakKeyDictionary[Site, dict]" = weakref.WeakKeyDictionary()
+        self.counted = counted or (lambda name: None)
+        self.active = True
 
-    def launch(self, fn, args, grid, kwargs, first):
+    def site(self, site: Site, tensors: tuple) -> None:
+        entries = self.sites.get(site)
+        if entries is None:
+            entries = self.sites[site] = {}
+        key = (0, *_tokens(tensors))
+        rest = entries.get(key)
+        if rest is None:  # the first launch: through kernel[grid], i.e. ``launch`` below
+            site.kernel[site.grid](*tensors, *site.tail, **site.kwargs)
+            info = self._info(site.kernel)
+            entry = Entry(None, info.params, len(tensors) + len(site.tail), site.kwargs)
+            entries[key] = tuple(entry.full_args((), site.kwargs))
+            return
+        g = site.grid
+        _no_launcher(g[0], g[1], g[2], 0, None, None, None, None, None, *tensors, *site.tail,
+                     *rest)
+        self.counted(site.kernel.fn.__name__)
+
+    def _info(self, fn):
         info = self.params.get(fn.fn)
         if info is None:
             info = self.params[fn.fn] = _Params(fn.fn, fn.kwargs.get("do_not_specialize"))
+        return info
+
+    def launch(self, fn, args, grid, kwargs, first):
+        info = self._info(fn)
         cache = self.caches.setdefault(fn.fn, {})
         key = launch_key(args, kwargs, info)
         entry = cache.get(key)

@@ -103,6 +103,12 @@ class PlanCache:
             p = self.plans[key] = self.make(*args)
         return p
 
+    def put(self, key, value) -> None:
+        """Store a value made elsewhere (``make=None`` caches)."""
+        if len(self.plans) >= self.limit:
+            self.plans.clear()
+        self.plans[key] = value
+
     def clear(self) -> None:
         self.plans.clear()
 
