@@ -299,6 +299,34 @@ def _measure_pair(case: Case, reps: int, rounds: int) -> tuple[dict, dict]:
             dict(fwd_us=times[2], full_us=times[3], counts=e_counts))
 
 
+class _Floor(torch.autograd.Function):
+    """A Python autograd op that only allocates: what any op written as an autograd.Function
+    pays per call before its first launch (the engine's Python node, saving, ``.backward``)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w, b)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, b = ctx.saved_tensors
+        return torch.empty_like(x), torch.empty_like(w), torch.empty_like(b)
+
+
+def _floor_us(reps: int, rounds: int) -> tuple[float, float]:
+    x = torch.randn(2, 8, 2, 2, requires_grad=True)
+    w, b = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+    dy = torch.randn_like(x)
+
+    def full():
+        x.grad = w.grad = b.grad = None
+        _Floor.apply(x, w, b).backward(dy)
+
+    fwd, both = _time_us([lambda: _Floor.apply(x, w, b), full], reps, rounds)
+    return fwd, both
+
+
 def _cached_cpu_allocations() -> None:
     """Large CPU tensors from the heap rather than fresh mmaps (glibc ``mallopt``): close to a
     GPU's caching allocator, so that allocating tkern's full-size outputs costs what it costs
@@ -328,6 +356,7 @@ def run(reps: int = 40, cases=None, out=print, rounds: int = 25) -> list[dict]:
             for case in cases or CASES:
                 ours, theirs = _measure_pair(case, reps, rounds)
                 rows.append(dict(case=case.name, shape=case.shape, tkern=ours, eager=theirs))
+        floor = _floor_us(reps, rounds)
     finally:
         torch.set_num_threads(threads)
     out(f"host cost per call (us), kernel bodies skipped; {platform.processor() or platform.machine()}, "
@@ -345,4 +374,6 @@ def run(reps: int = 40, cases=None, out=print, rounds: int = 25) -> list[dict]:
         out(f"{r['case']:38s} {str(tuple(r['shape'])):>18s} | {t['fwd_us']:9.1f} {t['full_us']:8.1f}"
             f" {f'{lf} / {lb}':>10s} {other:28s} | {e['fwd_us']:9.1f} {e['full_us']:8.1f} |"
             f" {t['full_us'] / e['full_us']:.2f}x")
+    out(f"floor: a Python autograd.Function that only allocates (3 inputs): {floor[0]:.1f} / "
+        f"{floor[1]:.1f} us fwd / fwd+bwd, paid by every op written as one")
     return rows
