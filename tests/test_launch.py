@@ -204,3 +204,32 @@ def test_site_hands_the_launcher_tritons_arguments(monkeypatch):
     monkeypatch.setattr(triton.runtime.jit.JITFunction, "run", lambda *a, **k: slow.append(a))
     site(y)  # Triton's run replaced (a recorder): it sees the launch
     assert len(slow) == 4 and len(compiled.calls) == 1
+
+
+@triton.jit
+def _probe_named(X, n, R, HAS_R: tl.constexpr = False, B: tl.constexpr = 4):
+    pass
+
+
+def test_site_named_tensors(monkeypatch):
+    """Tensors late in the signature go by keyword (``named``): a hit puts them in their slots."""
+    jf = triton.runtime.jit.JITFunction(_probe_named.fn)
+    jf.__class__ = _launch._FastJIT
+    jf._tk_params, jf._tk_cache = _launch._Params(jf.fn, jf.do_not_specialize), {}
+    compiled, slow = _FakeCompiled(), []
+
+    def triton_run(self, *args, grid, warmup, **kwargs):
+        slow.append((args, kwargs))
+        return compiled
+
+    monkeypatch.setattr(triton.runtime.jit.JITFunction, "run", triton_run)
+    monkeypatch.setattr(_launch, "_TRITON_RUN", triton_run)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda d: 7, raising=False)
+    site = _launch.Site(jf, (2, 3), (5,), ("R",), HAS_R=True)
+    x, r, r2 = torch.randn(8), torch.randn(8), torch.randn(8)
+    site(x, r)
+    assert slow == [((x, 5), {"HAS_R": True, "R": r})]
+    site(x, r2)
+    assert compiled.calls == [(2, 3, 1, 7, "fn-handle", "meta", None, None, None,
+                               x, 5, r2, True, 4)]

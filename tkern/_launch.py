@@ -211,21 +211,35 @@ def _tokens(tensors: tuple) -> tuple:
 
 
 class Site:
-    """One launch of one plan, everything fixed but the leading tensors: ``Site(kernel, grid,
-    tail, **kwargs)(*tensors)`` launches ``kernel[grid](*tensors, *tail, **kwargs)``.
+    """One launch of one plan, everything fixed but the tensors: ``Site(kernel, grid, tail,
+    named, **kwargs)(*tensors)`` launches ``kernel[grid](*lead, *tail, **kwargs, **dict(zip(named,
+    rest)))`` where the last ``len(named)`` tensors go by keyword (optional tensor parameters
+    late in the signature) and the others lead.
 
     Ops keep a Site per plan (a plan is cached by the inputs' metadata and the config, so its
     grid, integers, flags and scalars are fixed): a call then costs the tensors' dtype and
     alignment, one lookup and the compiled launcher's call, with the full argument list built
     once per variant.  The first launch of each variant goes through ``kernel[grid]``."""
 
-    __slots__ = ("kernel", "grid", "tail", "kwargs", "_entries", "__weakref__")
+    __slots__ = ("kernel", "grid", "tail", "kwargs", "named", "_entries", "__weakref__")
 
-    def __init__(self, kernel, grid: tuple, tail: tuple = (), **kwargs):
-        self.kernel, self.tail, self.kwargs = kernel, tuple(tail), kwargs
+    def __init__(self, kernel, grid: tuple, tail: tuple = (), named: tuple = (), **kwargs):
+        self.kernel, self.tail, self.named, self.kwargs = kernel, tuple(tail), tuple(named), kwargs
         n = len(grid)
         self.grid = (grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1)
         self._entries: dict = {}
+
+    def _split(self, tensors):
+        k = len(tensors) - len(self.named)
+        return tensors[:k], dict(self.kwargs, **dict(zip(self.named, tensors[k:])))
+
+    def _rest(self, params, n_lead: int) -> tuple:
+        """(values of the parameters after the tail, slots of the named tensors among them)."""
+        lead_and_tail = n_lead + len(self.tail)
+        entry = Entry(None, params, lead_and_tail, dict.fromkeys((*self.kwargs, *self.named)))
+        names = [name for name, _ in entry.rest]
+        values = tuple(entry.full_args((), self.kwargs))
+        return values, tuple(names.index(n) for n in self.named)
 
     def __call__(self, *tensors):
         if self.kernel.__class__ is _FastJIT and _own_path():
@@ -233,23 +247,30 @@ class Site:
             key = (device, *_tokens(tensors))
             hit = self._entries.get(key)
             if hit is not None:
-                launcher, function, packed, rest = hit
+                launcher, function, packed, rest, slots = hit
+                if slots:
+                    k = len(tensors) - len(slots)
+                    rest = list(rest)
+                    for slot, t in zip(slots, tensors[k:]):
+                        rest[slot] = t
+                    tensors = tensors[:k]
                 g = self.grid
                 launcher(g[0], g[1], g[2], torch._C._cuda_getCurrentRawStream(device), function,
                          packed, None, None, None, *tensors, *self.tail, *rest)
                 return
-            kernel = self.kernel[self.grid](*tensors, *self.tail, **self.kwargs)
+            lead, kwargs = self._split(tensors)
+            kernel = self.kernel[self.grid](*lead, *self.tail, **kwargs)
             if kernel is not None:
-                entry = Entry(kernel, self.kernel._tk_params.params,
-                              len(tensors) + len(self.tail), self.kwargs)
+                entry = Entry(kernel, (), 0, {})
                 entry.bind()
-                self._entries[key] = (entry.launcher, entry.function, entry.packed,
-                                      tuple(entry.full_args((), self.kwargs)))
+                rest, slots = self._rest(self.kernel._tk_params.params, len(lead))
+                self._entries[key] = (entry.launcher, entry.function, entry.packed, rest, slots)
             return
         if EMULATION is not None and EMULATION.active:
             EMULATION.site(self, tensors)
             return
-        self.kernel[self.grid](*tensors, *self.tail, **self.kwargs)
+        lead, kwargs = self._split(tensors)
+        self.kernel[self.grid](*lead, *self.tail, **kwargs)
 
 
 # set by ``perf.host`` while it measures: interpreted launches replay the GPU path's host steps
@@ -275,13 +296,19 @@ class HostEmulation:
         if entries is None:
             entries = self.sites[site] = {}
         key = (0, *_tokens(tensors))
-        rest = entries.get(key)
-        if rest is None:  # the first launch: through kernel[grid], i.e. ``launch`` below
-            site.kernel[site.grid](*tensors, *site.tail, **site.kwargs)
-            info = self._info(site.kernel)
-            entry = Entry(None, info.params, len(tensors) + len(site.tail), site.kwargs)
-            entries[key] = tuple(entry.full_args((), site.kwargs))
+        hit = entries.get(key)
+        if hit is None:  # the first launch: through kernel[grid], i.e. ``launch`` below
+            lead, kwargs = site._split(tensors)
+            site.kernel[site.grid](*lead, *site.tail, **kwargs)
+            entries[key] = site._rest(self._info(site.kernel).params, len(lead))
             return
+        rest, slots = hit
+        if slots:  # as Site.__call__ does on a GPU
+            k = len(tensors) - len(slots)
+            rest = list(rest)
+            for slot, t in zip(slots, tensors[k:]):
+                rest[slot] = t
+            tensors = tensors[:k]
         g = site.grid
         _no_launcher(g[0], g[1], g[2], 0, None, None, None, None, None, *tensors, *site.tail,
                      *rest)
