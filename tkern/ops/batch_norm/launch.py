@@ -5,6 +5,8 @@ torch.distributed's collectives (``bn_partial_stats``, ``bn_combine_stats``, ``b
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ... import _runtime as rt
@@ -38,7 +40,7 @@ def _dense(t, shape, name):
     when strided or expanded; RuntimeError for a wrong shape."""
     if t is None:
         return None
-    if tuple(t.shape) != tuple(shape):
+    if t.shape != shape:
         if len(shape) != 1 or t.numel() != shape[0]:
             raise RuntimeError(f"tkern.batch_norm: {name} must have shape {tuple(shape)}, "
                                f"got {tuple(t.shape)}")
@@ -134,16 +136,26 @@ def _stat_args(x, mean, mean_lo, invstd, weight, bias, var, eps):
     """Pointer arguments and flags shared by the normalize and backward kernels.  ``var`` (with
     ``eps``) replaces ``invstd``: the kernels then take 1 / sqrt(var + eps) themselves."""
     from_var = var is not None
-    C = x.shape[1]
-    mean, mean_lo, invstd, weight, bias, var = (_dense(t, (C,), name) for t, name in (
-        (mean, "mean"), (mean_lo, "mean_lo"), (invstd, "invstd"), (weight, "weight"),
-        (bias, "bias"), (var, "var")))
-    eps_hi, eps_lo = f32_pairs(eps)
-    flags = dict(HAS_LO=mean_lo is not None, FROM_VAR=from_var, HAS_W=weight is not None,
-                 HAS_B=bias is not None, eps_hi=eps_hi, eps_lo=eps_lo)
+    shape = (x.shape[1],)
+    mean = _dense(mean, shape, "mean")
+    mean_lo = _dense(mean_lo, shape, "mean_lo")
+    invstd = _dense(invstd, shape, "invstd")
+    weight = _dense(weight, shape, "weight")
+    bias = _dense(bias, shape, "bias")
+    var = _dense(var, shape, "var")
+    flags = _stat_flags(mean_lo is not None, from_var, weight is not None, bias is not None, eps)
     ptrs = (mean, mean_lo if mean_lo is not None else mean, var if from_var else invstd,
             weight if weight is not None else mean, bias if bias is not None else mean)
     return ptrs, flags
+
+
+@functools.lru_cache(maxsize=256)
+def _stat_flags(has_lo, from_var, has_w, has_b, eps) -> tuple:
+    """The flags and eps pair of ``_stat_args`` as (name, value) items (hashable: site keys
+    include them); the same few combinations repeat every call."""
+    eps_hi, eps_lo = f32_pairs(eps)
+    return tuple(dict(HAS_LO=has_lo, FROM_VAR=from_var, HAS_W=has_w, HAS_B=has_b,
+                      eps_hi=eps_hi, eps_lo=eps_lo).items())
 
 
 def _residual_args(residual, dr=None) -> dict:
@@ -182,11 +194,11 @@ def bn_normalize(x, mean, invstd, weight, bias, activation="identity", negative_
     view = p.view
     ptrs, flags = _stat_args(x, mean, mean_lo, invstd, weight, bias, var, eps)
     named, rflags, rtensors = _residual_site(residual)
-    key = ("normalize", p, x.dtype, activation, negative_slope, alpha, named, *flags.items())
+    key = ("normalize", p, x.dtype, activation, negative_slope, alpha, named, *flags)
     site = _site(key, lambda: Site(
         K._normalize_kernel, p.grid, (view.C, view.cols, *view.strides(x), *view.strides(y)),
         named, **_activation_scalars(negative_slope, alpha), ACTIVATION=activation,
-        COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(y), **flags, **launch_args(p),
+        COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(y), **dict(flags), **launch_args(p),
         **rflags))
     site(x, y, *ptrs, *rtensors)
     return y
@@ -233,12 +245,12 @@ def _backward_pass(x, dy, mean, invstd, weight, bias, activation, negative_slope
             (C, view.cols, *view.strides(x), *view.strides(dy), *view.strides(out)), named,
             inv_n_hi=inv_hi, inv_n_lo=inv_lo, **_activation_scalars(negative_slope, alpha),
             EVAL_DX=eval_dx, TRAIN_DX=train_dx, ACTIVATION=activation,
-            COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(dy, out), **flags,
+            COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(dy, out), **dict(flags),
             **launch_args(p), **rflags)
 
     # dy's strides are x's unless _like kept another addressable layout: part of the key
     key = ("backward_reduce", p, x.dtype, dy.stride(), eval_dx, train_dx, count, activation,
-           negative_slope, alpha, named, *flags.items())
+           negative_slope, alpha, named, *flags)
     site = _site(key, build)
     site(x, dy, out, *ptrs, *ws.unbind(0), *rtensors)
     if partials:
@@ -281,11 +293,11 @@ def bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g=None, sum_gx=None, c
             named, inv_n_hi=inv_hi, inv_n_lo=inv_lo,
             **_activation_scalars(negative_slope, alpha), TRAINING=training,
             WRITE_SUMS=sums_out is not None, ACTIVATION=activation,
-            COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(dy, dx), **flags,
+            COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(dy, dx), **dict(flags),
             **launch_args(p), **rflags, **(dict(WRITE_DR=True) if write_dr else {}))
 
     key = ("dx", p, x.dtype, dy.stride(), rows, count, training, sums_out is not None,
-           write_dr, activation, negative_slope, alpha, named, *flags.items())
+           write_dr, activation, negative_slope, alpha, named, *flags)
     site = _site(key, build)
     site(x, dy, dx, *ptrs, sum_g if training else mean, sum_gx if training else mean,
          sums_out if sums_out is not None else mean, *rtensors)
