@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import tkern
 from tkern import _runtime
 from tkern.activations import activation_scalars, eager_activation
+from tkern.ops import activation_dropout as ad
 from tkern.ops.activation_dropout import BLOCK, QUARTER
 from tkern.testing import assert_close_rule
 
@@ -38,11 +39,14 @@ def _torch_scalar_loop(x, act, params):
     return torch.cat(ys), torch.cat(ds)
 
 
-def _mask(shape, p, device, seed):
-    """The keep-mask tkern draws for ``shape`` with generator seed ``seed``, read off a ones tensor."""
+def _mask(shape, p, device, seed, bias=False):
+    """The keep-mask tkern draws for ``shape`` with generator seed ``seed``, read off a ones tensor
+    (with a zero bias for a call with a bias: the mask is keyed by the view the kernels walk,
+    rows of the last dim with a bias, flat memory without)."""
     g = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
     ones = torch.ones(shape, device=device)
-    return tkern.activation_dropout(ones, "identity", p, generator=g) != 0
+    b = torch.zeros(shape[-1], device=device) if bias else None
+    return tkern.activation_dropout(ones, "identity", p, bias=b, generator=g) != 0
 
 
 @pytest.mark.parametrize("act,approximate", ACTS)
@@ -115,7 +119,7 @@ def test_full_programs_and_bias_rows(device, shape, dtype):
     x, b = (t.to(dtype).requires_grad_() for t in (x64, b64))
     g = torch.Generator().manual_seed(3)
     y = tkern.activation_dropout(x, "gelu", 0.3, bias=b, generator=g)
-    keep = _mask(shape, 0.3, device, 3)
+    keep = _mask(shape, 0.3, device, 3, bias=True)
     assert 0.6 < keep.double().mean().item() < 0.8
     scale = 1 / 0.7
     xt, bt = (t.detach().clone().requires_grad_() for t in (x, b))
@@ -129,6 +133,81 @@ def test_full_programs_and_bias_rows(device, shape, dtype):
     ref.backward(dy64)
     assert_close_rule(x.grad, xt.grad, x64.grad, name="dx")
     assert_close_rule(b.grad, bt.grad, b64.grad, name="dbias")
+
+
+# rows a test shape needs for 3 row groups of the bias view (a group: 4 quarters of
+# QUARTER // block rows; block: min(BIAS_COLS, next_pow2(H)) columns), one short of that
+def _rows_for_groups(n_cols, groups):
+    block = min(ad.BIAS_COLS, 1 << (n_cols - 1).bit_length())
+    return groups * 4 * (QUARTER // block) - 1
+
+
+# (n_cols, row programs, dtype): every dtype on the narrow rows; the wide row (17 column
+# programs, slow in the interpreter) with partials in bf16 and fp64
+BIAS_GRAD_CASES = ([(n, r, d) for n in (1, 7, 256) for r in (1, 2) for d in DTYPES]
+                   + [(4097, 2, torch.bfloat16), (4097, 2, torch.float64)])
+
+
+@pytest.mark.parametrize("n_cols,row_programs,dtype", BIAS_GRAD_CASES, ids=str)
+def test_bias_gradient_summed_in_the_kernel(device, monkeypatch, n_cols, dtype, row_programs):
+    """The bias gradient from the backward kernel's sums over rows: written directly (one
+    program along rows) or as partial sums over uneven row ranges (two programs over three row
+    groups: the second has one group past the end) that _bias_grad_kernel adds up; awkward row
+    lengths, every dtype, against torch under the kernel's own mask."""
+    monkeypatch.setattr(ad, "_dbias_row_programs", lambda device, groups, cols: min(groups, row_programs))
+    launches = []
+    real = ad._bias_grad_kernel
+    monkeypatch.setattr(ad, "_bias_grad_kernel", type("K", (), {
+        "__getitem__": lambda self, grid: (launches.append(grid), real[grid])[1]})())
+    shape = (_rows_for_groups(n_cols, 2 if n_cols > QUARTER else 3), n_cols)
+    x64 = torch.randn(shape, device=device, dtype=torch.float64)
+    b64 = torch.randn(n_cols, device=device, dtype=torch.float64)
+    dy64 = torch.randn(shape, device=device, dtype=torch.float64).to(dtype).double()
+    x, b = (t.to(dtype).requires_grad_() for t in (x64, b64))
+    g = torch.Generator().manual_seed(11)
+    y = tkern.activation_dropout(x, "gelu", 0.3, bias=b, generator=g)
+    y.backward(dy64.to(dtype))
+    assert len(launches) == (row_programs > 1)
+    keep = _mask(shape, 0.3, device, 11, bias=True)
+    xt, bt = (t.detach().clone().requires_grad_() for t in (x, b))
+    xr, br = (t.detach().double().requires_grad_() for t in (x, b))
+    theirs = torch.where(keep, F.gelu(xt + bt) / 0.7, 0.0).to(dtype)
+    ref = torch.where(keep, F.gelu(xr + br) / 0.7, 0.0)
+    assert_close_rule(y, theirs, ref, name="forward")
+    theirs.backward(dy64.to(dtype))
+    ref.backward(dy64)
+    assert_close_rule(x.grad, xt.grad, xr.grad, name="dx")
+    assert b.grad.dtype == dtype
+    assert_close_rule(b.grad, bt.grad, br.grad, name="dbias")
+
+
+def test_bias_gradient_partials_gradcheck(device, monkeypatch):
+    """fp64 gradcheck of dx and dbias through the partial sums (three programs along rows)."""
+    monkeypatch.setattr(ad, "_dbias_row_programs", lambda device, groups, cols: min(groups, 3))
+    x = torch.randn(_rows_for_groups(3, 3), 3, device=device, dtype=torch.float64,
+                    requires_grad=True)
+    b = torch.randn(3, device=device, dtype=torch.float64, requires_grad=True)
+    g = torch.Generator(device=device if device.type == "cuda" else "cpu")
+
+    def fn(x, b):
+        g.manual_seed(21)
+        return tkern.activation_dropout(x, "gelu", 0.2, bias=b, generator=g)
+
+    assert torch.autograd.gradcheck(fn, (x, b), fast_mode=True)
+
+
+def test_bias_gradient_is_deterministic(device, monkeypatch):
+    """Partial sums in a fixed order: the same bits on every run (no atomics)."""
+    monkeypatch.setattr(ad, "_dbias_row_programs", lambda device, groups, cols: min(groups, 2))
+    x = torch.randn(_rows_for_groups(7, 3), 7, device=device)
+    dy = torch.randn_like(x)
+    grads = []
+    for _ in range(2):
+        b = torch.randn(7, device=device, generator=torch.Generator().manual_seed(0)).to(device)
+        b.requires_grad_()
+        tkern.activation_dropout(x, "silu", 0.0, bias=b).backward(dy)
+        grads.append(b.grad)
+    assert torch.equal(grads[0], grads[1])
 
 
 def test_gradient_mask_is_forward_mask(device):
