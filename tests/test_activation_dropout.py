@@ -210,6 +210,39 @@ def test_bias_gradient_is_deterministic(device, monkeypatch):
     assert torch.equal(grads[0], grads[1])
 
 
+def test_drop_threshold_keeps_p_to_2_pow_minus_32(device):
+    """An element is dropped when its 32 random bits r <= ceil(p * 2^32) - 1 (unsigned), so
+    P(drop) = ceil(p * 2^32) / 2^32: p to within 2^-32; the threshold travels bitcast to int32."""
+    for p in (1e-9, 0.1, 0.25, 0.5, 0.9, 1.0 - 2**-40, 1.0):
+        t = ad._scalars(p, 0.01, 1.0)[0]
+        assert -2**31 <= t < 2**31
+        u = t % 2**32  # the kernel's uint32 view
+        assert 0 <= (u + 1) / 2**32 - p < 2**-32, p
+    assert ad._scalars(1.0, 0.01, 1.0)[0] == -1  # 2^32 - 1: every word dropped
+
+
+def test_fp32_gelu_as_accurate_as_torch(device):
+    """fp32 GELU through the fitted normal CDF (tkern.activations._normal_cdf): on a dense grid
+    over [-8, 8] and wide random values, its largest error against float64 is at most twice
+    torch's own fp32 error (no absolute slack beyond 1e-7), forward and backward."""
+    z = torch.cat([torch.linspace(-8, 8, 160001), torch.randn(40000) * 4,
+                   torch.tensor([0.0, -0.0, 1e-30, -1e-30, 5.6, -5.6, 5.59, -5.59, 30.0, -30.0])])
+    z = z.to(device)
+    zg, zt, zr = z.clone().requires_grad_(), z.clone().requires_grad_(), z.double().requires_grad_()
+    y = tkern.activation_dropout(zg, "gelu", 0.0)
+    theirs, ref = F.gelu(zt), F.gelu(zr)
+    assert_close_rule(y, theirs, ref, atol=1e-7, name="gelu")
+    dy = torch.ones_like(z)
+    y.backward(dy)
+    theirs.backward(dy)
+    ref.backward(dy.double())
+    assert_close_rule(zg.grad, zt.grad, zr.grad, atol=1e-7, name="gelu'")
+    # relative precision where torch's 1 + erf cancels: z < 0 keeps its digits
+    tail = (z < -1) & (z > -5)
+    rel = ((y.double() - ref) / ref).abs()[tail].max().item()
+    assert rel < 1e-5, rel
+
+
 def test_gradient_mask_is_forward_mask(device):
     x = (torch.randn(5, 1000, device=device) + 0.05).requires_grad_()
     y = tkern.activation_dropout(x, "identity", 0.4)

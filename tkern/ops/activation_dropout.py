@@ -43,16 +43,19 @@ BLOCK = 4 * QUARTER
 # With a bias, tiles are QUARTER elements of BIAS_COLS columns (fewer for narrower rows) a
 # quarter: narrow enough that the bias-gradient backward has many column programs.
 BIAS_COLS = 256
-# Philox rounds per call (Triton's default; the published minimum that passes BigCrush is 7)
-N_ROUNDS = 10
+# Philox4x32 rounds per call: 7, the fewest that Salmon et al. (SC'11, "Parallel random numbers:
+# as easy as 1, 2, 3") found to pass TestU01's BigCrush with no failures (Triton's default, 10,
+# is their safety margin); each round costs ~6 instructions per 4 elements, and 10 rounds kept
+# bf16 bias+GELU+dropout issue-bound (perf/RESULTS.md)
+N_ROUNDS = 7
 
 
 @triton.jit
 def _keep(r, threshold):
-    # r: random uint32 words.  Their top 31 bits are a uniform integer u in [0, 2^31); an element
-    # is dropped when u <= threshold = ceil(p * 2^31) - 1, with probability ceil(p * 2^31) / 2^31
-    # (p to within 2^-31), in integer arithmetic: no int-to-float conversion per element.
-    return (r >> 1).to(tl.int32, bitcast=True) > threshold
+    # r: random uint32 words, uniform on [0, 2^32); an element is dropped when r <= threshold =
+    # ceil(p * 2^32) - 1 (uint32, passed bitcast to int32), with probability ceil(p * 2^32) /
+    # 2^32 (p to within 2^-32), one unsigned compare: no int-to-float conversion per element
+    return r > threshold.to(tl.uint32, bitcast=True)
 
 
 @triton.jit
@@ -84,9 +87,8 @@ def _quarter_out(x, b, dy, r, threshold, scale, negative_slope, alpha, ACTIVATIO
     else:
         out = activate(z, ACTIVATION, negative_slope, alpha)
     if DROPOUT:
-        # a select, so the scale (0 when p = 1) never meets a dropped inf; dropped elements are
-        # out * 0, as torch's x * mask: 0, or NaN where out is inf or NaN
-        out = tl.where(_keep(r, threshold), out * scale, out * 0.0)
+        # dropped elements are out * 0, as torch's x * mask: 0, or NaN where out is inf or NaN
+        out = out * tl.where(_keep(r, threshold), scale, 0.0)
     return out
 
 
@@ -163,7 +165,7 @@ def _kernel(
     bias_cols, col_stride,  # BIAS_GATHER: the last dim's size and stride
     n_col_programs, groups_per_program,  # programs along columns; SUM_DBIAS: row groups a program
     SEED,  # a 0-dim int64 tensor holding the Philox seed when SEED_FROM_PTR, else a dummy
-    seed, threshold,  # Philox seed (unless SEED_FROM_PTR); drop threshold, ceil(p * 2^31) - 1
+    seed, threshold,  # Philox seed (unless SEED_FROM_PTR); drop threshold (see _keep)
     # fp32 pairs (hi, lo) of 1 / (1 - p) (0 when p == 1), the leaky_relu slope and the elu alpha
     scale_hi, scale_lo, slope_hi, slope_lo, alpha_hi, alpha_lo,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
@@ -261,7 +263,9 @@ class DropoutConfig(NamedTuple):
 @functools.lru_cache(maxsize=1024)
 def _scalars(p: float, negative_slope: float, alpha: float) -> tuple:
     """(threshold, scale, slope and alpha as fp32 pairs): see ``_kernel``'s arguments."""
-    threshold = min(math.ceil(p * 2.0**31), 2**31) - 1
+    threshold = min(math.ceil(p * 2.0**32), 2**32) - 1  # as uint32; bitcast to int32 below
+    if threshold >= 2**31:
+        threshold -= 2**32
     return (threshold, *f32_pairs(0.0 if p >= 1.0 else 1.0 / (1.0 - p), negative_slope, alpha))
 
 
@@ -274,18 +278,21 @@ class _View(NamedTuple):
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan_view(n_cols: int, col_stride: int, has_bias: bool) -> _View:
+def _plan_view(n_cols: int, col_stride: int, has_bias: bool, itemsize: int) -> _View:
     if has_bias and col_stride == 1:  # rows of the last dim: the bias is one load a tile
         block = min(BIAS_COLS, next_pow2(n_cols))
-        return _View(n_cols, False, QUARTER // block, block)
+        # 4-byte and 8-byte types: half the elements a quarter (4 a thread), which keeps the
+        # bias-gradient backward's four quarters of x and dy in registers without spills
+        quarter = QUARTER if itemsize <= 2 else QUARTER // 2
+        return _View(n_cols, False, max(1, quarter // block), block)
     return _View(QUARTER, has_bias, 1, QUARTER)  # flat: rows of QUARTER elements
 
 
 def _view(x: torch.Tensor, has_bias: bool) -> _View:
-    """The view of a dense x; the mask depends on it, so forward, backward and the composite
-    take it from here."""
+    """The view of a dense x (tiles differ by dtype; the mask depends on n_cols alone, so
+    forward, backward and the composite agree)."""
     n_cols = x.shape[-1] if x.dim() else 1
-    return _plan_view(n_cols, x.stride(-1) if n_cols > 1 else 1, has_bias)
+    return _plan_view(n_cols, x.stride(-1) if n_cols > 1 else 1, has_bias, x.element_size())
 
 
 # Programs along rows for the bias gradient: about this many resident programs per SM in all
@@ -336,9 +343,10 @@ def _launch(x, bias, dy, out, seed, cfg, backward, dbias=None):
         INT64=rt.needs_int64(x), ROWS=v.rows, BLOCK_COLS=v.block_cols, EVEN=even,
         EVEN_COLS=even_cols, N_ROUNDS=N_ROUNDS, num_warps=4)
     if partial is not None:
-        _bias_grad_kernel[(cdiv(v.n_cols, 128),)](
+        # narrow column blocks: many programs, each with its loads in flight at once
+        _bias_grad_kernel[(cdiv(v.n_cols, 32),)](
             partial, dbias, row_programs, v.n_cols, PARTS=min(32, next_pow2(row_programs)),
-            BLOCK_COLS=128, num_warps=4)
+            BLOCK_COLS=32, num_warps=4)
 
 
 def _dbias_accum(x: torch.Tensor, bias: torch.Tensor) -> torch.dtype:
