@@ -1,17 +1,22 @@
 """Fused activation + dropout: ``y = dropout(act(x + bias), p)``.
 
 Design:
-- Forward reads x (and the bias) once and writes y once; backward reads x and dy, writes dx.
-- The dropout mask is never stored.  It is a function of (seed, element offset) through Philox, so
-  the backward kernel draws it again; what autograd saves is x (and the bias), from which backward
-  rebuilds z = x + bias for the activation's derivative.
-- Each program covers BLOCK = 4 * QUARTER elements as four contiguous quarters.  One Philox call per
-  counter gives four random words, one per quarter, a quarter of the generator's cost.  Counters are
-  global (program * QUARTER + lane), so no two blocks share random numbers.  QUARTER is a fixed
-  constant because the mask depends on it: forward and backward must agree.  Every quarter's loads
-  are issued before any math (bytes in flight), each thread holds 8 contiguous elements (16-byte
-  accesses in bf16), and each quarter's random word has the quarter's shape, so the mask is built
-  in the data's layout.  Static predictions: ``python -m perf.static_cost --ops dropout``.
+- Forward reads x (and the bias) once and writes y once; backward reads x and dy, writes dx, and
+  with a bias sums the bias gradient in the same pass: each program adds dz over its rows in
+  fp32 (fp64 for fp64) and writes one partial row; ``_bias_grad_kernel`` adds the partial rows
+  (a small [programs, n] buffer) in a fixed order: deterministic, no atomics, 2 launches.
+- The dropout mask is never stored.  It is a function of (seed, element position) through
+  Philox, so the backward kernel draws it again; what autograd saves is x (and the bias), from
+  which backward rebuilds z = x + bias for the activation's derivative.
+- Kernels walk x's memory as rows: rows of the last dim when there is a bias along a unit-stride
+  last dim, else rows of QUARTER elements of flat memory (a bias along a strided last dim is then
+  gathered per element, and its gradient is a torch sum of dx).  Element (row, col) keeps word
+  row % 4 of the Philox call with counter (row // 4) * n_cols + col: independent of the tiling,
+  and a tile of four quarters (rows 4k + q) uses all four words of each call in the data's
+  layout.  The mask of a call with a bias therefore differs from the same call without one.
+- Every load of a tile is issued before any math (bytes in flight); each thread holds 8
+  contiguous elements (16-byte accesses in bf16).  Static predictions:
+  ``python -m perf.static_cost --ops activation_dropout``.
 - The seed comes from torch's generators as torch's dropout takes it (``_rng.draw``): the CUDA
   device's Philox state (host-side, graph-safe under capture), the CPU generator for CPU tensors;
   ``torch.manual_seed`` reproduces a run.
