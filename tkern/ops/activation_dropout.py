@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .. import _runtime as rt
+from .._launch import jit
 from ._math import cast_rn, from_pair
 from . import _rng
 from ._op import Op, cdiv, f32_pairs, next_pow2
@@ -158,7 +159,7 @@ def _tile(X, BIAS, DY, OUT, group, rows, cols, b, seed, n_elements, n_cols, bias
     return y0, y1, y2, y3, m0, m1, m2, m3
 
 
-@triton.jit(do_not_specialize=["seed"])  # a new seed per call: one compiled variant
+@jit(do_not_specialize=["seed"])  # a new seed per call: one compiled variant
 def _kernel(
     X,  # input, flat (n_elements,): the [n_elements / n_cols, n_cols] view
     BIAS,  # bias over the last dim (bias_cols,), or a dummy when HAS_BIAS is False

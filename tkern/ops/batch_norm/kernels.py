@@ -17,6 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..._launch import jit
 from .._math import cast_rn, from_pair
 from ...activations import activate, activation_grad
 
@@ -88,7 +89,7 @@ def _shifted_stats(X, c, cmask, S, sN, sC, sS, nsb, n_units, u0, units,
     return n_tot, hi, lo, m2
 
 
-@triton.jit
+@jit
 def _stats_partial_kernel(
     X,  # input viewed as [N, C, S] through (sN, sC, sS)
     PCOUNT, PMEAN, PMEAN_LO, PM2,  # [P, C] partial count, mean as hi + lo, M2 (sum of squared dev.)
@@ -180,7 +181,7 @@ def _merge_partials(PCOUNT, PMEAN, PMEAN_LO, PM2, P, C, c, cmask, HAS_LO: tl.con
     return n_tot, mean_hi, mean_lo, m2
 
 
-@triton.jit
+@jit
 def _stats_combine_kernel(
     PCOUNT, PMEAN, PMEAN_LO, PM2,  # [P, C] partials: count, mean as hi + lo (lo if HAS_LO), M2
     MEAN, MEAN_LO,  # [C] outputs: merged mean as hi + lo
@@ -293,7 +294,7 @@ def _normalize_units(X, Y, c, cmask, mean, mean_lo, scale, b, negative_slope, al
         tl.store(Y + yo, cast_rn(y, Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@jit
 def _normalize_kernel(
     X,  # input [N, C, S] through (sxN, sxC, sxS)
     Y,  # output [N, C, S] through (syN, syC, syS)
@@ -353,7 +354,7 @@ def _affine_normalize(X, Y, W, B, c, cmask, mean, mean_lo, invstd, slope_hi, slo
                      True, ACTIVATION, COMPUTE, INT64, BLOCK_S, R, HAS_R)
 
 
-@triton.jit
+@jit
 def _fused_forward_kernel(
     X, Y,  # [N, C, S] through their strides
     MEAN, MEAN_LO, INVSTD,  # [C] outputs: the batch mean as hi + lo, 1 / sqrt(biased var + eps)
@@ -386,7 +387,7 @@ def _fused_forward_kernel(
                           R, HAS_R)
 
 
-@triton.jit
+@jit
 def _merge_normalize_kernel(
     X, Y,  # [N, C, S] through their strides
     PCOUNT, PMEAN, PMEAN_LO, PM2,  # [P, C] partials of _stats_partial_kernel
@@ -464,7 +465,7 @@ def _dx_units(X, DY, DX, c, cmask, mean, mean_lo, invstd, w, b, mean_g, mean_gx,
         tl.store(DX + _offsets(n, s, c, soN, soS, soC), cast_rn(dx, DX.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@jit
 def _backward_reduce_kernel(
     X, DY, DX,  # [N, C, S] through their strides; DX written with EVAL_DX or TRAIN_DX
     MEAN, MEAN_LO, INVSTD, W, B,  # [C] saved statistics (MEAN_LO when HAS_LO) and affine parameters
@@ -527,7 +528,7 @@ def _backward_reduce_kernel(
                   BLOCK_S, R, DR, HAS_R, False)
 
 
-@triton.jit
+@jit
 def _dx_kernel(
     X, DY, DX,  # [N, C, S] through their strides
     MEAN, MEAN_LO, INVSTD, W, B,  # [C] saved statistics (MEAN_LO when HAS_LO) and affine parameters
