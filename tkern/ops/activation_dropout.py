@@ -236,7 +236,7 @@ def _kernel(
               BIAS_GATHER, DROPOUT, BACKWARD, COMPUTE, ROWS, EVEN, EVEN_COLS, N_ROUNDS)
 
 
-@triton.jit
+@jit
 def _bias_grad_kernel(
     PARTIAL,  # [n_parts, n_cols] partial sums (fp32, fp64 for fp64)
     DBIAS,  # (n_cols,) the bias gradient, in the bias' dtype
