@@ -271,6 +271,18 @@ def test_no_pattern_repeats_between_blocks(device):
             assert 0.35 < agree < 0.65, f"quarters {i} and {j} agree on {agree:.2f} of the mask"
 
 
+def test_no_pattern_repeats_between_rows_with_a_bias(device):
+    """With a bias, rows 4k..4k+3 share Philox calls (one word each) and row groups differ by
+    counter: every pair of rows agrees on about half of a p = 0.5 mask, and each keeps about
+    half."""
+    mask = _mask((8, 1536), 0.5, device, seed=5, bias=True)
+    for i in range(mask.shape[0]):
+        assert 0.43 < mask[i].double().mean().item() < 0.57, i  # 5.5 sigma
+        for j in range(i + 1, mask.shape[0]):
+            agree = (mask[i] == mask[j]).double().mean().item()
+            assert 0.43 < agree < 0.57, f"rows {i} and {j} agree on {agree:.2f} of the mask"
+
+
 def test_eval_and_p_zero_give_the_activation(device):
     x = torch.randn(7, 33, device=device)
     expected = F.gelu(x)
