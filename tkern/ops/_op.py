@@ -155,6 +155,8 @@ class Op:
         self.grads = tuple(self.input_names.index(n) for n in grads)
         # backward's per-call work, precomputed (it runs on every training step)
         self._pick_needs = _picker(self.grads)
+        self._pick_saves = _picker(self.saves)
+        self._pick_aux = _picker(self.aux)
         self._no_grads = (None,) * len(self.grads)
         self._grads_prefix = self.grads == tuple(range(len(self.grads)))
         self._grads_pad = (None,) * (self.n_inputs - len(self.grads))
@@ -196,12 +198,13 @@ class Op:
     def _setup(self, ctx, inputs, cfg, outs):
         ctx.set_materialize_grads(False)
         if self.aux:
-            ctx.mark_non_differentiable(*(outs[i] for i in self.aux))
-        both = inputs + tuple(outs)
-        saved = [both[i] for i in self.saves]
-        for k, keep in self.save_when:
-            if not keep(cfg):
-                saved[k] = None
+            ctx.mark_non_differentiable(*self._pick_aux(outs))
+        saved = self._pick_saves((*inputs, *outs))
+        if self.save_when:
+            saved = list(saved)
+            for k, keep in self.save_when:
+                if not keep(cfg):
+                    saved[k] = None
         ctx.save_for_backward(*saved)
         ctx.cfg = cfg
 
