@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import tkern
 from tkern import _runtime
 from tkern.activations import activation_scalars, eager_activation
+from tkern.ops import activation_dropout as ad
 from tkern.ops.activation_dropout import BLOCK, QUARTER
 from tkern.testing import assert_close_rule
 
@@ -38,11 +39,14 @@ def _torch_scalar_loop(x, act, params):
     return torch.cat(ys), torch.cat(ds)
 
 
-def _mask(shape, p, device, seed):
-    """The keep-mask tkern draws for ``shape`` with generator seed ``seed``, read off a ones tensor."""
+def _mask(shape, p, device, seed, bias=False):
+    """The keep-mask tkern draws for ``shape`` with generator seed ``seed``, read off a ones tensor
+    (with a zero bias for a call with a bias: the mask is keyed by the view the kernels walk,
+    rows of the last dim with a bias, flat memory without)."""
     g = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
     ones = torch.ones(shape, device=device)
-    return tkern.activation_dropout(ones, "identity", p, generator=g) != 0
+    b = torch.zeros(shape[-1], device=device) if bias else None
+    return tkern.activation_dropout(ones, "identity", p, bias=b, generator=g) != 0
 
 
 @pytest.mark.parametrize("act,approximate", ACTS)
@@ -115,7 +119,7 @@ def test_full_programs_and_bias_rows(device, shape, dtype):
     x, b = (t.to(dtype).requires_grad_() for t in (x64, b64))
     g = torch.Generator().manual_seed(3)
     y = tkern.activation_dropout(x, "gelu", 0.3, bias=b, generator=g)
-    keep = _mask(shape, 0.3, device, 3)
+    keep = _mask(shape, 0.3, device, 3, bias=True)
     assert 0.6 < keep.double().mean().item() < 0.8
     scale = 1 / 0.7
     xt, bt = (t.detach().clone().requires_grad_() for t in (x, b))
@@ -129,6 +133,114 @@ def test_full_programs_and_bias_rows(device, shape, dtype):
     ref.backward(dy64)
     assert_close_rule(x.grad, xt.grad, x64.grad, name="dx")
     assert_close_rule(b.grad, bt.grad, b64.grad, name="dbias")
+
+
+# rows a test shape needs for 3 row groups of the bias view (a group: 4 quarters of
+# QUARTER // block rows; block: min(BIAS_COLS, next_pow2(H)) columns), one short of that
+def _rows_for_groups(n_cols, groups):
+    block = min(ad.BIAS_COLS, 1 << (n_cols - 1).bit_length())
+    return groups * 4 * (QUARTER // block) - 1
+
+
+# (n_cols, row programs, dtype): every dtype on the narrow rows; the wide row (17 column
+# programs, slow in the interpreter) with partials in bf16 and fp64
+BIAS_GRAD_CASES = ([(n, r, d) for n in (1, 7, 256) for r in (1, 2) for d in DTYPES]
+                   + [(4097, 2, torch.bfloat16), (4097, 2, torch.float64)])
+
+
+@pytest.mark.parametrize("n_cols,row_programs,dtype", BIAS_GRAD_CASES, ids=str)
+def test_bias_gradient_summed_in_the_kernel(device, monkeypatch, n_cols, dtype, row_programs):
+    """The bias gradient from the backward kernel's sums over rows: written directly (one
+    program along rows) or as partial sums over uneven row ranges (two programs over three row
+    groups: the second has one group past the end) that _bias_grad_kernel adds up; awkward row
+    lengths, every dtype, against torch under the kernel's own mask."""
+    monkeypatch.setattr(ad, "_dbias_row_programs", lambda device, groups, cols: min(groups, row_programs))
+    launches = []
+    real = ad._bias_grad_kernel
+    monkeypatch.setattr(ad, "_bias_grad_kernel", type("K", (), {
+        "__getitem__": lambda self, grid: (launches.append(grid), real[grid])[1]})())
+    shape = (_rows_for_groups(n_cols, 2 if n_cols > QUARTER else 3), n_cols)
+    x64 = torch.randn(shape, device=device, dtype=torch.float64)
+    b64 = torch.randn(n_cols, device=device, dtype=torch.float64)
+    dy64 = torch.randn(shape, device=device, dtype=torch.float64).to(dtype).double()
+    x, b = (t.to(dtype).requires_grad_() for t in (x64, b64))
+    g = torch.Generator().manual_seed(11)
+    y = tkern.activation_dropout(x, "gelu", 0.3, bias=b, generator=g)
+    y.backward(dy64.to(dtype))
+    assert len(launches) == (row_programs > 1)
+    keep = _mask(shape, 0.3, device, 11, bias=True)
+    xt, bt = (t.detach().clone().requires_grad_() for t in (x, b))
+    xr, br = (t.detach().double().requires_grad_() for t in (x, b))
+    theirs = torch.where(keep, F.gelu(xt + bt) / 0.7, 0.0).to(dtype)
+    ref = torch.where(keep, F.gelu(xr + br) / 0.7, 0.0)
+    assert_close_rule(y, theirs, ref, name="forward")
+    theirs.backward(dy64.to(dtype))
+    ref.backward(dy64)
+    assert_close_rule(x.grad, xt.grad, xr.grad, name="dx")
+    assert b.grad.dtype == dtype
+    assert_close_rule(b.grad, bt.grad, br.grad, name="dbias")
+
+
+def test_bias_gradient_partials_gradcheck(device, monkeypatch):
+    """fp64 gradcheck of dx and dbias through the partial sums (three programs along rows)."""
+    monkeypatch.setattr(ad, "_dbias_row_programs", lambda device, groups, cols: min(groups, 3))
+    x = torch.randn(_rows_for_groups(3, 3), 3, device=device, dtype=torch.float64,
+                    requires_grad=True)
+    b = torch.randn(3, device=device, dtype=torch.float64, requires_grad=True)
+    g = torch.Generator(device=device if device.type == "cuda" else "cpu")
+
+    def fn(x, b):
+        g.manual_seed(21)
+        return tkern.activation_dropout(x, "gelu", 0.2, bias=b, generator=g)
+
+    assert torch.autograd.gradcheck(fn, (x, b), fast_mode=True)
+
+
+def test_bias_gradient_is_deterministic(device, monkeypatch):
+    """Partial sums in a fixed order: the same bits on every run (no atomics)."""
+    monkeypatch.setattr(ad, "_dbias_row_programs", lambda device, groups, cols: min(groups, 2))
+    x = torch.randn(_rows_for_groups(7, 3), 7, device=device)
+    dy = torch.randn_like(x)
+    grads = []
+    for _ in range(2):
+        b = torch.randn(7, device=device, generator=torch.Generator().manual_seed(0)).to(device)
+        b.requires_grad_()
+        tkern.activation_dropout(x, "silu", 0.0, bias=b).backward(dy)
+        grads.append(b.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_drop_threshold_keeps_p_to_2_pow_minus_32(device):
+    """An element is dropped when its 32 random bits r <= ceil(p * 2^32) - 1 (unsigned), so
+    P(drop) = ceil(p * 2^32) / 2^32: p to within 2^-32; the threshold travels bitcast to int32."""
+    for p in (1e-9, 0.1, 0.25, 0.5, 0.9, 1.0 - 2**-40, 1.0):
+        t = ad._scalars(p, 0.01, 1.0)[0]
+        assert -2**31 <= t < 2**31
+        u = t % 2**32  # the kernel's uint32 view
+        assert 0 <= (u + 1) / 2**32 - p < 2**-32, p
+    assert ad._scalars(1.0, 0.01, 1.0)[0] == -1  # 2^32 - 1: every word dropped
+
+
+def test_fp32_gelu_as_accurate_as_torch(device):
+    """fp32 GELU through the fitted normal CDF (tkern.activations._normal_cdf): on a dense grid
+    over [-8, 8] and wide random values, its largest error against float64 is at most twice
+    torch's own fp32 error (no absolute slack beyond 1e-7), forward and backward."""
+    z = torch.cat([torch.linspace(-8, 8, 160001), torch.randn(40000) * 4,
+                   torch.tensor([0.0, -0.0, 1e-30, -1e-30, 5.6, -5.6, 5.59, -5.59, 30.0, -30.0])])
+    z = z.to(device)
+    zg, zt, zr = z.clone().requires_grad_(), z.clone().requires_grad_(), z.double().requires_grad_()
+    y = tkern.activation_dropout(zg, "gelu", 0.0)
+    theirs, ref = F.gelu(zt), F.gelu(zr)
+    assert_close_rule(y, theirs, ref, atol=1e-7, name="gelu")
+    dy = torch.ones_like(z)
+    y.backward(dy)
+    theirs.backward(dy)
+    ref.backward(dy.double())
+    assert_close_rule(zg.grad, zt.grad, zr.grad, atol=1e-7, name="gelu'")
+    # relative precision where torch's 1 + erf cancels: z < 0 keeps its digits
+    tail = (z < -1) & (z > -5)
+    rel = ((y.double() - ref) / ref).abs()[tail].max().item()
+    assert rel < 1e-5, rel
 
 
 def test_gradient_mask_is_forward_mask(device):
@@ -157,6 +269,18 @@ def test_no_pattern_repeats_between_blocks(device):
         for j in range(i + 1, quarters.shape[0]):
             agree = (quarters[i] == quarters[j]).float().mean().item()
             assert 0.35 < agree < 0.65, f"quarters {i} and {j} agree on {agree:.2f} of the mask"
+
+
+def test_no_pattern_repeats_between_rows_with_a_bias(device):
+    """With a bias, rows 4k..4k+3 share Philox calls (one word each) and row groups differ by
+    counter: every pair of rows agrees on about half of a p = 0.5 mask, and each keeps about
+    half."""
+    mask = _mask((8, 1536), 0.5, device, seed=5, bias=True)
+    for i in range(mask.shape[0]):
+        assert 0.43 < mask[i].double().mean().item() < 0.57, i  # 5.5 sigma
+        for j in range(i + 1, mask.shape[0]):
+            agree = (mask[i] == mask[j]).double().mean().item()
+            assert 0.43 < agree < 0.57, f"rows {i} and {j} agree on {agree:.2f} of the mask"
 
 
 def test_eval_and_p_zero_give_the_activation(device):

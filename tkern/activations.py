@@ -179,6 +179,55 @@ def _gelu_tanh_inner(z):
     return 0.7978845608028654 * (z + 0.044715 * z * z * z)
 
 
+# The fitted range of the fp32 normal CDF: |z| is clamped here, so Phi(-|z|) bottoms out at
+# Phi(-5.6) = 1.07e-8 (torch's fp32 erf form is exactly 0 from z ~ -5.45)
+GELU_CDF_CUT = tl.constexpr(5.6)
+
+
+@triton.jit
+def _normal_tail(a):
+    """Phi(-a) for a = min(|z|, 5.6) >= 0, fp32: 2^q(a), q a degree-10 polynomial fitted to
+    log2 Phi(-a) on [0, 5.6] (tools/fit_normal_cdf.py: absolute error 2.9e-8, half an ulp at 1/2,
+    before exp2's own; relative precision kept where 1 + erf would cancel).  Ten FMAs and one
+    exp2, where erf costs two polynomial branches."""
+    q = -3.2276247452500684e-08 * a + 9.339113375972374e-07
+    q = q * a - 1.162690114142606e-05
+    q = q * a + 7.94248262536712e-05
+    q = q * a - 0.0002867975563276559
+    q = q * a + 8.427329703408759e-06
+    q = q * a + 0.006943977437913418
+    q = q * a - 0.052443794906139374
+    q = q * a - 0.45921874046325684
+    q = q * a - 1.1511045694351196
+    q = q * a - 1.0
+    return tl.exp2(q)
+
+
+@triton.jit
+def _gelu(z):
+    # fp32: z Phi(z) = max(z, 0) - |z| Phi(-|z|), |z| clamped at the cut (past it the term is
+    # below 6e-8: z's own value, or 0 within 6e-8); the NaN-propagating max keeps NaN, +inf stays
+    # inf (the clamp keeps inf * 0 out), -inf gives the limit 0.  fp64: through erf.
+    if z.dtype == tl.float64:
+        y = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+    else:
+        a = tl.minimum(tl.abs(z), GELU_CDF_CUT)
+        y = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL) - a * _normal_tail(a)
+    return y
+
+
+@triton.jit
+def _normal_cdf(z):
+    """Phi(z) = (1 + erf(z / sqrt 2)) / 2: fp64 through erf; fp32 from ``_normal_tail``
+    (1 - Phi(-z) for z > 0; within 1.1e-8 of 0 or 1 past |z| = 5.6)."""
+    if z.dtype == tl.float64:
+        c = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
+    else:
+        e = _normal_tail(tl.minimum(tl.abs(z), GELU_CDF_CUT))
+        c = tl.where(z > 0, 1.0 - e, e)
+    return c
+
+
 @triton.jit
 def activate(z, ACTIVATION: tl.constexpr, negative_slope, alpha):
     """act(z) for the pre-activation block ``z`` (fp32 or fp64); the two scalars ``negative_slope``
@@ -195,7 +244,7 @@ def activate(z, ACTIVATION: tl.constexpr, negative_slope, alpha):
     elif ACTIVATION == "tanh":
         y = _tanh(z)
     elif ACTIVATION == "gelu":
-        y = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+        y = _gelu(z)
     elif ACTIVATION == "gelu_tanh":
         y = 0.5 * z * (1.0 + _tanh(_gelu_tanh_inner(z)))
     elif ACTIVATION == "silu":
@@ -239,9 +288,8 @@ def activation_grad(z, ACTIVATION: tl.constexpr, negative_slope, alpha):
         t = _tanh(z)
         d = 1.0 - t * t
     elif ACTIVATION == "gelu":
-        cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
         pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327  # 1 / sqrt(2 pi)
-        d = cdf + z * pdf
+        d = _normal_cdf(z) + z * pdf
     elif ACTIVATION == "gelu_tanh":
         t = _tanh(_gelu_tanh_inner(z))
         dinner = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)

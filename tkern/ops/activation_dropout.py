@@ -1,17 +1,22 @@
 """Fused activation + dropout: ``y = dropout(act(x + bias), p)``.
 
 Design:
-- Forward reads x (and the bias) once and writes y once; backward reads x and dy, writes dx.
-- The dropout mask is never stored.  It is a function of (seed, element offset) through Philox, so
-  the backward kernel draws it again; what autograd saves is x (and the bias), from which backward
-  rebuilds z = x + bias for the activation's derivative.
-- Each program covers BLOCK = 4 * QUARTER elements as four contiguous quarters.  One Philox call per
-  counter gives four random words, one per quarter, a quarter of the generator's cost.  Counters are
-  global (program * QUARTER + lane), so no two blocks share random numbers.  QUARTER is a fixed
-  constant because the mask depends on it: forward and backward must agree.  Every quarter's loads
-  are issued before any math (bytes in flight), each thread holds 8 contiguous elements (16-byte
-  accesses in bf16), and each quarter's random word has the quarter's shape, so the mask is built
-  in the data's layout.  Static predictions: ``python -m perf.static_cost --ops dropout``.
+- Forward reads x (and the bias) once and writes y once; backward reads x and dy, writes dx, and
+  with a bias sums the bias gradient in the same pass: each program adds dz over its rows in
+  fp32 (fp64 for fp64) and writes one partial row; ``_bias_grad_kernel`` adds the partial rows
+  (a small [programs, n] buffer) in a fixed order: deterministic, no atomics, 2 launches.
+- The dropout mask is never stored.  It is a function of (seed, element position) through
+  Philox, so the backward kernel draws it again; what autograd saves is x (and the bias), from
+  which backward rebuilds z = x + bias for the activation's derivative.
+- Kernels walk x's memory as rows: rows of the last dim when there is a bias along a unit-stride
+  last dim, else rows of QUARTER elements of flat memory (a bias along a strided last dim is then
+  gathered per element, and its gradient is a torch sum of dx).  Element (row, col) keeps word
+  row % 4 of the Philox call with counter (row // 4) * n_cols + col: independent of the tiling,
+  and a tile of four quarters (rows 4k + q) uses all four words of each call in the data's
+  layout.  The mask of a call with a bias therefore differs from the same call without one.
+- Every load of a tile is issued before any math (bytes in flight); each thread holds 8
+  contiguous elements (16-byte accesses in bf16).  Static predictions:
+  ``python -m perf.static_cost --ops activation_dropout``.
 - The seed comes from torch's generators as torch's dropout takes it (``_rng.draw``): the CUDA
   device's Philox state (host-side, graph-safe under capture), the CPU generator for CPU tensors;
   ``torch.manual_seed`` reproduces a run.
@@ -32,126 +37,223 @@ from .. import _runtime as rt
 from .._launch import jit
 from ._math import cast_rn, from_pair
 from . import _rng
-from ._op import Op, cdiv, f32_pairs
+from ._op import Op, cdiv, f32_pairs, next_pow2
 from ..activations import (activate, activation_grad, activation_scalars, eager_activation,
                            kernel_name, named_scalars)
 
-# 1024 elements a quarter over 128 threads: 8 contiguous elements a thread, one 16-byte access
-# for bf16 (two for fp32)
+# A tile is four quarters of QUARTER elements over 128 threads: 8 contiguous elements a thread,
+# one 16-byte access for bf16 (two for fp32).  Without a bias the kernels walk memory as rows
+# of QUARTER elements, one tile a program (4 rows: BLOCK contiguous elements).
 QUARTER = 1024
 BLOCK = 4 * QUARTER
+# With a bias, tiles are QUARTER elements of BIAS_COLS columns (fewer for narrower rows) a
+# quarter: narrow enough that the bias-gradient backward has many column programs.
+BIAS_COLS = 256
+# Philox4x32 rounds per call: 7, the fewest that Salmon et al. (SC'11, "Parallel random numbers:
+# as easy as 1, 2, 3") found to pass TestU01's BigCrush with no failures (Triton's default, 10,
+# is their safety margin); each round costs ~6 instructions per 4 elements, and 10 rounds kept
+# bf16 bias+GELU+dropout issue-bound (perf/RESULTS.md)
+N_ROUNDS = 7
 
 
 @triton.jit
 def _keep(r, threshold):
-    # r: random uint32 words.  Their top 31 bits are a uniform integer u in [0, 2^31); an element
-    # is dropped when u <= threshold = ceil(p * 2^31) - 1, with probability ceil(p * 2^31) / 2^31
-    # (p to within 2^-31), in integer arithmetic: no int-to-float conversion per element.
-    return (r >> 1).to(tl.int32, bitcast=True) > threshold
+    # r: random uint32 words, uniform on [0, 2^32); an element is dropped when r <= threshold =
+    # ceil(p * 2^32) - 1 (uint32, passed bitcast to int32), with probability ceil(p * 2^32) /
+    # 2^32 (p to within 2^-32), one unsigned compare: no int-to-float conversion per element
+    return r > threshold.to(tl.uint32, bitcast=True)
 
 
 @triton.jit
-def _load_quarter(X, BIAS, DY, start, lanes, n_elements, n_cols, col_stride,
-                  HAS_BIAS: tl.constexpr, BIAS_ROW: tl.constexpr, BACKWARD: tl.constexpr,
-                  EVEN: tl.constexpr):
-    # x, the bias and dy of the quarter at element offset start (bias and dy: x when absent)
-    offs = start + lanes
-    if EVEN:  # every program full: no bounds to check
+def _load_quarter(X, DY, offs, mask, BACKWARD: tl.constexpr, EVEN: tl.constexpr):
+    # x and dy (x when absent) of one quarter
+    if EVEN:  # every tile full: no bounds to check
         x = tl.load(X + offs)
     else:
-        x = tl.load(X + offs, mask=offs < n_elements, other=0.0)
-    b = x
-    if HAS_BIAS:
-        if BIAS_ROW:  # the quarter lies in one row: its columns are contiguous from one start
-            b = tl.load(BIAS + (start % n_cols) + lanes)
-        elif EVEN:  # in a dense layout, the last-dim index of offset o is (o // stride) % size
-            b = tl.load(BIAS + (offs // col_stride) % n_cols)
-        else:
-            b = tl.load(BIAS + (offs // col_stride) % n_cols, mask=offs < n_elements, other=0.0)
+        x = tl.load(X + offs, mask=mask, other=0.0)
     dy = x
     if BACKWARD:
         if EVEN:
             dy = tl.load(DY + offs)
         else:
-            dy = tl.load(DY + offs, mask=offs < n_elements, other=0.0)
-    return x, b, dy
+            dy = tl.load(DY + offs, mask=mask, other=0.0)
+    return x, dy
 
 
 @triton.jit
-def _store_quarter(OUT, start, lanes, n_elements, x, b, dy, r, threshold, scale, negative_slope,
-                   alpha, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-                   BACKWARD: tl.constexpr, COMPUTE: tl.constexpr, EVEN: tl.constexpr):
+def _quarter_out(x, b, dy, r, threshold, scale, negative_slope, alpha, ACTIVATION: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, BACKWARD: tl.constexpr,
+                 COMPUTE: tl.constexpr):
+    # forward: y = act(z) * mask * scale; backward: dz = dy * act'(z) * mask * scale (COMPUTE)
     z = x.to(COMPUTE)
     if HAS_BIAS:
         z += b.to(COMPUTE)
-    if BACKWARD:  # dz = dy * act'(z) * mask * scale
+    if BACKWARD:
         out = dy.to(COMPUTE) * activation_grad(z, ACTIVATION, negative_slope, alpha)
-    else:  # y = act(z) * mask * scale
+    else:
         out = activate(z, ACTIVATION, negative_slope, alpha)
     if DROPOUT:
-        # a select, so the scale (0 when p = 1) never meets a dropped inf; dropped elements are
-        # out * 0, as torch's x * mask: 0, or NaN where out is inf or NaN
-        out = tl.where(_keep(r, threshold), out * scale, out * 0.0)
-    offs = start + lanes
+        # dropped elements are out * 0, as torch's x * mask: 0, or NaN where out is inf or NaN
+        out = out * tl.where(_keep(r, threshold), scale, 0.0)
+    return out
+
+
+@triton.jit
+def _store_quarter(OUT, offs, mask, out, EVEN: tl.constexpr):
     if EVEN:
         tl.store(OUT + offs, cast_rn(out, OUT.dtype.element_ty))
     else:
-        tl.store(OUT + offs, cast_rn(out, OUT.dtype.element_ty), mask=offs < n_elements)
+        tl.store(OUT + offs, cast_rn(out, OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _tile(X, BIAS, DY, OUT, group, rows, cols, b, seed, n_elements, n_cols, bias_cols,
+          col_stride, threshold, scale, negative_slope, alpha, ACTIVATION: tl.constexpr,
+          HAS_BIAS: tl.constexpr, BIAS_GATHER: tl.constexpr, DROPOUT: tl.constexpr,
+          BACKWARD: tl.constexpr, COMPUTE: tl.constexpr, ROWS: tl.constexpr,
+          EVEN: tl.constexpr, EVEN_COLS: tl.constexpr, N_ROUNDS: tl.constexpr):
+    """One tile: rows 4 * (group * ROWS + i) + q (quarter q, i < ROWS) of the [rows, n_cols]
+    view, columns ``cols``; writes y (dx) and returns the four quarters' outputs (COMPUTE) and
+    their bounds masks."""
+    k_row = group * ROWS + rows  # [ROWS, 1]: the Philox counter's row, shared by the quarters
+    row0 = k_row * (4 * n_cols)
+    o0 = row0 + cols
+    o1 = o0 + n_cols
+    o2 = o1 + n_cols
+    o3 = o2 + n_cols
+    m0 = o0 < n_elements  # with cols < n_cols, the row bound (see _kernel)
+    if not EVEN_COLS:
+        m0 = m0 & (cols < n_cols)
+    m1 = m0 & (o1 < n_elements)
+    m2 = m0 & (o2 < n_elements)
+    m3 = m0 & (o3 < n_elements)
+    # every load of the tile before any math (bytes in flight)
+    x0, d0 = _load_quarter(X, DY, o0, m0, BACKWARD, EVEN)
+    x1, d1 = _load_quarter(X, DY, o1, m1, BACKWARD, EVEN)
+    x2, d2 = _load_quarter(X, DY, o2, m2, BACKWARD, EVEN)
+    x3, d3 = _load_quarter(X, DY, o3, m3, BACKWARD, EVEN)
+    b0, b1, b2, b3 = b, b, b, b  # the tile's bias columns (loaded once by the caller)
+    if BIAS_GATHER:  # a bias along a strided last dim: its index is (offset // stride) % size
+        b0 = tl.load(BIAS + (o0 // col_stride) % bias_cols, mask=m0, other=0.0)
+        b1 = tl.load(BIAS + (o1 // col_stride) % bias_cols, mask=m1, other=0.0)
+        b2 = tl.load(BIAS + (o2 // col_stride) % bias_cols, mask=m2, other=0.0)
+        b3 = tl.load(BIAS + (o3 // col_stride) % bias_cols, mask=m3, other=0.0)
+    if DROPOUT:
+        # one Philox call per (row // 4, column): its word q is the mask of row 4 * k_row + q,
+        # each word in the quarter's own shape (the data's layout)
+        r0, r1, r2, r3 = tl.randint4x(seed, k_row * n_cols + cols, N_ROUNDS)
+    else:
+        r0, r1, r2, r3 = o0, o1, o2, o3  # unused
+    y0 = _quarter_out(x0, b0, d0, r0, threshold, scale, negative_slope, alpha, ACTIVATION,
+                      HAS_BIAS, DROPOUT, BACKWARD, COMPUTE)
+    _store_quarter(OUT, o0, m0, y0, EVEN)
+    y1 = _quarter_out(x1, b1, d1, r1, threshold, scale, negative_slope, alpha, ACTIVATION,
+                      HAS_BIAS, DROPOUT, BACKWARD, COMPUTE)
+    _store_quarter(OUT, o1, m1, y1, EVEN)
+    y2 = _quarter_out(x2, b2, d2, r2, threshold, scale, negative_slope, alpha, ACTIVATION,
+                      HAS_BIAS, DROPOUT, BACKWARD, COMPUTE)
+    _store_quarter(OUT, o2, m2, y2, EVEN)
+    y3 = _quarter_out(x3, b3, d3, r3, threshold, scale, negative_slope, alpha, ACTIVATION,
+                      HAS_BIAS, DROPOUT, BACKWARD, COMPUTE)
+    _store_quarter(OUT, o3, m3, y3, EVEN)
+    return y0, y1, y2, y3, m0, m1, m2, m3
 
 
 @jit(do_not_specialize=["seed"])  # a new seed per call: one compiled variant
 def _kernel(
-    X,  # input, flat (n_elements,)
-    BIAS,  # bias over the last dim (n_cols,), or a dummy when HAS_BIAS is False
+    X,  # input, flat (n_elements,): the [n_elements / n_cols, n_cols] view
+    BIAS,  # bias over the last dim (bias_cols,), or a dummy when HAS_BIAS is False
     DY,  # backward: gradient of y, in X's layout; forward: a dummy
     OUT,  # forward: y; backward: dx (= dz); flat, in X's layout
-    n_elements, n_cols, col_stride,  # element count; last dim's size and stride (the bias index)
+    DBIAS,  # DBIAS: the bias gradient's partial sums [programs along rows, n_cols] (ACC) or,
+    # with one program along rows, the bias gradient (n_cols,) itself; else a dummy
+    n_elements, n_cols,  # element count; the view's row length (the last dim with a bias)
+    bias_cols, col_stride,  # BIAS_GATHER: the last dim's size and stride
+    n_col_programs, groups_per_program,  # programs along columns; SUM_DBIAS: row groups a program
     SEED,  # a 0-dim int64 tensor holding the Philox seed when SEED_FROM_PTR, else a dummy
-    seed, threshold,  # Philox seed (unless SEED_FROM_PTR); drop threshold, ceil(p * 2^31) - 1
+    seed, threshold,  # Philox seed (unless SEED_FROM_PTR); drop threshold (see _keep)
     # fp32 pairs (hi, lo) of 1 / (1 - p) (0 when p == 1), the leaky_relu slope and the elu alpha
     scale_hi, scale_lo, slope_hi, slope_lo, alpha_hi, alpha_lo,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     BACKWARD: tl.constexpr,
+    BIAS_GATHER: tl.constexpr,  # the bias indexed per element (flat view), not per column
+    SUM_DBIAS: tl.constexpr,  # backward: sum dz over rows into DBIAS
+    DBIAS_PARTIAL: tl.constexpr,  # DBIAS holds partial sums (ACC), else the gradient itself
     SEED_FROM_PTR: tl.constexpr,  # seed from SEED (device-side: CUDA graphs, compile, CPU)
     COMPUTE: tl.constexpr,  # fp32, or fp64 for fp64 tensors
+    ACC: tl.constexpr,  # the bias gradient's accumulation type: fp32, or fp64
     INT64: tl.constexpr,  # index in int64 (tensors past 2^31 elements)
-    QUARTER: tl.constexpr,
-    EVEN: tl.constexpr,  # n_elements is a multiple of 4 * QUARTER: no bounds checks
-    BIAS_ROW: tl.constexpr,  # col_stride 1 and QUARTER divides n_cols (see _load_quarter)
+    ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,  # a quarter: [ROWS, BLOCK_COLS]
+    EVEN: tl.constexpr,  # every tile full: no bounds checks
+    EVEN_COLS: tl.constexpr,  # BLOCK_COLS divides n_cols
+    N_ROUNDS: tl.constexpr,  # Philox rounds
 ):
-    # Every load of the four quarters is issued before any math (bytes in flight); each
-    # quarter's random word r_q has the quarter's own shape, hence the data's layout.
+    # The mask of element (row, col) of the [rows, n_cols] view is word row % 4 of the Philox
+    # call with counter (row // 4) * n_cols + col: a function of the element alone, so any
+    # tiling draws it (forward, backward and the double-backward composite agree), and a tile
+    # of rows 4k..4k+3 uses all four words of each call.  Offset o = row * n_cols + col is in
+    # bounds iff o < n_elements and col < n_cols.
     pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
+    pid_col = pid % n_col_programs
+    pid_row = pid // n_col_programs
     scale = from_pair(scale_hi, scale_lo, COMPUTE)
     negative_slope = from_pair(slope_hi, slope_lo, COMPUTE)
     alpha = from_pair(alpha_hi, alpha_lo, COMPUTE)
-    lanes = tl.arange(0, QUARTER)
-    base = pid * (4 * QUARTER)
-    x0, b0, d0 = _load_quarter(X, BIAS, DY, base, lanes, n_elements, n_cols, col_stride, HAS_BIAS,
-                               BIAS_ROW, BACKWARD, EVEN)
-    x1, b1, d1 = _load_quarter(X, BIAS, DY, base + QUARTER, lanes, n_elements, n_cols, col_stride,
-                               HAS_BIAS, BIAS_ROW, BACKWARD, EVEN)
-    x2, b2, d2 = _load_quarter(X, BIAS, DY, base + 2 * QUARTER, lanes, n_elements, n_cols,
-                               col_stride, HAS_BIAS, BIAS_ROW, BACKWARD, EVEN)
-    x3, b3, d3 = _load_quarter(X, BIAS, DY, base + 3 * QUARTER, lanes, n_elements, n_cols,
-                               col_stride, HAS_BIAS, BIAS_ROW, BACKWARD, EVEN)
-    counters = pid * QUARTER + lanes
-    if DROPOUT:
-        if SEED_FROM_PTR:
-            seed = tl.load(SEED)
-        r0, r1, r2, r3 = tl.randint4x(seed, counters)  # one Philox call, a word per quarter
+    rows = tl.arange(0, ROWS)[:, None]
+    cols = pid_col * BLOCK_COLS + tl.arange(0, BLOCK_COLS)[None, :]
+    if DROPOUT and SEED_FROM_PTR:
+        seed = tl.load(SEED)
+    b = tl.zeros([1, BLOCK_COLS], dtype=COMPUTE)
+    if HAS_BIAS and not BIAS_GATHER:  # one load of the tile's bias columns
+        if EVEN_COLS:
+            b = tl.load(BIAS + cols)
+        else:
+            b = tl.load(BIAS + cols, mask=cols < n_cols, other=0.0)
+    if SUM_DBIAS:
+        acc = tl.zeros([ROWS, BLOCK_COLS], dtype=ACC)
+        for step in range(groups_per_program):
+            y0, y1, y2, y3, m0, m1, m2, m3 = _tile(
+                X, BIAS, DY, OUT, pid_row * groups_per_program + step, rows, cols, b, seed,
+                n_elements, n_cols, bias_cols, col_stride, threshold, scale, negative_slope,
+                alpha, ACTIVATION, HAS_BIAS, BIAS_GATHER, DROPOUT, BACKWARD, COMPUTE, ROWS, EVEN,
+                EVEN_COLS, N_ROUNDS)
+            if EVEN:
+                acc += (y0.to(ACC) + y1.to(ACC)) + (y2.to(ACC) + y3.to(ACC))
+            else:  # out of bounds: no term (the activation of the zeros loaded there may be inf)
+                acc += ((tl.where(m0, y0, 0.0).to(ACC) + tl.where(m1, y1, 0.0).to(ACC))
+                        + (tl.where(m2, y2, 0.0).to(ACC) + tl.where(m3, y3, 0.0).to(ACC)))
+        total = tl.sum(acc, axis=0)  # [BLOCK_COLS]: a fixed order, deterministic
+        cols1 = pid_col * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+        if DBIAS_PARTIAL:
+            tl.store(DBIAS + pid_row * n_cols + cols1, total, mask=cols1 < n_cols)
+        else:
+            tl.store(DBIAS + cols1, cast_rn(total, DBIAS.dtype.element_ty), mask=cols1 < n_cols)
     else:
-        r0, r1, r2, r3 = counters, counters, counters, counters  # unused
-    _store_quarter(OUT, base, lanes, n_elements, x0, b0, d0, r0, threshold, scale, negative_slope,
-                   alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE, EVEN)
-    _store_quarter(OUT, base + QUARTER, lanes, n_elements, x1, b1, d1, r1, threshold, scale,
-                   negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE, EVEN)
-    _store_quarter(OUT, base + 2 * QUARTER, lanes, n_elements, x2, b2, d2, r2, threshold, scale,
-                   negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE, EVEN)
-    _store_quarter(OUT, base + 3 * QUARTER, lanes, n_elements, x3, b3, d3, r3, threshold, scale,
-                   negative_slope, alpha, ACTIVATION, HAS_BIAS, DROPOUT, BACKWARD, COMPUTE, EVEN)
+        _tile(X, BIAS, DY, OUT, pid_row, rows, cols, b, seed, n_elements, n_cols, bias_cols,
+              col_stride, threshold, scale, negative_slope, alpha, ACTIVATION, HAS_BIAS,
+              BIAS_GATHER, DROPOUT, BACKWARD, COMPUTE, ROWS, EVEN, EVEN_COLS, N_ROUNDS)
+
+
+@jit
+def _bias_grad_kernel(
+    PARTIAL,  # [n_parts, n_cols] partial sums (fp32, fp64 for fp64)
+    DBIAS,  # (n_cols,) the bias gradient, in the bias' dtype
+    n_parts, n_cols,
+    PARTS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+):
+    # column sums of the partials, PARTS rows a step, in a fixed order (deterministic)
+    cols = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)[None, :]
+    parts = tl.arange(0, PARTS)[:, None]
+    acc = tl.zeros([PARTS, BLOCK_COLS], dtype=PARTIAL.dtype.element_ty)
+    for start in range(0, n_parts, PARTS):
+        rows = start + parts
+        acc += tl.load(PARTIAL + rows * n_cols + cols, mask=(rows < n_parts) & (cols < n_cols),
+                       other=0.0)
+    total = tl.sum(acc, axis=0)
+    cols1 = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    tl.store(DBIAS + cols1, cast_rn(total, DBIAS.dtype.element_ty), mask=cols1 < n_cols)
 
 
 class DropoutConfig(NamedTuple):
@@ -167,23 +269,95 @@ class DropoutConfig(NamedTuple):
 @functools.lru_cache(maxsize=1024)
 def _scalars(p: float, negative_slope: float, alpha: float) -> tuple:
     """(threshold, scale, slope and alpha as fp32 pairs): see ``_kernel``'s arguments."""
-    threshold = min(math.ceil(p * 2.0**31), 2**31) - 1
+    threshold = min(math.ceil(p * 2.0**32), 2**32) - 1  # as uint32; bitcast to int32 below
+    if threshold >= 2**31:
+        threshold -= 2**32
     return (threshold, *f32_pairs(0.0 if p >= 1.0 else 1.0 / (1.0 - p), negative_slope, alpha))
 
 
-def _launch(x, bias, dy, out, seed, cfg, backward):
-    """One ``_kernel`` launch over x's memory (dense: any dim order)."""
-    n = x.numel()
+class _View(NamedTuple):
+    """How a launch walks x's memory (see ``_kernel``): as [n / n_cols, n_cols] rows."""
+    n_cols: int
+    gather: bool  # the bias indexed per element: a bias along a strided last dim
+    rows: int  # a quarter's tile: [rows, block_cols]
+    block_cols: int
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan_view(n_cols: int, col_stride: int, has_bias: bool, itemsize: int) -> _View:
+    if has_bias and col_stride == 1:  # rows of the last dim: the bias is one load a tile
+        block = min(BIAS_COLS, next_pow2(n_cols))
+        # 4-byte and 8-byte types: half the elements a quarter (4 a thread), which keeps the
+        # bias-gradient backward's four quarters of x and dy in registers without spills
+        quarter = QUARTER if itemsize <= 2 else QUARTER // 2
+        return _View(n_cols, False, max(1, quarter // block), block)
+    return _View(QUARTER, has_bias, 1, QUARTER)  # flat: rows of QUARTER elements
+
+
+def _view(x: torch.Tensor, has_bias: bool) -> _View:
+    """The view of a dense x (tiles differ by dtype; the mask depends on n_cols alone, so
+    forward, backward and the composite agree)."""
     n_cols = x.shape[-1] if x.dim() else 1
-    col_stride = x.stride(-1) if n_cols > 1 else 1
-    _kernel[(cdiv(n, BLOCK),)](
-        x, bias if bias is not None else x, dy, out, n, max(n_cols, 1), col_stride,
-        seed if seed is not None else x, cfg.philox_seed,
+    return _plan_view(n_cols, x.stride(-1) if n_cols > 1 else 1, has_bias, x.element_size())
+
+
+# Programs along rows for the bias gradient: about this many resident programs per SM in all
+DBIAS_PROGRAMS_PER_SM = 4
+
+
+def _dbias_row_programs(device: torch.device, groups: int, col_programs: int) -> int:
+    """Programs along rows, each summing its rows into one partial row: enough to fill a GPU,
+    few for a small partial buffer (one under the interpreter: no partials at all)."""
+    if not rt.plans_for_gpu(device):
+        return 1
+    return max(1, min(groups, DBIAS_PROGRAMS_PER_SM * rt.sm_count(device) // col_programs))
+
+
+def _launch(x, bias, dy, out, seed, cfg, backward, dbias=None):
+    """One ``_kernel`` launch over x's memory (dense: any dim order); with ``dbias`` (backward,
+    a bias along a unit-stride last dim) the bias gradient is summed too: into ``dbias``
+    directly, or into partial sums that ``_bias_grad_kernel`` adds up (a second launch)."""
+    n = x.numel()
+    v = _view(x, bias is not None)
+    n_rows = cdiv(n, v.n_cols)
+    col_programs = cdiv(v.n_cols, v.block_cols)
+    groups = cdiv(n_rows, 4 * v.rows)
+    steps, row_programs, partial = 1, groups, None
+    if dbias is not None:
+        row_programs = _dbias_row_programs(x.device, groups, col_programs)
+        steps = cdiv(groups, row_programs)
+        row_programs = cdiv(groups, steps)
+        if row_programs > 1:
+            partial = torch.empty((row_programs, v.n_cols), dtype=_dbias_accum(x, bias),
+                                  device=x.device)
+    even_cols = v.n_cols % v.block_cols == 0
+    even = (even_cols and n == n_rows * v.n_cols and n_rows % (4 * v.rows) == 0
+            and groups == row_programs * steps)
+    bias_cols = x.shape[-1] if x.dim() else 1
+    _kernel[(row_programs * col_programs,)](
+        x, bias if bias is not None else x, dy, out,
+        (partial if partial is not None else dbias) if dbias is not None else x,
+        n, v.n_cols, max(bias_cols, 1), x.stride(-1) if bias_cols > 1 else 1, col_programs,
+        steps, seed if seed is not None else x, cfg.philox_seed,
         *_scalars(cfg.p, cfg.negative_slope, cfg.alpha),
         ACTIVATION=cfg.activation, HAS_BIAS=bias is not None, DROPOUT=cfg.dropout,
-        BACKWARD=backward, SEED_FROM_PTR=seed is not None, COMPUTE=rt.compute_dtype(x.dtype),
-        INT64=rt.needs_int64(x), QUARTER=QUARTER, EVEN=n % BLOCK == 0,
-        BIAS_ROW=bias is not None and col_stride == 1 and n_cols % QUARTER == 0, num_warps=4)
+        BACKWARD=backward, BIAS_GATHER=v.gather, SUM_DBIAS=dbias is not None,
+        DBIAS_PARTIAL=partial is not None, SEED_FROM_PTR=seed is not None,
+        COMPUTE=rt.compute_dtype(x.dtype),
+        ACC=tl.float64 if dbias is not None and _dbias_accum(x, bias) == torch.float64
+        else tl.float32,
+        INT64=rt.needs_int64(x), ROWS=v.rows, BLOCK_COLS=v.block_cols, EVEN=even,
+        EVEN_COLS=even_cols, N_ROUNDS=N_ROUNDS, num_warps=4)
+    if partial is not None:
+        # narrow column blocks: many programs, each with its loads in flight at once
+        _bias_grad_kernel[(cdiv(v.n_cols, 32),)](
+            partial, dbias, row_programs, v.n_cols, PARTS=min(32, next_pow2(row_programs)),
+            BLOCK_COLS=32, num_warps=4)
+
+
+def _dbias_accum(x: torch.Tensor, bias: torch.Tensor) -> torch.dtype:
+    """The bias gradient's accumulation type: fp64 when x or the bias is fp64, else fp32."""
+    return torch.float64 if torch.float64 in (x.dtype, bias.dtype) else torch.float32
 
 
 def _walks_as_is(x: torch.Tensor) -> bool:
@@ -212,20 +386,22 @@ def _forward_fake(x, bias, seed, cfg):
 
 
 def _backward(douts, saved, cfg, needs):
-    """(dx, dbias) from x, the bias and the seed (never a mask): one kernel, plus the bias
-    gradient's sum over rows."""
+    """(dx, dbias) from x, the bias and the seed (never a mask): one kernel, which also sums the
+    bias gradient over rows (plus a small kernel adding its partial sums on a GPU)."""
     (dy,), (x, bias, seed) = douts, saved
     if not _walks_as_is(x):
         x = x.contiguous()
     if dy.stride() != x.stride():
         dy = torch.empty_like(x).copy_(dy)  # walk dy in x's layout: the mask is keyed by offset
     dx = torch.empty_like(x)
+    want_dbias = bias is not None and needs[1]
+    in_kernel = want_dbias and x.numel() and not _view(x, True).gather
+    dbias = torch.empty(bias.shape, dtype=bias.dtype, device=bias.device) if in_kernel else None
     if x.numel():
-        _launch(x, bias, dy, dx, seed, cfg, backward=True)
-    dbias = None
-    if bias is not None and needs[1]:
-        # every dim but the last (flatten, not reshape(-1, n): n may be 0), accumulated in fp32
-        # (fp64) and written in the bias' dtype by the one reduction kernel
+        _launch(x, bias, dy, dx, seed, cfg, backward=True, dbias=dbias)
+    if want_dbias and not in_kernel:
+        # empty x, or a bias along a strided last dim: every dim but the last (flatten, not
+        # reshape(-1, n): n may be 0), accumulated in fp32 (fp64) by torch's reduction
         rows = dx if dx.dim() == 1 else dx.flatten(0, -2)
         dbias = rows.sum(0, dtype=bias.dtype) if dx.dim() > 1 else dx.to(bias.dtype)
     return dx, dbias
@@ -248,8 +424,9 @@ def _composite(saved, cfg):
     if cfg.dropout:  # keep * 1 / (1 - p) (0 when p = 1)
         walked = x if _walks_as_is(x) else x.contiguous()
         ones = torch.ones_like(walked)  # walked's strides: dense, so empty_like keeps them
+        zero_bias = None if bias is None else torch.zeros_like(bias)  # forward's view
         with torch.no_grad():
-            mask, = _forward(ones, None, seed, cfg._replace(activation="identity"))
+            mask, = _forward(ones, zero_bias, seed, cfg._replace(activation="identity"))
         y = y * mask
     return y
 
