@@ -10,7 +10,7 @@ import torch
 from ... import _runtime as rt
 from .._op import cdiv, f32_pairs, next_pow2
 from . import kernels as K
-from .launch_plan import _like, _prepare_input, launch_args, plan
+from .launch_plan import _like, _prepare_input, flat_args, launch_args, plan
 
 
 # Every launcher normalises the internal tensors it is given (x through _prepare_input,
@@ -291,7 +291,7 @@ def _fused_forward(x, weight, bias, running_mean, running_var, num_batches_track
         UPDATE=update, CUMULATIVE=cumulative, WRITE_Y=write_y, HAS_W=weight is not None,
         HAS_B=bias is not None, ACTIVATION=activation, COMPUTE=rt.compute_dtype(x.dtype),
         INT64=view.int64(y), BLOCK_S=p.BLOCK_S, BLOCK_C=p.BLOCK_C,
-        num_warps=p.num_warps, **_residual_args(residual))
+        num_warps=p.num_warps, **flat_args(p), **_residual_args(residual))
     return (y if write_y else None), stats
 
 
@@ -347,7 +347,7 @@ def train_forward(x, weight, bias, running_mean, running_var, num_batches_tracke
         UPDATE=update, CUMULATIVE=cumulative, HAS_W=weight is not None, HAS_B=bias is not None,
         ACTIVATION=activation, COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(y),
         BLOCK_P=min(next_pow2(P), 32), BLOCK_S=p.BLOCK_S, BLOCK_C=p.BLOCK_C,
-        num_warps=p.num_warps, **_residual_args(residual))
+        num_warps=p.num_warps, **flat_args(p), **_residual_args(residual))
     return y, stats
 
 

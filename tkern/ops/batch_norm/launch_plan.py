@@ -23,6 +23,14 @@ CL_BLOCK_C = 128
 # block, each way in one launch (statistics + normalize; sums + dx).  An estimate, not yet timed:
 # a second pass over two cached tiles should cost less than the split path's two extra launches.
 FUSED_MAX_UNITS = 2
+# Channel-major samples (NCHW) with at most this many positions per channel take FLAT tiles: a
+# program owns CPP whole channels, whose CPP * S positions are contiguous in every sample, and
+# walks the samples FLAT_ROWS at a time with 16-byte accesses (a tile long in S would leave S = 49
+# or 196 in a 64- or 256-lane row, each position a 2-byte load).
+FLAT_MAX_S = 1024
+FLAT_ROWS = 2
+# Positions per FLAT tile row: the power of two among these that CPP * S fills best.
+FLAT_POSITIONS = (2048, 4096)
 
 
 def _ncs_strides(t: torch.Tensor):
@@ -81,6 +89,38 @@ class _View:
         return 0, sC, sS
 
 
+class _FlatView:
+    """An NCHW-like x as the FLAT kernels address it: the tile rows are samples (stride sN), the
+    columns the C * S positions of a sample (unit stride; see kernels._lanes)."""
+
+    def __init__(self, x: torch.Tensor, view: _View):
+        self.N, self.C, self.S = view.N, view.C, view.S
+        self.merged = False
+        self.rows, self.cols = 1, view.N
+        self.x_stride = view.x_stride
+        self.x_int64 = view.x_int64
+        self.x_view_strides = self._strides(x)
+
+    int64 = _View.int64
+
+    def strides(self, t: torch.Tensor):
+        if t.stride() == self.x_stride:
+            return self.x_view_strides
+        return self._strides(t)
+
+    def _strides(self, t: torch.Tensor):
+        st = _ncs_strides(t) if t.dim() > 2 else None
+        if st is None or st[2] != 1 or (self.C > 1 and st[1] != self.S):
+            return None
+        return 0, 1, st[0]
+
+
+def _channel_major(x: torch.Tensor, view: _View) -> bool:
+    """Whether each sample of x holds its channels one after another, each S contiguous."""
+    st = _ncs_strides(x) if x.dim() > 2 else None
+    return st is not None and st[2] == 1 and (view.C == 1 or st[1] == view.S)
+
+
 def _prepare_input(x: torch.Tensor) -> torch.Tensor:
     """x as the kernels can address it: dense with flattenable spatial dims, else a copy."""
     if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
@@ -114,8 +154,8 @@ def _target_programs(device: torch.device, reduction: bool) -> int:
 
 class Plan(NamedTuple):
     """How one input is cut into programs (see the package docstring: tiles, units, splits)."""
-    view: _View
-    BLOCK_S: int  # tile: spatial positions x channels
+    view: object  # _View, or _FlatView under flat
+    BLOCK_S: int  # tile: spatial positions x channels (flat: samples x positions)
     BLOCK_C: int
     nsb: int  # S-blocks per sample (row of the view)
     n_units: int  # units in all: rows x nsb
@@ -123,6 +163,8 @@ class Plan(NamedTuple):
     grid: tuple  # (channel blocks, splits)
     num_partials: int  # splits per channel: rows of the statistics workspace
     num_warps: int
+    flat: bool = False  # FLAT tiles: cpp whole channels a program, samples as tile rows
+    cpp: int = 1  # channels per program under flat
 
 
 def plan(x: torch.Tensor, reduction: bool = True) -> Plan:
@@ -133,9 +175,31 @@ def plan(x: torch.Tensor, reduction: bool = True) -> Plan:
                   reduction)
 
 
+def _flat_columns(C: int, S: int, elem: int):
+    """(channels per program, positions per tile row) of a FLAT tile: the power-of-two row that
+    CPP * S fills best, CPP * S a multiple of 16 bytes where S allows (aligned vector accesses)."""
+    if C * S <= FLAT_POSITIONS[0]:
+        return C, next_pow2(C * S)
+    vec = max(1, 16 // elem)
+    best = None
+    for width in FLAT_POSITIONS:
+        cpp = min(C, width // S)
+        aligned = cpp
+        while aligned > 1 and (aligned * S) % vec:
+            aligned -= 1
+        if (aligned * S) % vec == 0 and aligned * S * 8 >= cpp * S * 7:  # keep 7/8 of the fill
+            cpp = aligned
+        fill = cpp * S / width
+        if best is None or fill > best[0] + 0.02:
+            best = (fill, cpp, width)
+    return best[1], best[2]
+
+
 def _make_plan(x: torch.Tensor, target: int, reduction: bool) -> Plan:
     view = _View(x)
     C, cols = view.C, view.cols
+    if 1 < view.S <= FLAT_MAX_S and _channel_major(x, view):
+        return _flat_plan(x, view, target, reduction)
     sN, sC, sS = view.strides(x)
     tile = max(16, TILE_BYTES // x.element_size())
     if sS == 1 and cols > 1 and sC != 1:  # spatial axis contiguous (NCHW): long in S
@@ -147,19 +211,41 @@ def _make_plan(x: torch.Tensor, target: int, reduction: bool) -> Plan:
     nsb = cdiv(cols, block_s)
     n_units = view.rows * nsb
     c_blocks = cdiv(C, block_c)
+    return _split(view, block_s, block_c, nsb, n_units, c_blocks, target, reduction)
+
+
+def _split(view, block_s, block_c, nsb, n_units, c_blocks, target, reduction, flat=False,
+           cpp=1) -> Plan:
     splits = max(1, min(n_units, cdiv(target, c_blocks), 65535))
     if reduction and n_units <= FUSED_MAX_UNITS:
         splits = 1
     units_per_prog = max(1, cdiv(n_units, splits))
     splits = cdiv(n_units, units_per_prog)
     return Plan(view, block_s, block_c, nsb, n_units, units_per_prog, (c_blocks, splits), splits,
-                num_warps_for(block_s * block_c))
+                num_warps_for(block_s * block_c), flat, cpp)
+
+
+def _flat_plan(x: torch.Tensor, view: _View, target: int, reduction: bool) -> Plan:
+    C, N, S = view.C, view.N, view.S
+    cpp, width = _flat_columns(C, S, x.element_size())
+    rows = min(FLAT_ROWS, next_pow2(N))
+    nsb = cdiv(N, rows)
+    return _split(_FlatView(x, view), rows, width, nsb, nsb, cdiv(C, cpp), target, reduction,
+                  True, cpp)
 
 
 _PLANS = PlanCache(_make_plan)
 
 
+def flat_args(p: Plan) -> dict:
+    """The FLAT tiling's constexprs (none for the other plans: the kernels' defaults)."""
+    if not p.flat:
+        return {}
+    S = p.view.S
+    return dict(FLAT=True, FLAT_S=S, FLAT_S2=next_pow2(S), FLAT_C=next_pow2(p.cpp), CPP=p.cpp)
+
+
 def launch_args(p: Plan) -> dict:
     """The plan's kernel arguments shared by every BatchNorm kernel."""
     return dict(nsb=p.nsb, n_units=p.n_units, units_per_prog=p.units_per_prog,
-                BLOCK_S=p.BLOCK_S, BLOCK_C=p.BLOCK_C, num_warps=p.num_warps)
+                BLOCK_S=p.BLOCK_S, BLOCK_C=p.BLOCK_C, num_warps=p.num_warps, **flat_args(p))
