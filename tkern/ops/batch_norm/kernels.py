@@ -124,24 +124,35 @@ def _shifted_stats(X, c, cmask, S, sN, sC, sS, nsb, n_units, u0, units,
     # cancellation grows with (shift - mean)^2 / var.  The first tile is part of the data, so that
     # ratio is at most (tiles per program), a few hundred at worst: a few ulps on the variance,
     # never catastrophic, whatever |mean| / std is.
-    n, s, smask = _unit(u0, nsb, lanes_s, S, n_units, INT64, BLOCK_S)
+    # Two tiles a trip, both loads issued before either is used (twice the bytes in flight);
+    # units past this program's own are masked through the limit ``end``.
+    end = tl.minimum(u0 + units, n_units)
+    n, s, smask = _unit(u0, nsb, lanes_s, S, end, INT64, BLOCK_S)
+    n_b, s_b, smask_b = _unit(u0 + 1, nsb, lanes_s, S, end, INT64, BLOCK_S)
     mask = smask[:, None] & cmask[None, :]
+    mask_b = smask_b[:, None] & cmask[None, :]
     x = tl.load(X + _offsets(n, s, c, sN, sS, sC), mask=mask, other=0.0).to(COMPUTE)
+    x_b = tl.load(X + _offsets(n_b, s_b, c, sN, sS, sC), mask=mask_b, other=0.0).to(COMPUTE)
     shift = tl.sum(x, 0) / tl.maximum(tl.sum(smask.to(COMPUTE), 0), 1.0)
     shift = tl.where(shift - shift == 0, shift, 0.0)  # an inf in the first tile: shift by 0
-    # the first tile is summed from the registers that gave the shift (no second load)
+    # the first tiles are summed from the registers that gave the shift (no second load)
     xs = tl.where(mask, x - shift[None, :], 0.0)
-    cnt = smask.to(COMPUTE)  # per lane: valid elements seen
-    s1 = xs
-    s2 = xs * xs
-    for i in range(1, units):
-        n, s, smask = _unit(u0 + i, nsb, lanes_s, S, n_units, INT64, BLOCK_S)
+    xs_b = tl.where(mask_b, x_b - shift[None, :], 0.0)
+    cnt = smask.to(COMPUTE) + smask_b.to(COMPUTE)  # per lane: valid elements seen
+    s1 = xs + xs_b
+    s2 = xs * xs + xs_b * xs_b
+    for i in range(2, units, 2):
+        n, s, smask = _unit(u0 + i, nsb, lanes_s, S, end, INT64, BLOCK_S)
+        n_b, s_b, smask_b = _unit(u0 + i + 1, nsb, lanes_s, S, end, INT64, BLOCK_S)
         mask = smask[:, None] & cmask[None, :]
+        mask_b = smask_b[:, None] & cmask[None, :]
         x = tl.load(X + _offsets(n, s, c, sN, sS, sC), mask=mask, other=0.0).to(COMPUTE)
+        x_b = tl.load(X + _offsets(n_b, s_b, c, sN, sS, sC), mask=mask_b, other=0.0).to(COMPUTE)
         xs = tl.where(mask, x - shift[None, :], 0.0)
-        cnt += smask.to(COMPUTE)
-        s1 += xs
-        s2 += xs * xs
+        xs_b = tl.where(mask_b, x_b - shift[None, :], 0.0)
+        cnt += smask.to(COMPUTE) + smask_b.to(COMPUTE)
+        s1 += xs + xs_b
+        s2 += xs * xs + xs_b * xs_b
     n_tot = tl.sum(cnt, 0)
     sum1 = tl.sum(s1, 0)
     mean_s = sum1 / tl.maximum(n_tot, 1.0)  # relative to shift
@@ -610,6 +621,28 @@ def _grad_params_at_pos(mean, mean_lo, invstd, w, b, lc, HAS_LO: tl.constexpr,
 
 
 @triton.jit
+def _reduce_tile(x, dy, xo, mask, n, s, pos, DX, DR, R, mean, mean_lo, invstd, w, b, scale,
+                 negative_slope, alpha, soN, soS, soC, EVAL_DX: tl.constexpr,
+                 HAS_LO: tl.constexpr, ACTIVATION: tl.constexpr, COMPUTE: tl.constexpr,
+                 HAS_R: tl.constexpr):
+    """One tile of the backward reduction: (g, g * xhat) masked, with dr (HAS_R) and the eval
+    dx (EVAL_DX) stored."""
+    r = 0.0
+    if HAS_R:
+        r = tl.load(R + xo, mask=mask, other=0.0).to(COMPUTE)
+    xhat, g = _grad_pre_activation(x, dy, mean, mean_lo, invstd, w, b, negative_slope, alpha,
+                                   HAS_LO, ACTIVATION, r)
+    if HAS_R:  # the first pass over each element writes the residual's gradient
+        tl.store(DR + xo, g.to(DR.dtype.element_ty), mask=mask)
+    g = tl.where(mask, g, 0.0)
+    if EVAL_DX:
+        dx = g * scale[None, :]
+        tl.store(DX + _offsets(n, s, pos, soN, soS, soC), cast_rn(dx, DX.dtype.element_ty),
+                 mask=mask)
+    return g, g * xhat
+
+
+@triton.jit
 def _backward_reduce_kernel(
     X, DY, DX,  # [N, C, S] through their strides; DX written with EVAL_DX or TRAIN_DX
     MEAN, MEAN_LO, INVSTD, W, B,  # [C] saved statistics (MEAN_LO when HAS_LO) and affine parameters
@@ -647,26 +680,28 @@ def _backward_reduce_kernel(
     acc_g = tl.zeros([BLOCK_S, BLOCK_C], COMPUTE)
     acc_gx = tl.zeros([BLOCK_S, BLOCK_C], COMPUTE)
     u0 = pid_p * units_per_prog
-    for i in range(0, units_per_prog):
-        n, s, smask = _unit(u0 + i, nsb, lanes_s, S, n_units, INT64, BLOCK_S)
+    end = tl.minimum(u0 + units_per_prog, n_units)
+    # two tiles a trip: all four loads issued before the math (twice the bytes in flight)
+    for i in range(0, units_per_prog, 2):
+        n, s, smask = _unit(u0 + i, nsb, lanes_s, S, end, INT64, BLOCK_S)
+        n_b, s_b, smask_b = _unit(u0 + i + 1, nsb, lanes_s, S, end, INT64, BLOCK_S)
         mask = smask[:, None] & pmask[None, :]
+        mask_b = smask_b[:, None] & pmask[None, :]
         xo = _offsets(n, s, pos, sxN, sxS, sxC)
+        xo_b = _offsets(n_b, s_b, pos, sxN, sxS, sxC)
         x = tl.load(X + xo, mask=mask, other=0.0).to(COMPUTE)
+        x_b = tl.load(X + xo_b, mask=mask_b, other=0.0).to(COMPUTE)
         dy = tl.load(DY + _offsets(n, s, pos, sdN, sdS, sdC), mask=mask, other=0.0).to(COMPUTE)
-        r = 0.0
-        if HAS_R:
-            r = tl.load(R + xo, mask=mask, other=0.0).to(COMPUTE)
-        xhat, g = _grad_pre_activation(x, dy, mean, mean_lo, invstd, w, b, negative_slope, alpha,
-                                       HAS_LO, ACTIVATION, r)
-        if HAS_R:  # the first pass over each element writes the residual's gradient
-            tl.store(DR + xo, g.to(DR.dtype.element_ty), mask=mask)
-        g = tl.where(mask, g, 0.0)
-        acc_g += g
-        acc_gx += g * xhat
-        if EVAL_DX:
-            dx = g * scale[None, :]
-            tl.store(DX + _offsets(n, s, pos, soN, soS, soC), cast_rn(dx, DX.dtype.element_ty),
-                     mask=mask)
+        dy_b = tl.load(DY + _offsets(n_b, s_b, pos, sdN, sdS, sdC), mask=mask_b,
+                       other=0.0).to(COMPUTE)
+        g, gx = _reduce_tile(x, dy, xo, mask, n, s, pos, DX, DR, R, mean, mean_lo, invstd, w, b,
+                             scale, negative_slope, alpha, soN, soS, soC, EVAL_DX, HAS_LO,
+                             ACTIVATION, COMPUTE, HAS_R)
+        g_b, gx_b = _reduce_tile(x_b, dy_b, xo_b, mask_b, n_b, s_b, pos, DX, DR, R, mean,
+                                 mean_lo, invstd, w, b, scale, negative_slope, alpha, soN, soS,
+                                 soC, EVAL_DX, HAS_LO, ACTIVATION, COMPUTE, HAS_R)
+        acc_g += g + g_b
+        acc_gx += gx + gx_b
     sum_g = _channel_sums(tl.sum(acc_g, 0), FLAT, FLAT_S, FLAT_S2, FLAT_C)
     sum_gx = _channel_sums(tl.sum(acc_gx, 0), FLAT, FLAT_S, FLAT_S2, FLAT_C)
     out = pid_p * C + c

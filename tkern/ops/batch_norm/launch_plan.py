@@ -23,14 +23,28 @@ CL_BLOCK_C = 128
 # block, each way in one launch (statistics + normalize; sums + dx).  An estimate, not yet timed:
 # a second pass over two cached tiles should cost less than the split path's two extra launches.
 FUSED_MAX_UNITS = 2
+# Elementwise launches (normalize, dx) aim at this many programs per SM: each program loops over
+# a few tiles, so its preamble (merging the partials, loading parameters) is paid once for them.
+ELEMENTWISE_PROGRAMS_PER_SM = 16
 # Channel-major samples (NCHW) with at most this many positions per channel take FLAT tiles: a
 # program owns CPP whole channels, whose CPP * S positions are contiguous in every sample, and
 # walks the samples FLAT_ROWS at a time with 16-byte accesses (a tile long in S would leave S = 49
 # or 196 in a 64- or 256-lane row, each position a 2-byte load).
 FLAT_MAX_S = 1024
-FLAT_ROWS = 2
 # Positions per FLAT tile row: the power of two among these that CPP * S fills best.
 FLAT_POSITIONS = (2048, 4096)
+# A FLAT tile holds this many bytes of x (rows of samples x positions), this many per thread: a
+# few 16-byte loads in flight per thread, so few programs per SM still keep ~25 KB in flight.
+FLAT_TILE_BYTES = 16384
+# Bytes of a tile per thread: four 16-byte loads, issued together, per tensor read; FLAT tiles
+# two (their per-position parameters and statistics take registers too).
+THREAD_BYTES = 64
+FLAT_THREAD_BYTES = 64
+# On a GPU, a channel-major layer whose channels hold at most this many bytes each program takes
+# the one-launch path (statistics, then normalize re-reading its channels from L2) with one
+# program per CPP channels: with ~4 resident programs per SM, ~34 MB in flight fits H100/H200's
+# 50 MB L2.  CPP is chosen so that the channel blocks still cover every SM.
+FUSED_PROGRAM_BYTES = 65536
 
 
 def _ncs_strides(t: torch.Tensor):
@@ -149,7 +163,7 @@ def _target_programs(device: torch.device, reduction: bool) -> int:
     interpreter, where each program costs numpy calls."""
     if not rt.plans_for_gpu(device):  # the interpreter: each program costs Python per op
         return 4 if reduction else 1
-    return (4 if reduction else 64) * rt.sm_count(device)
+    return (4 if reduction else ELEMENTWISE_PROGRAMS_PER_SM) * rt.sm_count(device)
 
 
 class Plan(NamedTuple):
@@ -171,8 +185,9 @@ def plan(x: torch.Tensor, reduction: bool = True) -> Plan:
     """Tile shape and grid for ``x`` ([N, C, *spatial], already prepared).  Cached per shape,
     strides, element size and device: host time matters for small layers."""
     target = _target_programs(x.device, reduction)
-    return _PLANS((x.shape, x.stride(), x.element_size(), target, reduction), x, target,
-                  reduction)
+    sms = rt.sm_count(x.device) if rt.plans_for_gpu(x.device) else 0
+    return _PLANS((x.shape, x.stride(), x.element_size(), target, reduction, sms), x, target,
+                  reduction, sms)
 
 
 def _flat_columns(C: int, S: int, elem: int):
@@ -195,15 +210,15 @@ def _flat_columns(C: int, S: int, elem: int):
     return best[1], best[2]
 
 
-def _make_plan(x: torch.Tensor, target: int, reduction: bool) -> Plan:
+def _make_plan(x: torch.Tensor, target: int, reduction: bool, sms: int) -> Plan:
     view = _View(x)
     C, cols = view.C, view.cols
     if 1 < view.S <= FLAT_MAX_S and _channel_major(x, view):
-        return _flat_plan(x, view, target, reduction)
+        return _flat_plan(x, view, target, reduction, sms)
     sN, sC, sS = view.strides(x)
     tile = max(16, TILE_BYTES // x.element_size())
     if sS == 1 and cols > 1 and sC != 1:  # spatial axis contiguous (NCHW): long in S
-        block_s = min(next_pow2(cols), tile)
+        block_s = _spatial_block(cols, tile)
         block_c = min(next_pow2(max(C, 1)), max(1, tile // block_s))
     else:  # channels contiguous (channels_last, (N, C)): wide in C
         block_c = min(next_pow2(max(C, 1)), CL_BLOCK_C)
@@ -211,27 +226,65 @@ def _make_plan(x: torch.Tensor, target: int, reduction: bool) -> Plan:
     nsb = cdiv(cols, block_s)
     n_units = view.rows * nsb
     c_blocks = cdiv(C, block_c)
-    return _split(view, block_s, block_c, nsb, n_units, c_blocks, target, reduction)
+    return _split(view, block_s, block_c, nsb, n_units, c_blocks, target, reduction,
+                  num_warps=_warps(block_s * block_c * x.element_size()))
+
+
+def _warps(tile_bytes: int, per_thread: int = THREAD_BYTES) -> int:
+    """Warps for a tile: ``per_thread`` bytes of it per thread."""
+    return max(1, min(16, tile_bytes // (32 * per_thread)))
+
+
+def _spatial_block(cols: int, tile: int) -> int:
+    """The longest power-of-two S-block (at most ``tile``) whose blocks cover ``cols`` with at
+    most 1/16 of their lanes idle (12544 = 49 x 256: 1024, not 8192 with a 53%-full second)."""
+    block = min(next_pow2(cols), tile)
+    while block > 16 and cdiv(cols, block) * block * 16 > cols * 17:
+        block //= 2
+    return block
 
 
 def _split(view, block_s, block_c, nsb, n_units, c_blocks, target, reduction, flat=False,
-           cpp=1) -> Plan:
+           cpp=1, one_program=False, num_warps=None) -> Plan:
     splits = max(1, min(n_units, cdiv(target, c_blocks), 65535))
-    if reduction and n_units <= FUSED_MAX_UNITS:
+    if reduction and (one_program or n_units <= FUSED_MAX_UNITS):
         splits = 1
     units_per_prog = max(1, cdiv(n_units, splits))
     splits = cdiv(n_units, units_per_prog)
     return Plan(view, block_s, block_c, nsb, n_units, units_per_prog, (c_blocks, splits), splits,
-                num_warps_for(block_s * block_c), flat, cpp)
+                num_warps or num_warps_for(block_s * block_c), flat, cpp)
 
 
-def _flat_plan(x: torch.Tensor, view: _View, target: int, reduction: bool) -> Plan:
+def _fused_channels(C: int, N: int, S: int, elem: int, sms: int):
+    """Channels per program of the one-launch FLAT plan (None when a channel is too big): at most
+    FUSED_PROGRAM_BYTES a program and C / sms channels; among those, the count whose positions
+    fill their power-of-two row best with 16-byte aligned rows (ties: more channels)."""
+    top = min(C, FUSED_PROGRAM_BYTES // (N * S * elem), max(1, C // sms))
+    vec = max(1, 16 // elem)
+    best = None
+    for cpp in range(top, 0, -1):
+        if (cpp * S) % vec and cpp != C:
+            continue
+        fill = cpp * S / next_pow2(cpp * S)
+        if best is None or fill > best[0] + 1e-9:
+            best = (fill, cpp)
+    return best[1] if best else None
+
+
+def _flat_plan(x: torch.Tensor, view: _View, target: int, reduction: bool, sms: int) -> Plan:
     C, N, S = view.C, view.N, view.S
-    cpp, width = _flat_columns(C, S, x.element_size())
-    rows = min(FLAT_ROWS, next_pow2(N))
+    elem = x.element_size()
+    cpp = _fused_channels(C, N, S, elem, sms) if reduction and sms else None
+    one_program = cpp is not None
+    if one_program:
+        width = next_pow2(cpp * S)
+    else:
+        cpp, width = _flat_columns(C, S, elem)
+    rows = max(1, min(next_pow2(N), FLAT_TILE_BYTES // elem // width))
     nsb = cdiv(N, rows)
+    warps = _warps(rows * width * elem, FLAT_THREAD_BYTES)
     return _split(_FlatView(x, view), rows, width, nsb, nsb, cdiv(C, cpp), target, reduction,
-                  True, cpp)
+                  True, cpp, one_program, warps)
 
 
 _PLANS = PlanCache(_make_plan)
