@@ -665,6 +665,17 @@ def test_flat_gpu_plans(device, monkeypatch, shape, one_program):
         _functional_case(device, torch.float32, shape, True, act="silu")
 
 
+def test_channels_last_one_launch_gpu_plan(device):
+    """channels_last on a GPU plan whose channels fit one program each in narrow blocks (here a
+    4-SM card: 8 fp32 channels, 32-byte rows, 5 blocks): one launch each way."""
+    with bn_ops.rt.plan_as_gpu(4):
+        x = torch.empty(4, 40, 3, 3, device=device).contiguous(memory_format=torch.channels_last)
+        p = bn_plan.plan(x)
+        assert not p.flat and p.num_partials == 1 and p.BLOCK_C == 8
+        _functional_case(device, torch.float32, tuple(x.shape), True, act="relu",
+                         memory_format=torch.channels_last)
+
+
 def test_flat_residual_and_strided_gradient(device):
     """FLAT tiles with a residual, and a gradient in another layout (copied to x's)."""
     x = torch.randn(4, 5, 7, 7, device=device, requires_grad=True)
