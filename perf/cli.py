@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host cost per call instead of the sweep: tkern with kernel bodies skipped "
                         "(CPU; Triton's launch front end still runs) beside eager PyTorch, with "
                         "Triton launches and other torch kernels per call (see perf/host.py)")
-    p.add_argument("--host-reps", type=int, default=200, help="calls per timing round in --host")
+    p.add_argument("--host-reps", type=int, default=40, help="calls per timing round in --host")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p

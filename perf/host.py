@@ -113,23 +113,35 @@ def skip_kernel_bodies():
     counted in the yielded ``LaunchLog``; no kernel body runs.  CPU with TRITON_INTERPRET=1 only."""
     from triton.runtime.interpreter import InterpretedFunction
 
+    from tkern import _launch
+
     log = LaunchLog()
     ends: dict = {}
     original = InterpretedFunction.run
+
+    def counted(name):
+        log.launches += 1
+        log.names.append(name)
+
+    fast = _launch.HostEmulation(counted)
 
     def run(self, *args, grid, warmup, **kwargs):
         end = ends.get(self.fn)
         if end is None:
             end = ends[self.fn] = _FrontEnd(self)
-        end(args, grid, kwargs)
+        # tkern's GPU launch path: Triton's front end on a launch signature's first call, then
+        # tkern's own key and lookup (tkern._launch)
+        fast.launch(self, args, grid, kwargs, lambda: end(args, grid, dict(kwargs)))
         log.launches += 1
         log.names.append(self.fn.__name__)
 
     InterpretedFunction.run = run
+    previous, _launch.EMULATION = _launch.EMULATION, fast
     try:
         yield log
     finally:
         InterpretedFunction.run = original
+        _launch.EMULATION = previous
 
 
 @contextlib.contextmanager
@@ -147,10 +159,12 @@ def gpu_like_plans(sm_count: int = 132):
 
 
 class Case:
-    """One call: ``make(shape)`` -> (fn, inputs needing grad, upstream-grad maker)."""
+    """One call: ``make(shape, ours)`` -> (fn, input needing grad).  tkern runs on ``shape`` (its
+    plans, hence its launches, depend on it); eager PyTorch on ``tiny``, where its CPU kernels
+    cost least (see the module docstring)."""
 
-    def __init__(self, name: str, make: Callable, shape: tuple, small: tuple):
-        self.name, self.make, self.shape, self.small = name, make, shape, small
+    def __init__(self, name: str, make: Callable, shape: tuple, tiny: tuple):
+        self.name, self.make, self.shape, self.tiny = name, make, shape, tiny
 
 
 def _bn_case(activation, training):
@@ -201,40 +215,47 @@ def _wn_make(shape, ours):
     return (lambda t: torch._weight_norm(t, g, 0)), v
 
 
+# eager's tiny shapes keep the rank and the kind of call; its host cost does not depend on the
+# sizes on a GPU, its CPU kernels here do (BatchNorm's per channel, dropout's Bernoulli draw per
+# element), so the smallest shapes give the tightest bound on its host cost
 CASES = [
-    Case("BatchNorm2d(2048)+relu train", _bn_case("relu", True), (32, 2048, 7, 7), (2, 2048, 2, 2)),
-    Case("BatchNorm2d(64)+relu train", _bn_case("relu", True), (32, 64, 56, 56), (2, 64, 4, 4)),
-    Case("BatchNorm2d(2048) eval", _bn_case(None, False), (32, 2048, 7, 7), (2, 2048, 2, 2)),
-    # launch structure independent of the size: both on the small shape (the CPU then runs the
-    # bias gradient's torch sum for real on little data, as eager's kernels)
-    Case("activation_dropout gelu p=0.1 +bias", _dropout_case(True), (16, 1024), (16, 1024)),
-    Case("activation_dropout gelu p=0.1", _dropout_case(False), (16, 1024), (16, 1024)),
-    Case("local_response_norm size 5", _lrn_make, (2, 96, 9, 9), (2, 96, 9, 9)),
-    Case("weight_norm dim 0", _wn_make, (256, 256), (256, 256)),
+    Case("BatchNorm2d(2048)+relu train", _bn_case("relu", True), (32, 2048, 7, 7), (2, 8, 2, 2)),
+    Case("BatchNorm2d(64)+relu train", _bn_case("relu", True), (32, 64, 56, 56), (2, 8, 2, 2)),
+    Case("BatchNorm2d(2048) eval", _bn_case(None, False), (32, 2048, 7, 7), (2, 8, 2, 2)),
+    # the launch structure does not depend on the size: tkern on a small shape too (the CPU then
+    # runs the bias gradient's torch sum for real on little data)
+    Case("activation_dropout gelu p=0.1 +bias", _dropout_case(True), (16, 1024), (2, 8)),
+    Case("activation_dropout gelu p=0.1", _dropout_case(False), (16, 1024), (2, 8)),
+    Case("local_response_norm size 5", _lrn_make, (2, 96, 9, 9), (1, 8, 2, 2)),
+    Case("weight_norm dim 0", _wn_make, (256, 256), (8, 8)),
 ]
 
 
-def _time_us(step: Callable, reps: int, rounds: int = 15) -> float:
-    """The least over rounds of the mean time per call, in us (the least disturbed round on a
-    shared machine; synchronised on a GPU: there the
-    figure is launch-bound latency)."""
+def _time_us(steps: list, reps: int, rounds: int = 15) -> list:
+    """For each step, the least over rounds of the mean time per call, in us.  The steps take
+    turns round by round (tkern's and eager's, forward and forward+backward), so that a
+    disturbed stretch of a shared machine hits all of them alike; synchronised on a GPU (there
+    the figure is launch-bound latency)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    step()
-    step()
-    per = []
+    for step in steps:
+        step()
+        step()
+    best = [float("inf")] * len(steps)
     for _ in range(rounds):
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            step()
-        sync()
-        per.append((time.perf_counter() - t0) / reps * 1e6)
-    return min(per)
+        for i, step in enumerate(steps):
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                step()
+            sync()
+            best[i] = min(best[i], (time.perf_counter() - t0) / reps * 1e6)
+    return best
 
 
-def _measure(case: Case, ours: bool, reps: int) -> dict:
+def _prepare(case: Case, ours: bool, log: "LaunchLog"):
+    """(forward step, forward+backward step, counts per direction; launches from ``log``)."""
     gpu = torch.cuda.is_available()
-    shape = case.shape if ours and not gpu else case.small
+    shape = case.shape if ours and not gpu else case.tiny
     with torch.device("cuda" if gpu else "cpu"):
         fn, x = case.make(shape, ours)
         dy = torch.randn(shape)
@@ -252,20 +273,58 @@ def _measure(case: Case, ours: bool, reps: int) -> dict:
             p.grad = None
         fn(x).backward(dy)
 
-    # counts: one forward, one backward, separately
-    counts = {}
-    ctx = skip_kernel_bodies() if ours and not gpu else contextlib.nullcontext(LaunchLog())
+    return fwd, full, _counts(fn, x, dy, log)
+
+
+def _counts(fn, x, dy, log) -> dict:
+    n0 = log.launches
+    with _KernelCounter() as k:
+        y = fn(x)
+    counts = {"fwd": (log.launches - n0, list(k.ops))}
+    n0 = log.launches
+    with _KernelCounter() as k:
+        y.backward(dy)
+    counts["bwd"] = (log.launches - n0, list(k.ops))
+    return counts
+
+
+def _measure_pair(case: Case, reps: int, rounds: int) -> tuple[dict, dict]:
+    gpu = torch.cuda.is_available()
+    ctx = contextlib.nullcontext(LaunchLog()) if gpu else skip_kernel_bodies()
     with ctx as log:
-        with _KernelCounter() as k:
-            y = fn(x)
-        counts["fwd"] = (log.launches, list(k.ops))
-        n0 = log.launches
-        with _KernelCounter() as k:
-            y.backward(dy)
-        counts["bwd"] = (log.launches - n0, list(k.ops))
-        t_fwd = _time_us(fwd, reps)
-        t_full = _time_us(full, reps)
-    return dict(fwd_us=t_fwd, full_us=t_full, counts=counts)
+        t_fwd, t_full, t_counts = _prepare(case, True, log)
+        e_fwd, e_full, e_counts = _prepare(case, False, log)
+        times = _time_us([t_fwd, t_full, e_fwd, e_full], reps, rounds)
+    return (dict(fwd_us=times[0], full_us=times[1], counts=t_counts),
+            dict(fwd_us=times[2], full_us=times[3], counts=e_counts))
+
+
+class _Floor(torch.autograd.Function):
+    """A Python autograd op that only allocates: what any op written as an autograd.Function
+    pays per call before its first launch (the engine's Python node, saving, ``.backward``)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w, b)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, b = ctx.saved_tensors
+        return torch.empty_like(x), torch.empty_like(w), torch.empty_like(b)
+
+
+def _floor_us(reps: int, rounds: int) -> tuple[float, float]:
+    x = torch.randn(2, 8, 2, 2, requires_grad=True)
+    w, b = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+    dy = torch.randn_like(x)
+
+    def full():
+        x.grad = w.grad = b.grad = None
+        _Floor.apply(x, w, b).backward(dy)
+
+    fwd, both = _time_us([lambda: _Floor.apply(x, w, b), full], reps, rounds)
+    return fwd, both
 
 
 def _cached_cpu_allocations() -> None:
@@ -284,7 +343,7 @@ def _cached_cpu_allocations() -> None:
         pass
 
 
-def run(reps: int = 200, cases=None, out=print) -> list[dict]:
+def run(reps: int = 40, cases=None, out=print, rounds: int = 25) -> list[dict]:
     """Measure every case (tkern and eager) and print one table; returns the rows."""
     import platform
 
@@ -295,14 +354,15 @@ def run(reps: int = 200, cases=None, out=print) -> list[dict]:
     try:
         with gpu_like_plans():
             for case in cases or CASES:
-                ours = _measure(case, True, reps)
-                theirs = _measure(case, False, reps)
+                ours, theirs = _measure_pair(case, reps, rounds)
                 rows.append(dict(case=case.name, shape=case.shape, tkern=ours, eager=theirs))
+        floor = _floor_us(reps, rounds)
     finally:
         torch.set_num_threads(threads)
     out(f"host cost per call (us), kernel bodies skipped; {platform.processor() or platform.machine()}, "
         f"torch {torch.__version__}, triton {__import__('triton').__version__}; "
-        f"tkern on the shape shown, eager on a small shape of the same C (its kernels run)")
+        f"tkern on the shape shown, eager on a tiny shape (its CPU kernels run); "
+        f"least of {rounds} interleaved rounds of {reps} calls")
     head = (f"{'case':38s} {'shape':>18s} | {'tkern fwd':>9s} {'fwd+bwd':>8s} {'launch f/b':>10s}"
             f" {'other torch f / b':28s} | {'eager fwd':>9s} {'fwd+bwd':>8s} | ratio")
     out(head)
@@ -314,4 +374,6 @@ def run(reps: int = 200, cases=None, out=print) -> list[dict]:
         out(f"{r['case']:38s} {str(tuple(r['shape'])):>18s} | {t['fwd_us']:9.1f} {t['full_us']:8.1f}"
             f" {f'{lf} / {lb}':>10s} {other:28s} | {e['fwd_us']:9.1f} {e['full_us']:8.1f} |"
             f" {t['full_us'] / e['full_us']:.2f}x")
+    out(f"floor: a Python autograd.Function that only allocates (3 inputs): {floor[0]:.1f} / "
+        f"{floor[1]:.1f} us fwd / fwd+bwd, paid by every op written as one")
     return rows

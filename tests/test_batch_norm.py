@@ -870,3 +870,40 @@ def test_residual_only_gradient_and_module(device):
         (gr,) = torch.autograd.grad(yr.sum(), rt_)
         _close(go, gr, "dresidual")
         _close(ours.running_mean, ref.running_mean, "running_mean")
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 4, 3), (2, 5, 3, 1)])  # split and one-program plans
+def test_cached_launch_sites_follow_every_argument(device, shape):
+    """One layer shape, calls that differ only in a scalar, a flag or a dtype, in turn: each must
+    get its own launch (tkern._launch.Site per launcher, plan, dtype, flags and scalars), never a
+    neighbour's cached one.  Checked against torch each time, forward and backward."""
+    x64 = torch.randn(shape, device=device, dtype=torch.float64)
+    dy64 = torch.randn_like(x64)
+    calls = [dict(eps=1e-5, momentum=0.1, act="relu", slope=0.01, dtype=torch.float32),
+             dict(eps=1e-2, momentum=0.1, act="relu", slope=0.01, dtype=torch.float32),
+             dict(eps=1e-2, momentum=0.7, act="relu", slope=0.01, dtype=torch.float32),
+             dict(eps=1e-2, momentum=0.7, act="leaky_relu", slope=0.3, dtype=torch.float32),
+             dict(eps=1e-2, momentum=0.7, act="leaky_relu", slope=0.05, dtype=torch.float32),
+             dict(eps=1e-2, momentum=0.7, act="leaky_relu", slope=0.05, dtype=torch.float64),
+             dict(eps=1e-5, momentum=0.1, act="relu", slope=0.01, dtype=torch.float32)]
+    for training in (True, False):
+        for c in calls * 2:
+            dt = c["dtype"]
+            kw = dict(activation=c["act"], negative_slope=c["slope"])
+            outs = []
+            for impl, x_dt in (("tkern", dt), ("torch", dt), ("torch", torch.float64)):
+                x = x64.to(x_dt).requires_grad_()
+                w = torch.linspace(0.5, 1.5, 5, device=device, dtype=x_dt).requires_grad_()
+                b = torch.linspace(-0.2, 0.3, 5, device=device, dtype=x_dt).requires_grad_()
+                rm = torch.linspace(-0.1, 0.1, 5, device=device, dtype=x_dt)
+                rv = torch.linspace(0.8, 1.2, 5, device=device, dtype=x_dt)
+                if impl == "tkern":
+                    y = tkern.batch_norm(x, rm, rv, w, b, training, c["momentum"], c["eps"], **kw)
+                else:
+                    y = F.batch_norm(x, rm, rv, w, b, training, c["momentum"], c["eps"])
+                    y = eager_activation(y, c["act"], c["slope"], 1.0, "none")
+                grads = torch.autograd.grad(y, (x, w, b), dy64.to(x_dt))
+                outs.append((y, *grads, rm, rv))
+            for name, t, s, r in zip(("y", "dx", "dw", "db", "running_mean", "running_var"),
+                                     *outs):
+                assert_close_rule(t, s, r, name=f"{name} {c} training={training}")

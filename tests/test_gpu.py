@@ -108,6 +108,22 @@ def _capture(step):
     return graph, outs
 
 
+@pytest.mark.parametrize("op", ["batch_norm", "local_response_norm", "weight_norm"])
+def test_fast_launch_equals_tritons_launch(device, op):
+    """tkern._launch: a step's second call (cached launch signatures: tkern calls the compiled
+    launchers itself) gives the first call's results (Triton's own run) bit for bit."""
+    from tkern import _launch
+
+    _launch.clear_cache()
+    step, _ = STEPS[op](device)
+    first = [t.clone() for t in step()]  # training BatchNorm: outputs depend on x only
+    assert sum(len(c) for k in _launch._KERNELS for c in k._tk_cache.values()) > 0
+    again = step()
+    torch.cuda.synchronize()
+    for i, (a, b) in enumerate(zip(first, again)):
+        assert torch.equal(a, b), f"{op} output {i}: tkern's launch path differs from Triton's"
+
+
 @pytest.mark.parametrize("op", ["local_response_norm", "weight_norm"])
 def test_cuda_graph_replay_equals_eager(device, op):
     step, _ = STEPS[op](device)

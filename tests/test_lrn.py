@@ -481,3 +481,23 @@ def test_eager_fallback(device, monkeypatch):
         xh = x.half()
         assert_close_rule(tkern.local_response_norm(xh, 3, 0.5), F.local_response_norm(
             xh.float(), 3, 0.5).half(), F.local_response_norm(x, 3, 0.5))
+
+
+def test_cached_launch_sites_follow_every_argument(device):
+    """Contiguous inputs of one shape reuse a cached launch (``lrn._SITES``): calls that differ
+    in a parameter or dtype, in turn, each get their own, checked against torch both ways."""
+    x64 = torch.randn(2, 6, 5, 3, device=device, dtype=torch.float64)
+    dy64 = torch.randn_like(x64)
+    calls = [(5, 1e-4, 0.75, 1.0, torch.float32), (5, 0.5, 0.75, 1.0, torch.float32),
+             (5, 0.5, 0.6, 1.0, torch.float32), (5, 0.5, 0.6, 2.0, torch.float32),
+             (3, 0.5, 0.6, 2.0, torch.float32), (3, 0.5, 0.6, 2.0, torch.float64),
+             (5, 1e-4, 0.75, 1.0, torch.float32)]
+    for size, alpha, beta, k, dt in calls * 2:
+        outs = []
+        for fn, x_dt in ((tkern.local_response_norm, dt), (F.local_response_norm, dt),
+                         (F.local_response_norm, torch.float64)):
+            x = x64.to(x_dt).requires_grad_()
+            y = fn(x, size, alpha, beta, k)
+            outs.append((y, *torch.autograd.grad(y, x, dy64.to(x_dt))))
+        for name, t, s, r in zip(("y", "dx"), *outs):
+            assert_close_rule(t, s, r, name=f"{name} size={size} {alpha} {beta} {k} {dt}")

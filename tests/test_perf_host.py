@@ -33,7 +33,8 @@ def test_host_mode_counts_launches():
     for r in rows:  # eager's side ran too, with kernels of its own and no Triton launches
         assert r["eager"]["counts"]["fwd"][0] == 0 and r["eager"]["counts"]["fwd"][1]
         assert r["tkern"]["fwd_us"] > 0 and r["eager"]["full_us"] > 0
-    assert len(lines) == 3 + len(names) and all(n in "\n".join(lines) for n in names)
+    assert len(lines) == 4 + len(names) and all(n in "\n".join(lines) for n in names)
+    assert lines[-1].startswith("floor: ")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU mode stubs the interpreter")

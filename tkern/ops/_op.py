@@ -51,6 +51,7 @@ Shared launch helpers also live here: ``PlanCache``, ``f32_pairs``, ``num_warps_
 from __future__ import annotations
 
 import functools
+import operator
 import typing
 from typing import Callable, NamedTuple, Optional
 
@@ -103,6 +104,12 @@ class PlanCache:
             p = self.plans[key] = self.make(*args)
         return p
 
+    def put(self, key, value) -> None:
+        """Store a value made elsewhere (``make=None`` caches)."""
+        if len(self.plans) >= self.limit:
+            self.plans.clear()
+        self.plans[key] = value
+
     def clear(self) -> None:
         self.plans.clear()
 
@@ -146,6 +153,13 @@ class Op:
         # saved names kept only when a predicate of the config holds (None in their place else)
         self.save_when = tuple((saves.index(n), f) for n, f in (save_when or {}).items())
         self.grads = tuple(self.input_names.index(n) for n in grads)
+        # backward's per-call work, precomputed (it runs on every training step)
+        self._pick_needs = _picker(self.grads)
+        self._pick_saves = _picker(self.saves)
+        self._pick_aux = _picker(self.aux)
+        self._no_grads = (None,) * len(self.grads)
+        self._grads_prefix = self.grads == tuple(range(len(self.grads)))
+        self._grads_pad = (None,) * (self.n_inputs - len(self.grads))
         # saved index -> position in grads, for composite (differentiate w.r.t. saved inputs)
         self.saved_grad_slot = {k: self.grads.index(i) for k, i in enumerate(self.saves)
                                 if i in self.grads}
@@ -184,20 +198,26 @@ class Op:
     def _setup(self, ctx, inputs, cfg, outs):
         ctx.set_materialize_grads(False)
         if self.aux:
-            ctx.mark_non_differentiable(*(outs[i] for i in self.aux))
-        both = inputs + tuple(outs)
-        saved = [both[i] for i in self.saves]
-        for k, keep in self.save_when:
-            if not keep(cfg):
-                saved[k] = None
+            ctx.mark_non_differentiable(*self._pick_aux(outs))
+        saved = self._pick_saves((*inputs, *outs))
+        if self.save_when:
+            saved = list(saved)
+            for k, keep in self.save_when:
+                if not keep(cfg):
+                    saved[k] = None
         ctx.save_for_backward(*saved)
         ctx.cfg = cfg
 
     def _grads(self, ctx, douts, backward):
         """Gradients for ``grads`` (None where not needed)."""
-        needs = tuple(ctx.needs_input_grad[i] for i in self.grads)
-        if not any(needs) or all(d is None for d in douts):
-            return (None,) * len(self.grads)
+        needs = self._pick_needs(ctx.needs_input_grad)
+        if True not in needs:
+            return self._no_grads
+        for d in douts:
+            if d is not None:
+                break
+        else:  # no output got a gradient
+            return self._no_grads
         saved = ctx.saved_tensors
         if torch.is_grad_enabled() and self.composite is not None:
             # create_graph=True: differentiable torch ops
@@ -220,6 +240,8 @@ class Op:
 
     def _input_grads(self, grads):
         """``grads`` (aligned with self.grads) spread over every input position."""
+        if self._grads_prefix:
+            return (*grads, *self._grads_pad)
         out = [None] * self.n_inputs
         for i, g in zip(self.grads, grads):
             out[i] = g
@@ -243,9 +265,10 @@ class Op:
         def setup_context(ctx, inputs, output):
             op._setup(ctx, tuple(inputs[:-1]), inputs[-1], output if n_out > 1 else (output,))
 
+        pick_douts = _picker(op.diff_outputs)
+
         def backward(ctx, *douts):
-            douts = tuple(douts[i] for i in op.diff_outputs)
-            return (*op._input_grads(op._grads(ctx, douts, op.backward)), *pad)
+            return (*op._input_grads(op._grads(ctx, pick_douts(douts), op.backward)), *pad)
 
         base = torch.autograd.Function
         cls_name = "".join(w.capitalize() for w in self.public_name.split("_"))
@@ -323,8 +346,10 @@ class Op:
             if op.mutates:  # the mutated inputs' new values carry no gradient
                 ctx.mark_non_differentiable(*outs[len(op.outputs):], *(outs[i] for i in op.aux))
 
+        pick_douts = _picker(op.diff_outputs)
+
         def autograd_backward(ctx, *douts):
-            douts = tuple(douts[i] for i in op.diff_outputs)
+            douts = pick_douts(douts)
             return (*op._input_grads(op._grads(ctx, douts, library_backward)),
                     *(None,) * len(fields))
 
@@ -342,6 +367,17 @@ class Op:
             if inputs[i] is not None:
                 inputs[i].copy_(new.detach())
         return got[:n]
+
+
+def _picker(indices: tuple) -> Callable:
+    """``seq -> tuple(seq[i] for i in indices)``, without a generator per call."""
+    if indices == tuple(range(len(indices))):
+        n = len(indices)
+        return lambda seq: tuple(seq[:n])
+    if len(indices) == 1:
+        i = indices[0]
+        return lambda seq: (seq[i],)
+    return operator.itemgetter(*indices)
 
 
 def _ret(outs: tuple):

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .. import _runtime as rt
+from .._launch import jit
 from ._math import cast_rn, from_pair
 from . import _rng
 from ._op import Op, cdiv, f32_pairs
@@ -98,7 +99,7 @@ def _store_quarter(OUT, start, lanes, n_elements, x, b, dy, r, threshold, scale,
         tl.store(OUT + offs, cast_rn(out, OUT.dtype.element_ty), mask=offs < n_elements)
 
 
-@triton.jit(do_not_specialize=["seed"])  # a new seed per call: one compiled variant
+@jit(do_not_specialize=["seed"])  # a new seed per call: one compiled variant
 def _kernel(
     X,  # input, flat (n_elements,)
     BIAS,  # bias over the last dim (n_cols,), or a dummy when HAS_BIAS is False

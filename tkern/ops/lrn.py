@@ -59,8 +59,9 @@ import triton
 import triton.language as tl
 
 from .. import _runtime as rt
+from .._launch import Site, jit
 from ._math import cast_rn, from_pair
-from ._op import Op, f32_pairs
+from ._op import Op, PlanCache, f32_pairs
 
 # Elements per tile, and per thread.  ptxas (sm_90a, fp32, NCHW, size 5 unrolled; see
 # perf/RESULTS.md) gives the backward 92 registers at four elements a thread: one 512-thread
@@ -161,7 +162,7 @@ def _window_sumsq(X, base, c, j, s_ok, C, sxc, before, after, UNROLL: tl.constex
     return acc
 
 
-@triton.jit
+@jit
 def _lrn_forward_kernel(
     X,  # input viewed as (N, C, S), strides (sxn, sxc, sxs)
     Y,  # output (N, C, S), strides (syn, syc, sys)
@@ -204,7 +205,7 @@ def _backward_term(X, G, xbase, gbase, c, j, s_ok, C, sxc, sgc, kk, aa, before, 
     return term, sj
 
 
-@triton.jit
+@jit
 def _lrn_backward_kernel(
     X,  # forward's input (N, C, S), strides (sxn, sxc, sxs)
     G,  # gradient of the output (N, C, S), strides (sgn, sgc, sgs)
@@ -375,7 +376,7 @@ def _forward_step(YP, c, c_end, s, S, lead, v1, v2, v3, v4, v5, v6, v7, v8, kk, 
 
 # chunk unspecialised: a 16-divisible chunk would give the four rows of a trip different
 # known alignments, hence different layouts (shared-memory shuffles between them)
-@triton.jit(do_not_specialize=["chunk"])
+@jit(do_not_specialize=["chunk"])
 def _lrn_forward_slide_kernel(
     X,  # input (N, C, S), strides (sxn, sxc, 1)
     Y,  # output (N, C, S), strides (syn, syc, 1)
@@ -477,7 +478,7 @@ def _backward_step(DP, L, c0, c_end, C, s, S, lead, g,
 
 # chunk unspecialised: a 16-divisible chunk would give the four rows of a trip different
 # known alignments, hence different layouts (shared-memory shuffles between them)
-@triton.jit(do_not_specialize=["chunk"])
+@jit(do_not_specialize=["chunk"])
 def _lrn_backward_slide_kernel(
     X,  # forward's input (N, C, S), strides (sxn, sxc, 1)
     G,  # gradient of the output (N, C, S), strides (sgn, sgc, 1)
@@ -699,17 +700,39 @@ def _forward_buffers(x: torch.Tensor, last: bool):
     return x, y
 
 
-def _forward(x, cfg):
-    x, y = _forward_buffers(x, cfg.last)
-    x3, y3 = _view3(x, cfg.last), _view3(y, cfg.last)
+# Launch sites of contiguous inputs, by (shape, dtype, device, config, planning mode): a call
+# whose tensors are all contiguous needs no views, copies or plan (the Site has the integers)
+_SITES = PlanCache(None)
+
+
+def _site_key(x, cfg, backward):
+    return (x.shape, x.dtype, x.device, cfg, backward, rt._planned_sms)
+
+
+def _forward_site(x3, y3, cfg) -> Site:
     slide = _slide_args((x3, y3), cfg)
     if slide is not None:
         grid, args, kw = slide
-        _lrn_forward_slide_kernel[grid](x3, y3, *args, **kw)
-        return (y,)
+        return Site(_lrn_forward_slide_kernel, grid, args, **kw)
     grid, dims, kw = _launch_args(x3, cfg)
-    _lrn_forward_kernel[grid](x3, y3, *dims, *x3.stride(), *y3.stride(),
-                              INT64=rt.needs_int64(x3, y3), **kw)
+    return Site(_lrn_forward_kernel, grid, (*dims, *x3.stride(), *y3.stride()),
+                INT64=rt.needs_int64(x3, y3), **kw)
+
+
+def _forward(x, cfg):
+    if x.is_contiguous():
+        site = _SITES.plans.get(_site_key(x, cfg, False))
+        if site is not None:
+            y = torch.empty_like(x)
+            site(x, y)
+            return (y,)
+    contiguous = x.is_contiguous()
+    x, y = _forward_buffers(x, cfg.last)
+    x3, y3 = _view3(x, cfg.last), _view3(y, cfg.last)
+    site = _forward_site(x3, y3, cfg)
+    if contiguous and y.is_contiguous():
+        _SITES.put(_site_key(x, cfg, False), site)
+    site(x3, y3)
     return (y,)
 
 
@@ -722,18 +745,33 @@ def _backward_buffers(x, dy, last):
     return _walk(last, x, dy, _empty(x, last))
 
 
-def _backward(douts, saved, cfg, needs):
-    """dx from the saved x alone: s and y are recomputed in the kernel."""
-    (x, dy, dx), (x3, g3, _) = _backward_buffers(saved[0], douts[0], cfg.last)
-    d3 = _view3(dx, cfg.last)
+def _backward_site(x3, g3, d3, cfg) -> Site:
     slide = _slide_args((x3, g3, d3), cfg)
     if slide is not None:
         grid, args, kw = slide
-        _lrn_backward_slide_kernel[grid](x3, g3, d3, *args, **kw)
-        return (dx,)
+        return Site(_lrn_backward_slide_kernel, grid, args, **kw)
     grid, dims, kw = _launch_args(x3, cfg)
-    _lrn_backward_kernel[grid](x3, g3, d3, *dims, *x3.stride(), *g3.stride(), *d3.stride(),
-                               INT64=rt.needs_int64(x3, g3, d3), **kw)
+    return Site(_lrn_backward_kernel, grid,
+                (*dims, *x3.stride(), *g3.stride(), *d3.stride()),
+                INT64=rt.needs_int64(x3, g3, d3), **kw)
+
+
+def _backward(douts, saved, cfg, needs):
+    """dx from the saved x alone: s and y are recomputed in the kernel."""
+    x, dy = saved[0], douts[0]
+    contiguous = x.is_contiguous() and dy.is_contiguous()
+    if contiguous:
+        site = _SITES.plans.get(_site_key(x, cfg, True))
+        if site is not None:
+            dx = torch.empty_like(x)
+            site(x, dy, dx)
+            return (dx,)
+    (x, dy, dx), (x3, g3, _) = _backward_buffers(x, dy, cfg.last)
+    d3 = _view3(dx, cfg.last)
+    site = _backward_site(x3, g3, d3, cfg)
+    if contiguous and dx.is_contiguous():
+        _SITES.put(_site_key(x, cfg, True), site)
+    site(x3, g3, d3)
     return (dx,)
 
 

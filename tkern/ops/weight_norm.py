@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from .. import _runtime as rt
+from .._launch import jit
 from ._math import cast_rn, div_rn, sqrt_rn
 from ._op import Op
 
@@ -54,7 +55,7 @@ SPLIT_TARGET = 1024  # about this many programs after splitting
 ROWS, COLS, GENERAL = 0, 1, 2
 
 
-@triton.jit
+@jit
 def _weight_norm_kernel(
     V,  # v, contiguous, viewed [outer, D, inner]
     GW,  # backward: gradient of w, v's layout; forward: unused (V passed)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..._launch import jit
 from .._math import cast_rn, from_pair
 from ...activations import activate, activation_grad
 
@@ -185,7 +186,7 @@ def _merge_positions(n_tot, hi, lo, m2, FLAT: tl.constexpr, FLAT_S: tl.constexpr
     return n_tot, hi, lo, m2
 
 
-@triton.jit
+@jit
 def _stats_partial_kernel(
     X,  # input viewed as [N, C, S] through (sN, sC, sS)
     PCOUNT, PMEAN, PMEAN_LO, PM2,  # [P, C] partial count, mean as hi + lo, M2 (sum of squared dev.)
@@ -281,7 +282,7 @@ def _merge_partials(PCOUNT, PMEAN, PMEAN_LO, PM2, P, C, c, cmask, HAS_LO: tl.con
     return n_tot, mean_hi, mean_lo, m2
 
 
-@triton.jit
+@jit
 def _stats_combine_kernel(
     PCOUNT, PMEAN, PMEAN_LO, PM2,  # [P, C] partials: count, mean as hi + lo (lo if HAS_LO), M2
     MEAN, MEAN_LO,  # [C] outputs: merged mean as hi + lo
@@ -407,7 +408,7 @@ def _scale_shift(mean_lo, invstd, w, b, HAS_LO: tl.constexpr):
     return scale, shift
 
 
-@triton.jit
+@jit
 def _normalize_kernel(
     X,  # input [N, C, S] through (sxN, sxC, sxS)
     Y,  # output [N, C, S] through (syN, syC, syS)
@@ -479,7 +480,7 @@ def _affine_normalize(X, Y, W, B, c, cmask, pos, pmask, lc, mean, mean_lo, invst
                      ACTIVATION, COMPUTE, INT64, BLOCK_S, R, HAS_R)
 
 
-@triton.jit
+@jit
 def _fused_forward_kernel(
     X, Y,  # [N, C, S] through their strides
     MEAN, MEAN_LO, INVSTD,  # [C] outputs: the batch mean as hi + lo, 1 / sqrt(biased var + eps)
@@ -517,7 +518,7 @@ def _fused_forward_kernel(
                           BLOCK_S, FLAT, R, HAS_R)
 
 
-@triton.jit
+@jit
 def _merge_normalize_kernel(
     X, Y,  # [N, C, S] through their strides
     PCOUNT, PMEAN, PMEAN_LO, PM2,  # [P, C] partials of _stats_partial_kernel
@@ -642,7 +643,7 @@ def _reduce_tile(x, dy, xo, mask, n, s, pos, DX, DR, R, mean, mean_lo, invstd, w
     return g, g * xhat
 
 
-@triton.jit
+@jit
 def _backward_reduce_kernel(
     X, DY, DX,  # [N, C, S] through their strides; DX written with EVAL_DX or TRAIN_DX
     MEAN, MEAN_LO, INVSTD, W, B,  # [C] saved statistics (MEAN_LO when HAS_LO) and affine parameters
@@ -716,7 +717,7 @@ def _backward_reduce_kernel(
                   BLOCK_S, R, DR, HAS_R, False)
 
 
-@triton.jit
+@jit
 def _dx_kernel(
     X, DY, DX,  # [N, C, S] through their strides
     MEAN, MEAN_LO, INVSTD, W, B,  # [C] saved statistics (MEAN_LO when HAS_LO) and affine parameters

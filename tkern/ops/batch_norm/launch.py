@@ -5,12 +5,28 @@ torch.distributed's collectives (``bn_partial_stats``, ``bn_combine_stats``, ``b
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ... import _runtime as rt
-from .._op import cdiv, f32_pairs, next_pow2
+from ..._launch import Site
+from .._op import PlanCache, cdiv, f32_pairs, next_pow2
 from . import kernels as K
 from .launch_plan import _like, _prepare_input, flat_args, launch_args, plan
+
+# Launch sites by (launcher, plan, dtype, flags, scalars): every argument of a launch but its
+# tensors follows from those, so a repeated layer's launch costs the tensors and one lookup
+# (tkern._launch.Site).  Keys hold the Plan itself (its view compares by identity), never an id.
+_SITES = PlanCache(None)
+
+
+def _site(key, build) -> Site:
+    site = _SITES.plans.get(key)
+    if site is None:
+        site = build()
+        _SITES.put(key, site)
+    return site
 
 
 # Every launcher normalises the internal tensors it is given (x through _prepare_input,
@@ -24,7 +40,7 @@ def _dense(t, shape, name):
     when strided or expanded; RuntimeError for a wrong shape."""
     if t is None:
         return None
-    if tuple(t.shape) != tuple(shape):
+    if t.shape != shape:
         if len(shape) != 1 or t.numel() != shape[0]:
             raise RuntimeError(f"tkern.batch_norm: {name} must have shape {tuple(shape)}, "
                                f"got {tuple(t.shape)}")
@@ -56,12 +72,12 @@ def bn_partial_stats(x: torch.Tensor):
     x = _prepare_input(x)
     p = plan(x, reduction=True)
     view = p.view
-    sN, sC, sS = view.strides(x)
     P, C = p.num_partials, view.C
     count, mean, m2, mean_lo = torch.empty((4, P, C), dtype=acc, device=x.device).unbind(0)
-    K._stats_partial_kernel[p.grid](
-        x, count, mean, mean_lo, m2, C, view.cols, sN, sC, sS,
-        COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(), **launch_args(p))
+    site = _site(("partial_stats", p, x.dtype), lambda: Site(
+        K._stats_partial_kernel, p.grid, (C, view.cols, *view.strides(x)),
+        COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(), **launch_args(p)))
+    site(x, count, mean, mean_lo, m2)
     return count, mean, m2, mean_lo
 
 
@@ -120,16 +136,26 @@ def _stat_args(x, mean, mean_lo, invstd, weight, bias, var, eps):
     """Pointer arguments and flags shared by the normalize and backward kernels.  ``var`` (with
     ``eps``) replaces ``invstd``: the kernels then take 1 / sqrt(var + eps) themselves."""
     from_var = var is not None
-    C = x.shape[1]
-    mean, mean_lo, invstd, weight, bias, var = (_dense(t, (C,), name) for t, name in (
-        (mean, "mean"), (mean_lo, "mean_lo"), (invstd, "invstd"), (weight, "weight"),
-        (bias, "bias"), (var, "var")))
-    eps_hi, eps_lo = f32_pairs(eps)
-    flags = dict(HAS_LO=mean_lo is not None, FROM_VAR=from_var, HAS_W=weight is not None,
-                 HAS_B=bias is not None, eps_hi=eps_hi, eps_lo=eps_lo)
+    shape = (x.shape[1],)
+    mean = _dense(mean, shape, "mean")
+    mean_lo = _dense(mean_lo, shape, "mean_lo")
+    invstd = _dense(invstd, shape, "invstd")
+    weight = _dense(weight, shape, "weight")
+    bias = _dense(bias, shape, "bias")
+    var = _dense(var, shape, "var")
+    flags = _stat_flags(mean_lo is not None, from_var, weight is not None, bias is not None, eps)
     ptrs = (mean, mean_lo if mean_lo is not None else mean, var if from_var else invstd,
             weight if weight is not None else mean, bias if bias is not None else mean)
     return ptrs, flags
+
+
+@functools.lru_cache(maxsize=256)
+def _stat_flags(has_lo, from_var, has_w, has_b, eps) -> tuple:
+    """The flags and eps pair of ``_stat_args`` as (name, value) items (hashable: site keys
+    include them); the same few combinations repeat every call."""
+    eps_hi, eps_lo = f32_pairs(eps)
+    return tuple(dict(HAS_LO=has_lo, FROM_VAR=from_var, HAS_W=has_w, HAS_B=has_b,
+                      eps_hi=eps_hi, eps_lo=eps_lo).items())
 
 
 def _residual_args(residual, dr=None) -> dict:
@@ -137,6 +163,15 @@ def _residual_args(residual, dr=None) -> dict:
     if residual is None:
         return {}
     return dict(R=residual, HAS_R=True, **({} if dr is None else dict(DR=dr)))
+
+
+def _residual_site(residual, dr=None):
+    """(named tensors, flags, tensors) of an optional residual and its gradient, for a Site."""
+    if residual is None:
+        return (), {}, ()
+    if dr is None:
+        return ("R",), dict(HAS_R=True), (residual,)
+    return ("R", "DR"), dict(HAS_R=True), (residual, dr)
 
 
 def _residual_like(residual, x):
@@ -158,11 +193,14 @@ def bn_normalize(x, mean, invstd, weight, bias, activation="identity", negative_
     p = plan(x, reduction=False)
     view = p.view
     ptrs, flags = _stat_args(x, mean, mean_lo, invstd, weight, bias, var, eps)
-    K._normalize_kernel[p.grid](
-        x, y, *ptrs, view.C, view.cols, *view.strides(x), *view.strides(y),
-        **_activation_scalars(negative_slope, alpha), ACTIVATION=activation,
-        COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(y), **flags, **launch_args(p),
-        **_residual_args(residual))
+    named, rflags, rtensors = _residual_site(residual)
+    key = ("normalize", p, x.dtype, activation, negative_slope, alpha, named, *flags)
+    site = _site(key, lambda: Site(
+        K._normalize_kernel, p.grid, (view.C, view.cols, *view.strides(x), *view.strides(y)),
+        named, **_activation_scalars(negative_slope, alpha), ACTIVATION=activation,
+        COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(y), **dict(flags), **launch_args(p),
+        **rflags))
+    site(x, y, *ptrs, *rtensors)
     return y
 
 
@@ -197,15 +235,24 @@ def _backward_pass(x, dy, mean, invstd, weight, bias, activation, negative_slope
     dx = torch.empty_like(x) if with_dx else None
     ws = torch.empty((2, P, C), dtype=rt.accum_dtype(x.dtype), device=x.device)
     ptrs, flags = _stat_args(x, mean, mean_lo, invstd, weight, bias, var, eps)
-    inv_hi, inv_lo = f32_pairs(1.0 / max(count, 1))
     out = dx if with_dx else x  # a dummy pointer without dx
-    K._backward_reduce_kernel[p.grid](
-        x, dy, out, *ptrs, ws[0], ws[1], C, view.cols, *view.strides(x), *view.strides(dy),
-        *view.strides(out), inv_n_hi=inv_hi, inv_n_lo=inv_lo,
-        **_activation_scalars(negative_slope, alpha), EVAL_DX=eval_dx, TRAIN_DX=train_dx,
-        ACTIVATION=activation,
-        COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(dy, out), **flags, **launch_args(p),
-        **_residual_args(residual, dr))
+    named, rflags, rtensors = _residual_site(residual, dr)
+
+    def build():
+        inv_hi, inv_lo = f32_pairs(1.0 / max(count, 1))
+        return Site(
+            K._backward_reduce_kernel, p.grid,
+            (C, view.cols, *view.strides(x), *view.strides(dy), *view.strides(out)), named,
+            inv_n_hi=inv_hi, inv_n_lo=inv_lo, **_activation_scalars(negative_slope, alpha),
+            EVAL_DX=eval_dx, TRAIN_DX=train_dx, ACTIVATION=activation,
+            COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(dy, out), **dict(flags),
+            **launch_args(p), **rflags)
+
+    # dy's strides are x's unless _like kept another addressable layout: part of the key
+    key = ("backward_reduce", p, x.dtype, dy.stride(), eval_dx, train_dx, count, activation,
+           negative_slope, alpha, named, *flags)
+    site = _site(key, build)
+    site(x, dy, out, *ptrs, *ws.unbind(0), *rtensors)
     if partials:
         return ws, dx
     sums = ws[:, 0] if P == 1 else ws.sum(1)  # deterministic combine over the splits
@@ -235,17 +282,25 @@ def bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g=None, sum_gx=None, c
     view = p.view
     dy = _like(dy, x, view)
     ptrs, flags = _stat_args(x, mean, mean_lo, invstd, weight, bias, var, eps)
-    inv_hi, inv_lo = f32_pairs(1.0 / max(count, 1))
     rows = sum_g.shape[0] if training and sum_g.dim() == 2 else 1
-    K._dx_kernel[p.grid](
-        x, dy, dx, *ptrs, sum_g if training else mean, sum_gx if training else mean,
-        sums_out if sums_out is not None else mean, rows,
-        view.C, view.cols, *view.strides(x), *view.strides(dy), *view.strides(dx),
-        inv_n_hi=inv_hi, inv_n_lo=inv_lo, **_activation_scalars(negative_slope, alpha),
-        TRAINING=training, WRITE_SUMS=sums_out is not None, ACTIVATION=activation,
-        COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(dy, dx), **flags,
-        **launch_args(p), **_residual_args(residual, dr),
-        **(dict(WRITE_DR=True) if write_dr else {}))
+    named, rflags, rtensors = _residual_site(residual, dr)
+
+    def build():
+        inv_hi, inv_lo = f32_pairs(1.0 / max(count, 1))
+        return Site(
+            K._dx_kernel, p.grid,
+            (rows, view.C, view.cols, *view.strides(x), *view.strides(dy), *view.strides(dx)),
+            named, inv_n_hi=inv_hi, inv_n_lo=inv_lo,
+            **_activation_scalars(negative_slope, alpha), TRAINING=training,
+            WRITE_SUMS=sums_out is not None, ACTIVATION=activation,
+            COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(dy, dx), **dict(flags),
+            **launch_args(p), **rflags, **(dict(WRITE_DR=True) if write_dr else {}))
+
+    key = ("dx", p, x.dtype, dy.stride(), rows, count, training, sums_out is not None,
+           write_dr, activation, negative_slope, alpha, named, *flags)
+    site = _site(key, build)
+    site(x, dy, dx, *ptrs, sum_g if training else mean, sum_gx if training else mean,
+         sums_out if sums_out is not None else mean, *rtensors)
     return dx
 
 
@@ -279,19 +334,27 @@ def _fused_forward(x, weight, bias, running_mean, running_var, num_batches_track
     y = torch.empty_like(x) if write_y else x
     update = running_mean is not None
     cumulative = update and momentum is None
-    eps_hi, eps_lo, mom_hi, mom_lo = f32_pairs(eps, 0.0 if momentum is None else momentum)
-    dummy = stats[0]
-    K._fused_forward_kernel[(p.grid[0],)](
-        x, y, stats[0], stats[1], stats[2],
-        weight if weight is not None else dummy, bias if bias is not None else dummy,
-        running_mean if update else dummy, running_var if update else dummy,
-        num_batches_tracked if cumulative else dummy,
-        C, view.cols, *view.strides(x), *view.strides(y), p.nsb, p.n_units,
-        eps_hi, eps_lo, mom_hi, mom_lo, **_activation_scalars(negative_slope, alpha),
-        UPDATE=update, CUMULATIVE=cumulative, WRITE_Y=write_y, HAS_W=weight is not None,
-        HAS_B=bias is not None, ACTIVATION=activation, COMPUTE=rt.compute_dtype(x.dtype),
-        INT64=view.int64(y), BLOCK_S=p.BLOCK_S, BLOCK_C=p.BLOCK_C,
-        num_warps=p.num_warps, **flat_args(p), **_residual_args(residual))
+    named, rflags, rtensors = _residual_site(residual)
+
+    def build():
+        eps_hi, eps_lo, mom_hi, mom_lo = f32_pairs(eps, 0.0 if momentum is None else momentum)
+        return Site(
+            K._fused_forward_kernel, (p.grid[0],),
+            (C, view.cols, *view.strides(x), *view.strides(y), p.nsb, p.n_units,
+             eps_hi, eps_lo, mom_hi, mom_lo), named,
+            **_activation_scalars(negative_slope, alpha),
+            UPDATE=update, CUMULATIVE=cumulative, WRITE_Y=write_y, HAS_W=weight is not None,
+            HAS_B=bias is not None, ACTIVATION=activation, COMPUTE=rt.compute_dtype(x.dtype),
+            INT64=view.int64(y), BLOCK_S=p.BLOCK_S, BLOCK_C=p.BLOCK_C,
+            num_warps=p.num_warps, **flat_args(p), **rflags)
+
+    key = ("fused_forward", p, x.dtype, update, cumulative, write_y, weight is not None,
+           bias is not None, eps, momentum, activation, negative_slope, alpha, named)
+    site = _site(key, build)
+    m, lo, inv = stats.unbind(0)
+    site(x, y, m, lo, inv, weight if weight is not None else m, bias if bias is not None else m,
+         running_mean if update else m, running_var if update else m,
+         num_batches_tracked if cumulative else m, *rtensors)
     return (y if write_y else None), stats
 
 
@@ -336,18 +399,23 @@ def train_forward(x, weight, bias, running_mean, running_var, num_batches_tracke
     y = torch.empty_like(x)
     update = running_mean is not None
     cumulative = update and momentum is None
-    dummy = stats[0]
-    K._merge_normalize_kernel[p.grid](
-        x, y, count, mean, mean_lo, m2, stats[0], stats[1], stats[2],
-        weight if weight is not None else dummy, bias if bias is not None else dummy,
-        running_mean if update else dummy, running_var if update else dummy,
-        num_batches_tracked if cumulative else dummy,
-        P, C, view.cols, *view.strides(x), *view.strides(y), p.nsb, p.n_units, p.units_per_prog,
-        *f32_pairs(eps, 0.0 if momentum is None else momentum, negative_slope, alpha),
-        UPDATE=update, CUMULATIVE=cumulative, HAS_W=weight is not None, HAS_B=bias is not None,
-        ACTIVATION=activation, COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(y),
-        BLOCK_P=min(next_pow2(P), 32), BLOCK_S=p.BLOCK_S, BLOCK_C=p.BLOCK_C,
-        num_warps=p.num_warps, **flat_args(p), **_residual_args(residual))
+    named, rflags, rtensors = _residual_site(residual)
+    site = _site(
+        ("merge_normalize", p, x.dtype, update, cumulative, weight is not None,
+         bias is not None, eps, momentum, activation, negative_slope, alpha, named),
+        lambda: Site(
+            K._merge_normalize_kernel, p.grid,
+            (P, C, view.cols, *view.strides(x), *view.strides(y), p.nsb, p.n_units,
+             p.units_per_prog,
+             *f32_pairs(eps, 0.0 if momentum is None else momentum, negative_slope, alpha)),
+            named, UPDATE=update, CUMULATIVE=cumulative, HAS_W=weight is not None,
+            HAS_B=bias is not None, ACTIVATION=activation, COMPUTE=rt.compute_dtype(x.dtype),
+            INT64=view.int64(y), BLOCK_P=min(next_pow2(P), 32), BLOCK_S=p.BLOCK_S,
+            BLOCK_C=p.BLOCK_C, num_warps=p.num_warps, **flat_args(p), **rflags))
+    m, lo, inv = stats.unbind(0)
+    site(x, y, count, mean, mean_lo, m2, m, lo, inv, weight if weight is not None else m,
+         bias if bias is not None else m, running_mean if update else m,
+         running_var if update else m, num_batches_tracked if cumulative else m, *rtensors)
     return y, stats
 
 

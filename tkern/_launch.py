@@ -1,0 +1,338 @@
+"""tkern's kernel launch path: Triton's launch without its per-call binder.
+
+``kernel[grid](*args)`` on a ``triton.jit`` function binds every argument, specialises each one
+(pointer alignment, integers equal to 1 or divisible by 16, their width), builds a cache key from
+that and the options, and looks the compiled kernel up: about 0.3 us per argument plus the key,
+5-25 us per launch with tkern's 15-40 arguments.  Kernels declared with ``@jit`` (this module)
+do that once per *launch signature* and then find the compiled kernel by a cheaper key:
+
+- a tensor contributes its dtype and whether its address is 16-byte aligned (all Triton
+  specialises a pointer on);
+- an integer declared ``do_not_specialize`` contributes only its width class (i32 / i64 / u64,
+  what Triton still distinguishes), so a per-call seed does not miss the cache;
+- a float contributes its type only (Triton passes every float as an fp32 argument);
+- every other argument contributes its value and type: never coarser than Triton's
+  specialisation (which keeps only ``== 1`` / ``% 16`` of an int), so one key never maps two
+  Triton variants to one entry.  Plans make those values repeat from call to call.
+
+On a hit the compiled kernel's own launcher is called with exactly the arguments and launch
+parameters ``JITFunction.run`` would pass (the bound arguments in signature order, defaults
+filled in).  Whatever this key cannot see goes through Triton's own ``run``: warm-up, callable
+grids, active launch hooks (profilers), and the first launch of each key (which compiles).
+
+Under ``TRITON_INTERPRET=1`` ``triton.jit`` returns the interpreter's function and ``@jit`` leaves
+it as it is (the interpreter has no launcher to call); ``perf.host`` replays this module's key
+and lookup there (``HostEmulation``) to measure the GPU path's host cost on CPU.
+"""
+
+from __future__ import annotations
+
+import inspect as _inspect
+import os
+import weakref
+
+import torch
+import triton
+
+_Tensor = torch.Tensor
+# TKERN_TRITON_LAUNCH=1 (read at import): every launch through Triton's own run, for comparison
+_TRITON_ONLY = os.environ.get("TKERN_TRITON_LAUNCH", "0") not in ("", "0")
+_I32 = 1 << 31
+_U64 = 1 << 63
+_CACHE_LIMIT = 1024  # entries per kernel and device: plans repeat, garbage (NaN scalars) must not grow
+
+
+def _width(v):
+    """The class Triton still tells apart for an unspecialised int (its kernel argument type)."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return ("int", v >= _I32 or v < -_I32, v >= _U64)
+    return v
+
+
+def launch_key(args: tuple, kwargs: dict, info: "_Params") -> tuple:
+    """The cache key of one launch (see the module docstring)."""
+    toks = [(a.dtype, not a.data_ptr() & 15) if isinstance(a, _Tensor)
+            else (a if a.__class__ is not float else None) for a in args]
+    n = len(args)
+    for i in info.const_pos:  # a constexpr float is specialised on its value
+        if i < n:
+            toks[i] = args[i]
+    for i in info.dns_pos:
+        if i < n:
+            toks[i] = _width(toks[i])
+    for k, v in kwargs.items():
+        if isinstance(v, _Tensor):
+            v = (v.dtype, not v.data_ptr() & 15)
+        elif k in info.dns_names:
+            v = _width(v)
+        elif v.__class__ is float and k in info.runtime_names:
+            v = None
+        toks.append((k, v))
+    toks.append(tuple(map(type, args)))
+    toks.append(tuple(map(type, kwargs.values())))
+    return tuple(toks)
+
+
+class Entry:
+    """A compiled kernel and how to build its launcher's argument list from a call."""
+
+    __slots__ = ("kernel", "launcher", "function", "packed", "rest")
+
+    def __init__(self, kernel, params, n_args: int, kwargs: dict):
+        self.kernel = kernel
+        # parameters after the positional ones, in signature order: (name, default)
+        self.rest = tuple((p.name, p.default) for p in params[n_args:])
+        for name, default in self.rest:
+            if name not in kwargs and default is _EMPTY:
+                raise TypeError(f"missing kernel argument {name!r}")
+        self.launcher = self.function = self.packed = None
+
+    def bind(self):
+        """Launcher, function handle and metadata: valid once the kernel has been loaded (after
+        its first launch)."""
+        k = self.kernel
+        self.launcher = k.run  # a property: loads the module on first use
+        self.function, self.packed = k.function, k.packed_metadata
+
+    def full_args(self, args: tuple, kwargs: dict) -> tuple:
+        return (*args, *[kwargs.get(name, default) for name, default in self.rest])
+
+
+_EMPTY = _inspect.Parameter.empty
+
+
+class _Params:
+    """A kernel's parameter list as ``Entry`` needs it (name, default), and its
+    do_not_specialize positions and names."""
+
+    def __init__(self, pyfn, dns):
+        sig = _inspect.signature(pyfn)
+        self.params = [_P(n, p.default) for n, p in sig.parameters.items()]
+        dns = dns or ()
+        names = [p.name for p in self.params]
+        pos = {d if isinstance(d, int) else names.index(d) for d in dns}
+        self.dns_pos = tuple(sorted(pos))
+        self.dns_names = frozenset(names[i] for i in pos)
+        const = [_is_constexpr(p.annotation) for p in sig.parameters.values()]
+        self.const_pos = tuple(i for i, c in enumerate(const) if c)
+        self.runtime_names = frozenset(n for n, c in zip(names, const) if not c)
+
+
+def _is_constexpr(annotation) -> bool:
+    """As Triton reads a parameter's annotation (the object, or its text under
+    ``from __future__ import annotations``)."""
+    if annotation is _EMPTY:
+        return False
+    return annotation is triton.language.constexpr or "constexpr" in str(annotation)
+
+
+class _P:
+    __slots__ = ("name", "default")
+
+    def __init__(self, name, default):
+        self.name, self.default = name, default
+
+
+def _hooks_idle() -> bool:
+    from triton import knobs
+    rt = knobs.runtime
+    for hook in (rt.launch_enter_hook, rt.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return False
+    return True
+
+
+_JIT = triton.runtime.jit.JITFunction
+_TRITON_RUN = _JIT.run
+
+
+def _own_path() -> bool:
+    """Whether tkern may call launchers itself: Triton's ``run`` is not replaced (perf.static_cost
+    records launches that way, on CPU tensors) and no launch hook (a profiler) is active."""
+    return _JIT.run is _TRITON_RUN and _hooks_idle()
+
+
+class _FastJIT(_JIT):
+    """A ``JITFunction`` whose launches after the first of each key skip Triton's binder."""
+
+    def run(self, *args, grid, warmup, **kwargs):
+        if warmup or callable(grid) or not _own_path():
+            return super().run(*args, grid=grid, warmup=warmup, **kwargs)
+        info = self._tk_params
+        device = torch.cuda.current_device()
+        cache = self._tk_cache.get(device)
+        if cache is None:
+            cache = self._tk_cache[device] = {}
+        key = launch_key(args, kwargs, info)
+        entry = cache.get(key)
+        if entry is None:
+            kernel = super().run(*args, grid=grid, warmup=False, **kwargs)
+            if kernel is not None:
+                if len(cache) >= _CACHE_LIMIT:
+                    cache.clear()
+                entry = Entry(kernel, info.params, len(args), kwargs)
+                entry.bind()
+                cache[key] = entry
+            return kernel
+        n = len(grid)
+        entry.launcher(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
+                       torch._C._cuda_getCurrentRawStream(device), entry.function, entry.packed,
+                       None, None, None, *entry.full_args(args, kwargs))
+        return entry.kernel
+
+
+def jit(fn=None, **options):
+    """``triton.jit`` for kernels tkern launches: the same function, launched through the cached
+    path above when compiled (unchanged under the interpreter).  Helpers called from kernels stay
+    plain ``triton.jit``."""
+    if fn is None:
+        return lambda f: jit(f, **options)
+    k = triton.jit(fn, **options)
+    if type(k) is _JIT and not _TRITON_ONLY:
+        k.__class__ = _FastJIT
+        k._tk_params = _Params(k.fn, k.do_not_specialize)
+        k._tk_cache = {}
+        _KERNELS.add(k)
+    return k
+
+
+def clear_cache() -> None:
+    """Forget every cached launch signature (after changing Triton's debug or instrumentation
+    knobs, which the key does not read)."""
+    for k in _KERNELS:
+        k._tk_cache.clear()
+
+
+_KERNELS: "weakref.WeakSet[_FastJIT]" = weakref.WeakSet()
+
+
+def _tokens(tensors: tuple) -> tuple:
+    return tuple([(t.dtype, not t.data_ptr() & 15) for t in tensors])
+
+
+class Site:
+    """One launch of one plan, everything fixed but the tensors: ``Site(kernel, grid, tail,
+    named, **kwargs)(*tensors)`` launches ``kernel[grid](*lead, *tail, **kwargs, **dict(zip(named,
+    rest)))`` where the last ``len(named)`` tensors go by keyword (optional tensor parameters
+    late in the signature) and the others lead.
+
+    Ops keep a Site per plan (a plan is cached by the inputs' metadata and the config, so its
+    grid, integers, flags and scalars are fixed): a call then costs the tensors' dtype and
+    alignment, one lookup and the compiled launcher's call, with the full argument list built
+    once per variant.  The first launch of each variant goes through ``kernel[grid]``."""
+
+    __slots__ = ("kernel", "grid", "tail", "kwargs", "named", "_entries", "__weakref__")
+
+    def __init__(self, kernel, grid: tuple, tail: tuple = (), named: tuple = (), **kwargs):
+        self.kernel, self.tail, self.named, self.kwargs = kernel, tuple(tail), tuple(named), kwargs
+        n = len(grid)
+        self.grid = (grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1)
+        self._entries: dict = {}
+
+    def _split(self, tensors):
+        k = len(tensors) - len(self.named)
+        return tensors[:k], dict(self.kwargs, **dict(zip(self.named, tensors[k:])))
+
+    def _rest(self, params, n_lead: int) -> tuple:
+        """(values of the parameters after the tail, slots of the named tensors among them)."""
+        lead_and_tail = n_lead + len(self.tail)
+        entry = Entry(None, params, lead_and_tail, dict.fromkeys((*self.kwargs, *self.named)))
+        names = [name for name, _ in entry.rest]
+        values = tuple(entry.full_args((), self.kwargs))
+        return values, tuple(names.index(n) for n in self.named)
+
+    def __call__(self, *tensors):
+        if self.kernel.__class__ is _FastJIT and _own_path():
+            device = torch.cuda.current_device()
+            key = (device, *_tokens(tensors))
+            hit = self._entries.get(key)
+            if hit is not None:
+                launcher, function, packed, rest, slots = hit
+                if slots:
+                    k = len(tensors) - len(slots)
+                    rest = list(rest)
+                    for slot, t in zip(slots, tensors[k:]):
+                        rest[slot] = t
+                    tensors = tensors[:k]
+                g = self.grid
+                launcher(g[0], g[1], g[2], torch._C._cuda_getCurrentRawStream(device), function,
+                         packed, None, None, None, *tensors, *self.tail, *rest)
+                return
+            lead, kwargs = self._split(tensors)
+            kernel = self.kernel[self.grid](*lead, *self.tail, **kwargs)
+            if kernel is not None:
+                entry = Entry(kernel, (), 0, {})
+                entry.bind()
+                rest, slots = self._rest(self.kernel._tk_params.params, len(lead))
+                self._entries[key] = (entry.launcher, entry.function, entry.packed, rest, slots)
+            return
+        if EMULATION is not None and EMULATION.active:
+            EMULATION.site(self, tensors)
+            return
+        lead, kwargs = self._split(tensors)
+        self.kernel[self.grid](*lead, *self.tail, **kwargs)
+
+
+# set by ``perf.host`` while it measures: interpreted launches replay the GPU path's host steps
+EMULATION = None
+
+
+class HostEmulation:
+    """The hit paths of ``_FastJIT.run`` and ``Site`` for interpreted kernels, without a kernel:
+    ``perf.host`` calls ``launch(fn, args, grid, kwargs, first)`` in place of the interpreter
+    (``first()`` stands in for Triton's own run, its binder, on a key's first launch), and Sites
+    call ``site``; ``counted(name)`` is told of every launch a Site makes without the
+    interpreter."""
+
+    def __init__(self, counted=None):
+        self.caches: dict = {}
+        self.params: dict = {}
+        self.sites: "weakref.WeakKeyDictionary[Site, dict]" = weakref.WeakKeyDictionary()
+        self.counted = counted or (lambda name: None)
+        self.active = True
+
+    def site(self, site: Site, tensors: tuple) -> None:
+        entries = self.sites.get(site)
+        if entries is None:
+            entries = self.sites[site] = {}
+        key = (0, *_tokens(tensors))
+        hit = entries.get(key)
+        if hit is None:  # the first launch: through kernel[grid], i.e. ``launch`` below
+            lead, kwargs = site._split(tensors)
+            site.kernel[site.grid](*lead, *site.tail, **kwargs)
+            entries[key] = site._rest(self._info(site.kernel).params, len(lead))
+            return
+        rest, slots = hit
+        if slots:  # as Site.__call__ does on a GPU
+            k = len(tensors) - len(slots)
+            rest = list(rest)
+            for slot, t in zip(slots, tensors[k:]):
+                rest[slot] = t
+            tensors = tensors[:k]
+        g = site.grid
+        _no_launcher(g[0], g[1], g[2], 0, None, None, None, None, None, *tensors, *site.tail,
+                     *rest)
+        self.counted(site.kernel.fn.__name__)
+
+    def _info(self, fn):
+        info = self.params.get(fn.fn)
+        if info is None:
+            info = self.params[fn.fn] = _Params(fn.fn, fn.kwargs.get("do_not_specialize"))
+        return info
+
+    def launch(self, fn, args, grid, kwargs, first):
+        info = self._info(fn)
+        cache = self.caches.setdefault(fn.fn, {})
+        key = launch_key(args, kwargs, info)
+        entry = cache.get(key)
+        if entry is None:
+            first()
+            cache[key] = Entry(None, info.params, len(args), kwargs)
+            return
+        n = len(grid)
+        _no_launcher(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, 0, None, None,
+                     None, None, None, *entry.full_args(args, kwargs))
+
+
+def _no_launcher(*args):
+    """Where the compiled launcher (C, a few us on a GPU, not counted) would run."""
