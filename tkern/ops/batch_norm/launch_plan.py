@@ -26,6 +26,11 @@ FUSED_MAX_UNITS = 2
 # Elementwise launches (normalize, dx) aim at this many programs per SM: each program loops over
 # a few tiles, so its preamble (merging the partials, loading parameters) is paid once for them.
 ELEMENTWISE_PROGRAMS_PER_SM = 16
+REDUCTION_PROGRAMS_PER_SM = 4
+# On a GPU, each program takes at least this many tiles (reduction, elementwise) where the layer
+# has them: a reduction's epilogue (cross-lane sums, partial stores) and an elementwise program's
+# preamble (merging the partials) are paid once for them, and there are fewer partials to merge.
+MIN_UNITS = (6, 2)
 # Channel-major samples (NCHW) with at most this many positions per channel take FLAT tiles: a
 # program owns CPP whole channels, whose CPP * S positions are contiguous in every sample, and
 # walks the samples FLAT_ROWS at a time with 16-byte accesses (a tile long in S would leave S = 49
@@ -163,7 +168,7 @@ def _target_programs(device: torch.device, reduction: bool) -> int:
     interpreter, where each program costs numpy calls."""
     if not rt.plans_for_gpu(device):  # the interpreter: each program costs Python per op
         return 4 if reduction else 1
-    return (4 if reduction else ELEMENTWISE_PROGRAMS_PER_SM) * rt.sm_count(device)
+    return (REDUCTION_PROGRAMS_PER_SM if reduction else ELEMENTWISE_PROGRAMS_PER_SM) * rt.sm_count(device)
 
 
 class Plan(NamedTuple):
@@ -232,7 +237,7 @@ def _make_plan(x: torch.Tensor, target: int, reduction: bool, sms: int) -> Plan:
     c_blocks = cdiv(C, block_c)
     return _split(view, block_s, block_c, nsb, n_units, c_blocks, target, reduction,
                   one_program=narrow is not None,
-                  num_warps=_warps(block_s * block_c * x.element_size()))
+                  num_warps=_warps(block_s * block_c * x.element_size()), gpu=sms > 0)
 
 
 def _fused_channel_block(C: int, cols: int, elem: int, sms: int):
@@ -265,11 +270,15 @@ def _spatial_block(cols: int, tile: int) -> int:
 
 
 def _split(view, block_s, block_c, nsb, n_units, c_blocks, target, reduction, flat=False,
-           cpp=1, one_program=False, num_warps=None) -> Plan:
+           cpp=1, one_program=False, num_warps=None, gpu=False) -> Plan:
     splits = max(1, min(n_units, cdiv(target, c_blocks), 65535))
+    if gpu:
+        splits = max(1, min(splits, n_units // MIN_UNITS[0 if reduction else 1]))
     if reduction and (one_program or n_units <= FUSED_MAX_UNITS):
         splits = 1
     units_per_prog = max(1, cdiv(n_units, splits))
+    if reduction and units_per_prog > 2 and units_per_prog % 2:
+        units_per_prog += 1  # the reduction loops take tiles in pairs: no half-empty last trip
     splits = cdiv(n_units, units_per_prog)
     return Plan(view, block_s, block_c, nsb, n_units, units_per_prog, (c_blocks, splits), splits,
                 num_warps or num_warps_for(block_s * block_c), flat, cpp)
@@ -306,7 +315,7 @@ def _flat_plan(x: torch.Tensor, view: _View, target: int, reduction: bool, sms: 
     nsb = cdiv(N, rows)
     warps = _warps(rows * width * elem, FLAT_THREAD_BYTES)
     return _split(_FlatView(x, view), rows, width, nsb, nsb, cdiv(C, cpp), target, reduction,
-                  True, cpp, one_program, warps)
+                  True, cpp, one_program, warps, gpu=sms > 0)
 
 
 _PLANS = PlanCache(_make_plan)
