@@ -10,6 +10,9 @@ sample, one block of S) for a block of channels; the launchers in ``launch.py`` 
   from running_var).
 - ``_backward_reduce_kernel`` (sums; dx in the same launch with EVAL_DX / TRAIN_DX) and
   ``_dx_kernel``: backward.
+Under ``FLAT`` (see ``_lanes``) the tile columns are a program's CPP channels' contiguous
+positions and the tile rows samples: parameters reach the columns through ``_at_pos``, column
+results reach the channels through ``_merge_positions`` / ``_channel_sums``.
 """
 
 from __future__ import annotations

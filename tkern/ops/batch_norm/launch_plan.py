@@ -38,11 +38,12 @@ MIN_UNITS = (6, 2)
 FLAT_MAX_S = 1024
 # Positions per FLAT tile row: the power of two among these that CPP * S fills best.
 FLAT_POSITIONS = (2048, 4096)
-# A FLAT tile holds this many bytes of x (rows of samples x positions), this many per thread: a
-# few 16-byte loads in flight per thread, so few programs per SM still keep ~25 KB in flight.
+# A FLAT tile holds this many bytes of x (rows of samples x positions).
 FLAT_TILE_BYTES = 16384
-# Bytes of a tile per thread: four 16-byte loads, issued together, per tensor read; FLAT tiles
-# two (their per-position parameters and statistics take registers too).
+# Bytes of a tile per thread: four 16-byte loads per tensor read, issued together, so that one
+# or two CTAs per SM keep ~25 KB in flight (Little's law at copy bandwidth on an H200).  FLAT
+# tiles the same (32 predicted worse by perf.static_cost: the per-position epilogue then costs
+# more threads' issue slots).
 THREAD_BYTES = 64
 FLAT_THREAD_BYTES = 64
 # On a GPU, a channel-major layer whose channels hold at most this many bytes each program takes
