@@ -232,7 +232,9 @@ def _make_plan(x: torch.Tensor, target: int, reduction: bool, sms: int) -> Plan:
         narrow = _fused_channel_block(C, cols, x.element_size(), sms) if reduction else None
         if narrow is not None:
             block_c = narrow
-        block_s = min(next_pow2(max(cols, 1)), max(1, tile // block_c))
+        # half a tile: 4 warps, up to 4 CTAs per SM (a whole one left the backward reduce with
+        # an activation at 178 registers, 1 CTA and 16 KB in flight per SM, predicted)
+        block_s = min(next_pow2(max(cols, 1)), max(1, tile // 2 // block_c))
     nsb = cdiv(cols, block_s)
     n_units = view.rows * nsb
     c_blocks = cdiv(C, block_c)
