@@ -623,6 +623,73 @@ def test_gpu_like_plans_and_int64_offsets(device, monkeypatch, programs):
         _functional_case(device, torch.float32, shape, True, act="silu", memory_format=fmt)
 
 
+@pytest.mark.parametrize("shape,dtype,fmt,flat", [
+    ((3, 5, 7), torch.float32, None, True),  # S = 7
+    ((3, 3, 7, 7), torch.bfloat16, None, True),  # S = 49
+    ((3, 2, 14, 14), torch.float64, None, True),  # S = 196
+    ((3, 1, 7, 7), torch.float32, None, True),  # C = 1
+    ((2, 4096, 7), torch.bfloat16, None, True),  # C = 4096: 15 channel blocks, the last overlapping
+    ((3, 4096), torch.float32, None, False),  # S = 1: batch and channels, channels contiguous
+    ((2, 3, 55, 55), torch.float32, None, False),  # S = 3025: S-blocks, not FLAT
+    ((3, 6, 7, 7), torch.bfloat16, torch.channels_last, False),
+    ((2, 3, 7, 7), torch.float64, torch.channels_last, False),
+])
+def test_tilings(device, shape, dtype, fmt, flat):
+    """Each tiling (FLAT channel-major tiles; S-blocks; channels_last) on awkward S and C, in
+    training and eval, by the 2x rule."""
+    x = torch.empty(shape, device=device, dtype=dtype)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    assert bn_plan.plan(x).flat == flat and bn_plan.plan(x, reduction=False).flat == flat
+    for training in (True, False):
+        _functional_case(device, dtype, shape, training, act="relu", memory_format=fmt)
+
+
+@pytest.mark.parametrize("shape,one_program", [((4, 301, 7, 7), True), ((13, 45, 7, 7), False)])
+def test_flat_gpu_plans(device, monkeypatch, shape, one_program):
+    """FLAT plans as a GPU gets them (here for an 8-SM card): the one-launch plan with channel
+    blocks sized to the card, and the split plan (channels too big for one program, here by a
+    lowered FUSED_PROGRAM_BYTES: partials per tile of samples, several programs along the
+    batch); the last channel block overlaps its neighbour."""
+    if not one_program:
+        monkeypatch.setattr(bn_plan, "FUSED_PROGRAM_BYTES", 512)
+        monkeypatch.setattr(bn_plan, "FLAT_TILE_BYTES", 4096)  # tiles of 1 sample: 13 units
+    monkeypatch.setattr(bn_plan._PLANS, "plans", {})
+    with bn_ops.rt.plan_as_gpu(8):
+        x = torch.empty(shape, device=device)
+        p = bn_plan.plan(x)
+        assert p.flat and (p.num_partials == 1) == one_program
+        assert shape[1] % p.cpp  # a partial last block
+        if not one_program:
+            assert bn_plan.plan(x, reduction=False).grid[1] > 1
+        _functional_case(device, torch.float32, shape, True, act="silu")
+
+
+def test_channels_last_one_launch_gpu_plan(device):
+    """channels_last on a GPU plan whose channels fit one program each in narrow blocks (here a
+    4-SM card: 8 fp32 channels, 32-byte rows, 5 blocks): one launch each way."""
+    with bn_ops.rt.plan_as_gpu(4):
+        x = torch.empty(4, 40, 3, 3, device=device).contiguous(memory_format=torch.channels_last)
+        p = bn_plan.plan(x)
+        assert not p.flat and p.num_partials == 1 and p.BLOCK_C == 8
+        _functional_case(device, torch.float32, tuple(x.shape), True, act="relu",
+                         memory_format=torch.channels_last)
+
+
+def test_flat_residual_and_strided_gradient(device):
+    """FLAT tiles with a residual, and a gradient in another layout (copied to x's)."""
+    x = torch.randn(4, 5, 7, 7, device=device, requires_grad=True)
+    r = torch.randn(4, 5, 7, 7, device=device, requires_grad=True)
+    assert bn_plan.plan(x.detach()).flat
+    dy = torch.randn(4, 5, 7, 7, device=device).contiguous(memory_format=torch.channels_last)
+    xr, rr = (t.detach().clone().requires_grad_() for t in (x, r))
+    y = tkern.batch_norm(x, None, None, training=True, activation="relu", residual=r)
+    yr = F.relu(F.batch_norm(xr, None, None, training=True) + rr)
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(y, (x, r), dy), torch.autograd.grad(yr, (xr, rr), dy)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("activation,params", [("leaky_relu", dict(negative_slope=0.2)),
                                                ("elu", dict(alpha=1.3))])
 def test_fp64_activation_parameters_are_exact(device, activation, params):

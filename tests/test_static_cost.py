@@ -26,7 +26,7 @@ EXPECTED = {
     ("activation_dropout", "fwd"): {"_kernel"},
     ("activation_dropout", "bwd"): {"_kernel", "_bias_grad_kernel"},  # the case has a bias
 }
-MATCH = ["batch_norm ResNet-50 layer3 1024x14x14 contiguous bf16 b32",
+MATCH = ["batch_norm ResNet-50 layer3 1024x14x14 contiguous bf16 b256",  # split (b32: one launch)
          "batch_norm ResNet-50 layer3 1024x14x14 channels_last bf16 b32",
          "local_response_norm AlexNet conv1 96x55x55 contiguous bf16 b32",
          "activation_dropout transformer MLP bias+GELU+dropout 512x4096 contiguous bf16 b8"]

@@ -10,6 +10,22 @@ the loads vectorise along whichever axis is contiguous.  When the batch and spat
 samples.  The reduction domain of a channel (N x S elements) is cut into *units* (one sample, one
 block of S); a program owns a block of channels and a run of consecutive units.
 
+FLAT tiles (``launch_plan.FLAT_MAX_S``: channel-major x with S <= 1024, i.e. NCHW 28x28, 14x14,
+7x7).  A tile long in S would leave S = 49 or 196 in a 64- or 256-lane row, each position a 2-byte
+load.  Instead a program owns CPP whole channels, whose CPP * S positions are contiguous in every
+sample; the tile is [samples, positions] and its rows are read with 16-byte accesses (CPP * S a
+multiple of 16 bytes; the last channel block moves back to end at C, overlapping its neighbour,
+so the position mask is a constant; overlapped channels' results are written by their owner and
+the overlapped y / dx twice with the same values).  The position -> channel map is the same in every
+sample, so the kernels gather per-channel parameters to positions once per program
+(``tl.gather``), accumulate per position over the samples, and merge positions into channels once
+at the end (``_merge_positions``: equal counts, exact parallel formula).  On a GPU such a layer
+takes the one-launch plan when a channel block of all samples is at most
+``FUSED_PROGRAM_BYTES`` (64 KB: the re-read of normalize and backward's dx pass hits L2) and there
+are channel blocks for ~every SM; channels_last does the same in narrow channel blocks (rows of
+at least one 32-byte sector).  Reduction loops take their tiles in pairs (both loads issued
+before either is used); tiles hold 64 bytes a thread.
+
 Training forward.  When the plan has one partial per channel (a channel block spans at most
 ``FUSED_MAX_UNITS`` units, as in small batches and late layers, or there are channel blocks enough
 to fill the GPU) it takes one launch, ``_fused_forward_kernel``: a program per channel block

@@ -10,6 +10,9 @@ sample, one block of S) for a block of channels; the launchers in ``launch.py`` 
   from running_var).
 - ``_backward_reduce_kernel`` (sums; dx in the same launch with EVAL_DX / TRAIN_DX) and
   ``_dx_kernel``: backward.
+Under ``FLAT`` (see ``_lanes``) the tile columns are a program's CPP channels' contiguous
+positions and the tile rows samples: parameters reach the columns through ``_at_pos``, column
+results reach the channels through ``_merge_positions`` / ``_channel_sums``.
 """
 
 from __future__ import annotations
@@ -42,6 +45,68 @@ def _offsets(n, s, c, sN, sS, sC):
 
 
 @triton.jit
+def _lanes(C, BLOCK_C: tl.constexpr, FLAT: tl.constexpr, FLAT_S: tl.constexpr,
+           FLAT_C: tl.constexpr, CPP: tl.constexpr):
+    """This program's channels and its tile columns: (c, cmask, owned, pos, pmask, lc).
+    c [FLAT_C or BLOCK_C]: channel indices, cmask where they exist, owned where this program
+    writes their per-channel results.  pos / pmask: the tile's column offsets and mask (the
+    channels themselves, or under FLAT the CPP * FLAT_S contiguous positions of channels c,
+    channel-major, and lc the local channel of each position)."""
+    if FLAT:
+        lanes = tl.arange(0, FLAT_C)
+        first = tl.program_id(0) * CPP
+        # the last block moves back to end at channel C, overlapping its neighbour, so every
+        # position of every block is in range: the position mask is a constant (vector access)
+        c0 = tl.minimum(first, C - CPP)
+        c = c0 + lanes
+        cmask = lanes < CPP
+        owned = cmask & (c >= first)
+        f = tl.arange(0, BLOCK_C)
+        pos = c0 * FLAT_S + f
+        pmask = f < CPP * FLAT_S
+        lc = tl.minimum(f // FLAT_S, FLAT_C - 1)
+    else:
+        c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = c < C
+        owned = cmask
+        pos = c
+        pmask = cmask
+        lc = c
+    return c, cmask, owned, pos, pmask, lc
+
+
+@triton.jit
+def _at_pos(v, lc, FLAT: tl.constexpr):
+    """A per-channel vector at the tile's columns (a register gather under FLAT)."""
+    if FLAT:
+        v = tl.gather(v, lc, 0)
+    return v
+
+
+@triton.jit
+def _position_tile(v, FLAT_S: tl.constexpr, FLAT_S2: tl.constexpr, FLAT_C: tl.constexpr):
+    """Per-position values [BLOCK_F] as [FLAT_C, FLAT_S2]: row j holds channel j's FLAT_S
+    positions (zeros past them), and the mask of those."""
+    s = tl.arange(0, FLAT_S2)
+    j = tl.arange(0, FLAT_C)
+    valid = (s < FLAT_S)[None, :] & (j >= 0)[:, None]
+    idx = tl.where(valid, j[:, None] * FLAT_S + s[None, :], 0)
+    idx = tl.minimum(idx, v.shape[0] - 1)
+    t = tl.reshape(tl.gather(v, tl.reshape(idx, [FLAT_C * FLAT_S2]), 0), [FLAT_C, FLAT_S2])
+    return tl.where(valid, t, 0.0), valid
+
+
+@triton.jit
+def _channel_sums(v, FLAT: tl.constexpr, FLAT_S: tl.constexpr, FLAT_S2: tl.constexpr,
+                  FLAT_C: tl.constexpr):
+    """Per-column sums as per-channel sums (under FLAT: each channel's positions added)."""
+    if FLAT:
+        t, valid = _position_tile(v, FLAT_S, FLAT_S2, FLAT_C)
+        v = tl.sum(t, 1)
+    return v
+
+
+@triton.jit
 def _two_sum(a, b):
     """(hi, lo) with hi = fl(a + b) and hi + lo == a + b exactly (Knuth's TwoSum; adds only, so
     FMA contraction cannot disturb it)."""
@@ -63,22 +128,35 @@ def _shifted_stats(X, c, cmask, S, sN, sC, sS, nsb, n_units, u0, units,
     # cancellation grows with (shift - mean)^2 / var.  The first tile is part of the data, so that
     # ratio is at most (tiles per program), a few hundred at worst: a few ulps on the variance,
     # never catastrophic, whatever |mean| / std is.
-    n, s, smask = _unit(u0, nsb, lanes_s, S, n_units, INT64, BLOCK_S)
+    # Two tiles a trip, both loads issued before either is used (twice the bytes in flight);
+    # units past this program's own are masked through the limit ``end``.
+    end = tl.minimum(u0 + units, n_units)
+    n, s, smask = _unit(u0, nsb, lanes_s, S, end, INT64, BLOCK_S)
+    n_b, s_b, smask_b = _unit(u0 + 1, nsb, lanes_s, S, end, INT64, BLOCK_S)
     mask = smask[:, None] & cmask[None, :]
+    mask_b = smask_b[:, None] & cmask[None, :]
     x = tl.load(X + _offsets(n, s, c, sN, sS, sC), mask=mask, other=0.0).to(COMPUTE)
+    x_b = tl.load(X + _offsets(n_b, s_b, c, sN, sS, sC), mask=mask_b, other=0.0).to(COMPUTE)
     shift = tl.sum(x, 0) / tl.maximum(tl.sum(smask.to(COMPUTE), 0), 1.0)
     shift = tl.where(shift - shift == 0, shift, 0.0)  # an inf in the first tile: shift by 0
-    cnt = tl.zeros([BLOCK_S], COMPUTE)  # per lane: valid elements seen
-    s1 = tl.zeros([BLOCK_S, BLOCK_C], COMPUTE)
-    s2 = tl.zeros([BLOCK_S, BLOCK_C], COMPUTE)
-    for i in range(0, units):
-        n, s, smask = _unit(u0 + i, nsb, lanes_s, S, n_units, INT64, BLOCK_S)
+    # the first tiles are summed from the registers that gave the shift (no second load)
+    xs = tl.where(mask, x - shift[None, :], 0.0)
+    xs_b = tl.where(mask_b, x_b - shift[None, :], 0.0)
+    cnt = smask.to(COMPUTE) + smask_b.to(COMPUTE)  # per lane: valid elements seen
+    s1 = xs + xs_b
+    s2 = xs * xs + xs_b * xs_b
+    for i in range(2, units, 2):
+        n, s, smask = _unit(u0 + i, nsb, lanes_s, S, end, INT64, BLOCK_S)
+        n_b, s_b, smask_b = _unit(u0 + i + 1, nsb, lanes_s, S, end, INT64, BLOCK_S)
         mask = smask[:, None] & cmask[None, :]
+        mask_b = smask_b[:, None] & cmask[None, :]
         x = tl.load(X + _offsets(n, s, c, sN, sS, sC), mask=mask, other=0.0).to(COMPUTE)
+        x_b = tl.load(X + _offsets(n_b, s_b, c, sN, sS, sC), mask=mask_b, other=0.0).to(COMPUTE)
         xs = tl.where(mask, x - shift[None, :], 0.0)
-        cnt += smask.to(COMPUTE)
-        s1 += xs
-        s2 += xs * xs
+        xs_b = tl.where(mask_b, x_b - shift[None, :], 0.0)
+        cnt += smask.to(COMPUTE) + smask_b.to(COMPUTE)
+        s1 += xs + xs_b
+        s2 += xs * xs + xs_b * xs_b
     n_tot = tl.sum(cnt, 0)
     sum1 = tl.sum(s1, 0)
     mean_s = sum1 / tl.maximum(n_tot, 1.0)  # relative to shift
@@ -89,6 +167,28 @@ def _shifted_stats(X, c, cmask, S, sN, sC, sS, nsb, n_units, u0, units,
     return n_tot, hi, lo, m2
 
 
+@triton.jit
+def _merge_positions(n_tot, hi, lo, m2, FLAT: tl.constexpr, FLAT_S: tl.constexpr,
+                     FLAT_S2: tl.constexpr, FLAT_C: tl.constexpr):
+    """Per-position statistics (count n_tot each, mean hi + lo, M2) merged per channel under
+    FLAT: every position of a channel saw the same samples, so the exact parallel formula has
+    equal weights: mean = mean of the position means, M2 = sum M2_f + n sum (mean_f - mean)^2."""
+    if FLAT:
+        hi_t, valid = _position_tile(hi, FLAT_S, FLAT_S2, FLAT_C)
+        lo_t, valid = _position_tile(lo, FLAT_S, FLAT_S2, FLAT_C)
+        m2_t, valid = _position_tile(m2, FLAT_S, FLAT_S2, FLAT_C)
+        ref = tl.sum(hi_t, 1) / FLAT_S
+        ref = tl.where(ref - ref == 0, ref, 0.0)  # an infinite position mean: deviations from 0
+        d = tl.where(valid, hi_t - ref[:, None] + lo_t, 0.0)
+        dbar = tl.sum(d, 1) / FLAT_S
+        dd = tl.where(valid, d - dbar[:, None], 0.0)
+        m2 = tl.sum(m2_t, 1) + n_tot * tl.sum(dd * dd, 1)
+        m2 = tl.maximum(m2, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        hi, lo = _two_sum(ref, dbar)
+        n_tot = n_tot * FLAT_S
+    return n_tot, hi, lo, m2
+
+
 @jit
 def _stats_partial_kernel(
     X,  # input viewed as [N, C, S] through (sN, sC, sS)
@@ -96,18 +196,22 @@ def _stats_partial_kernel(
     C, S, sN, sC, sS,  # channel count, spatial size, strides of X
     nsb, n_units, units_per_prog,  # S-blocks per sample; units in all; units per program
     COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    FLAT: tl.constexpr = False,  # tiles of whole channels' contiguous positions (see _lanes)
+    FLAT_S: tl.constexpr = 1, FLAT_S2: tl.constexpr = 1, FLAT_C: tl.constexpr = 1,
+    CPP: tl.constexpr = 1,  # under FLAT: positions per channel, its next power of 2, channel
+                            # lanes, channels per program
 ):
     pid_p = tl.program_id(1)
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    n_tot, hi, lo, m2 = _shifted_stats(X, c, cmask, S, sN, sC, sS, nsb, n_units,
+    c, cmask, owned, pos, pmask, lc = _lanes(C, BLOCK_C, FLAT, FLAT_S, FLAT_C, CPP)
+    n_tot, hi, lo, m2 = _shifted_stats(X, pos, pmask, S, sN, sC, sS, nsb, n_units,
                                        pid_p * units_per_prog, units_per_prog,
                                        COMPUTE, INT64, BLOCK_S, BLOCK_C)
+    n_tot, hi, lo, m2 = _merge_positions(n_tot, hi, lo, m2, FLAT, FLAT_S, FLAT_S2, FLAT_C)
     out = pid_p * C + c
-    tl.store(PCOUNT + out, tl.zeros([BLOCK_C], COMPUTE) + n_tot, mask=cmask)
-    tl.store(PMEAN + out, hi, mask=cmask)
-    tl.store(PMEAN_LO + out, lo, mask=cmask)
-    tl.store(PM2 + out, m2, mask=cmask)
+    tl.store(PCOUNT + out, tl.zeros(c.shape, COMPUTE) + n_tot, mask=owned)
+    tl.store(PMEAN + out, hi, mask=owned)
+    tl.store(PMEAN_LO + out, lo, mask=owned)
+    tl.store(PM2 + out, m2, mask=owned)
 
 
 @triton.jit
@@ -250,17 +354,19 @@ def _channel_params(MEAN, MEAN_LO, INVSTD, W, B, c, cmask, eps, HAS_LO: tl.const
 @triton.jit
 def _program_channels(MEAN, MEAN_LO, INVSTD, W, B, C, eps_hi, eps_lo, slope_hi, slope_lo, alpha_hi,
                       alpha_lo, HAS_LO: tl.constexpr, FROM_VAR: tl.constexpr, HAS_W: tl.constexpr,
-                      HAS_B: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The preamble of the elementwise and backward kernels: this program's block of channels
-    (grid axis 0) with its mask, statistics and affine parameters, and the activation's scalars."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+                      HAS_B: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr,
+                      FLAT: tl.constexpr, FLAT_S: tl.constexpr, FLAT_C: tl.constexpr,
+                      CPP: tl.constexpr):
+    """The preamble of the elementwise and backward kernels: this program's channels and tile
+    columns (``_lanes``), the channels' statistics and affine parameters, the activation's
+    scalars."""
+    c, cmask, owned, pos, pmask, lc = _lanes(C, BLOCK_C, FLAT, FLAT_S, FLAT_C, CPP)
     eps = from_pair(eps_hi, eps_lo, COMPUTE)
     mean, mean_lo, invstd, w, b = _channel_params(MEAN, MEAN_LO, INVSTD, W, B, c, cmask, eps,
                                                   HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE)
     negative_slope = from_pair(slope_hi, slope_lo, COMPUTE)
     alpha = from_pair(alpha_hi, alpha_lo, COMPUTE)
-    return c, cmask, mean, mean_lo, invstd, w, b, negative_slope, alpha
+    return c, cmask, owned, pos, pmask, lc, mean, mean_lo, invstd, w, b, negative_slope, alpha
 
 
 @triton.jit
@@ -273,25 +379,36 @@ def _centered(x, mean, mean_lo, HAS_LO: tl.constexpr):
 
 
 @triton.jit
-def _normalize_units(X, Y, c, cmask, mean, mean_lo, scale, b, negative_slope, alpha,
+def _normalize_units(X, Y, pos, pmask, mean, scale, shift, negative_slope, alpha,
                      S, sxN, sxC, sxS, syN, syC, syS, nsb, n_units, u0, units,
-                     HAS_LO: tl.constexpr, ACTIVATION: tl.constexpr, COMPUTE: tl.constexpr,
+                     ACTIVATION: tl.constexpr, COMPUTE: tl.constexpr,
                      INT64: tl.constexpr, BLOCK_S: tl.constexpr, R=None,
                      HAS_R: tl.constexpr = False):
-    """y = act((x - mean - mean_lo) * scale + b [+ r]) over the units [u0, u0 + units); the
-    residual R (HAS_R) has x's strides."""
+    """y = act((x - mean) * scale + shift [+ r]) over the units [u0, u0 + units), per tile
+    column (``_lanes``' pos); the residual R (HAS_R) has x's strides."""
     lanes_s = tl.arange(0, BLOCK_S)
     for i in range(0, units):
         n, s, smask = _unit(u0 + i, nsb, lanes_s, S, n_units, INT64, BLOCK_S)
-        mask = smask[:, None] & cmask[None, :]
-        xo = _offsets(n, s, c, sxN, sxS, sxC)
-        yo = _offsets(n, s, c, syN, syS, syC)
+        mask = smask[:, None] & pmask[None, :]
+        xo = _offsets(n, s, pos, sxN, sxS, sxC)
+        yo = _offsets(n, s, pos, syN, syS, syC)
         x = tl.load(X + xo, mask=mask, other=0.0).to(COMPUTE)
-        z = _centered(x, mean, mean_lo, HAS_LO) * scale[None, :] + b[None, :]
+        z = (x - mean[None, :]) * scale[None, :] + shift[None, :]
         if HAS_R:
             z += tl.load(R + xo, mask=mask, other=0.0).to(COMPUTE)
         y = activate(z, ACTIVATION, negative_slope, alpha)
         tl.store(Y + yo, cast_rn(y, Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_shift(mean_lo, invstd, w, b, HAS_LO: tl.constexpr):
+    """Per channel: scale = invstd * w and shift = b - mean_lo * scale, so that y = (x - hi) *
+    scale + shift (x - hi is exact near the mean; lo, a few ulps of hi, enters through shift)."""
+    scale = invstd * w
+    shift = b
+    if HAS_LO:  # 0 * an infinite scale (zero variance, eps = 0) stays out
+        shift = b - tl.where(mean_lo == 0, 0.0, mean_lo * scale)
+    return scale, shift
 
 
 @jit
@@ -309,14 +426,21 @@ def _normalize_kernel(
     COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
     R=None,  # residual [N, C, S] with X's strides, added before the activation when HAS_R
     HAS_R: tl.constexpr = False,
+    FLAT: tl.constexpr = False,  # tiles of whole channels' contiguous positions (see _lanes)
+    FLAT_S: tl.constexpr = 1, FLAT_S2: tl.constexpr = 1, FLAT_C: tl.constexpr = 1,
+    CPP: tl.constexpr = 1,  # under FLAT: positions per channel, its next power of 2, channel
+                            # lanes, channels per program
 ):
-    c, cmask, mean, mean_lo, invstd, w, b, negative_slope, alpha = _program_channels(
-        MEAN, MEAN_LO, INVSTD, W, B, C, eps_hi, eps_lo, slope_hi, slope_lo, alpha_hi, alpha_lo,
-        HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE, BLOCK_C)
-    _normalize_units(X, Y, c, cmask, mean, mean_lo, invstd * w, b, negative_slope, alpha,
+    c, cmask, owned, pos, pmask, lc, mean, mean_lo, invstd, w, b, negative_slope, alpha = \
+        _program_channels(MEAN, MEAN_LO, INVSTD, W, B, C, eps_hi, eps_lo, slope_hi, slope_lo,
+                          alpha_hi, alpha_lo, HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE, BLOCK_C,
+                          FLAT, FLAT_S, FLAT_C, CPP)
+    scale, shift = _scale_shift(mean_lo, invstd, w, b, HAS_LO)
+    _normalize_units(X, Y, pos, pmask, _at_pos(mean, lc, FLAT), _at_pos(scale, lc, FLAT),
+                     _at_pos(shift, lc, FLAT), negative_slope, alpha,
                      S, sxN, sxC, sxS, syN, syC, syS, nsb, n_units,
                      tl.program_id(1) * units_per_prog, units_per_prog,
-                     HAS_LO, ACTIVATION, COMPUTE, INT64, BLOCK_S, R, HAS_R)
+                     ACTIVATION, COMPUTE, INT64, BLOCK_S, R, HAS_R)
 
 
 @triton.jit
@@ -335,23 +459,28 @@ def _finish_stats(MEAN, MEAN_LO, INVSTD, RMEAN, RVAR, NBT, c, smask, n_tot, mean
 
 
 @triton.jit
-def _affine_normalize(X, Y, W, B, c, cmask, mean, mean_lo, invstd, slope_hi, slope_lo, alpha_hi,
-                      alpha_lo, S, sxN, sxC, sxS, syN, syC, syS, nsb, n_units, u0, units,
-                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACTIVATION: tl.constexpr,
-                      COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr,
-                      BLOCK_C: tl.constexpr, R=None, HAS_R: tl.constexpr = False):
-    """y over units [u0, u0 + units) from the batch statistics and the affine parameters (and
-    the residual R when HAS_R)."""
+def _affine_normalize(X, Y, W, B, c, cmask, pos, pmask, lc, mean, mean_lo, invstd, slope_hi,
+                      slope_lo, alpha_hi, alpha_lo, S, sxN, sxC, sxS, syN, syC, syS, nsb,
+                      n_units, u0, units, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                      ACTIVATION: tl.constexpr, COMPUTE: tl.constexpr, INT64: tl.constexpr,
+                      BLOCK_S: tl.constexpr, FLAT: tl.constexpr, R=None,
+                      HAS_R: tl.constexpr = False):
+    """y over units [u0, u0 + units) from the batch statistics of channels c and the affine
+    parameters (and the residual R when HAS_R)."""
     if HAS_W:
-        invstd = invstd * tl.load(W + c, mask=cmask, other=0.0).to(COMPUTE)
+        w = tl.load(W + c, mask=cmask, other=0.0).to(COMPUTE)
+    else:
+        w = tl.full(c.shape, 1.0, COMPUTE)
     if HAS_B:
         b = tl.load(B + c, mask=cmask, other=0.0).to(COMPUTE)
     else:
-        b = tl.zeros([BLOCK_C], COMPUTE)
-    _normalize_units(X, Y, c, cmask, mean, mean_lo, invstd, b,
+        b = tl.zeros(c.shape, COMPUTE)
+    scale, shift = _scale_shift(mean_lo, invstd, w, b, True)
+    _normalize_units(X, Y, pos, pmask, _at_pos(mean, lc, FLAT), _at_pos(scale, lc, FLAT),
+                     _at_pos(shift, lc, FLAT),
                      from_pair(slope_hi, slope_lo, COMPUTE), from_pair(alpha_hi, alpha_lo, COMPUTE),
                      S, sxN, sxC, sxS, syN, syC, syS, nsb, n_units, u0, units,
-                     True, ACTIVATION, COMPUTE, INT64, BLOCK_S, R, HAS_R)
+                     ACTIVATION, COMPUTE, INT64, BLOCK_S, R, HAS_R)
 
 
 @jit
@@ -368,23 +497,28 @@ def _fused_forward_kernel(
     COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
     R=None,  # residual [N, C, S] with X's strides, added before the activation when HAS_R
     HAS_R: tl.constexpr = False,
+    FLAT: tl.constexpr = False,  # tiles of whole channels' contiguous positions (see _lanes)
+    FLAT_S: tl.constexpr = 1, FLAT_S2: tl.constexpr = 1, FLAT_C: tl.constexpr = 1,
+    CPP: tl.constexpr = 1,  # under FLAT: positions per channel, its next power of 2, channel
+                            # lanes, channels per program
 ):
     """Training forward in one launch for layers whose channel blocks span few units: each
     program reduces its channels over the whole batch, writes the statistics, updates the running
     stats and (WRITE_Y) normalizes, re-reading x while it is still in cache."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    c, cmask, owned, pos, pmask, lc = _lanes(C, BLOCK_C, FLAT, FLAT_S, FLAT_C, CPP)
     u0 = tl.program_id(1) * n_units  # 0 (a one-column grid), as a tensor _unit can widen
-    n_tot, mean, mean_lo, m2 = _shifted_stats(X, c, cmask, S, sxN, sxC, sxS, nsb, n_units,
+    n_tot, mean, mean_lo, m2 = _shifted_stats(X, pos, pmask, S, sxN, sxC, sxS, nsb, n_units,
                                               u0, n_units, COMPUTE, INT64, BLOCK_S, BLOCK_C)
-    invstd = _finish_stats(MEAN, MEAN_LO, INVSTD, RMEAN, RVAR, NBT, c, cmask, n_tot, mean,
+    n_tot, mean, mean_lo, m2 = _merge_positions(n_tot, mean, mean_lo, m2, FLAT, FLAT_S, FLAT_S2,
+                                                FLAT_C)
+    invstd = _finish_stats(MEAN, MEAN_LO, INVSTD, RMEAN, RVAR, NBT, c, owned, n_tot, mean,
                            mean_lo, m2, eps_hi, eps_lo, mom_hi, mom_lo, UPDATE, CUMULATIVE,
                            COMPUTE)
     if WRITE_Y:
-        _affine_normalize(X, Y, W, B, c, cmask, mean, mean_lo, invstd, slope_hi, slope_lo,
-                          alpha_hi, alpha_lo, S, sxN, sxC, sxS, syN, syC, syS, nsb, n_units, u0,
-                          n_units, HAS_W, HAS_B, ACTIVATION, COMPUTE, INT64, BLOCK_S, BLOCK_C,
-                          R, HAS_R)
+        _affine_normalize(X, Y, W, B, c, cmask, pos, pmask, lc, mean, mean_lo, invstd, slope_hi,
+                          slope_lo, alpha_hi, alpha_lo, S, sxN, sxC, sxS, syN, syC, syS, nsb,
+                          n_units, u0, n_units, HAS_W, HAS_B, ACTIVATION, COMPUTE, INT64,
+                          BLOCK_S, FLAT, R, HAS_R)
 
 
 @jit
@@ -402,22 +536,26 @@ def _merge_normalize_kernel(
     BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
     R=None,  # residual [N, C, S] with X's strides, added before the activation when HAS_R
     HAS_R: tl.constexpr = False,
+    FLAT: tl.constexpr = False,  # tiles of whole channels' contiguous positions (see _lanes)
+    FLAT_S: tl.constexpr = 1, FLAT_S2: tl.constexpr = 1, FLAT_C: tl.constexpr = 1,
+    CPP: tl.constexpr = 1,  # under FLAT: positions per channel, its next power of 2, channel
+                            # lanes, channels per program
 ):
     """The split training forward's second launch: every program merges its channels' P
     partials itself (P small rows from L2, instead of a combine launch), the first program along
     the units writes the statistics and updates the running stats, and all normalize."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    c, cmask, owned, pos, pmask, lc = _lanes(C, BLOCK_C, FLAT, FLAT_S, FLAT_C, CPP)
     n_tot, mean, mean_lo, m2 = _merge_partials(PCOUNT, PMEAN, PMEAN_LO, PM2, P, C, c, cmask,
-                                               True, COMPUTE, BLOCK_P, BLOCK_C)
-    first = c < tl.where(tl.program_id(1) == 0, C, 0)  # once per channel (bool & scalar mistypes)
+                                               True, COMPUTE, BLOCK_P, c.shape[0])
+    # once per channel: the first program along the units (bool & scalar mistypes)
+    first = owned & (c < tl.where(tl.program_id(1) == 0, C, 0))
     invstd = _finish_stats(MEAN, MEAN_LO, INVSTD, RMEAN, RVAR, NBT, c, first, n_tot, mean,
                            mean_lo, m2, eps_hi, eps_lo, mom_hi, mom_lo, UPDATE, CUMULATIVE,
                            COMPUTE)
-    _affine_normalize(X, Y, W, B, c, cmask, mean, mean_lo, invstd, slope_hi, slope_lo, alpha_hi,
-                      alpha_lo, S, sxN, sxC, sxS, syN, syC, syS, nsb, n_units,
+    _affine_normalize(X, Y, W, B, c, cmask, pos, pmask, lc, mean, mean_lo, invstd, slope_hi,
+                      slope_lo, alpha_hi, alpha_lo, S, sxN, sxC, sxS, syN, syC, syS, nsb, n_units,
                       tl.program_id(1) * units_per_prog, units_per_prog, HAS_W, HAS_B,
-                      ACTIVATION, COMPUTE, INT64, BLOCK_S, BLOCK_C, R, HAS_R)
+                      ACTIVATION, COMPUTE, INT64, BLOCK_S, FLAT, R, HAS_R)
 
 
 @triton.jit
@@ -435,23 +573,24 @@ def _grad_pre_activation(x, dy, mean, mean_lo, invstd, w, b, negative_slope, alp
 
 
 @triton.jit
-def _dx_units(X, DY, DX, c, cmask, mean, mean_lo, invstd, w, b, mean_g, mean_gx,
+def _dx_units(X, DY, DX, pos, pmask, mean, mean_lo, invstd, w, b, mean_g, mean_gx,
               negative_slope, alpha, S, sxN, sxC, sxS, sdN, sdC, sdS, soN, soC, soS,
               nsb, n_units, u0, units, TRAINING: tl.constexpr, HAS_LO: tl.constexpr,
               ACTIVATION: tl.constexpr, COMPUTE: tl.constexpr, INT64: tl.constexpr,
               BLOCK_S: tl.constexpr, R=None, DR=None, HAS_R: tl.constexpr = False,
               WRITE_DR: tl.constexpr = False):
-    """dx over the units [u0, u0 + units): w * invstd * (g - mean_g - xhat * mean_gx) in
-    training (mean_g, mean_gx: the batch means of g and g * xhat), w * invstd * g in eval.
-    With a residual R (x's strides), g rebuilds z + r; WRITE_DR stores g, its gradient, to DR."""
+    """dx over the units [u0, u0 + units), per tile column (every parameter given per column):
+    w * invstd * (g - mean_g - xhat * mean_gx) in training (mean_g, mean_gx: the batch means of
+    g and g * xhat), w * invstd * g in eval.  With a residual R (x's strides), g rebuilds z + r;
+    WRITE_DR stores g, its gradient, to DR."""
     lanes_s = tl.arange(0, BLOCK_S)
     scale = invstd * w
     for i in range(0, units):
         n, s, smask = _unit(u0 + i, nsb, lanes_s, S, n_units, INT64, BLOCK_S)
-        mask = smask[:, None] & cmask[None, :]
-        xo = _offsets(n, s, c, sxN, sxS, sxC)
+        mask = smask[:, None] & pmask[None, :]
+        xo = _offsets(n, s, pos, sxN, sxS, sxC)
         x = tl.load(X + xo, mask=mask, other=0.0).to(COMPUTE)
-        dy = tl.load(DY + _offsets(n, s, c, sdN, sdS, sdC), mask=mask, other=0.0).to(COMPUTE)
+        dy = tl.load(DY + _offsets(n, s, pos, sdN, sdS, sdC), mask=mask, other=0.0).to(COMPUTE)
         r = 0.0
         if HAS_R:
             r = tl.load(R + xo, mask=mask, other=0.0).to(COMPUTE)
@@ -462,7 +601,49 @@ def _dx_units(X, DY, DX, c, cmask, mean, mean_lo, invstd, w, b, mean_g, mean_gx,
         if TRAINING:
             g = g - mean_g[None, :] - xhat * mean_gx[None, :]
         dx = g * scale[None, :]
-        tl.store(DX + _offsets(n, s, c, soN, soS, soC), cast_rn(dx, DX.dtype.element_ty), mask=mask)
+        tl.store(DX + _offsets(n, s, pos, soN, soS, soC), cast_rn(dx, DX.dtype.element_ty),
+                 mask=mask)
+
+
+@triton.jit
+def _grad_params_at_pos(mean, mean_lo, invstd, w, b, lc, HAS_LO: tl.constexpr,
+                        ACTIVATION: tl.constexpr, FLAT: tl.constexpr):
+    """The backward's per-channel parameters at the tile columns (only those it reads)."""
+    mean = _at_pos(mean, lc, FLAT)
+    if HAS_LO:
+        mean_lo = _at_pos(mean_lo, lc, FLAT)
+    else:
+        mean_lo = mean
+    invstd = _at_pos(invstd, lc, FLAT)
+    if ACTIVATION == "identity":
+        w = _at_pos(w, lc, FLAT)
+        b = w
+    else:
+        w = _at_pos(w, lc, FLAT)
+        b = _at_pos(b, lc, FLAT)
+    return mean, mean_lo, invstd, w, b
+
+
+@triton.jit
+def _reduce_tile(x, dy, xo, mask, n, s, pos, DX, DR, R, mean, mean_lo, invstd, w, b, scale,
+                 negative_slope, alpha, soN, soS, soC, EVAL_DX: tl.constexpr,
+                 HAS_LO: tl.constexpr, ACTIVATION: tl.constexpr, COMPUTE: tl.constexpr,
+                 HAS_R: tl.constexpr):
+    """One tile of the backward reduction: (g, g * xhat) masked, with dr (HAS_R) and the eval
+    dx (EVAL_DX) stored."""
+    r = 0.0
+    if HAS_R:
+        r = tl.load(R + xo, mask=mask, other=0.0).to(COMPUTE)
+    xhat, g = _grad_pre_activation(x, dy, mean, mean_lo, invstd, w, b, negative_slope, alpha,
+                                   HAS_LO, ACTIVATION, r)
+    if HAS_R:  # the first pass over each element writes the residual's gradient
+        tl.store(DR + xo, g.to(DR.dtype.element_ty), mask=mask)
+    g = tl.where(mask, g, 0.0)
+    if EVAL_DX:
+        dx = g * scale[None, :]
+        tl.store(DX + _offsets(n, s, pos, soN, soS, soC), cast_rn(dx, DX.dtype.element_ty),
+                 mask=mask)
+    return g, g * xhat
 
 
 @jit
@@ -482,13 +663,20 @@ def _backward_reduce_kernel(
     COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
     R=None, DR=None,  # residual and its gradient (= g), [N, C, S] with X's strides, when HAS_R
     HAS_R: tl.constexpr = False,
+    FLAT: tl.constexpr = False,  # tiles of whole channels' contiguous positions (see _lanes)
+    FLAT_S: tl.constexpr = 1, FLAT_S2: tl.constexpr = 1, FLAT_C: tl.constexpr = 1,
+    CPP: tl.constexpr = 1,  # under FLAT: positions per channel, its next power of 2, channel
+                            # lanes, channels per program
 ):
     """Sums of g = dy * act'(z) and g * xhat over this program's units.  EVAL_DX (dx needs no
     sums) writes dx in the same pass; TRAIN_DX (one program per channel block, so the sums are
     whole) writes dx in a second pass, x and dy still in cache."""
-    c, cmask, mean, mean_lo, invstd, w, b, negative_slope, alpha = _program_channels(
-        MEAN, MEAN_LO, INVSTD, W, B, C, eps_hi, eps_lo, slope_hi, slope_lo, alpha_hi, alpha_lo,
-        HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE, BLOCK_C)
+    c, cmask, owned, pos, pmask, lc, mean_c, mean_lo_c, invstd_c, w_c, b_c, negative_slope, alpha = \
+        _program_channels(MEAN, MEAN_LO, INVSTD, W, B, C, eps_hi, eps_lo, slope_hi, slope_lo,
+                          alpha_hi, alpha_lo, HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE, BLOCK_C,
+                          FLAT, FLAT_S, FLAT_C, CPP)
+    mean, mean_lo, invstd, w, b = _grad_params_at_pos(mean_c, mean_lo_c, invstd_c, w_c, b_c, lc,
+                                                      HAS_LO, ACTIVATION, FLAT)
     pid_p = tl.program_id(1)
     lanes_s = tl.arange(0, BLOCK_S)
     scale = invstd * w
@@ -496,33 +684,37 @@ def _backward_reduce_kernel(
     acc_g = tl.zeros([BLOCK_S, BLOCK_C], COMPUTE)
     acc_gx = tl.zeros([BLOCK_S, BLOCK_C], COMPUTE)
     u0 = pid_p * units_per_prog
-    for i in range(0, units_per_prog):
-        n, s, smask = _unit(u0 + i, nsb, lanes_s, S, n_units, INT64, BLOCK_S)
-        mask = smask[:, None] & cmask[None, :]
-        xo = _offsets(n, s, c, sxN, sxS, sxC)
+    end = tl.minimum(u0 + units_per_prog, n_units)
+    # two tiles a trip: all four loads issued before the math (twice the bytes in flight)
+    for i in range(0, units_per_prog, 2):
+        n, s, smask = _unit(u0 + i, nsb, lanes_s, S, end, INT64, BLOCK_S)
+        n_b, s_b, smask_b = _unit(u0 + i + 1, nsb, lanes_s, S, end, INT64, BLOCK_S)
+        mask = smask[:, None] & pmask[None, :]
+        mask_b = smask_b[:, None] & pmask[None, :]
+        xo = _offsets(n, s, pos, sxN, sxS, sxC)
+        xo_b = _offsets(n_b, s_b, pos, sxN, sxS, sxC)
         x = tl.load(X + xo, mask=mask, other=0.0).to(COMPUTE)
-        dy = tl.load(DY + _offsets(n, s, c, sdN, sdS, sdC), mask=mask, other=0.0).to(COMPUTE)
-        r = 0.0
-        if HAS_R:
-            r = tl.load(R + xo, mask=mask, other=0.0).to(COMPUTE)
-        xhat, g = _grad_pre_activation(x, dy, mean, mean_lo, invstd, w, b, negative_slope, alpha,
-                                       HAS_LO, ACTIVATION, r)
-        if HAS_R:  # the first pass over each element writes the residual's gradient
-            tl.store(DR + xo, g.to(DR.dtype.element_ty), mask=mask)
-        g = tl.where(mask, g, 0.0)
-        acc_g += g
-        acc_gx += g * xhat
-        if EVAL_DX:
-            dx = g * scale[None, :]
-            tl.store(DX + _offsets(n, s, c, soN, soS, soC), cast_rn(dx, DX.dtype.element_ty), mask=mask)
-    sum_g = tl.sum(acc_g, 0)
-    sum_gx = tl.sum(acc_gx, 0)
+        x_b = tl.load(X + xo_b, mask=mask_b, other=0.0).to(COMPUTE)
+        dy = tl.load(DY + _offsets(n, s, pos, sdN, sdS, sdC), mask=mask, other=0.0).to(COMPUTE)
+        dy_b = tl.load(DY + _offsets(n_b, s_b, pos, sdN, sdS, sdC), mask=mask_b,
+                       other=0.0).to(COMPUTE)
+        g, gx = _reduce_tile(x, dy, xo, mask, n, s, pos, DX, DR, R, mean, mean_lo, invstd, w, b,
+                             scale, negative_slope, alpha, soN, soS, soC, EVAL_DX, HAS_LO,
+                             ACTIVATION, COMPUTE, HAS_R)
+        g_b, gx_b = _reduce_tile(x_b, dy_b, xo_b, mask_b, n_b, s_b, pos, DX, DR, R, mean,
+                                 mean_lo, invstd, w, b, scale, negative_slope, alpha, soN, soS,
+                                 soC, EVAL_DX, HAS_LO, ACTIVATION, COMPUTE, HAS_R)
+        acc_g += g + g_b
+        acc_gx += gx + gx_b
+    sum_g = _channel_sums(tl.sum(acc_g, 0), FLAT, FLAT_S, FLAT_S2, FLAT_C)
+    sum_gx = _channel_sums(tl.sum(acc_gx, 0), FLAT, FLAT_S, FLAT_S2, FLAT_C)
     out = pid_p * C + c
-    tl.store(PSUM_G + out, sum_g, mask=cmask)
-    tl.store(PSUM_GX + out, sum_gx, mask=cmask)
+    tl.store(PSUM_G + out, sum_g, mask=owned)
+    tl.store(PSUM_GX + out, sum_gx, mask=owned)
     if TRAIN_DX:
         inv_n = from_pair(inv_n_hi, inv_n_lo, COMPUTE)
-        _dx_units(X, DY, DX, c, cmask, mean, mean_lo, invstd, w, b, sum_g * inv_n, sum_gx * inv_n,
+        _dx_units(X, DY, DX, pos, pmask, mean, mean_lo, invstd, w, b,
+                  _at_pos(sum_g * inv_n, lc, FLAT), _at_pos(sum_gx * inv_n, lc, FLAT),
                   negative_slope, alpha, S, sxN, sxC, sxS, sdN, sdC, sdS, soN, soC, soS,
                   nsb, n_units, u0, units_per_prog, True, HAS_LO, ACTIVATION, COMPUTE, INT64,
                   BLOCK_S, R, DR, HAS_R, False)
@@ -547,28 +739,35 @@ def _dx_kernel(
     R=None, DR=None,  # residual and its gradient, [N, C, S] with X's strides, when HAS_R
     HAS_R: tl.constexpr = False,
     WRITE_DR: tl.constexpr = False,  # store g to DR (when no reduction pass wrote it)
+    FLAT: tl.constexpr = False,  # tiles of whole channels' contiguous positions (see _lanes)
+    FLAT_S: tl.constexpr = 1, FLAT_S2: tl.constexpr = 1, FLAT_C: tl.constexpr = 1,
+    CPP: tl.constexpr = 1,  # under FLAT: positions per channel, its next power of 2, channel
+                            # lanes, channels per program
 ):
-    c, cmask, mean, mean_lo, invstd, w, b, negative_slope, alpha = _program_channels(
-        MEAN, MEAN_LO, INVSTD, W, B, C, eps_hi, eps_lo, slope_hi, slope_lo, alpha_hi, alpha_lo,
-        HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE, BLOCK_C)
+    c, cmask, owned, pos, pmask, lc, mean_c, mean_lo_c, invstd_c, w_c, b_c, negative_slope, alpha = \
+        _program_channels(MEAN, MEAN_LO, INVSTD, W, B, C, eps_hi, eps_lo, slope_hi, slope_lo,
+                          alpha_hi, alpha_lo, HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE, BLOCK_C,
+                          FLAT, FLAT_S, FLAT_C, CPP)
     if TRAINING:
         # the partials' totals: P small rows from L2, so no separate reduction launch
-        sum_g = tl.zeros([BLOCK_C], COMPUTE)
-        sum_gx = tl.zeros([BLOCK_C], COMPUTE)
+        sum_g = tl.zeros(c.shape, COMPUTE)
+        sum_gx = tl.zeros(c.shape, COMPUTE)
         for p in range(0, n_rows):
             sum_g += tl.load(SUM_G + p * C + c, mask=cmask, other=0.0).to(COMPUTE)
             sum_gx += tl.load(SUM_GX + p * C + c, mask=cmask, other=0.0).to(COMPUTE)
         if WRITE_SUMS:  # once per channel: by the first program along the units
-            first = c < tl.where(tl.program_id(1) == 0, C, 0)  # (bool & scalar mistypes)
+            first = owned & (c < tl.where(tl.program_id(1) == 0, C, 0))  # (bool & scalar mistypes)
             tl.store(SUMS + c, sum_g, mask=first)
             tl.store(SUMS + C + c, sum_gx, mask=first)
         inv_n = from_pair(inv_n_hi, inv_n_lo, COMPUTE)
-        mean_g = sum_g * inv_n
-        mean_gx = sum_gx * inv_n
+        mean_g = _at_pos(sum_g * inv_n, lc, FLAT)
+        mean_gx = _at_pos(sum_gx * inv_n, lc, FLAT)
     else:
-        mean_g = mean  # unused
-        mean_gx = mean
-    _dx_units(X, DY, DX, c, cmask, mean, mean_lo, invstd, w, b, mean_g, mean_gx,
+        mean_g = pos  # unused
+        mean_gx = pos
+    mean, mean_lo, invstd, w, b = _grad_params_at_pos(mean_c, mean_lo_c, invstd_c, w_c, b_c, lc,
+                                                      HAS_LO, ACTIVATION, FLAT)
+    _dx_units(X, DY, DX, pos, pmask, mean, mean_lo, invstd, w, b, mean_g, mean_gx,
               negative_slope, alpha, S, sxN, sxC, sxS, sdN, sdC, sdS, soN, soC, soS,
               nsb, n_units, tl.program_id(1) * units_per_prog, units_per_prog, TRAINING, HAS_LO,
               ACTIVATION, COMPUTE, INT64, BLOCK_S, R, DR, HAS_R, WRITE_DR)

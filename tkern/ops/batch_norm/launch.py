@@ -13,7 +13,7 @@ from ... import _runtime as rt
 from ..._launch import Site
 from .._op import PlanCache, cdiv, f32_pairs, next_pow2
 from . import kernels as K
-from .launch_plan import _like, _prepare_input, launch_args, plan
+from .launch_plan import _like, _prepare_input, flat_args, launch_args, plan
 
 # Launch sites by (launcher, plan, dtype, flags, scalars): every argument of a launch but its
 # tensors follows from those, so a repeated layer's launch costs the tensors and one lookup
@@ -346,7 +346,7 @@ def _fused_forward(x, weight, bias, running_mean, running_var, num_batches_track
             UPDATE=update, CUMULATIVE=cumulative, WRITE_Y=write_y, HAS_W=weight is not None,
             HAS_B=bias is not None, ACTIVATION=activation, COMPUTE=rt.compute_dtype(x.dtype),
             INT64=view.int64(y), BLOCK_S=p.BLOCK_S, BLOCK_C=p.BLOCK_C,
-            num_warps=p.num_warps, **rflags)
+            num_warps=p.num_warps, **flat_args(p), **rflags)
 
     key = ("fused_forward", p, x.dtype, update, cumulative, write_y, weight is not None,
            bias is not None, eps, momentum, activation, negative_slope, alpha, named)
@@ -411,7 +411,7 @@ def train_forward(x, weight, bias, running_mean, running_var, num_batches_tracke
             named, UPDATE=update, CUMULATIVE=cumulative, HAS_W=weight is not None,
             HAS_B=bias is not None, ACTIVATION=activation, COMPUTE=rt.compute_dtype(x.dtype),
             INT64=view.int64(y), BLOCK_P=min(next_pow2(P), 32), BLOCK_S=p.BLOCK_S,
-            BLOCK_C=p.BLOCK_C, num_warps=p.num_warps, **rflags))
+            BLOCK_C=p.BLOCK_C, num_warps=p.num_warps, **flat_args(p), **rflags))
     m, lo, inv = stats.unbind(0)
     site(x, y, count, mean, mean_lo, m2, m, lo, inv, weight if weight is not None else m,
          bias if bias is not None else m, running_mean if update else m,
