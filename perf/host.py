@@ -146,16 +146,17 @@ def skip_kernel_bodies():
 
 @contextlib.contextmanager
 def gpu_like_plans(sm_count: int = 132):
+    from tkern.ops import _op
     from tkern.ops.batch_norm import launch_plan
 
     original = launch_plan._target_programs
     launch_plan._target_programs = lambda device, reduction: (4 if reduction else 64) * sm_count
-    launch_plan._PLANS.clear()
+    _op.clear_plan_caches()  # plans, and the launch sites and programs made from them
     try:
         yield
     finally:
         launch_plan._target_programs = original
-        launch_plan._PLANS.clear()
+        _op.clear_plan_caches()
 
 
 class Case:

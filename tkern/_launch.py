@@ -242,8 +242,11 @@ class Site:
         return values, tuple(names.index(n) for n in self.named)
 
     def __call__(self, *tensors):
-        if self.kernel.__class__ is _FastJIT and _own_path():
-            device = torch.cuda.current_device()
+        compiled = self.kernel.__class__ is _FastJIT
+        emulated = not compiled and EMULATION is not None and EMULATION.active
+        if (compiled or emulated) and _own_path():
+            # the hit path, also what perf.host measures on CPU (device -1, no launcher)
+            device = torch.cuda.current_device() if compiled else -1
             key = (device, *_tokens(tensors))
             hit = self._entries.get(key)
             if hit is not None:
@@ -255,22 +258,37 @@ class Site:
                         rest[slot] = t
                     tensors = tensors[:k]
                 g = self.grid
-                launcher(g[0], g[1], g[2], torch._C._cuda_getCurrentRawStream(device), function,
+                launcher(g[0], g[1], g[2],
+                         torch._C._cuda_getCurrentRawStream(device) if compiled else 0, function,
                          packed, None, None, None, *tensors, *self.tail, *rest)
                 return
             lead, kwargs = self._split(tensors)
             kernel = self.kernel[self.grid](*lead, *self.tail, **kwargs)
-            if kernel is not None:
+            if compiled and kernel is None:
+                return
+            rest, slots = self._rest(_params(self.kernel).params, len(lead))
+            if compiled:
                 entry = Entry(kernel, (), 0, {})
                 entry.bind()
-                rest, slots = self._rest(self.kernel._tk_params.params, len(lead))
                 self._entries[key] = (entry.launcher, entry.function, entry.packed, rest, slots)
-            return
-        if EMULATION is not None and EMULATION.active:
-            EMULATION.site(self, tensors)
+            else:
+                self._entries[key] = (_emulated_launch, self.kernel.fn.__name__, None, rest,
+                                      slots)
             return
         lead, kwargs = self._split(tensors)
         self.kernel[self.grid](*lead, *self.tail, **kwargs)
+
+
+def _params(kernel) -> "_Params":
+    info = getattr(kernel, "_tk_params", None)
+    if info is None:  # an interpreted kernel (perf.host's emulation)
+        info = kernel._tk_params = _Params(kernel.fn, kernel.kwargs.get("do_not_specialize"))
+    return info
+
+
+def _emulated_launch(g0, g1, g2, stream, name, *args):
+    """Where a compiled launcher (C, a few us on a GPU, not counted) would run."""
+    EMULATION.counted(name)
 
 
 # set by ``perf.host`` while it measures: interpreted launches replay the GPU path's host steps
@@ -280,39 +298,15 @@ EMULATION = None
 class HostEmulation:
     """The hit paths of ``_FastJIT.run`` and ``Site`` for interpreted kernels, without a kernel:
     ``perf.host`` calls ``launch(fn, args, grid, kwargs, first)`` in place of the interpreter
-    (``first()`` stands in for Triton's own run, its binder, on a key's first launch), and Sites
-    call ``site``; ``counted(name)`` is told of every launch a Site makes without the
-    interpreter."""
+    (``first()`` stands in for Triton's own run, its binder, on a key's first launch); Sites
+    take their own hit path (device -1, no launcher) and tell ``counted(name)`` of every launch
+    they make without the interpreter."""
 
     def __init__(self, counted=None):
         self.caches: dict = {}
         self.params: dict = {}
-        self.sites: "weakref.WeakKeyDictionary[Site, dict]" = weakref.WeakKeyDictionary()
         self.counted = counted or (lambda name: None)
         self.active = True
-
-    def site(self, site: Site, tensors: tuple) -> None:
-        entries = self.sites.get(site)
-        if entries is None:
-            entries = self.sites[site] = {}
-        key = (0, *_tokens(tensors))
-        hit = entries.get(key)
-        if hit is None:  # the first launch: through kernel[grid], i.e. ``launch`` below
-            lead, kwargs = site._split(tensors)
-            site.kernel[site.grid](*lead, *site.tail, **kwargs)
-            entries[key] = site._rest(self._info(site.kernel).params, len(lead))
-            return
-        rest, slots = hit
-        if slots:  # as Site.__call__ does on a GPU
-            k = len(tensors) - len(slots)
-            rest = list(rest)
-            for slot, t in zip(slots, tensors[k:]):
-                rest[slot] = t
-            tensors = tensors[:k]
-        g = site.grid
-        _no_launcher(g[0], g[1], g[2], 0, None, None, None, None, None, *tensors, *site.tail,
-                     *rest)
-        self.counted(site.kernel.fn.__name__)
 
     def _info(self, fn):
         info = self.params.get(fn.fn)
