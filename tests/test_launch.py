@@ -159,6 +159,7 @@ def test_fast_path_hands_the_launcher_tritons_arguments(monkeypatch):
     monkeypatch.setattr(triton.runtime.jit.JITFunction, "run", triton_run)
     monkeypatch.setattr(_launch, "_TRITON_RUN", triton_run)  # Triton's own, not a recorder
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda d: 1234, raising=False)
     x = torch.randn(16)
     assert jf[(3,)](x, 5, 7, 1.5, True, B=4) is compiled
@@ -189,6 +190,7 @@ def test_site_hands_the_launcher_tritons_arguments(monkeypatch):
     monkeypatch.setattr(triton.runtime.jit.JITFunction, "run", triton_run)
     monkeypatch.setattr(_launch, "_TRITON_RUN", triton_run)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda d: 99, raising=False)
     site = _launch.Site(jf, (4,), (5, 7, 1.5), flag=True, B=8)
     x, y = torch.randn(16), torch.randn(32)
@@ -225,6 +227,7 @@ def test_site_named_tensors(monkeypatch):
     monkeypatch.setattr(triton.runtime.jit.JITFunction, "run", triton_run)
     monkeypatch.setattr(_launch, "_TRITON_RUN", triton_run)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda d: 7, raising=False)
     site = _launch.Site(jf, (2, 3), (5,), ("R",), HAS_R=True)
     x, r, r2 = torch.randn(8), torch.randn(8), torch.randn(8)
@@ -233,3 +236,32 @@ def test_site_named_tensors(monkeypatch):
     site(x, r2)
     assert compiled.calls == [(2, 3, 1, 7, "fn-handle", "meta", None, None, None,
                                x, 5, r2, True, 4)]
+
+
+def test_fixed_dtype_site_keys_on_alignment(monkeypatch):
+    """``Site.fixed_dtypes()`` (programs: dtypes fixed by their signature): keyed by alignment
+    alone; a misaligned tensor is a variant of its own, which goes through Triton's run first."""
+    jf = triton.runtime.jit.JITFunction(_probe.fn, do_not_specialize=["seed"])
+    jf.__class__ = _launch._FastJIT
+    jf._tk_params, jf._tk_cache = _launch._Params(jf.fn, jf.do_not_specialize), {}
+    compiled, slow = _FakeCompiled(), []
+
+    def triton_run(self, *args, grid, warmup, **kwargs):
+        slow.append(args)
+        return compiled
+
+    monkeypatch.setattr(triton.runtime.jit.JITFunction, "run", triton_run)
+    monkeypatch.setattr(_launch, "_TRITON_RUN", triton_run)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda d: 5, raising=False)
+    site = _launch.Site(jf, (4,), (5, 7, 1.5), flag=True, B=8).fixed_dtypes()
+    x, y = torch.randn(16), torch.randn(32)
+    site(x)
+    site(y)
+    assert len(slow) == 1 and compiled.calls[-1][9] is y
+    site(y[1:])  # misaligned: Triton's path, then its own entry
+    site(y[1:])
+    assert len(slow) == 2 and len(compiled.calls) == 2 and compiled.calls[-1][9].data_ptr() & 15
+    site(x)
+    assert len(slow) == 2 and compiled.calls[-1][9] is x

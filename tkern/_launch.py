@@ -27,6 +27,7 @@ and lookup there (``HostEmulation``) to measure the GPU path's host cost on CPU.
 
 from __future__ import annotations
 
+import importlib
 import inspect as _inspect
 import os
 import weakref
@@ -134,8 +135,7 @@ class _P:
 
 
 def _hooks_idle() -> bool:
-    from triton import knobs
-    rt = knobs.runtime
+    rt = _RUNTIME_KNOBS
     for hook in (rt.launch_enter_hook, rt.launch_exit_hook):
         if hook is not None and getattr(hook, "calls", True):
             return False
@@ -144,6 +144,7 @@ def _hooks_idle() -> bool:
 
 _JIT = triton.runtime.jit.JITFunction
 _TRITON_RUN = _JIT.run
+_RUNTIME_KNOBS = importlib.import_module("triton.knobs").runtime  # launch hooks live here
 
 
 def _own_path() -> bool:
@@ -210,6 +211,17 @@ def _tokens(tensors: tuple) -> tuple:
     return tuple([(t.dtype, not t.data_ptr() & 15) for t in tensors])
 
 
+def _aligned_key(device: int, tensors: tuple):
+    """A fixed-dtype site's key: the device when every address is 16-byte aligned (fresh
+    allocations always are), else which ones are."""
+    bits = 0
+    for t in tensors:
+        bits |= t.data_ptr()
+    if not bits & 15:
+        return device
+    return (device, *[not t.data_ptr() & 15 for t in tensors])
+
+
 class Site:
     """One launch of one plan, everything fixed but the tensors: ``Site(kernel, grid, tail,
     named, **kwargs)(*tensors)`` launches ``kernel[grid](*lead, *tail, **kwargs, **dict(zip(named,
@@ -219,15 +231,24 @@ class Site:
     Ops keep a Site per plan (a plan is cached by the inputs' metadata and the config, so its
     grid, integers, flags and scalars are fixed): a call then costs the tensors' dtype and
     alignment, one lookup and the compiled launcher's call, with the full argument list built
-    once per variant.  The first launch of each variant goes through ``kernel[grid]``."""
+    once per variant.  The first launch of each variant goes through ``kernel[grid]``.
+    ``fixed_dtypes()`` gives the same launch for a caller whose calls always pass the same
+    dtypes (an op's program, whose signature fixes them): keyed by alignment alone."""
 
-    __slots__ = ("kernel", "grid", "tail", "kwargs", "named", "_entries", "__weakref__")
+    __slots__ = ("kernel", "grid", "tail", "kwargs", "named", "fixed", "_entries",
+                 "__weakref__")
 
     def __init__(self, kernel, grid: tuple, tail: tuple = (), named: tuple = (), **kwargs):
         self.kernel, self.tail, self.named, self.kwargs = kernel, tuple(tail), tuple(named), kwargs
         n = len(grid)
         self.grid = (grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1)
+        self.fixed = False
         self._entries: dict = {}
+
+    def fixed_dtypes(self) -> "Site":
+        site = Site(self.kernel, self.grid, self.tail, self.named, **self.kwargs)
+        site.fixed = True
+        return site
 
     def _split(self, tensors):
         k = len(tensors) - len(self.named)
@@ -246,8 +267,9 @@ class Site:
         emulated = not compiled and EMULATION is not None and EMULATION.active
         if (compiled or emulated) and _own_path():
             # the hit path, also what perf.host measures on CPU (device -1, no launcher)
-            device = torch.cuda.current_device() if compiled else -1
-            key = (device, *_tokens(tensors))
+            # a CUDA tensor exists, so CUDA is initialised: the device query without the checks
+            device = torch._C._cuda_getDevice() if compiled else -1
+            key = _aligned_key(device, tensors) if self.fixed else (device, *_tokens(tensors))
             hit = self._entries.get(key)
             if hit is not None:
                 launcher, function, packed, rest, slots = hit

@@ -6,6 +6,8 @@ A program is made for inputs the kernels read in place: x dense and addressable
 contiguous ``[C]``.  Anything else (program None), and a backward whose dy is not laid out as
 x, or which the program does not cover (eval backward, no dx wanted), runs the launchers of
 ``launch.py``, which the programs share their sites with: the same kernels, the same arguments.
+A program's sites are ``fixed_dtypes()`` ones (keyed by alignment only): its signature fixes the
+dtype of everything it launches with, dy included (autograd hands it over in y's dtype).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class _Train:
         x, weight, bias, running_mean, running_var, _, residual = inputs
         self.cfg = cfg
         self.act = (cfg.activation, cfg.negative_slope, cfg.alpha)
-        self.x_stride = x.stride()
+        self.x_stride, self.dtype = x.stride(), x.dtype
         self.C = C = x.shape[1]
         self.acc = rt.accum_dtype(x.dtype)
         self.update = running_mean is not None
@@ -57,12 +59,12 @@ class _Train:
         tail = (has_w, has_b, cfg.eps, cfg.momentum, *self.act, named, rflags)
         if P == 1:
             self.stats_site = None
-            self.site = launch.fused_forward_site(p, x, x, *head, True, *tail)
+            self.site = launch.fused_forward_site(p, x, x, *head, True, *tail).fixed_dtypes()
         else:
-            self.stats_site = launch.partial_stats_site(p, x)
+            self.stats_site = launch.partial_stats_site(p, x).fixed_dtypes()
             self.ws_shape = (4, P, C)
             self.site = launch.merge_normalize_site(plan(x, reduction=False), x, x, P, *head,
-                                                    *tail)
+                                                    *tail).fixed_dtypes()
         self.backwards: dict = {}
 
     def forward(self, x, weight, bias, running_mean, running_var, num_batches_tracked,
@@ -85,7 +87,7 @@ class _Train:
 
     def backward(self, douts, saved, needs):
         dy = douts[0]
-        if dy.stride() != self.x_stride:
+        if dy.stride() != self.x_stride or dy.dtype != self.dtype:
             return None
         run = self.backwards.get(needs)
         if run is None:
@@ -115,16 +117,16 @@ class _TrainBackward:
         if prog.P == 1:  # sums, then dx from the program's cached tiles
             named, rflags, _ = launch._residual_site(residual, x)
             self.reduce_site = launch.backward_reduce_site(
-                p, x, dy, x, False, True, count, *act, named, flags, rflags)
+                p, x, dy, x, False, True, count, *act, named, flags, rflags).fixed_dtypes()
             self.dx_site = None
         else:
             named, rflags, _ = launch._residual_site(residual, x)
             self.reduce_site = launch.backward_reduce_site(
-                p, x, dy, x, False, False, 1, *act, named, flags, rflags)
+                p, x, dy, x, False, False, 1, *act, named, flags, rflags).fixed_dtypes()
             named, rflags, _ = launch._residual_site(residual)
             self.dx_site = launch.dx_site(
                 plan(x, reduction=False), x, dy, x, prog.P, count, True, need_wb, False, *act,
-                named, flags, rflags)
+                named, flags, rflags).fixed_dtypes()
 
     def __call__(self, dy, saved):
         if not self.need_x:
@@ -169,7 +171,8 @@ class _Eval:
         named, rflags, _ = launch._residual_site(residual)
         flags = _stat_flags(False, True, weight, bias, cfg.eps)
         self.site = launch.normalize_site(plan(x, reduction=False), x, x, cfg.activation,
-                                          cfg.negative_slope, cfg.alpha, named, flags, rflags)
+                                          cfg.negative_slope, cfg.alpha, named, flags,
+                                          rflags).fixed_dtypes()
 
     def forward(self, x, weight, bias, running_mean, running_var, num_batches_tracked,
                 residual):
