@@ -258,15 +258,6 @@ def test_split_path_small_c_large_spatial(device, fmt):
     _functional_case(device, torch.float32, shape, True, memory_format=fmt, x64=x.double() * 3 + 2)
 
 
-@pytest.fixture
-def fresh_plans():
-    """Plans, launch sites and programs made under a test's patched planning knobs are
-    forgotten before and after it."""
-    _op.clear_plan_caches()
-    yield
-    _op.clear_plan_caches()
-
-
 class _LaunchCounter:
     """Stands in for a kernel in ``tkern.ops.batch_norm.kernels`` and counts its launches."""
 
@@ -283,7 +274,7 @@ _KERNELS = ("_fused_forward_kernel", "_stats_partial_kernel", "_stats_combine_ke
 
 
 @pytest.mark.parametrize("path", ["one_program", "split"])
-def test_one_program_and_split_paths(device, monkeypatch, fresh_plans, path):
+def test_one_program_and_split_paths(device, monkeypatch, path):
     """Both plans, every backward variant (training, eval with and without parameter grads,
     parameter grads only), over several steps with the cumulative average; and the launch
     counts: one each way for a layer whose channels span few tiles, else 2 forward, 2 backward."""
@@ -621,7 +612,7 @@ def test_torch_compile_fullgraph(device, shape):
 
 
 @pytest.mark.parametrize("programs", [3, 528])
-def test_gpu_like_plans_and_int64_offsets(device, monkeypatch, fresh_plans, programs):
+def test_gpu_like_plans_and_int64_offsets(device, monkeypatch, programs):
     """The launch plans a GPU gets (many splits, tail units past the end, several units per
     program) and the int64 index path, on small tensors."""
     monkeypatch.setattr(bn_plan, "_target_programs", lambda dev, reduction: programs)
@@ -653,7 +644,7 @@ def test_tilings(device, shape, dtype, fmt, flat):
 
 
 @pytest.mark.parametrize("shape,one_program", [((4, 301, 7, 7), True), ((13, 45, 7, 7), False)])
-def test_flat_gpu_plans(device, monkeypatch, fresh_plans, shape, one_program):
+def test_flat_gpu_plans(device, monkeypatch, shape, one_program):
     """FLAT plans as a GPU gets them (here for an 8-SM card): the one-launch plan with channel
     blocks sized to the card, and the split plan (channels too big for one program, here by a
     lowered FUSED_PROGRAM_BYTES: partials per tile of samples, several programs along the

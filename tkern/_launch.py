@@ -224,9 +224,11 @@ def _aligned_key(device: int, tensors: tuple):
 
 class Site:
     """One launch of one plan, everything fixed but the tensors: ``Site(kernel, grid, tail,
-    named, **kwargs)(*tensors)`` launches ``kernel[grid](*lead, *tail, **kwargs, **dict(zip(named,
-    rest)))`` where the last ``len(named)`` tensors go by keyword (optional tensor parameters
-    late in the signature) and the others lead.
+    named, live, **kwargs)(*tensors, *values)`` launches ``kernel[grid](*lead, *tail, **kwargs,
+    **dict(zip(named + live, rest)))``: the last ``len(named)`` tensors go by keyword (optional
+    tensor parameters late in the signature), the others lead; ``live`` names parameters whose
+    values change from call to call (a dropout seed: ``do_not_specialize`` integers of one width,
+    which Triton's specialisation does not see), passed last and left out of the key.
 
     Ops keep a Site per plan (a plan is cached by the inputs' metadata and the config, so its
     grid, integers, flags and scalars are fixed): a call then costs the tensors' dtype and
@@ -235,56 +237,62 @@ class Site:
     ``fixed_dtypes()`` gives the same launch for a caller whose calls always pass the same
     dtypes (an op's program, whose signature fixes them): keyed by alignment alone."""
 
-    __slots__ = ("kernel", "grid", "tail", "kwargs", "named", "fixed", "_entries",
+    __slots__ = ("kernel", "grid", "tail", "kwargs", "named", "live", "fixed", "_entries",
                  "__weakref__")
 
-    def __init__(self, kernel, grid: tuple, tail: tuple = (), named: tuple = (), **kwargs):
+    def __init__(self, kernel, grid: tuple, tail: tuple = (), named: tuple = (), live: tuple = (),
+                 **kwargs):
         self.kernel, self.tail, self.named, self.kwargs = kernel, tuple(tail), tuple(named), kwargs
+        self.live = tuple(live)
         n = len(grid)
         self.grid = (grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1)
         self.fixed = False
         self._entries: dict = {}
 
     def fixed_dtypes(self) -> "Site":
-        site = Site(self.kernel, self.grid, self.tail, self.named, **self.kwargs)
+        site = Site(self.kernel, self.grid, self.tail, self.named, self.live, **self.kwargs)
         site.fixed = True
         return site
 
-    def _split(self, tensors):
-        k = len(tensors) - len(self.named)
-        return tensors[:k], dict(self.kwargs, **dict(zip(self.named, tensors[k:])))
+    def _split(self, args):
+        by_name = (*self.named, *self.live)
+        k = len(args) - len(by_name)
+        return args[:k], dict(self.kwargs, **dict(zip(by_name, args[k:])))
 
     def _rest(self, params, n_lead: int) -> tuple:
-        """(values of the parameters after the tail, slots of the named tensors among them)."""
+        """(values of the parameters after the tail, slots of the named tensors and the live
+        values among them)."""
+        by_name = (*self.named, *self.live)
         lead_and_tail = n_lead + len(self.tail)
-        entry = Entry(None, params, lead_and_tail, dict.fromkeys((*self.kwargs, *self.named)))
+        entry = Entry(None, params, lead_and_tail, dict.fromkeys((*self.kwargs, *by_name)))
         names = [name for name, _ in entry.rest]
         values = tuple(entry.full_args((), self.kwargs))
-        return values, tuple(names.index(n) for n in self.named)
+        return values, tuple(names.index(n) for n in by_name)
 
-    def __call__(self, *tensors):
+    def __call__(self, *args):
         compiled = self.kernel.__class__ is _FastJIT
         emulated = not compiled and EMULATION is not None and EMULATION.active
         if (compiled or emulated) and _own_path():
             # the hit path, also what perf.host measures on CPU (device -1, no launcher)
             # a CUDA tensor exists, so CUDA is initialised: the device query without the checks
             device = torch._C._cuda_getDevice() if compiled else -1
+            tensors = args[:len(args) - len(self.live)] if self.live else args
             key = _aligned_key(device, tensors) if self.fixed else (device, *_tokens(tensors))
             hit = self._entries.get(key)
             if hit is not None:
                 launcher, function, packed, rest, slots = hit
                 if slots:
-                    k = len(tensors) - len(slots)
+                    k = len(args) - len(slots)
                     rest = list(rest)
-                    for slot, t in zip(slots, tensors[k:]):
+                    for slot, t in zip(slots, args[k:]):
                         rest[slot] = t
-                    tensors = tensors[:k]
+                    args = args[:k]
                 g = self.grid
                 launcher(g[0], g[1], g[2],
                          torch._C._cuda_getCurrentRawStream(device) if compiled else 0, function,
-                         packed, None, None, None, *tensors, *self.tail, *rest)
+                         packed, None, None, None, *args, *self.tail, *rest)
                 return
-            lead, kwargs = self._split(tensors)
+            lead, kwargs = self._split(args)
             kernel = self.kernel[self.grid](*lead, *self.tail, **kwargs)
             if compiled and kernel is None:
                 return
@@ -297,7 +305,7 @@ class Site:
                 self._entries[key] = (_emulated_launch, self.kernel.fn.__name__, None, rest,
                                       slots)
             return
-        lead, kwargs = self._split(tensors)
+        lead, kwargs = self._split(args)
         self.kernel[self.grid](*lead, *self.tail, **kwargs)
 
 

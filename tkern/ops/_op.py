@@ -26,11 +26,13 @@ From the declaration ``Op`` builds:
   materialised (``set_materialize_grads(False)``): no zeros tensor for them in backward.
 - arity: ``apply`` checks the number of inputs; backward results are padded to the inputs.
 - programs (optional, the host fast path): ``program(inputs, cfg)`` returns an object with
-  ``forward(*inputs) -> outputs`` and ``backward(douts, saved, needs) -> grads`` (or None to
-  take the op's ``backward``), everything that depends only on the inputs' metadata and the
-  config (plans, launch sites, which outputs to allocate) prepared once; or None where the op's
-  plain ``forward`` / ``backward`` must run.  ``apply`` keeps them per ``signature(inputs)``
-  and config; a public function that caches its own checks per signature hands one to ``run``.
+  ``forward(cfg, *inputs) -> outputs`` and ``backward(douts, saved, cfg, needs) -> grads`` (or
+  None to take the op's ``backward``), everything that depends only on the inputs' metadata and
+  the config (plans, launch sites, which outputs to allocate) prepared once; or None where the
+  op's plain ``forward`` / ``backward`` must run.  ``apply`` keeps them per
+  ``signature(inputs)`` and ``program_key(cfg)`` (default: the whole config; dropout leaves out
+  its per-call seed); a public function that caches its own checks per signature hands one to
+  ``run``.
 
 Declaration contract (``inputs`` are tensors, ``?`` marks an optional one; ``cfg`` is an instance
 of ``config``, a NamedTuple whose annotated fields become the custom ops' scalar arguments):
@@ -163,7 +165,8 @@ class Op:
                  fake: Callable | None = None, backward_fake: Callable | None = None,
                  composite: Callable | None = None, eager: Callable | None = None,
                  aux: tuple = (), mutates: tuple = (), save_when: dict | None = None,
-                 library: bool = True, program: Callable | None = None):
+                 library: bool = True, program: Callable | None = None,
+                 program_key: Callable | None = None):
         self.name = name
         self.public_name = name.split("::")[-1]
         self.input_names = tuple(n.rstrip("?") for n in inputs)
@@ -194,6 +197,7 @@ class Op:
         self.mutates = tuple(self.input_names.index(n) for n in mutates)
         self.library = library
         self.make_program = program
+        self.program_key = program_key or (lambda cfg: cfg)
         self._programs = PlanCache(None)
         self._build_functions()
         if library:
@@ -227,7 +231,7 @@ class Op:
         """The op's program for these inputs' signature and ``cfg`` (made once), or None."""
         if self.make_program is None:
             return None
-        key = (cfg, *signature(inputs))
+        key = (self.program_key(cfg), *signature(inputs))
         programs = self._programs.plans
         if key in programs:
             return programs[key]
@@ -273,7 +277,7 @@ class Op:
             # create_graph=True: differentiable torch ops
             return self._differentiable(saved, douts, ctx.cfg, needs)
         if program is not None:
-            grads = program.backward(douts, saved, needs)
+            grads = program.backward(douts, saved, ctx.cfg, needs)
             if grads is not None:
                 return grads
         return backward(douts, saved, ctx.cfg, needs)
@@ -308,7 +312,7 @@ class Op:
 
         def fast_forward(ctx, *args):
             inputs, cfg, program = args[:-2], args[-2], args[-1]
-            outs = op.forward(*inputs, cfg) if program is None else program.forward(*inputs)
+            outs = op.forward(*inputs, cfg) if program is None else program.forward(cfg, *inputs)
             op._setup(ctx, inputs, cfg, outs)
             ctx.program = program
             return outs if n_out > 1 else outs[0]

@@ -67,7 +67,7 @@ class _Train:
                                                     *tail).fixed_dtypes()
         self.backwards: dict = {}
 
-    def forward(self, x, weight, bias, running_mean, running_var, num_batches_tracked,
+    def forward(self, cfg, x, weight, bias, running_mean, running_var, num_batches_tracked,
                 residual):
         stats = x.new_empty((3, self.C), dtype=self.acc)
         m, lo, inv = stats.unbind(0)
@@ -85,7 +85,7 @@ class _Train:
             self.site(x, y, count, mean, mean_lo, m2, m, lo, inv, w, b, rm, rv, nbt, *res)
         return y, stats
 
-    def backward(self, douts, saved, needs):
+    def backward(self, douts, saved, cfg, needs):
         dy = douts[0]
         if dy.stride() != self.x_stride or dy.dtype != self.dtype:
             return None
@@ -174,7 +174,7 @@ class _Eval:
                                           cfg.negative_slope, cfg.alpha, named, flags,
                                           rflags).fixed_dtypes()
 
-    def forward(self, x, weight, bias, running_mean, running_var, num_batches_tracked,
+    def forward(self, cfg, x, weight, bias, running_mean, running_var, num_batches_tracked,
                 residual):
         y = torch.empty_like(x)
         rm = running_mean
@@ -182,5 +182,5 @@ class _Eval:
                   rm if bias is None else bias, *(() if residual is None else (residual,)))
         return y, y.new_empty(0)
 
-    def backward(self, douts, saved, needs):
+    def backward(self, douts, saved, cfg, needs):
         return None
