@@ -11,8 +11,9 @@ replaces the interpreter's ``InterpretedFunction.run`` (the hook every ``kernel[
 through under ``TRITON_INTERPRET=1``) with that front end plus a launch counter.  Outputs are then
 uninitialised memory: the figures are host time, not results.
 
-Plans are the GPU's (``launch_plan._target_programs`` for a 132-SM card), so BatchNorm takes the
-launch structure it takes on an H100/H200.
+Plans are the GPU's (``launch_plan._target_programs`` and dropout's ``_dbias_row_programs`` for a
+132-SM card), so BatchNorm and the bias gradient take the launch structure they take on an
+H100/H200.
 
 Counts per call and direction: Triton launches (the hook above), and other torch kernels (aten
 ops seen by a TorchDispatchMode, leaving out allocations and views, which start no kernel).
@@ -146,16 +147,19 @@ def skip_kernel_bodies():
 
 @contextlib.contextmanager
 def gpu_like_plans(sm_count: int = 132):
-    from tkern.ops import _op
+    from tkern.ops import _op, activation_dropout as ad
     from tkern.ops.batch_norm import launch_plan
 
-    original = launch_plan._target_programs
+    original = launch_plan._target_programs, ad._dbias_row_programs
     launch_plan._target_programs = lambda device, reduction: (4 if reduction else 64) * sm_count
+    # dropout's bias gradient: partial rows for every SM, and the kernel adding them
+    ad._dbias_row_programs = lambda device, groups, cols: max(
+        1, min(groups, ad.DBIAS_PROGRAMS_PER_SM * sm_count // cols))
     _op.clear_plan_caches()  # plans, and the launch sites and programs made from them
     try:
         yield
     finally:
-        launch_plan._target_programs = original
+        launch_plan._target_programs, ad._dbias_row_programs = original
         _op.clear_plan_caches()
 
 
@@ -223,8 +227,8 @@ CASES = [
     Case("BatchNorm2d(2048)+relu train", _bn_case("relu", True), (32, 2048, 7, 7), (2, 8, 2, 2)),
     Case("BatchNorm2d(64)+relu train", _bn_case("relu", True), (32, 64, 56, 56), (2, 8, 2, 2)),
     Case("BatchNorm2d(2048) eval", _bn_case(None, False), (32, 2048, 7, 7), (2, 8, 2, 2)),
-    # the launch structure does not depend on the size: tkern on a small shape too (the CPU then
-    # runs the bias gradient's torch sum for real on little data)
+    # tkern on a small shape too: with GPU plans its launches are a large shape's (the bias
+    # gradient in partial rows, then _bias_grad_kernel adding them)
     Case("activation_dropout gelu p=0.1 +bias", _dropout_case(True), (16, 1024), (2, 8)),
     Case("activation_dropout gelu p=0.1", _dropout_case(False), (16, 1024), (2, 8)),
     Case("local_response_norm size 5", _lrn_make, (2, 96, 9, 9), (1, 8, 2, 2)),
