@@ -598,7 +598,8 @@ def activation_dropout(x, activation="relu", p=0.5, training=True, *, bias=None,
     """
     key = None
     # plain tensors and float scalars only (a subclass, a 0-dim tensor p: the full path)
-    if x.__class__ is torch.Tensor and p.__class__ is float and not torch.compiler.is_compiling():
+    if (x.__class__ is torch.Tensor and p.__class__ is float and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()):  # wrapped tensors: full path
         key = (activation, p, training, negative_slope, alpha, approximate, min_val, max_val,
                beta, threshold, *signature((x, bias)))
         hit = _CALLS.plans.get(key)

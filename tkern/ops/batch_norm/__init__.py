@@ -199,7 +199,8 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     # plain tensors and float scalars only (a subclass or a 0-dim tensor takes the full path)
     if (input.__class__ is torch.Tensor and eps.__class__ is float
             and (momentum is None or momentum.__class__ is float)
-            and not torch.compiler.is_compiling()):
+            and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()):  # wrapped tensors: full path
         tensors = (input, running_mean, running_var, weight, bias, num_batches_tracked, residual)
         key = (training, momentum, eps, activation, negative_slope, alpha, approximate,
                *signature(tensors))
