@@ -187,6 +187,7 @@ class Op:
         # backward's per-call work, precomputed (it runs on every training step)
         self._pick_needs = _picker(self.grads)
         self._pick_saves = _picker(self.saves)
+        self._save_pickers: dict = {}  # config -> picker, for save_when
         self._pick_aux = _picker(self.aux)
         self._no_grads = (None,) * len(self.grads)
         self._grads_prefix = self.grads == tuple(range(len(self.grads)))
@@ -253,14 +254,25 @@ class Op:
         ctx.set_materialize_grads(False)
         if self.aux:
             ctx.mark_non_differentiable(*self._pick_aux(outs))
-        saved = self._pick_saves((*inputs, *outs))
+        pick = self._pick_saves
         if self.save_when:
-            saved = list(saved)
-            for k, keep in self.save_when:
-                if not keep(cfg):
-                    saved[k] = None
-        ctx.save_for_backward(*saved)
+            pick = self._save_pickers.get(cfg)
+            if pick is None:
+                pick = self._save_picker(cfg)
+        ctx.save_for_backward(*pick((*inputs, *outs, None)))
         ctx.cfg = cfg
+
+    def _save_picker(self, cfg):
+        """``saves`` with the names ``save_when`` drops for ``cfg`` picking the trailing None."""
+        indices = list(self.saves)
+        for k, keep in self.save_when:
+            if not keep(cfg):
+                indices[k] = -1
+        pick = _picker(tuple(indices))
+        if len(self._save_pickers) >= 4096:
+            self._save_pickers.clear()
+        self._save_pickers[cfg] = pick
+        return pick
 
     def _grads(self, ctx, douts, backward, program=None):
         """Gradients for ``grads`` (None where not needed)."""
