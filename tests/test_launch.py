@@ -185,7 +185,8 @@ def test_fast_path_hands_the_launcher_tritons_arguments(monkeypatch):
 def test_site_hands_the_launcher_tritons_arguments(monkeypatch):
     """``Site``: everything but the leading tensors fixed; a hit passes tensors, tail and the
     remaining parameters (keywords, defaults) in signature order."""
-    jf, compiled, slow = _fake_gpu(monkeypatch, _probe.fn, dns=["seed"], stream=99, record=lambda a, k: (a, k))
+    jf, compiled, slow = _fake_gpu(monkeypatch, _probe.fn, dns=["seed"], stream=99,
+                                   record=lambda a, k: (a, k))
     site = _launch.Site(jf, (4,), (5, 7, 1.5), flag=True, B=8)
     x, y = torch.randn(16), torch.randn(32)
     site(x)
@@ -209,7 +210,8 @@ def _probe_named(X, n, R, HAS_R: tl.constexpr = False, B: tl.constexpr = 4):
 
 def test_site_named_tensors(monkeypatch):
     """Tensors late in the signature go by keyword (``named``): a hit puts them in their slots."""
-    jf, compiled, slow = _fake_gpu(monkeypatch, _probe_named.fn, stream=7, record=lambda a, k: (a, k))
+    jf, compiled, slow = _fake_gpu(monkeypatch, _probe_named.fn, stream=7,
+                                   record=lambda a, k: (a, k))
     site = _launch.Site(jf, (2, 3), (5,), ("R",), HAS_R=True)
     x, r, r2 = torch.randn(8), torch.randn(8), torch.randn(8)
     site(x, r)
