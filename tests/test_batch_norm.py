@@ -920,10 +920,13 @@ def _program_variants(device):
             w = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).to(device, pdt)
             b = torch.randn(C, generator=g, dtype=torch.float64).to(device, pdt)
             w, b = (w.requires_grad_(), b.requires_grad_()) if affine else (None, None)
-            rm = torch.randn(C, generator=g, dtype=torch.float64).to(device, pdt) if stats else None
-            rv = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).to(device, pdt) if stats else None
+            rm = rv = r = None
+            if stats:
+                rm = torch.randn(C, generator=g, dtype=torch.float64).to(device, pdt)
+                rv = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).to(device, pdt)
             nbt = torch.tensor(3, device=device) if momentum is None else None
-            r = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype) if residual else None
+            if residual:
+                r = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
             return dict(x=x, w=w, b=b, rm=rm, rv=rv, nbt=nbt, r=r, training=training,
                         momentum=momentum, act=act)
         return build
