@@ -11,9 +11,8 @@ replaces the interpreter's ``InterpretedFunction.run`` (the hook every ``kernel[
 through under ``TRITON_INTERPRET=1``) with that front end plus a launch counter.  Outputs are then
 uninitialised memory: the figures are host time, not results.
 
-Plans are the GPU's (``launch_plan._target_programs`` and dropout's ``_dbias_row_programs`` for a
-132-SM card), so BatchNorm and the bias gradient take the launch structure they take on an
-H100/H200.
+Plans are the GPU's (``tkern._runtime.plan_as_gpu`` for a 132-SM card, as perf.static_cost
+records them), so every op takes the launch structure it takes on an H100/H200.
 
 Counts per call and direction: Triton launches (the hook above), and other torch kernels (aten
 ops seen by a TorchDispatchMode, leaving out allocations and views, which start no kernel).
@@ -147,19 +146,17 @@ def skip_kernel_bodies():
 
 @contextlib.contextmanager
 def gpu_like_plans(sm_count: int = 132):
-    from tkern.ops import _op, activation_dropout as ad
-    from tkern.ops.batch_norm import launch_plan
+    """Every op plans its launches as on a card of ``sm_count`` SMs (``rt.plan_as_gpu``, what
+    perf.static_cost records): BatchNorm's grids and one-launch plans, dropout's bias-gradient
+    partial rows, LRN's kernel choice."""
+    from tkern import _runtime as rt
+    from tkern.ops import _op
 
-    original = launch_plan._target_programs, ad._dbias_row_programs
-    launch_plan._target_programs = lambda device, reduction: (4 if reduction else 64) * sm_count
-    # dropout's bias gradient: partial rows for every SM, and the kernel adding them
-    ad._dbias_row_programs = lambda device, groups, cols: max(
-        1, min(groups, ad.DBIAS_PROGRAMS_PER_SM * sm_count // cols))
     _op.clear_plan_caches()  # plans, and the launch sites and programs made from them
     try:
-        yield
+        with rt.plan_as_gpu(sm_count):
+            yield
     finally:
-        launch_plan._target_programs, ad._dbias_row_programs = original
         _op.clear_plan_caches()
 
 
