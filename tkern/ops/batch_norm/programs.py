@@ -44,7 +44,6 @@ class _Train:
 
     def __init__(self, inputs, cfg):
         x, weight, bias, running_mean, running_var, _, residual = inputs
-        self.cfg = cfg
         self.act = (cfg.activation, cfg.negative_slope, cfg.alpha)
         self.x_stride, self.dtype = x.stride(), x.dtype
         self.C = C = x.shape[1]
