@@ -27,7 +27,8 @@ def test_host_mode_counts_launches():
     assert got["BatchNorm2d(64)+relu train"] == {"fwd": (2, ["add_"]), "bwd": (2, [])}
     assert got["BatchNorm2d(2048) eval"]["fwd"] == (1, [])
     # with a bias the backward kernel sums the bias gradient (16 rows: one program along rows,
-    # which writes it directly; more rows add _bias_grad_kernel), no torch sum
+    # which writes it directly; more rows add a torch.zeros of the last programs' counts), no
+    # torch sum
     assert got["activation_dropout gelu p=0.1 +bias"] == {"fwd": (1, ["randint"]), "bwd": (1, [])}
     assert got["activation_dropout gelu p=0.1"] == {"fwd": (1, ["randint"]), "bwd": (1, [])}
     assert got["local_response_norm size 5"] == {"fwd": (1, []), "bwd": (1, [])}
