@@ -11,8 +11,8 @@ replaces the interpreter's ``InterpretedFunction.run`` (the hook every ``kernel[
 through under ``TRITON_INTERPRET=1``) with that front end plus a launch counter.  Outputs are then
 uninitialised memory: the figures are host time, not results.
 
-Plans are the GPU's (``launch_plan._target_programs`` for a 132-SM card), so BatchNorm takes the
-launch structure it takes on an H100/H200.
+Plans are the GPU's (``tkern._runtime.plan_as_gpu`` for a 132-SM card, as perf.static_cost
+records them), so every op takes the launch structure it takes on an H100/H200.
 
 Counts per call and direction: Triton launches (the hook above), and other torch kernels (aten
 ops seen by a TorchDispatchMode, leaving out allocations and views, which start no kernel).
@@ -146,16 +146,18 @@ def skip_kernel_bodies():
 
 @contextlib.contextmanager
 def gpu_like_plans(sm_count: int = 132):
-    from tkern.ops.batch_norm import launch_plan
+    """Every op plans its launches as on a card of ``sm_count`` SMs (``rt.plan_as_gpu``, what
+    perf.static_cost records): BatchNorm's grids and one-launch plans, dropout's bias-gradient
+    partial rows, LRN's kernel choice."""
+    from tkern import _runtime as rt
+    from tkern.ops import _op
 
-    original = launch_plan._target_programs
-    launch_plan._target_programs = lambda device, reduction: (4 if reduction else 64) * sm_count
-    launch_plan._PLANS.clear()
+    _op.clear_plan_caches()  # plans, and the launch sites and programs made from them
     try:
-        yield
+        with rt.plan_as_gpu(sm_count):
+            yield
     finally:
-        launch_plan._target_programs = original
-        launch_plan._PLANS.clear()
+        _op.clear_plan_caches()
 
 
 class Case:
@@ -222,8 +224,8 @@ CASES = [
     Case("BatchNorm2d(2048)+relu train", _bn_case("relu", True), (32, 2048, 7, 7), (2, 8, 2, 2)),
     Case("BatchNorm2d(64)+relu train", _bn_case("relu", True), (32, 64, 56, 56), (2, 8, 2, 2)),
     Case("BatchNorm2d(2048) eval", _bn_case(None, False), (32, 2048, 7, 7), (2, 8, 2, 2)),
-    # the launch structure does not depend on the size: tkern on a small shape too (the CPU then
-    # runs the bias gradient's torch sum for real on little data)
+    # tkern on a small shape too: with GPU plans its launches are a large shape's (the bias
+    # gradient in partial rows, added up by the kernel's last programs)
     Case("activation_dropout gelu p=0.1 +bias", _dropout_case(True), (16, 1024), (2, 8)),
     Case("activation_dropout gelu p=0.1", _dropout_case(False), (16, 1024), (2, 8)),
     Case("local_response_norm size 5", _lrn_make, (2, 96, 9, 9), (1, 8, 2, 2)),

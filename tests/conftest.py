@@ -25,3 +25,13 @@ def _fresh_seed():
     # Each test draws fresh inputs, reproducibly per test.
     torch.manual_seed(0x7CE5)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plan_caches():
+    # Plans, launch sites, programs and checked calls are caches over metadata: a test that
+    # patches a planning knob or a kernel must not see (or leave) ones made without the patch.
+    from tkern.ops import _op
+
+    _op.clear_plan_caches()
+    yield

@@ -668,3 +668,57 @@ def test_double_backward_mask_of_a_permuted_non_dense_input(device):
     torch.testing.assert_close(d1, d0)  # same mask both ways: first order and create_graph
     kept = (y != 0)
     assert torch.equal(d0.t()[:, ::2] != 0, kept)
+
+
+def test_programs_match_the_launchers(device, monkeypatch):
+    """The per-signature program (``ad._Program``, behind the checked-call cache) gives
+    bit-for-bit what ``_forward`` / ``_backward`` give: with and without a bias, dropout on and
+    off, every set of wanted gradients, a dy laid out otherwise than y (the launchers then), and
+    seeds that switch between a device tensor and a host int from call to call (as entering and
+    leaving CUDA-graph capture does: the cached program must not keep the other kind)."""
+    from tkern.ops import _op
+
+    draws = iter(range(10**6))
+
+    def draw(dev, generator=None):  # alternate tensor seeds and int seeds, reproducibly
+        k = next(draws)
+        if k % 2:
+            return None, 1000 + k
+        return torch.tensor(2000 + k, dtype=torch.int64, device=dev), 0
+
+    monkeypatch.setattr(ad._rng, "draw", draw)
+    plain = ad.OP.make_program
+    cases = [(dict(bias=True, p=0.3), ("x", "b")), (dict(bias=True, p=0.3), ("x",)),
+             (dict(bias=True, p=0.3), ("b",)), (dict(bias=False, p=0.3), ("x",)),
+             (dict(bias=False, p=0.0), ("x",)), (dict(bias=True, p=0.3, t=True), ("x", "b"))]
+    for kw, wanted in cases:
+        got = {}
+        for use in (True, False):
+            draws = iter(range(10**6))
+            ad.OP.make_program = plain if use else None
+            _op.clear_plan_caches()
+            try:
+                g = torch.Generator().manual_seed(5)
+                x = torch.randn(9, 300, generator=g, dtype=torch.float64).to(device,
+                                                                             torch.float32)
+                x.requires_grad_()
+                b = torch.randn(300, generator=g, dtype=torch.float64).to(device).float()
+                b = b.requires_grad_() if kw["bias"] else None
+                out = []
+                for _ in range(3):  # tensor seed, int seed, tensor seed
+                    y = tkern.activation_dropout(x, "gelu", kw["p"], bias=b)
+                    dy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(device,
+                                                                                   y.dtype)
+                    if kw.get("t"):
+                        dy = dy.t().contiguous().t()
+                    inputs = [t for n, t in (("x", x), ("b", b)) if n in wanted and t is not None]
+                    out += [y, *torch.autograd.grad(y, inputs, dy)]
+                got[use] = out
+            finally:
+                ad.OP.make_program = plain
+        for a, c in zip(got[True], got[False], strict=True):
+            assert torch.equal(a, c), f"{kw} {wanted}"
+    _op.clear_plan_caches()
+    x = torch.randn(4, 8, device=device)
+    tkern.activation_dropout(x, "gelu", 0.3)
+    assert ad._CALLS.plans and all(prog is not None for _, prog, _ in ad._CALLS.plans.values())

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import tkern
 from tkern.activations import activation_scalars, eager_activation
 from tkern.nn.batch_norm import TORCH_HAS_BIAS_ARG
-from tkern.ops import batch_norm as bn_ops
+from tkern.ops import _op, batch_norm as bn_ops
 from tkern.ops.batch_norm import kernels as bn_kernels, launch_plan as bn_plan
 from tkern.testing import assert_close_rule
 
@@ -282,7 +282,6 @@ def test_one_program_and_split_paths(device, monkeypatch, path):
     assert bn_ops.num_partials(torch.randn(2, 3, 4, 4, device=device)) == 1
     assert bn_ops.num_partials(torch.randn(8, 2, 64, 64, device=device)) > 1
     monkeypatch.setattr(bn_plan, "FUSED_MAX_UNITS", 10**9 if path == "one_program" else 0)
-    monkeypatch.setattr(bn_plan._PLANS, "plans", {})
     counters = {name: _LaunchCounter(getattr(bn_kernels, name)) for name in _KERNELS}
     for name, counter in counters.items():
         monkeypatch.setattr(bn_kernels, name, counter)
@@ -617,7 +616,6 @@ def test_gpu_like_plans_and_int64_offsets(device, monkeypatch, programs):
     """The launch plans a GPU gets (many splits, tail units past the end, several units per
     program) and the int64 index path, on small tensors."""
     monkeypatch.setattr(bn_plan, "_target_programs", lambda dev, reduction: programs)
-    monkeypatch.setattr(bn_plan._PLANS, "plans", {})
     monkeypatch.setattr(bn_ops.rt, "needs_int64", lambda *t, **k: programs == 3)
     for shape, fmt in (((5, 3, 7, 9), None), ((5, 3, 7, 9), torch.channels_last), ((11, 6), None)):
         _functional_case(device, torch.float32, shape, True, act="silu", memory_format=fmt)
@@ -654,7 +652,6 @@ def test_flat_gpu_plans(device, monkeypatch, shape, one_program):
     if not one_program:
         monkeypatch.setattr(bn_plan, "FUSED_PROGRAM_BYTES", 512)
         monkeypatch.setattr(bn_plan, "FLAT_TILE_BYTES", 4096)  # tiles of 1 sample: 13 units
-    monkeypatch.setattr(bn_plan._PLANS, "plans", {})
     with bn_ops.rt.plan_as_gpu(8):
         x = torch.empty(shape, device=device)
         p = bn_plan.plan(x)
@@ -939,3 +936,81 @@ def test_cached_launch_sites_follow_every_argument(device, shape):
             for name, t, s, r in zip(("y", "dx", "dw", "db", "running_mean", "running_var"),
                                      *outs):
                 assert_close_rule(t, s, r, name=f"{name} {c} training={training}")
+
+
+def _program_variants(device):
+    """(name, call kwargs builder) over what a BatchNorm program is keyed on."""
+    def make(shape=(4, 3, 5, 6), fmt=None, dtype=torch.float32, pdtype=None, affine=True,
+             stats=True, momentum=0.1, residual=False, training=True, act="relu"):
+        def build():
+            g = torch.Generator(device="cpu").manual_seed(7)
+            x = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
+            if fmt is not None:
+                x = x.contiguous(memory_format=fmt)
+            x.requires_grad_()
+            C, pdt = shape[1], pdtype or dtype
+            w = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).to(device, pdt)
+            b = torch.randn(C, generator=g, dtype=torch.float64).to(device, pdt)
+            w, b = (w.requires_grad_(), b.requires_grad_()) if affine else (None, None)
+            rm = rv = r = None
+            if stats:
+                rm = torch.randn(C, generator=g, dtype=torch.float64).to(device, pdt)
+                rv = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).to(device, pdt)
+            nbt = torch.tensor(3, device=device) if momentum is None else None
+            if residual:
+                r = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
+            return dict(x=x, w=w, b=b, rm=rm, rv=rv, nbt=nbt, r=r, training=training,
+                        momentum=momentum, act=act)
+        return build
+    return [("nchw", make()), ("channels_last", make(fmt=torch.channels_last)),
+            ("bf16 fp32 params", make(dtype=torch.bfloat16, pdtype=torch.float32)),
+            ("no affine", make(affine=False)), ("no running stats", make(stats=False)),
+            ("cumulative", make(momentum=None)), ("residual", make(residual=True)),
+            ("eval", make(training=False)), ("eval residual", make(training=False, residual=True)),
+            ("2d", make(shape=(7, 5))), ("split", make(shape=(8, 2, 16, 16), act="silu"))]
+
+
+def _run_variant(v, dy_fmt, wanted):
+    """Forward twice (the second call takes the cached program, if any), backward of the second
+    for the ``wanted`` inputs; returns every output, gradient and running stat."""
+    out = []
+    for _ in range(2):
+        y = bn_ops._batch_norm(v["x"], v["rm"], v["rv"], v["w"], v["b"], v["training"],
+                               v["momentum"], 1e-5, v["act"], 0.01, 1.0, "none",
+                               num_batches_tracked=v["nbt"], residual=v["r"])
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3),
+                     dtype=torch.float64).to(y.device, y.dtype)
+    if dy_fmt == "transposed":  # strides other than y's
+        dy = dy.transpose(0, 1).contiguous().transpose(0, 1)
+    inputs = [t for name, t in (("x", v["x"]), ("w", v["w"]), ("b", v["b"])) if name in wanted
+              and t is not None]
+    out += [y, *(torch.autograd.grad(y, inputs, dy) if inputs else ())]
+    return out + [t for t in (v["rm"], v["rv"]) if t is not None]
+
+
+def test_programs_match_the_launchers(device):
+    """The per-signature programs (batch_norm/programs.py, and the checked-call cache in front of
+    them) give bit-for-bit what the launchers give, for every kind of signature they key on and
+    (on two of them) every set of wanted gradients; a dy laid out otherwise than y takes the
+    launchers."""
+    plain = bn_ops.OP.make_program
+    for name, build in _program_variants(device):
+        extra = name in ("nchw", "split")
+        assert (bn_ops.num_partials(build()["x"]) > 1) == (name == "split")
+        for wanted, dy_fmt in ((("x", "w", "b"), "like_y"),
+                               *(((("x",), "like_y"), (("w", "b"), "like_y"),
+                                  (("x", "w", "b"), "transposed")) if extra else ())):
+            got = {}
+            for use in (True, False):
+                bn_ops.OP.make_program = plain if use else None
+                _op.clear_plan_caches()
+                try:
+                    got[use] = _run_variant(build(), dy_fmt, wanted)
+                finally:
+                    bn_ops.OP.make_program = plain
+            _op.clear_plan_caches()
+            for a, b in zip(got[True], got[False], strict=True):
+                assert torch.equal(a, b), f"{name} {wanted} {dy_fmt}"
+    # the checked-call cache and the programs were used
+    _run_variant(_program_variants(device)[0][1](), "like_y", ("x",))
+    assert bn_ops._CALLS.plans and all(p is not None for _, p, _, _ in bn_ops._CALLS.plans.values())

@@ -146,20 +146,28 @@ class _FakeCompiled:
         return lambda *a: self.calls.append(a)
 
 
-def test_fast_path_hands_the_launcher_tritons_arguments(monkeypatch):
-    jf = triton.runtime.jit.JITFunction(_probe.fn, do_not_specialize=["seed"])
+def _fake_gpu(monkeypatch, fn, dns=(), stream=1234, record=None):
+    """``fn`` as a ``_FastJIT`` kernel on a pretend GPU: Triton's run records its calls (as
+    ``record(args, kwargs)``) and returns a ``_FakeCompiled``; device 0, raw stream ``stream``."""
+    jf = triton.runtime.jit.JITFunction(fn, do_not_specialize=list(dns))
     jf.__class__ = _launch._FastJIT
     jf._tk_params, jf._tk_cache = _launch._Params(jf.fn, jf.do_not_specialize), {}
     compiled, slow = _FakeCompiled(), []
 
     def triton_run(self, *args, grid, warmup, **kwargs):
-        slow.append(args)
+        slow.append(record(args, kwargs) if record else args)
         return compiled
 
     monkeypatch.setattr(triton.runtime.jit.JITFunction, "run", triton_run)
     monkeypatch.setattr(_launch, "_TRITON_RUN", triton_run)  # Triton's own, not a recorder
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda d: 1234, raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda d: stream, raising=False)
+    return jf, compiled, slow
+
+
+def test_fast_path_hands_the_launcher_tritons_arguments(monkeypatch):
+    jf, compiled, slow = _fake_gpu(monkeypatch, _probe.fn, dns=["seed"], stream=1234)
     x = torch.randn(16)
     assert jf[(3,)](x, 5, 7, 1.5, True, B=4) is compiled
     assert len(slow) == 1 and not compiled.calls  # the first launch is Triton's
@@ -177,19 +185,8 @@ def test_fast_path_hands_the_launcher_tritons_arguments(monkeypatch):
 def test_site_hands_the_launcher_tritons_arguments(monkeypatch):
     """``Site``: everything but the leading tensors fixed; a hit passes tensors, tail and the
     remaining parameters (keywords, defaults) in signature order."""
-    jf = triton.runtime.jit.JITFunction(_probe.fn, do_not_specialize=["seed"])
-    jf.__class__ = _launch._FastJIT
-    jf._tk_params, jf._tk_cache = _launch._Params(jf.fn, jf.do_not_specialize), {}
-    compiled, slow = _FakeCompiled(), []
-
-    def triton_run(self, *args, grid, warmup, **kwargs):
-        slow.append((args, kwargs))
-        return compiled
-
-    monkeypatch.setattr(triton.runtime.jit.JITFunction, "run", triton_run)
-    monkeypatch.setattr(_launch, "_TRITON_RUN", triton_run)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda d: 99, raising=False)
+    jf, compiled, slow = _fake_gpu(monkeypatch, _probe.fn, dns=["seed"], stream=99,
+                                   record=lambda a, k: (a, k))
     site = _launch.Site(jf, (4,), (5, 7, 1.5), flag=True, B=8)
     x, y = torch.randn(16), torch.randn(32)
     site(x)
@@ -213,19 +210,8 @@ def _probe_named(X, n, R, HAS_R: tl.constexpr = False, B: tl.constexpr = 4):
 
 def test_site_named_tensors(monkeypatch):
     """Tensors late in the signature go by keyword (``named``): a hit puts them in their slots."""
-    jf = triton.runtime.jit.JITFunction(_probe_named.fn)
-    jf.__class__ = _launch._FastJIT
-    jf._tk_params, jf._tk_cache = _launch._Params(jf.fn, jf.do_not_specialize), {}
-    compiled, slow = _FakeCompiled(), []
-
-    def triton_run(self, *args, grid, warmup, **kwargs):
-        slow.append((args, kwargs))
-        return compiled
-
-    monkeypatch.setattr(triton.runtime.jit.JITFunction, "run", triton_run)
-    monkeypatch.setattr(_launch, "_TRITON_RUN", triton_run)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda d: 7, raising=False)
+    jf, compiled, slow = _fake_gpu(monkeypatch, _probe_named.fn, stream=7,
+                                   record=lambda a, k: (a, k))
     site = _launch.Site(jf, (2, 3), (5,), ("R",), HAS_R=True)
     x, r, r2 = torch.randn(8), torch.randn(8), torch.randn(8)
     site(x, r)
@@ -233,3 +219,19 @@ def test_site_named_tensors(monkeypatch):
     site(x, r2)
     assert compiled.calls == [(2, 3, 1, 7, "fn-handle", "meta", None, None, None,
                                x, 5, r2, True, 4)]
+
+
+def test_fixed_dtype_site_keys_on_alignment(monkeypatch):
+    """``Site.fixed_dtypes()`` (programs: dtypes fixed by their signature): keyed by alignment
+    alone; a misaligned tensor is a variant of its own, which goes through Triton's run first."""
+    jf, compiled, slow = _fake_gpu(monkeypatch, _probe.fn, dns=["seed"], stream=5)
+    site = _launch.Site(jf, (4,), (5, 7, 1.5), flag=True, B=8).fixed_dtypes()
+    x, y = torch.randn(16), torch.randn(32)
+    site(x)
+    site(y)
+    assert len(slow) == 1 and compiled.calls[-1][9] is y
+    site(y[1:])  # misaligned: Triton's path, then its own entry
+    site(y[1:])
+    assert len(slow) == 2 and len(compiled.calls) == 2 and compiled.calls[-1][9].data_ptr() & 15
+    site(x)
+    assert len(slow) == 2 and compiled.calls[-1][9] is x

@@ -27,6 +27,7 @@ and lookup there (``HostEmulation``) to measure the GPU path's host cost on CPU.
 
 from __future__ import annotations
 
+import importlib
 import inspect as _inspect
 import os
 import weakref
@@ -134,8 +135,7 @@ class _P:
 
 
 def _hooks_idle() -> bool:
-    from triton import knobs
-    rt = knobs.runtime
+    rt = _RUNTIME_KNOBS
     for hook in (rt.launch_enter_hook, rt.launch_exit_hook):
         if hook is not None and getattr(hook, "calls", True):
             return False
@@ -144,6 +144,7 @@ def _hooks_idle() -> bool:
 
 _JIT = triton.runtime.jit.JITFunction
 _TRITON_RUN = _JIT.run
+_RUNTIME_KNOBS = importlib.import_module("triton.knobs").runtime  # launch hooks live here
 
 
 def _own_path() -> bool:
@@ -210,67 +211,114 @@ def _tokens(tensors: tuple) -> tuple:
     return tuple([(t.dtype, not t.data_ptr() & 15) for t in tensors])
 
 
+def _aligned_key(device: int, tensors: tuple):
+    """A fixed-dtype site's key: the device when every address is 16-byte aligned (fresh
+    allocations always are), else which ones are."""
+    bits = 0
+    for t in tensors:
+        bits |= t.data_ptr()
+    if not bits & 15:
+        return device
+    return (device, *[not t.data_ptr() & 15 for t in tensors])
+
+
 class Site:
     """One launch of one plan, everything fixed but the tensors: ``Site(kernel, grid, tail,
-    named, **kwargs)(*tensors)`` launches ``kernel[grid](*lead, *tail, **kwargs, **dict(zip(named,
-    rest)))`` where the last ``len(named)`` tensors go by keyword (optional tensor parameters
-    late in the signature) and the others lead.
+    named, live, **kwargs)(*tensors, *values)`` launches ``kernel[grid](*lead, *tail, **kwargs,
+    **dict(zip(named + live, rest)))``: the last ``len(named)`` tensors go by keyword (optional
+    tensor parameters late in the signature), the others lead; ``live`` names parameters whose
+    values change from call to call (a dropout seed: ``do_not_specialize`` integers of one width,
+    which Triton's specialisation does not see), passed last and left out of the key.
 
     Ops keep a Site per plan (a plan is cached by the inputs' metadata and the config, so its
     grid, integers, flags and scalars are fixed): a call then costs the tensors' dtype and
     alignment, one lookup and the compiled launcher's call, with the full argument list built
-    once per variant.  The first launch of each variant goes through ``kernel[grid]``."""
+    once per variant.  The first launch of each variant goes through ``kernel[grid]``.
+    ``fixed_dtypes()`` gives the same launch for a caller whose calls always pass the same
+    dtypes (an op's program, whose signature fixes them): keyed by alignment alone."""
 
-    __slots__ = ("kernel", "grid", "tail", "kwargs", "named", "_entries", "__weakref__")
+    __slots__ = ("kernel", "grid", "tail", "kwargs", "named", "live", "fixed", "_entries",
+                 "__weakref__")
 
-    def __init__(self, kernel, grid: tuple, tail: tuple = (), named: tuple = (), **kwargs):
+    def __init__(self, kernel, grid: tuple, tail: tuple = (), named: tuple = (), live: tuple = (),
+                 **kwargs):
         self.kernel, self.tail, self.named, self.kwargs = kernel, tuple(tail), tuple(named), kwargs
+        self.live = tuple(live)
         n = len(grid)
         self.grid = (grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1)
+        self.fixed = False
         self._entries: dict = {}
 
-    def _split(self, tensors):
-        k = len(tensors) - len(self.named)
-        return tensors[:k], dict(self.kwargs, **dict(zip(self.named, tensors[k:])))
+    def fixed_dtypes(self) -> "Site":
+        site = Site(self.kernel, self.grid, self.tail, self.named, self.live, **self.kwargs)
+        site.fixed = True
+        return site
+
+    def _split(self, args):
+        by_name = (*self.named, *self.live)
+        k = len(args) - len(by_name)
+        return args[:k], dict(self.kwargs, **dict(zip(by_name, args[k:])))
 
     def _rest(self, params, n_lead: int) -> tuple:
-        """(values of the parameters after the tail, slots of the named tensors among them)."""
+        """(values of the parameters after the tail, slots of the named tensors and the live
+        values among them)."""
+        by_name = (*self.named, *self.live)
         lead_and_tail = n_lead + len(self.tail)
-        entry = Entry(None, params, lead_and_tail, dict.fromkeys((*self.kwargs, *self.named)))
+        entry = Entry(None, params, lead_and_tail, dict.fromkeys((*self.kwargs, *by_name)))
         names = [name for name, _ in entry.rest]
         values = tuple(entry.full_args((), self.kwargs))
-        return values, tuple(names.index(n) for n in self.named)
+        return values, tuple(names.index(n) for n in by_name)
 
-    def __call__(self, *tensors):
-        if self.kernel.__class__ is _FastJIT and _own_path():
-            device = torch.cuda.current_device()
-            key = (device, *_tokens(tensors))
+    def __call__(self, *args):
+        compiled = self.kernel.__class__ is _FastJIT
+        emulated = not compiled and EMULATION is not None and EMULATION.active
+        if (compiled or emulated) and _own_path():
+            # the hit path, also what perf.host measures on CPU (device -1, no launcher)
+            # a CUDA tensor exists, so CUDA is initialised: the device query without the checks
+            device = torch._C._cuda_getDevice() if compiled else -1
+            tensors = args[:len(args) - len(self.live)] if self.live else args
+            key = _aligned_key(device, tensors) if self.fixed else (device, *_tokens(tensors))
             hit = self._entries.get(key)
             if hit is not None:
                 launcher, function, packed, rest, slots = hit
                 if slots:
-                    k = len(tensors) - len(slots)
+                    k = len(args) - len(slots)
                     rest = list(rest)
-                    for slot, t in zip(slots, tensors[k:]):
+                    for slot, t in zip(slots, args[k:]):
                         rest[slot] = t
-                    tensors = tensors[:k]
+                    args = args[:k]
                 g = self.grid
-                launcher(g[0], g[1], g[2], torch._C._cuda_getCurrentRawStream(device), function,
-                         packed, None, None, None, *tensors, *self.tail, *rest)
+                launcher(g[0], g[1], g[2],
+                         torch._C._cuda_getCurrentRawStream(device) if compiled else 0, function,
+                         packed, None, None, None, *args, *self.tail, *rest)
                 return
-            lead, kwargs = self._split(tensors)
+            lead, kwargs = self._split(args)
             kernel = self.kernel[self.grid](*lead, *self.tail, **kwargs)
-            if kernel is not None:
+            if compiled and kernel is None:
+                return
+            rest, slots = self._rest(_params(self.kernel).params, len(lead))
+            if compiled:
                 entry = Entry(kernel, (), 0, {})
                 entry.bind()
-                rest, slots = self._rest(self.kernel._tk_params.params, len(lead))
                 self._entries[key] = (entry.launcher, entry.function, entry.packed, rest, slots)
+            else:
+                self._entries[key] = (_emulated_launch, self.kernel.fn.__name__, None, rest,
+                                      slots)
             return
-        if EMULATION is not None and EMULATION.active:
-            EMULATION.site(self, tensors)
-            return
-        lead, kwargs = self._split(tensors)
+        lead, kwargs = self._split(args)
         self.kernel[self.grid](*lead, *self.tail, **kwargs)
+
+
+def _params(kernel) -> "_Params":
+    info = getattr(kernel, "_tk_params", None)
+    if info is None:  # an interpreted kernel (perf.host's emulation)
+        info = kernel._tk_params = _Params(kernel.fn, kernel.kwargs.get("do_not_specialize"))
+    return info
+
+
+def _emulated_launch(g0, g1, g2, stream, name, *args):
+    """Where a compiled launcher (C, a few us on a GPU, not counted) would run."""
+    EMULATION.counted(name)
 
 
 # set by ``perf.host`` while it measures: interpreted launches replay the GPU path's host steps
@@ -280,39 +328,15 @@ EMULATION = None
 class HostEmulation:
     """The hit paths of ``_FastJIT.run`` and ``Site`` for interpreted kernels, without a kernel:
     ``perf.host`` calls ``launch(fn, args, grid, kwargs, first)`` in place of the interpreter
-    (``first()`` stands in for Triton's own run, its binder, on a key's first launch), and Sites
-    call ``site``; ``counted(name)`` is told of every launch a Site makes without the
-    interpreter."""
+    (``first()`` stands in for Triton's own run, its binder, on a key's first launch); Sites
+    take their own hit path (device -1, no launcher) and tell ``counted(name)`` of every launch
+    they make without the interpreter."""
 
     def __init__(self, counted=None):
         self.caches: dict = {}
         self.params: dict = {}
-        self.sites: "weakref.WeakKeyDictionary[Site, dict]" = weakref.WeakKeyDictionary()
         self.counted = counted or (lambda name: None)
         self.active = True
-
-    def site(self, site: Site, tensors: tuple) -> None:
-        entries = self.sites.get(site)
-        if entries is None:
-            entries = self.sites[site] = {}
-        key = (0, *_tokens(tensors))
-        hit = entries.get(key)
-        if hit is None:  # the first launch: through kernel[grid], i.e. ``launch`` below
-            lead, kwargs = site._split(tensors)
-            site.kernel[site.grid](*lead, *site.tail, **kwargs)
-            entries[key] = site._rest(self._info(site.kernel).params, len(lead))
-            return
-        rest, slots = hit
-        if slots:  # as Site.__call__ does on a GPU
-            k = len(tensors) - len(slots)
-            rest = list(rest)
-            for slot, t in zip(slots, tensors[k:]):
-                rest[slot] = t
-            tensors = tensors[:k]
-        g = site.grid
-        _no_launcher(g[0], g[1], g[2], 0, None, None, None, None, None, *tensors, *site.tail,
-                     *rest)
-        self.counted(site.kernel.fn.__name__)
 
     def _info(self, fn):
         info = self.params.get(fn.fn)

@@ -25,6 +25,14 @@ From the declaration ``Op`` builds:
 - the non-differentiable outputs (``aux``: saved statistics) are marked so, and gradients are not
   materialised (``set_materialize_grads(False)``): no zeros tensor for them in backward.
 - arity: ``apply`` checks the number of inputs; backward results are padded to the inputs.
+- programs (optional, the host fast path): ``program(inputs, cfg)`` returns an object with
+  ``forward(cfg, *inputs) -> outputs`` and ``backward(douts, saved, cfg, needs) -> grads`` (or
+  None to take the op's ``backward``), everything that depends only on the inputs' metadata and
+  the config (plans, launch sites, which outputs to allocate) prepared once; or None where the
+  op's plain ``forward`` / ``backward`` must run.  ``apply`` keeps them per
+  ``signature(inputs)`` and ``program_key(cfg)`` (default: the whole config; dropout leaves out
+  its per-call seed); a public function that caches its own checks per signature hands one to
+  ``run``.
 
 Declaration contract (``inputs`` are tensors, ``?`` marks an optional one; ``cfg`` is an instance
 of ``config``, a NamedTuple whose annotated fields become the custom ops' scalar arguments):
@@ -53,6 +61,7 @@ from __future__ import annotations
 import functools
 import operator
 import typing
+import weakref
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -89,12 +98,14 @@ def f32_pairs(*values: float) -> tuple:
 
 class PlanCache:
     """A bounded dict for launch plans keyed by shapes/strides: host time matters on small
-    layers, and a plan is pure integer arithmetic on metadata."""
+    layers, and a plan is pure integer arithmetic on metadata.  ``clear_plan_caches`` empties
+    every one (after changing what plans depend on, as perf.host does)."""
 
     def __init__(self, make: Callable, limit: int = 4096):
         self.make = make
         self.limit = limit
         self.plans: dict = {}
+        _CACHES.add(self)
 
     def __call__(self, key, *args):
         p = self.plans.get(key)
@@ -112,6 +123,25 @@ class PlanCache:
 
     def clear(self) -> None:
         self.plans.clear()
+
+
+_CACHES: "weakref.WeakSet[PlanCache]" = weakref.WeakSet()
+
+
+def clear_plan_caches() -> None:
+    for cache in list(_CACHES):
+        cache.clear()
+
+
+def signature(tensors: tuple) -> tuple:
+    """What a program may depend on besides the config: each tensor's shape, strides, dtype and
+    device (None for an absent one; alignment is the launch sites' concern), and the runtime
+    rule's state (``rt.plan_as_gpu``; for CPU tensors, whether the interpreter is on)."""
+    sig = tuple([None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+                 for t in tensors])
+    first = sig[0]
+    cpu = first is not None and first[3].type == "cpu"
+    return (*sig, rt._planned_sms, cpu and rt.interpreter_enabled())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,7 +165,8 @@ class Op:
                  fake: Callable | None = None, backward_fake: Callable | None = None,
                  composite: Callable | None = None, eager: Callable | None = None,
                  aux: tuple = (), mutates: tuple = (), save_when: dict | None = None,
-                 library: bool = True):
+                 library: bool = True, program: Callable | None = None,
+                 program_key: Callable | None = None):
         self.name = name
         self.public_name = name.split("::")[-1]
         self.input_names = tuple(n.rstrip("?") for n in inputs)
@@ -156,6 +187,7 @@ class Op:
         # backward's per-call work, precomputed (it runs on every training step)
         self._pick_needs = _picker(self.grads)
         self._pick_saves = _picker(self.saves)
+        self._save_pickers: dict = {}  # config -> picker, for save_when
         self._pick_aux = _picker(self.aux)
         self._no_grads = (None,) * len(self.grads)
         self._grads_prefix = self.grads == tuple(range(len(self.grads)))
@@ -165,6 +197,9 @@ class Op:
                                 if i in self.grads}
         self.mutates = tuple(self.input_names.index(n) for n in mutates)
         self.library = library
+        self.make_program = program
+        self.program_key = program_key or (lambda cfg: cfg)
+        self._programs = PlanCache(None)
         self._build_functions()
         if library:
             self._build_library_ops()
@@ -184,13 +219,33 @@ class Op:
                             f"{self.input_names}, got {len(inputs)}")
         if torch.compiler.is_compiling():
             if not self.library:  # dynamo traces the Function (or breaks the graph)
-                out = self._fast_fn.apply(*inputs, cfg)
+                out = self._fast_fn.apply(*inputs, cfg, None)
                 return out if len(self.outputs) > 1 else (out,)
             return self._compiled(inputs, cfg)
         if torch._C._are_functorch_transforms_active():
             out = self._func_fn.apply(*inputs, cfg)
         else:
-            out = self._fast_apply(*inputs, cfg)
+            out = self._fast_apply(*inputs, cfg, self.program(inputs, cfg))
+        return out if len(self.outputs) > 1 else (out,)
+
+    def program(self, inputs: tuple, cfg):
+        """The op's program for these inputs' signature and ``cfg`` (made once), or None."""
+        if self.make_program is None:
+            return None
+        key = (self.program_key(cfg), *signature(inputs))
+        programs = self._programs.plans
+        if key in programs:
+            return programs[key]
+        made = self.make_program(inputs, cfg)
+        self._programs.put(key, made)
+        return made
+
+    def run(self, program, inputs: tuple, cfg):
+        """``apply`` with a program the caller looked up (a public function's fast path, which
+        has checked its arguments and that it is not being compiled)."""
+        if torch._C._are_functorch_transforms_active():
+            return self.apply(*inputs, cfg=cfg)
+        out = self._fast_apply(*inputs, cfg, program)
         return out if len(self.outputs) > 1 else (out,)
 
     # -- autograd (shared by both Function classes and the custom op's formula)
@@ -199,16 +254,27 @@ class Op:
         ctx.set_materialize_grads(False)
         if self.aux:
             ctx.mark_non_differentiable(*self._pick_aux(outs))
-        saved = self._pick_saves((*inputs, *outs))
+        pick = self._pick_saves
         if self.save_when:
-            saved = list(saved)
-            for k, keep in self.save_when:
-                if not keep(cfg):
-                    saved[k] = None
-        ctx.save_for_backward(*saved)
+            pick = self._save_pickers.get(cfg)
+            if pick is None:
+                pick = self._save_picker(cfg)
+        ctx.save_for_backward(*pick((*inputs, *outs, None)))
         ctx.cfg = cfg
 
-    def _grads(self, ctx, douts, backward):
+    def _save_picker(self, cfg):
+        """``saves`` with the names ``save_when`` drops for ``cfg`` picking the trailing None."""
+        indices = list(self.saves)
+        for k, keep in self.save_when:
+            if not keep(cfg):
+                indices[k] = -1
+        pick = _picker(tuple(indices))
+        if len(self._save_pickers) >= 4096:
+            self._save_pickers.clear()
+        self._save_pickers[cfg] = pick
+        return pick
+
+    def _grads(self, ctx, douts, backward, program=None):
         """Gradients for ``grads`` (None where not needed)."""
         needs = self._pick_needs(ctx.needs_input_grad)
         if True not in needs:
@@ -222,6 +288,10 @@ class Op:
         if torch.is_grad_enabled() and self.composite is not None:
             # create_graph=True: differentiable torch ops
             return self._differentiable(saved, douts, ctx.cfg, needs)
+        if program is not None:
+            grads = program.backward(douts, saved, ctx.cfg, needs)
+            if grads is not None:
+                return grads
         return backward(douts, saved, ctx.cfg, needs)
 
     def _differentiable(self, saved, douts, cfg, needs):
@@ -253,9 +323,10 @@ class Op:
         pad = (None,)  # the config record
 
         def fast_forward(ctx, *args):
-            inputs, cfg = args[:-1], args[-1]
-            outs = op.forward(*inputs, cfg)
+            inputs, cfg, program = args[:-2], args[-2], args[-1]
+            outs = op.forward(*inputs, cfg) if program is None else program.forward(cfg, *inputs)
             op._setup(ctx, inputs, cfg, outs)
+            ctx.program = program
             return outs if n_out > 1 else outs[0]
 
         def func_forward(*args):
@@ -270,10 +341,14 @@ class Op:
         def backward(ctx, *douts):
             return (*op._input_grads(op._grads(ctx, pick_douts(douts), op.backward)), *pad)
 
+        def fast_backward(ctx, *douts):  # the config record and the program
+            grads = op._grads(ctx, pick_douts(douts), op.backward, ctx.program)
+            return (*op._input_grads(grads), None, None)
+
         base = torch.autograd.Function
         cls_name = "".join(w.capitalize() for w in self.public_name.split("_"))
         fast = type(cls_name + "Function", (base,), dict(
-            forward=staticmethod(fast_forward), backward=staticmethod(backward),
+            forward=staticmethod(fast_forward), backward=staticmethod(fast_backward),
             __doc__=f"{self.name}: eager autograd (old-style forward, no signature binding)."))
         self._func_fn = type(cls_name + "FuncFunction", (base,), dict(
             forward=staticmethod(func_forward), setup_context=staticmethod(setup_context),

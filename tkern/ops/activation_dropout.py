@@ -35,10 +35,10 @@ import triton
 import triton.language as tl
 
 from .. import _runtime as rt
-from .._launch import jit
+from .._launch import Site, jit
 from ._math import cast_rn, from_pair
 from . import _rng
-from ._op import Op, cdiv, f32_pairs, next_pow2
+from ._op import Op, PlanCache, cdiv, f32_pairs, next_pow2, signature
 from ..activations import (activate, activation_grad, activation_scalars, eager_activation,
                            kernel_name, named_scalars)
 
@@ -341,46 +341,122 @@ def _dbias_row_programs(device: torch.device, groups: int, col_programs: int) ->
     return max(1, min(groups, DBIAS_PROGRAMS_PER_SM * rt.sm_count(device) // col_programs))
 
 
-def _launch(x, bias, dy, out, seed, cfg, backward, dbias=None):
-    """One ``_kernel`` launch over x's memory (dense: any dim order); with ``dbias`` (backward,
-    a bias along a unit-stride last dim) the bias gradient is summed too: into ``dbias``
-    directly, or into partial sums that the last program of each column block adds up (the
-    launcher zeroes their int32 counts: a fill, no second kernel)."""
+class _Launch(NamedTuple):
+    """Everything of a ``_kernel`` launch but its tensors and the per-call seed int."""
+    grid: tuple
+    kwargs: dict  # ``_kernel``'s parameters after DONE, by name (SEED and seed excepted)
+    partial_rows: int  # rows of the bias gradient's partial sums, 0 for none
+    col_programs: int  # programs along columns: the last-program counts (with partial rows)
+
+
+def _arguments(x, bias, seed, cfg, backward, sum_dbias) -> _Launch:
+    """The launch over x's memory (dense: any dim order) for these inputs' metadata and the
+    config; ``sum_dbias`` (backward, a bias along a unit-stride last dim) sums the bias gradient
+    too: in the kernel directly, or into partial sums that the last program of each column block
+    adds up (its int32 counts zeroed by the caller: a fill, no second kernel)."""
     n = x.numel()
     v = _view(x, bias is not None)
     n_rows = cdiv(n, v.n_cols)
     col_programs = cdiv(v.n_cols, v.block_cols)
     groups = cdiv(n_rows, 4 * v.rows)
-    steps, row_programs, partial, done = 1, groups, None, None
-    if dbias is not None:
+    steps, row_programs, partial_rows = 1, groups, 0
+    if sum_dbias:
         row_programs = _dbias_row_programs(x.device, groups, col_programs)
         steps = cdiv(groups, row_programs)
         row_programs = cdiv(groups, steps)
         if row_programs > 1:
-            partial = torch.empty((row_programs, v.n_cols), dtype=_dbias_accum(x, bias),
-                                  device=x.device)
-            done = torch.zeros(col_programs, dtype=torch.int32, device=x.device)
-    trips = cdiv(row_programs, DBIAS_PARTS) if partial is not None else 0
+            partial_rows = row_programs
+    trips = cdiv(partial_rows, DBIAS_PARTS)
     even_cols = v.n_cols % v.block_cols == 0
     even = (even_cols and n == n_rows * v.n_cols and n_rows % (4 * v.rows) == 0
             and groups == row_programs * steps)
     bias_cols = x.shape[-1] if x.dim() else 1
-    _kernel[(row_programs * col_programs,)](
-        x, bias if bias is not None else x, dy, out,
-        (partial if partial is not None else dbias) if dbias is not None else x,
-        dbias if partial is not None else x, done if done is not None else x,
-        n, v.n_cols, max(bias_cols, 1), x.stride(-1) if bias_cols > 1 else 1, col_programs,
-        steps, seed if seed is not None else x, cfg.philox_seed,
-        *_scalars(cfg.p, cfg.negative_slope, cfg.alpha),
+    threshold, *pairs = _scalars(cfg.p, cfg.negative_slope, cfg.alpha)
+    acc64 = sum_dbias and _dbias_accum(x, bias) == torch.float64
+    kwargs = dict(
+        n_elements=n, n_cols=v.n_cols, bias_cols=max(bias_cols, 1),
+        col_stride=x.stride(-1) if bias_cols > 1 else 1, n_col_programs=col_programs,
+        groups_per_program=steps, threshold=threshold,
+        **dict(zip(("scale_hi", "scale_lo", "slope_hi", "slope_lo", "alpha_hi", "alpha_lo"),
+                   pairs)),
         ACTIVATION=cfg.activation, HAS_BIAS=bias is not None, DROPOUT=cfg.dropout,
-        BACKWARD=backward, BIAS_GATHER=v.gather, SUM_DBIAS=dbias is not None,
-        DBIAS_PARTIAL=partial is not None, PARTS=DBIAS_PARTS,
+        BACKWARD=backward, BIAS_GATHER=v.gather, SUM_DBIAS=sum_dbias,
+        DBIAS_PARTIAL=partial_rows > 0, PARTS=DBIAS_PARTS,
         TRIPS=trips if trips <= DBIAS_UNROLL else 0, SEED_FROM_PTR=seed is not None,
-        COMPUTE=rt.compute_dtype(x.dtype),
-        ACC=tl.float64 if dbias is not None and _dbias_accum(x, bias) == torch.float64
-        else tl.float32,
+        COMPUTE=rt.compute_dtype(x.dtype), ACC=tl.float64 if acc64 else tl.float32,
         INT64=rt.needs_int64(x), ROWS=v.rows, BLOCK_COLS=v.block_cols, EVEN=even,
         EVEN_COLS=even_cols, N_ROUNDS=N_ROUNDS, num_warps=4)
+    return _Launch((row_programs * col_programs,), kwargs, partial_rows, col_programs)
+
+
+def _bias_grad_buffers(x, bias, a: _Launch):
+    """(partial rows, zeroed counts) of a launch summing the bias gradient through partials."""
+    partial = x.new_empty((a.partial_rows, a.kwargs["n_cols"]), dtype=_dbias_accum(x, bias))
+    return partial, torch.zeros(a.col_programs, dtype=torch.int32, device=x.device)
+
+
+def _launch(x, bias, dy, out, seed, cfg, backward, dbias=None):
+    """One ``_kernel`` launch (``_arguments``); with ``dbias`` the bias gradient is summed too,
+    into ``dbias`` directly or through partial sums its last programs add up."""
+    a = _arguments(x, bias, seed, cfg, backward, dbias is not None)
+    partial = done = None
+    if a.partial_rows:
+        partial, done = _bias_grad_buffers(x, bias, a)
+    _kernel[a.grid](x, bias if bias is not None else x, dy, out,
+                    (partial if partial is not None else dbias) if dbias is not None else x,
+                    dbias if partial is not None else x, done if done is not None else x,
+                    SEED=seed if seed is not None else x, seed=cfg.philox_seed, **a.kwargs)
+
+
+class _Program:
+    """A signature's launches (``_op`` programs): forward, and backward with and without the
+    bias gradient, as ``Site``s (fixed dtypes; the seed int live).  Made for dense x; a dy laid
+    out otherwise, or a bias gathered per element, takes ``_backward``."""
+
+    def __init__(self, inputs, cfg):
+        x, bias, seed = inputs
+        self.stride, self.dtype = x.stride(), x.dtype
+        self.gather = bias is not None and _view(x, True).gather
+        self.sites = {}
+        for backward, sum_dbias in ((False, False), (True, False), (True, True)):
+            if sum_dbias and (bias is None or self.gather):
+                continue
+            a = _arguments(x, bias, seed, cfg, backward, sum_dbias)
+            site = Site(_kernel, a.grid, (), ("SEED",), ("seed",), **a.kwargs).fixed_dtypes()
+            self.sites[backward, sum_dbias] = (site, a)
+
+    def forward(self, cfg, x, bias, seed):
+        y = torch.empty_like(x)
+        site = self.sites[False, False][0]
+        site(x, x if bias is None else bias, x, y, x, x, x, x if seed is None else seed,
+             cfg.philox_seed)
+        return (y,)
+
+    def backward(self, douts, saved, cfg, needs):
+        dy = douts[0]
+        x, bias, seed = saved
+        want_dbias = bias is not None and needs[1]
+        if dy.stride() != self.stride or dy.dtype != self.dtype or (want_dbias and self.gather):
+            return None
+        site, a = self.sites[True, want_dbias]
+        dx = torch.empty_like(x)
+        dbias = out = grad = done = None
+        if want_dbias:
+            dbias = out = torch.empty_like(bias)
+            if a.partial_rows:
+                out, done = _bias_grad_buffers(x, bias, a)
+                grad = dbias
+        site(x, x if bias is None else bias, dy, dx, x if out is None else out,
+             x if grad is None else grad, x if done is None else done,
+             x if seed is None else seed, cfg.philox_seed)
+        return dx, dbias
+
+
+def _program(inputs, cfg):
+    x = inputs[0]
+    if x.numel() == 0 or not _walks_as_is(x):
+        return None
+    return _Program(inputs, cfg)
 
 
 def _dbias_accum(x: torch.Tensor, bias: torch.Tensor) -> torch.dtype:
@@ -464,7 +540,13 @@ def _composite(saved, cfg):
 OP = Op("tkern::activation_dropout", inputs=("x", "bias?", "seed?"), outputs=("y",),
         config=DropoutConfig, forward=_forward, fake=_forward_fake, saves=("x", "bias", "seed"),
         grads=("x", "bias"), backward=_backward, backward_fake=_backward_fake,
-        composite=_composite)
+        composite=_composite, program=_program,
+        program_key=lambda cfg: cfg[:-1])  # not philox_seed: a new one every call
+
+
+# Calls that passed activation_dropout's checks, by their scalars and signature
+# (``_op.signature``): the config (seed 0), the op's program, whether the seed was a tensor.
+_CALLS = PlanCache(None)
 
 
 class _ProbabilityError(ValueError, RuntimeError):
@@ -536,6 +618,23 @@ def activation_dropout(x, activation="relu", p=0.5, training=True, *, bias=None,
             leaky_relu, elu, gelu, hardtanh and softplus, as torch's.
         generator: where the Philox seed is drawn from (default: torch's default generator).
     """
+    key = None
+    # plain tensors and float scalars only (a subclass, a 0-dim tensor p: the full path)
+    if (x.__class__ is torch.Tensor and p.__class__ is float and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()):  # wrapped tensors: full path
+        key = (activation, p, training, negative_slope, alpha, approximate, min_val, max_val,
+               beta, threshold, *signature((x, bias)))
+        hit = _CALLS.plans.get(key)
+        if hit is not None:
+            cfg, program, seed_tensor = hit
+            seed = None
+            if cfg.dropout:
+                seed, seed_int = _rng.draw(x.device, generator)
+                if seed_int:
+                    cfg = cfg._replace(philox_seed=seed_int)
+                if (seed is not None) != seed_tensor:  # capturing now, or no longer
+                    return OP.apply(x, bias, seed, cfg=cfg)[0]
+            return OP.run(program, (x, bias, seed), cfg)[0]
     p = _check(x, bias, activation, p, approximate)
     # the kernels' two activation scalars (see tkern.activations)
     negative_slope, alpha = activation_scalars(activation, negative_slope, alpha, min_val, max_val,
@@ -545,8 +644,12 @@ def activation_dropout(x, activation="relu", p=0.5, training=True, *, bias=None,
     dropout = bool(training) and p > 0.0
     if not rt.use_triton("activation_dropout", x, bias):
         return _eager(x, bias, activation, p, dropout, negative_slope, alpha, approximate, generator)
-    bias = _contiguous_bias(x, bias)
+    given, bias = bias, _contiguous_bias(x, bias)
     seed, seed_int = _rng.draw(x.device, generator) if dropout else (None, 0)
     cfg = DropoutConfig(kernel_name(activation, approximate), p, dropout, negative_slope, alpha,
                         seed_int)
-    return OP.apply(x, bias, seed, cfg=cfg)[0]
+    y = OP.apply(x, bias, seed, cfg=cfg)[0]
+    if key is not None and bias is given:
+        _CALLS.put(key, (cfg._replace(philox_seed=0), OP.program((x, bias, seed), cfg),
+                         seed is not None))
+    return y

@@ -100,6 +100,7 @@ import torch.nn.functional as F
 
 from ... import _runtime as rt
 from ...activations import activation_scalars, eager_activation, kernel_name, named_scalars
+from .._op import PlanCache, signature
 from .autograd import OP, BatchNormConfig
 from .kernels import (_backward_reduce_kernel, _dx_kernel, _fused_forward_kernel,
                       _merge_normalize_kernel, _normalize_kernel, _stats_combine_kernel,
@@ -182,12 +183,33 @@ def _flat(t):
     return t.reshape(-1).contiguous()
 
 
+# Calls that passed the checks below, by their scalars and signature (``_op.signature``): the
+# config record, the op's program, and whether the running stats (and num_batches_tracked) go to
+# the op.  A repeated layer's call then costs this key and the program's launches.
+_CALLS = PlanCache(None)
+
+
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                 activation, negative_slope, alpha, approximate, num_batches_tracked=None,
                 residual=None):
     """Shared body of ``batch_norm`` and the modules.  ``momentum=None`` (modules only) means the
     cumulative average 1 / num_batches_tracked, read on the device.  ``negative_slope`` and
     ``alpha`` are the kernels' two activation scalars (``activations.activation_scalars``)."""
+    key = None
+    # plain tensors and float scalars only (a subclass or a 0-dim tensor takes the full path)
+    if (input.__class__ is torch.Tensor and eps.__class__ is float
+            and (momentum is None or momentum.__class__ is float)
+            and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()):  # wrapped tensors: full path
+        tensors = (input, running_mean, running_var, weight, bias, num_batches_tracked, residual)
+        key = (training, momentum, eps, activation, negative_slope, alpha, approximate,
+               *signature(tensors))
+        hit = _CALLS.plans.get(key)
+        if hit is not None:
+            cfg, program, stats, nbt = hit
+            return OP.run(program, (input, weight, bias, running_mean if stats else None,
+                                    running_var if stats else None,
+                                    num_batches_tracked if nbt else None, residual), cfg)[0]
     kact = kernel_name(activation, approximate)
     if residual is not None and not (
             isinstance(residual, torch.Tensor) and isinstance(input, torch.Tensor)
@@ -224,17 +246,23 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     update = training and running_mean is not None
     if update and momentum is None and num_batches_tracked is None:
         raise ValueError("tkern.batch_norm: momentum=None needs num_batches_tracked")
+    given = weight, bias
     weight, bias = _flat(weight), _flat(bias)
     rm, rv = (_flat(running_mean), _flat(running_var)) if update or not training else (None, None)
     nbt = num_batches_tracked if update and momentum is None else None
     momentum = momentum if update else 0.0
     cfg = BatchNormConfig(float(eps), bool(training), momentum, kact, float(negative_slope),
                           float(alpha))
-    y = OP.apply(input, weight, bias, rm, rv, nbt, residual, cfg=cfg)[0]
+    inputs = (input, weight, bias, rm, rv, nbt, residual)
+    y = OP.apply(*inputs, cfg=cfg)[0]
     if update:  # strided running stats were updated as contiguous copies (_flat)
         for t, flat in ((running_mean, rm), (running_var, rv)):
             if flat is not t:
                 t.copy_(flat.view_as(t))
+    stats = rm is not None
+    if (key is not None and weight is given[0] and bias is given[1]
+            and (not stats or (rm is running_mean and rv is running_var))):
+        _CALLS.put(key, (cfg, OP.program(inputs, cfg), stats, nbt is not None))
     return y
 
 

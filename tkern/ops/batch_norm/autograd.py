@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ... import _runtime as rt
 from ...activations import eager_activation
 from .._op import Op
-from . import launch
+from . import launch, programs
 from .launch_plan import _prepare_input
 
 
@@ -96,4 +96,4 @@ OP = Op("tkern::batch_norm",
         saves=("x", "weight", "bias", "running_mean", "running_var", "residual", "stats"),
         save_when={"running_mean": _eval, "running_var": _eval},  # training mutates them
         grads=("x", "weight", "bias", "residual"), backward=_backward, backward_fake=_backward_fake,
-        composite=_composite)
+        composite=_composite, program=programs.make)

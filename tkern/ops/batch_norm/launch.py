@@ -79,11 +79,16 @@ def bn_partial_stats(x: torch.Tensor):
     view = p.view
     P, C = p.num_partials, view.C
     count, mean, m2, mean_lo = torch.empty((4, P, C), dtype=acc, device=x.device).unbind(0)
-    site = _site(("partial_stats", p, x.dtype), lambda: Site(
-        K._stats_partial_kernel, p.grid, (C, view.cols, *view.strides(x)),
-        COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(), **launch_args(p)))
-    site(x, count, mean, mean_lo, m2)
+    _site(("partial_stats", p, x.dtype), lambda: partial_stats_site(p, x))(
+        x, count, mean, mean_lo, m2)
     return count, mean, m2, mean_lo
+
+
+def partial_stats_site(p, x) -> Site:
+    """``_stats_partial_kernel`` on plan ``p``: tensors (x, count, mean, mean_lo, m2)."""
+    view = p.view
+    return Site(K._stats_partial_kernel, p.grid, (view.C, view.cols, *view.strides(x)),
+                COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(), **launch_args(p))
 
 
 def bn_combine_stats(count, mean, m2, mean_lo=None, eps=1e-5, running_mean=None,
@@ -200,13 +205,21 @@ def bn_normalize(x, mean, invstd, weight, bias, activation="identity", negative_
     ptrs, flags = _stat_args(x, mean, mean_lo, invstd, weight, bias, var, eps)
     named, rflags, rtensors = _residual_site(residual)
     key = ("normalize", p, x.dtype, activation, negative_slope, alpha, named, *flags)
-    site = _site(key, lambda: Site(
+    site = _site(key, lambda: normalize_site(p, x, y, activation, negative_slope, alpha, named,
+                                             flags, rflags))
+    site(x, y, *ptrs, *rtensors)
+    return y
+
+
+def normalize_site(p, x, y, activation, negative_slope, alpha, named, flags, rflags) -> Site:
+    """``_normalize_kernel`` on plan ``p``: tensors (x, y, the ``_stat_args`` pointers, then
+    ``named``)."""
+    view = p.view
+    return Site(
         K._normalize_kernel, p.grid, (view.C, view.cols, *view.strides(x), *view.strides(y)),
         named, **_activation_scalars(negative_slope, alpha), ACTIVATION=activation,
         COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(y), **dict(flags), **launch_args(p),
-        **rflags))
-    site(x, y, *ptrs, *rtensors)
-    return y
+        **rflags)
 
 
 def bn_backward_reduce(x, dy, mean, invstd, weight, bias, activation="identity",
@@ -243,25 +256,32 @@ def _backward_pass(x, dy, mean, invstd, weight, bias, activation, negative_slope
     out = dx if with_dx else x  # a dummy pointer without dx
     named, rflags, rtensors = _residual_site(residual, dr)
 
-    def build():
-        inv_hi, inv_lo = f32_pairs(1.0 / max(count, 1))
-        return Site(
-            K._backward_reduce_kernel, p.grid,
-            (C, view.cols, *view.strides(x), *view.strides(dy), *view.strides(out)), named,
-            inv_n_hi=inv_hi, inv_n_lo=inv_lo, **_activation_scalars(negative_slope, alpha),
-            EVAL_DX=eval_dx, TRAIN_DX=train_dx, ACTIVATION=activation,
-            COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(dy, out), **dict(flags),
-            **launch_args(p), **rflags)
-
     # dy's strides are x's unless _like kept another addressable layout: part of the key
     key = ("backward_reduce", p, x.dtype, dy.stride(), eval_dx, train_dx, count, activation,
            negative_slope, alpha, named, *flags)
-    site = _site(key, build)
+    site = _site(key, lambda: backward_reduce_site(
+        p, x, dy, out, eval_dx, train_dx, count, activation, negative_slope, alpha, named,
+        flags, rflags))
     site(x, dy, out, *ptrs, *ws.unbind(0), *rtensors)
     if partials:
         return ws, dx
     sums = ws[:, 0] if P == 1 else ws.sum(1)  # deterministic combine over the splits
     return sums, dx
+
+
+def backward_reduce_site(p, x, dy, out, eval_dx, train_dx, count, activation, negative_slope,
+                         alpha, named, flags, rflags) -> Site:
+    """``_backward_reduce_kernel`` on plan ``p``: tensors (x, dy, dx or a dummy, the
+    ``_stat_args`` pointers, the two [P, C] partial rows, then ``named``)."""
+    view = p.view
+    inv_hi, inv_lo = f32_pairs(1.0 / max(count, 1))
+    return Site(
+        K._backward_reduce_kernel, p.grid,
+        (view.C, view.cols, *view.strides(x), *view.strides(dy), *view.strides(out)), named,
+        inv_n_hi=inv_hi, inv_n_lo=inv_lo, **_activation_scalars(negative_slope, alpha),
+        EVAL_DX=eval_dx, TRAIN_DX=train_dx, ACTIVATION=activation,
+        COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(dy, out), **dict(flags),
+        **launch_args(p), **rflags)
 
 
 def bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g=None, sum_gx=None, count=1,
@@ -290,23 +310,30 @@ def bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g=None, sum_gx=None, c
     rows = sum_g.shape[0] if training and sum_g.dim() == 2 else 1
     named, rflags, rtensors = _residual_site(residual, dr)
 
-    def build():
-        inv_hi, inv_lo = f32_pairs(1.0 / max(count, 1))
-        return Site(
-            K._dx_kernel, p.grid,
-            (rows, view.C, view.cols, *view.strides(x), *view.strides(dy), *view.strides(dx)),
-            named, inv_n_hi=inv_hi, inv_n_lo=inv_lo,
-            **_activation_scalars(negative_slope, alpha), TRAINING=training,
-            WRITE_SUMS=sums_out is not None, ACTIVATION=activation,
-            COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(dy, dx), **dict(flags),
-            **launch_args(p), **rflags, **(dict(WRITE_DR=True) if write_dr else {}))
-
     key = ("dx", p, x.dtype, dy.stride(), rows, count, training, sums_out is not None,
            write_dr, activation, negative_slope, alpha, named, *flags)
-    site = _site(key, build)
+    site = _site(key, lambda: dx_site(p, x, dy, dx, rows, count, training, sums_out is not None,
+                                      write_dr, activation, negative_slope, alpha, named, flags,
+                                      rflags))
     site(x, dy, dx, *ptrs, sum_g if training else mean, sum_gx if training else mean,
          sums_out if sums_out is not None else mean, *rtensors)
     return dx
+
+
+def dx_site(p, x, dy, dx, rows, count, training, write_sums, write_dr, activation,
+            negative_slope, alpha, named, flags, rflags) -> Site:
+    """``_dx_kernel`` on plan ``p``: tensors (x, dy, dx, the ``_stat_args`` pointers, sum_g,
+    sum_gx, sums_out, then ``named``)."""
+    view = p.view
+    inv_hi, inv_lo = f32_pairs(1.0 / max(count, 1))
+    return Site(
+        K._dx_kernel, p.grid,
+        (rows, view.C, view.cols, *view.strides(x), *view.strides(dy), *view.strides(dx)),
+        named, inv_n_hi=inv_hi, inv_n_lo=inv_lo,
+        **_activation_scalars(negative_slope, alpha), TRAINING=training,
+        WRITE_SUMS=write_sums, ACTIVATION=activation,
+        COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(dy, dx), **dict(flags),
+        **launch_args(p), **rflags, **(dict(WRITE_DR=True) if write_dr else {}))
 
 
 def num_partials(x: torch.Tensor) -> int:
@@ -341,26 +368,34 @@ def _fused_forward(x, weight, bias, running_mean, running_var, num_batches_track
     cumulative = update and momentum is None
     named, rflags, rtensors = _residual_site(residual)
 
-    def build():
-        eps_hi, eps_lo, mom_hi, mom_lo = f32_pairs(eps, 0.0 if momentum is None else momentum)
-        return Site(
-            K._fused_forward_kernel, (p.grid[0],),
-            (C, view.cols, *view.strides(x), *view.strides(y), p.nsb, p.n_units,
-             eps_hi, eps_lo, mom_hi, mom_lo), named,
-            **_activation_scalars(negative_slope, alpha),
-            UPDATE=update, CUMULATIVE=cumulative, WRITE_Y=write_y, HAS_W=weight is not None,
-            HAS_B=bias is not None, ACTIVATION=activation, COMPUTE=rt.compute_dtype(x.dtype),
-            INT64=view.int64(y), BLOCK_S=p.BLOCK_S, BLOCK_C=p.BLOCK_C,
-            num_warps=p.num_warps, **flat_args(p), **rflags)
-
     key = ("fused_forward", p, x.dtype, update, cumulative, write_y, weight is not None,
            bias is not None, eps, momentum, activation, negative_slope, alpha, named)
-    site = _site(key, build)
+    site = _site(key, lambda: fused_forward_site(
+        p, x, y, update, cumulative, write_y, weight is not None, bias is not None, eps,
+        momentum, activation, negative_slope, alpha, named, rflags))
     m, lo, inv = stats.unbind(0)
     site(x, y, m, lo, inv, weight if weight is not None else m, bias if bias is not None else m,
          running_mean if update else m, running_var if update else m,
          num_batches_tracked if cumulative else m, *rtensors)
     return (y if write_y else None), stats
+
+
+def fused_forward_site(p, x, y, update, cumulative, write_y, has_w, has_b, eps, momentum,
+                       activation, negative_slope, alpha, named, rflags) -> Site:
+    """``_fused_forward_kernel`` on plan ``p``: tensors (x, y, mean, mean_lo, invstd, weight,
+    bias, running_mean, running_var, num_batches_tracked, then ``named``; dummies for absent
+    ones)."""
+    view = p.view
+    eps_hi, eps_lo, mom_hi, mom_lo = f32_pairs(eps, 0.0 if momentum is None else momentum)
+    return Site(
+        K._fused_forward_kernel, (p.grid[0],),
+        (view.C, view.cols, *view.strides(x), *view.strides(y), p.nsb, p.n_units,
+         eps_hi, eps_lo, mom_hi, mom_lo), named,
+        **_activation_scalars(negative_slope, alpha),
+        UPDATE=update, CUMULATIVE=cumulative, WRITE_Y=write_y, HAS_W=has_w,
+        HAS_B=has_b, ACTIVATION=activation, COMPUTE=rt.compute_dtype(x.dtype),
+        INT64=view.int64(y), BLOCK_S=p.BLOCK_S, BLOCK_C=p.BLOCK_C,
+        num_warps=p.num_warps, **flat_args(p), **rflags)
 
 
 def _stats_impl(x, running_mean, running_var, num_batches_tracked, momentum, eps):
@@ -408,20 +443,31 @@ def train_forward(x, weight, bias, running_mean, running_var, num_batches_tracke
     site = _site(
         ("merge_normalize", p, x.dtype, update, cumulative, weight is not None,
          bias is not None, eps, momentum, activation, negative_slope, alpha, named),
-        lambda: Site(
-            K._merge_normalize_kernel, p.grid,
-            (P, C, view.cols, *view.strides(x), *view.strides(y), p.nsb, p.n_units,
-             p.units_per_prog,
-             *f32_pairs(eps, 0.0 if momentum is None else momentum, negative_slope, alpha)),
-            named, UPDATE=update, CUMULATIVE=cumulative, HAS_W=weight is not None,
-            HAS_B=bias is not None, ACTIVATION=activation, COMPUTE=rt.compute_dtype(x.dtype),
-            INT64=view.int64(y), BLOCK_P=min(next_pow2(P), MERGE_BLOCK_P), BLOCK_S=p.BLOCK_S,
-            BLOCK_C=p.BLOCK_C, num_warps=p.num_warps, **flat_args(p), **rflags))
+        lambda: merge_normalize_site(p, x, y, P, update, cumulative, weight is not None,
+                                     bias is not None, eps, momentum, activation,
+                                     negative_slope, alpha, named, rflags))
     m, lo, inv = stats.unbind(0)
     site(x, y, count, mean, mean_lo, m2, m, lo, inv, weight if weight is not None else m,
          bias if bias is not None else m, running_mean if update else m,
          running_var if update else m, num_batches_tracked if cumulative else m, *rtensors)
     return y, stats
+
+
+def merge_normalize_site(p, x, y, P, update, cumulative, has_w, has_b, eps, momentum,
+                         activation, negative_slope, alpha, named, rflags) -> Site:
+    """``_merge_normalize_kernel`` on the elementwise plan ``p`` over ``P`` partials: tensors
+    (x, y, the four [P, C] partials, mean, mean_lo, invstd, weight, bias, running_mean,
+    running_var, num_batches_tracked, then ``named``; dummies for absent ones)."""
+    view = p.view
+    return Site(
+        K._merge_normalize_kernel, p.grid,
+        (P, view.C, view.cols, *view.strides(x), *view.strides(y), p.nsb, p.n_units,
+         p.units_per_prog,
+         *f32_pairs(eps, 0.0 if momentum is None else momentum, negative_slope, alpha)),
+        named, UPDATE=update, CUMULATIVE=cumulative, HAS_W=has_w, HAS_B=has_b,
+        ACTIVATION=activation, COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(y),
+        BLOCK_P=min(next_pow2(P), MERGE_BLOCK_P), BLOCK_S=p.BLOCK_S, BLOCK_C=p.BLOCK_C,
+        num_warps=p.num_warps, **flat_args(p), **rflags)
 
 
 def normalize(x, weight, bias, stats, running_mean, running_var, eps, training, activation,

@@ -1,0 +1,187 @@
+"""BatchNorm's programs (``tkern/ops/_op.py``): a call signature's plans and launch sites, made
+once, so that a repeated layer's call costs its allocations and its launches.
+
+A program is made for inputs the kernels read in place: x dense and addressable
+(``_prepare_input`` returns it), the residual in x's layout, weight, bias and running stats
+contiguous ``[C]``.  Anything else (program None), and a backward whose dy is not laid out as
+x, or which the program does not cover (eval backward, no dx wanted), runs the launchers of
+``launch.py``, which the programs share their sites with: the same kernels, the same arguments.
+A program's sites are ``fixed_dtypes()`` ones (keyed by alignment only): its signature fixes the
+dtype of everything it launches with, dy included (autograd hands it over in y's dtype).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ... import _runtime as rt
+from . import launch
+from .launch_plan import _prepare_input, plan
+
+
+def make(inputs, cfg):
+    """The program for ``inputs`` (BatchNorm's op inputs) and ``cfg``, or None."""
+    x, weight, bias, running_mean, running_var, _, residual = inputs
+    if x.numel() == 0 or _prepare_input(x) is not x:
+        return None
+    C = x.shape[1]
+    for t in (weight, bias, running_mean, running_var):
+        if t is not None and (t.shape != (C,) or not t.is_contiguous()):
+            return None
+    if residual is not None and residual.stride() != x.stride():
+        return None
+    return (_Train if cfg.training else _Eval)(inputs, cfg)
+
+
+def _stat_flags(has_lo, from_var, weight, bias, eps):
+    return launch._stat_flags(has_lo, from_var, weight is not None, bias is not None, eps)
+
+
+class _Train:
+    """Training: forward in one launch (one partial per channel) or two (partials, then merge
+    and normalize); backward with dx wanted in one launch (one partial) or two (partial sums,
+    then dx, which totals them)."""
+
+    def __init__(self, inputs, cfg):
+        x, weight, bias, running_mean, running_var, _, residual = inputs
+        self.cfg = cfg
+        self.act = (cfg.activation, cfg.negative_slope, cfg.alpha)
+        self.x_stride, self.dtype = x.stride(), x.dtype
+        self.C = C = x.shape[1]
+        self.acc = rt.accum_dtype(x.dtype)
+        self.update = running_mean is not None
+        self.cumulative = self.update and cfg.momentum is None
+        self.p = p = plan(x, reduction=True)
+        self.P = P = p.num_partials
+        has_w, has_b = weight is not None, bias is not None
+        named, rflags, _ = launch._residual_site(residual)
+        head = (self.update, self.cumulative)
+        tail = (has_w, has_b, cfg.eps, cfg.momentum, *self.act, named, rflags)
+        if P == 1:
+            self.stats_site = None
+            self.site = launch.fused_forward_site(p, x, x, *head, True, *tail).fixed_dtypes()
+        else:
+            self.stats_site = launch.partial_stats_site(p, x).fixed_dtypes()
+            self.ws_shape = (4, P, C)
+            self.site = launch.merge_normalize_site(plan(x, reduction=False, merging=True), x, x,
+                                                    P, *head,
+                                                    *tail).fixed_dtypes()
+        self.backwards: dict = {}
+
+    def forward(self, cfg, x, weight, bias, running_mean, running_var, num_batches_tracked,
+                residual):
+        stats = x.new_empty((3, self.C), dtype=self.acc)
+        m, lo, inv = stats.unbind(0)
+        y = torch.empty_like(x)
+        w = m if weight is None else weight
+        b = m if bias is None else bias
+        rm, rv = (running_mean, running_var) if self.update else (m, m)
+        nbt = num_batches_tracked if self.cumulative else m
+        res = () if residual is None else (residual,)
+        if self.stats_site is None:
+            self.site(x, y, m, lo, inv, w, b, rm, rv, nbt, *res)
+        else:
+            count, mean, m2, mean_lo = x.new_empty(self.ws_shape, dtype=self.acc).unbind(0)
+            self.stats_site(x, count, mean, mean_lo, m2)
+            self.site(x, y, count, mean, mean_lo, m2, m, lo, inv, w, b, rm, rv, nbt, *res)
+        return y, stats
+
+    def backward(self, douts, saved, cfg, needs):
+        dy = douts[0]
+        if dy.stride() != self.x_stride or dy.dtype != self.dtype:
+            return None
+        run = self.backwards.get(needs)
+        if run is None:
+            run = self.backwards[needs] = _TrainBackward(self, saved, dy, needs)
+        return run(dy, saved)
+
+
+class _TrainBackward:
+    """One training backward variant (which gradients are wanted) of a ``_Train`` program."""
+
+    def __init__(self, prog: _Train, saved, dy, needs):
+        x, weight, bias, _, _, residual, _ = saved
+        need_x, need_w, need_b, need_r = needs
+        self.need_x = need_x
+        if not need_x:  # sums only: launch.backward's reduction pass
+            return
+        self.need_w, self.need_b = need_w, need_b
+        self.need_wb = need_wb = need_w or need_b
+        self.need_r = need_r and residual is not None
+        self.w_dtype = None if weight is None else weight.dtype
+        self.b_dtype = None if bias is None else bias.dtype
+        self.acc, self.C, self.P = prog.acc, prog.C, prog.P
+        act = prog.act
+        flags = _stat_flags(True, False, weight, bias, 0.0)
+        count = x.numel() // prog.C
+        p = prog.p
+        if prog.P == 1:  # sums, then dx from the program's cached tiles
+            named, rflags, _ = launch._residual_site(residual, x)
+            self.reduce_site = launch.backward_reduce_site(
+                p, x, dy, x, False, True, count, *act, named, flags, rflags).fixed_dtypes()
+            self.dx_site = None
+        else:
+            named, rflags, _ = launch._residual_site(residual, x)
+            self.reduce_site = launch.backward_reduce_site(
+                p, x, dy, x, False, False, 1, *act, named, flags, rflags).fixed_dtypes()
+            named, rflags, _ = launch._residual_site(residual)
+            self.dx_site = launch.dx_site(
+                plan(x, reduction=False), x, dy, x, prog.P, count, True, need_wb, False, *act,
+                named, flags, rflags).fixed_dtypes()
+
+    def __call__(self, dy, saved):
+        if not self.need_x:
+            return None
+        x, weight, bias, _, _, residual, stats = saved
+        mean, mean_lo, invstd = stats.unbind(0)
+        w = mean if weight is None else weight
+        b = mean if bias is None else bias
+        ws = x.new_empty((2, self.P, self.C), dtype=self.acc)
+        sum_g, sum_gx = ws.unbind(0)
+        dx = torch.empty_like(x)
+        if residual is None:
+            dr, res = None, ()
+        else:
+            dr = torch.empty_like(x)
+            res = (residual, dr)
+        if self.dx_site is None:
+            self.reduce_site(x, dy, dx, mean, mean_lo, invstd, w, b, sum_g, sum_gx, *res)
+            sums = ws[:, 0] if self.need_wb else None
+        else:
+            self.reduce_site(x, dy, x, mean, mean_lo, invstd, w, b, sum_g, sum_gx, *res)
+            sums = ws.new_empty((2, self.C)) if self.need_wb else None
+            self.dx_site(x, dy, dx, mean, mean_lo, invstd, w, b, sum_g, sum_gx,
+                         mean if sums is None else sums, *res[:1])
+        db = dw = None
+        if self.need_wb:
+            db, dw = sums.unbind(0)
+            if self.need_w and self.w_dtype != self.acc:
+                dw = dw.to(self.w_dtype)
+            if self.need_b and self.b_dtype != self.acc:
+                db = db.to(self.b_dtype)
+        return (dx, dw if self.need_w else None, db if self.need_b else None,
+                dr if self.need_r else None)
+
+
+class _Eval:
+    """Eval: the forward's one normalize launch from the running stats; backward by
+    ``launch.backward``."""
+
+    def __init__(self, inputs, cfg):
+        x, weight, bias, running_mean, running_var, _, residual = inputs
+        named, rflags, _ = launch._residual_site(residual)
+        flags = _stat_flags(False, True, weight, bias, cfg.eps)
+        self.site = launch.normalize_site(plan(x, reduction=False), x, x, cfg.activation,
+                                          cfg.negative_slope, cfg.alpha, named, flags,
+                                          rflags).fixed_dtypes()
+
+    def forward(self, cfg, x, weight, bias, running_mean, running_var, num_batches_tracked,
+                residual):
+        y = torch.empty_like(x)
+        rm = running_mean
+        self.site(x, y, rm, rm, running_var, rm if weight is None else weight,
+                  rm if bias is None else bias, *(() if residual is None else (residual,)))
+        return y, y.new_empty(0)
+
+    def backward(self, douts, saved, cfg, needs):
+        return None
