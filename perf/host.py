@@ -225,7 +225,7 @@ CASES = [
     Case("BatchNorm2d(64)+relu train", _bn_case("relu", True), (32, 64, 56, 56), (2, 8, 2, 2)),
     Case("BatchNorm2d(2048) eval", _bn_case(None, False), (32, 2048, 7, 7), (2, 8, 2, 2)),
     # tkern on a small shape too: with GPU plans its launches are a large shape's (the bias
-    # gradient in partial rows, then _bias_grad_kernel adding them)
+    # gradient in partial rows, added up by the kernel's last programs)
     Case("activation_dropout gelu p=0.1 +bias", _dropout_case(True), (16, 1024), (2, 8)),
     Case("activation_dropout gelu p=0.1", _dropout_case(False), (16, 1024), (2, 8)),
     Case("local_response_norm size 5", _lrn_make, (2, 96, 9, 9), (1, 8, 2, 2)),

@@ -577,7 +577,20 @@ def kernel_row(run: CaseRun, direction: str, name: str, launch: Launch, c: Compi
     slots = card.sms * occ
     resident = min(occ, ctas / card.sms)  # CTAs per SM, averaged over the card
     instrs = c.sass.instrs
-    loop_idx = [i for lo, hi in c.sass.loops for i in range(lo, hi + 1)]
+    # A last-program-done step (activation+dropout's bias gradient): the code after the first
+    # global atomic runs in the one program that took the last count, not in every program.
+    # It is left out of the per-thread counts and adds its own loads' latency at the end.
+    atom = next((i for i, (_, op, _) in enumerate(instrs) if op.startswith("ATOMG")), None)
+    t_last = 0.0
+    if atom is not None:
+        last = instrs[atom + 1:]
+        instrs = instrs[:atom + 1]
+        last_loads = sum(_width_bits(op) // 8 for _, op, _ in last if op.startswith("LDG"))
+        if last_loads:  # loops there counted once
+            waves = math.ceil(last_loads / max(_inflight_bytes(last), 1))
+            t_last = waves * card.latency_ns / 1e3
+    loops = [(lo, hi) for lo, hi in c.sass.loops if hi < len(instrs)]
+    loop_idx = [i for lo, hi in loops for i in range(lo, hi + 1)]
     loop_mem = [i for i in loop_idx if _is_mem(instrs[i][1])]
     bytes_per_thread = total_b / max(ctas * threads, 1)
     if loop_mem:  # steady state: loop bodies; trips from the bytes each thread moves
@@ -587,7 +600,7 @@ def kernel_row(run: CaseRun, direction: str, name: str, launch: Launch, c: Compi
         out_bytes = sum(_width_bits(op) // 8 for _, op, _ in outside if _is_mem(op))
         trips = max(1.0, (bytes_per_thread - out_bytes) / body_bytes)
         per_thread = len(outside) + trips * len(body)
-        inflight = max(_inflight_bytes(instrs[lo:hi + 1]) for lo, hi in c.sass.loops)
+        inflight = max(_inflight_bytes(instrs[lo:hi + 1]) for lo, hi in loops)
     else:
         per_thread = len(instrs)
         inflight = _inflight_bytes(instrs)
@@ -608,13 +621,14 @@ def kernel_row(run: CaseRun, direction: str, name: str, launch: Launch, c: Compi
     cta_inflight = threads * inflight
     t_cta = (read_b / ctas) / (cta_inflight / card.latency_ns) / 1e3 if cta_inflight else 0.0
     tail = 0.5 * t_cta if ctas > slots else 0.0
-    t = bound[0] + tail if occ else float("inf")
+    t = bound[0] + tail + t_last if occ else float("inf")
     pct = 100.0 * t_bw / t if t else 0.0
     return Row(run.op, run.case, name, direction, c.regs, c.spill_bytes, occ,
                min(data_bits) if data_bits else None, int(resident * threads * inflight),
                round(sass_per_byte, 2) if sass_per_byte is not None else None,
                round(total_b / run.x_bytes, 3) if run.x_bytes else 0.0, round(pct, 1),
-               time_us=t, limiter=bound[1] + (", tail" if tail > 0.1 * bound[0] else ""))
+               time_us=t, limiter=bound[1] + (", tail" if tail > 0.1 * bound[0] else "")
+               + (", last-program step" if t_last else ""))
 
 
 def torch_row(run: CaseRun, direction: str, op: TorchOp, card: Card) -> Row:

@@ -18,7 +18,7 @@ from tkern.ops import lrn
 from tkern.ops import weight_norm as wn
 
 TARGET = GPUTarget("cuda", 90, 32)
-POINTERS = {"X", "Y", "BIAS", "DY", "OUT", "DX", "DBIAS", "PARTIAL", "G", "V", "GW", "NORM", "DOT", "PART", "GG", "MEAN",
+POINTERS = {"X", "Y", "BIAS", "DY", "OUT", "DX", "DBIAS", "GRAD", "DONE", "PARTIAL", "G", "V", "GW", "NORM", "DOT", "PART", "GG", "MEAN",
             "MEAN_LO", "INVSTD", "W", "B", "SUM_G", "SUM_GX", "PSUM_G", "PSUM_GX", "PCOUNT", "PMEAN",
             "PMEAN_LO", "PM2", "OCOUNT", "OM2", "RMEAN", "RVAR", "NBT", "COUNT", "M2", "SUMS"}
 FLOATS = {"p", "scale_hi", "scale_lo", "eps_hi", "eps_lo", "mom_hi", "mom_lo", "negative_slope", "alpha", "inv_n_hi",
@@ -62,7 +62,8 @@ def compile_variant(fn, consts, name, ptr="*fp32", overrides=None):
 
 def main():
     f32 = tl.float32
-    flat = dict(BIAS_GATHER=False, SUM_DBIAS=False, DBIAS_PARTIAL=False, ACC=f32, ROWS=1,
+    flat = dict(BIAS_GATHER=False, SUM_DBIAS=False, DBIAS_PARTIAL=False, PARTS=ad.DBIAS_PARTS, TRIPS=3,
+                ACC=f32, ROWS=1,
                 BLOCK_COLS=ad.QUARTER, EVEN_COLS=True, N_ROUNDS=ad.N_ROUNDS)
     rows = dict(flat, ROWS=ad.QUARTER // ad.BIAS_COLS, BLOCK_COLS=ad.BIAS_COLS)
     for act in ("relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "elu", "tanh", "sigmoid",
@@ -73,7 +74,7 @@ def main():
                                              EVEN=False, **dict(rows, EVEN_COLS=False, SUM_DBIAS=backward,
                                                                 DBIAS_PARTIAL=backward)),
                             f"activation_dropout {act} backward={backward}", ptr="*bf16",
-                            overrides={"SEED": "*i64", "DBIAS": "*fp32"})
+                            overrides={"SEED": "*i64", "DBIAS": "*fp32", "DONE": "*i32"})
     for even, tile, name in ((True, rows, "bias rows"), (True, flat, "flat"),
                              (False, dict(flat, BIAS_GATHER=True), "bias gathered")):
         compile_variant(ad._kernel, dict(ACTIVATION="gelu", HAS_BIAS=True, DROPOUT=True, BACKWARD=True,
@@ -88,8 +89,6 @@ def main():
                                      SEED_FROM_PTR=False, COMPUTE=tl.float64, INT64=False, EVEN=False,
                                      **flat),
                     "activation_dropout fp64", ptr="*fp64", overrides={"SEED": "*i64"})
-    compile_variant(ad._bias_grad_kernel, dict(PARTS=32, BLOCK_COLS=128), "activation_dropout bias grad",
-                    ptr="*bf16", overrides={"PARTIAL": "*fp32"})
     tiles = dict(BLOCK_S=64, BLOCK_C=64)
     for int64 in (False, True):
         compile_variant(bn._stats_partial_kernel, dict(COMPUTE=f32, INT64=int64, **tiles),

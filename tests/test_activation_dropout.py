@@ -148,27 +148,32 @@ BIAS_GRAD_CASES = ([(n, r, d) for n in (1, 7, 256) for r in (1, 2) for d in DTYP
                    + [(4097, 2, torch.bfloat16), (4097, 2, torch.float64)])
 
 
-@pytest.mark.parametrize("n_cols,row_programs,dtype", BIAS_GRAD_CASES, ids=str)
-def test_bias_gradient_summed_in_the_kernel(device, monkeypatch, n_cols, dtype, row_programs):
-    """The bias gradient from the backward kernel's sums over rows: written directly (one
-    program along rows) or as partial sums over uneven row ranges (two programs over three row
-    groups: the second has one group past the end) that _bias_grad_kernel adds up; awkward row
-    lengths, every dtype, against torch under the kernel's own mask."""
-    monkeypatch.setattr(ad, "_dbias_row_programs", lambda device, groups, cols: min(groups, row_programs))
-    launches = []
-    real = ad._bias_grad_kernel
-    monkeypatch.setattr(ad, "_bias_grad_kernel", type("K", (), {
-        "__getitem__": lambda self, grid: (launches.append(grid), real[grid])[1]})())
-    shape = (_rows_for_groups(n_cols, 2 if n_cols > QUARTER else 3), n_cols)
+class _KernelLaunches:
+    """Stands in for ``ad._kernel``: records each launch's keyword arguments."""
+
+    def __init__(self, kernel):
+        self.kernel, self.kwargs = kernel, []
+
+    def __getitem__(self, grid):
+        launcher = self.kernel[grid]
+
+        def launch(*args, **kwargs):
+            self.kwargs.append(kwargs)
+            return launcher(*args, **kwargs)
+        return launch
+
+
+def _bias_gradient_case(device, shape, dtype, seed=11):
+    """dropout(gelu(x + b), 0.3) forward and backward against torch under the kernel's mask."""
+    n_cols = shape[-1]
     x64 = torch.randn(shape, device=device, dtype=torch.float64)
     b64 = torch.randn(n_cols, device=device, dtype=torch.float64)
     dy64 = torch.randn(shape, device=device, dtype=torch.float64).to(dtype).double()
     x, b = (t.to(dtype).requires_grad_() for t in (x64, b64))
-    g = torch.Generator().manual_seed(11)
+    g = torch.Generator().manual_seed(seed)
     y = tkern.activation_dropout(x, "gelu", 0.3, bias=b, generator=g)
     y.backward(dy64.to(dtype))
-    assert len(launches) == (row_programs > 1)
-    keep = _mask(shape, 0.3, device, 11, bias=True)
+    keep = _mask(shape, 0.3, device, seed, bias=True)
     xt, bt = (t.detach().clone().requires_grad_() for t in (x, b))
     xr, br = (t.detach().double().requires_grad_() for t in (x, b))
     theirs = torch.where(keep, F.gelu(xt + bt) / 0.7, 0.0).to(dtype)
@@ -179,6 +184,37 @@ def test_bias_gradient_summed_in_the_kernel(device, monkeypatch, n_cols, dtype, 
     assert_close_rule(x.grad, xt.grad, xr.grad, name="dx")
     assert b.grad.dtype == dtype
     assert_close_rule(b.grad, bt.grad, br.grad, name="dbias")
+
+
+@pytest.mark.parametrize("n_cols,row_programs,dtype", BIAS_GRAD_CASES, ids=str)
+def test_bias_gradient_summed_in_the_kernel(device, monkeypatch, n_cols, dtype, row_programs):
+    """The bias gradient from the backward kernel's sums over rows, in its one launch: written
+    directly (one program along rows), or as partial sums over uneven row ranges (two programs
+    over three row groups: the second has one group past the end) that the last program of each
+    column block adds up; awkward row lengths, every dtype, against torch under the kernel's own
+    mask."""
+    monkeypatch.setattr(ad, "_dbias_row_programs", lambda device, groups, cols: min(groups, row_programs))
+    launches = _KernelLaunches(ad._kernel)
+    monkeypatch.setattr(ad, "_kernel", launches)
+    _bias_gradient_case(device, (_rows_for_groups(n_cols, 2 if n_cols > QUARTER else 3), n_cols),
+                        dtype)
+    backward = [k for k in launches.kwargs if k["BACKWARD"]]
+    assert len(backward) == 1 and backward[0]["DBIAS_PARTIAL"] == (row_programs > 1)
+
+
+@pytest.mark.parametrize("unroll", [4, 0], ids=["unrolled", "loop"])
+def test_bias_gradient_partials_in_several_trips(device, monkeypatch, unroll):
+    """The last program's sum of the partial rows in several trips (2 rows a trip over 7
+    partial rows, the last trip partly past them): unrolled, and as a loop."""
+    monkeypatch.setattr(ad, "_dbias_row_programs", lambda device, groups, cols: min(groups, 7))
+    monkeypatch.setattr(ad, "DBIAS_PARTS", 2)
+    monkeypatch.setattr(ad, "DBIAS_UNROLL", unroll)
+    launches = _KernelLaunches(ad._kernel)
+    monkeypatch.setattr(ad, "_kernel", launches)
+    _bias_gradient_case(device, (_rows_for_groups(5, 7), 5), torch.float32)
+    backward = [k for k in launches.kwargs if k["BACKWARD"]]
+    assert backward[0]["DBIAS_PARTIAL"] and backward[0]["PARTS"] == 2
+    assert backward[0]["TRIPS"] == (4 if unroll else 0)
 
 
 def test_bias_gradient_partials_gradcheck(device, monkeypatch):
@@ -197,7 +233,8 @@ def test_bias_gradient_partials_gradcheck(device, monkeypatch):
 
 
 def test_bias_gradient_is_deterministic(device, monkeypatch):
-    """Partial sums in a fixed order: the same bits on every run (no atomics)."""
+    """Partial sums added in a fixed order by whichever program finishes last: the same bits on
+    every run (no float atomics)."""
     monkeypatch.setattr(ad, "_dbias_row_programs", lambda device, groups, cols: min(groups, 2))
     x = torch.randn(_rows_for_groups(7, 3), 7, device=device)
     dy = torch.randn_like(x)

@@ -662,6 +662,38 @@ def test_flat_gpu_plans(device, monkeypatch, shape, one_program):
         _functional_case(device, torch.float32, shape, True, act="silu")
 
 
+@pytest.mark.parametrize("dtype,data", [(torch.float32, "large_mean"),
+                                        (torch.float32, "by_sample"),
+                                        (torch.float64, "by_sample")])
+def test_merge_of_many_partials(device, monkeypatch, dtype, data):
+    """The split forward as a 16-SM card plans it, with tiles shrunk so that a small layer has
+    25 partials per channel: every merge-normalize program merges them in several trips of
+    kernels._merge_partials (one pass about the first rows' mean), over the raised units of the
+    merging plan.  Data: a large mean (the hi + lo mean), and sample means far apart in batch
+    order (the first rows' reference is then off the mean: the bound of _merge_partials)."""
+    monkeypatch.setattr(bn_plan, "TILE_BYTES", 64 * dtype.itemsize)  # tiles of 8 x 4
+    monkeypatch.setattr(bn_plan._PLANS, "plans", {})
+    shape = (25, 3, 8, 8)
+    g = torch.randn(shape, device=device, dtype=torch.float64)
+    if data == "large_mean":
+        x64 = 1000.0 + 0.01 * g
+    else:  # by_sample
+        x64 = g + 40.0 * torch.arange(25, device=device, dtype=torch.float64)[:, None, None, None]
+    with bn_ops.rt.plan_as_gpu(16):
+        x = torch.empty(shape, device=device, dtype=dtype).contiguous(
+            memory_format=torch.channels_last)
+        red = bn_plan.plan(x)
+        merging = bn_plan.plan(x, reduction=False, merging=True)
+        assert red.num_partials > 16 and not red.flat  # two merge trips of 16 rows
+        assert merging.units_per_prog > bn_plan.plan(x, reduction=False).units_per_prog
+        # x bytes a program >= the partial bytes it merges, or one wave of programs
+        x_bytes = merging.units_per_prog * merging.BLOCK_S * merging.BLOCK_C * x.element_size()
+        assert x_bytes >= red.num_partials * merging.BLOCK_C * bn_plan.PARTIAL_BYTES or (
+            merging.grid[0] * merging.grid[1] <= bn_plan.MERGING_PROGRAMS_PER_SM * 16)
+        _functional_case(device, dtype, shape, True, act="relu",
+                         memory_format=torch.channels_last, x64=x64)
+
+
 def test_channels_last_one_launch_gpu_plan(device):
     """channels_last on a GPU plan whose channels fit one program each in narrow blocks (here a
     4-SM card: 8 fp32 channels, 32-byte rows, 5 blocks): one launch each way."""

@@ -28,8 +28,10 @@ def test_host_mode_counts_launches():
     assert got["BatchNorm2d(64)+relu train"] == {"fwd": (2, ["add_"]), "bwd": (2, [])}
     assert got["BatchNorm2d(2048) eval"] == {"fwd": (1, []), "bwd": (1, [])}
     # with a bias the backward kernel sums the bias gradient into partial rows (GPU plans: a
-    # program along rows per row group here) and _bias_grad_kernel adds them; no torch sum
-    assert got["activation_dropout gelu p=0.1 +bias"] == {"fwd": (1, ["randint"]), "bwd": (2, [])}
+    # program along rows per row group here) that its last programs add up: one kernel and the
+    # zeroed int32 counts they take; no torch sum
+    assert got["activation_dropout gelu p=0.1 +bias"] == {"fwd": (1, ["randint"]),
+                                                          "bwd": (1, ["zeros"])}
     assert got["activation_dropout gelu p=0.1"] == {"fwd": (1, ["randint"]), "bwd": (1, [])}
     assert got["local_response_norm size 5"] == {"fwd": (1, []), "bwd": (1, [])}
     assert got["weight_norm dim 0"] == {"fwd": (1, []), "bwd": (1, [])}

@@ -3,8 +3,9 @@
 Design:
 - Forward reads x (and the bias) once and writes y once; backward reads x and dy, writes dx, and
   with a bias sums the bias gradient in the same pass: each program adds dz over its rows in
-  fp32 (fp64 for fp64) and writes one partial row; ``_bias_grad_kernel`` adds the partial rows
-  (a small [programs, n] buffer) in a fixed order: deterministic, no atomics, 2 launches.
+  fp32 (fp64 for fp64) and writes one partial row (a small [programs, n] buffer); the last
+  program of each column block to finish (an int32 count per block, zeroed by the launcher)
+  adds the partial rows up in row order: deterministic (no float atomics), one kernel launch.
 - The dropout mask is never stored.  It is a function of (seed, element position) through
   Philox, so the backward kernel draws it again; what autograd saves is x (and the bias), from
   which backward rebuilds z = x + bias for the activation's derivative.
@@ -159,14 +160,44 @@ def _tile(X, BIAS, DY, OUT, group, rows, cols, b, seed, n_elements, n_cols, bias
     return y0, y1, y2, y3, m0, m1, m2, m3
 
 
+@triton.jit
+def _partial_rows(PARTIAL, rows, cols, n_parts, n_cols):
+    # loads at L2 (.cg): the rows were written by other SMs
+    return tl.load(PARTIAL + rows * n_cols + cols, mask=(rows < n_parts) & (cols < n_cols),
+                   other=0.0, cache_modifier=".cg")
+
+
+@triton.jit
+def _add_partials(PARTIAL, GRAD, n_parts, n_cols, cols1, PARTS: tl.constexpr,
+                  TRIPS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """GRAD[cols1] = the column sums of PARTIAL's n_parts rows [n_parts, n_cols], PARTS rows a
+    trip, in row order (the same bits whichever program runs it).  TRIPS > 0: the trips
+    unrolled (their loads issued together; and no loop that perf.static_cost would count as
+    every program's), else a loop."""
+    parts = tl.arange(0, PARTS)[:, None]
+    cols = cols1[None, :]
+    acc = tl.zeros([PARTS, BLOCK_COLS], dtype=PARTIAL.dtype.element_ty)
+    if TRIPS > 0:
+        for t in tl.static_range(TRIPS):
+            acc += _partial_rows(PARTIAL, t * PARTS + parts, cols, n_parts, n_cols)
+    else:
+        for start in range(0, n_parts, PARTS):
+            acc += _partial_rows(PARTIAL, start + parts, cols, n_parts, n_cols)
+    tl.store(GRAD + cols1, cast_rn(tl.sum(acc, axis=0), GRAD.dtype.element_ty),
+             mask=cols1 < n_cols)
+
+
 @jit(do_not_specialize=["seed"])  # a new seed per call: one compiled variant
 def _kernel(
     X,  # input, flat (n_elements,): the [n_elements / n_cols, n_cols] view
     BIAS,  # bias over the last dim (bias_cols,), or a dummy when HAS_BIAS is False
     DY,  # backward: gradient of y, in X's layout; forward: a dummy
     OUT,  # forward: y; backward: dx (= dz); flat, in X's layout
-    DBIAS,  # DBIAS: the bias gradient's partial sums [programs along rows, n_cols] (ACC) or,
-    # with one program along rows, the bias gradient (n_cols,) itself; else a dummy
+    DBIAS,  # SUM_DBIAS: the bias gradient's partial sums [programs along rows, n_cols] (ACC)
+    # when DBIAS_PARTIAL, else the bias gradient (n_cols,) itself; else a dummy
+    GRAD,  # DBIAS_PARTIAL: the bias gradient (n_cols,), summed by the last program of each
+    # column block; else a dummy
+    DONE,  # DBIAS_PARTIAL: int32 [programs along columns], zeros: programs done per column block
     n_elements, n_cols,  # element count; the view's row length (the last dim with a bias)
     bias_cols, col_stride,  # BIAS_GATHER: the last dim's size and stride
     n_col_programs, groups_per_program,  # programs along columns; SUM_DBIAS: row groups a program
@@ -179,6 +210,8 @@ def _kernel(
     BIAS_GATHER: tl.constexpr,  # the bias indexed per element (flat view), not per column
     SUM_DBIAS: tl.constexpr,  # backward: sum dz over rows into DBIAS
     DBIAS_PARTIAL: tl.constexpr,  # DBIAS holds partial sums (ACC), else the gradient itself
+    PARTS: tl.constexpr, TRIPS: tl.constexpr,  # DBIAS_PARTIAL: partial rows a trip of the
+    # final sum; its trips when unrolled (0: a loop)
     SEED_FROM_PTR: tl.constexpr,  # seed from SEED (device-side: CUDA graphs, compile, CPU)
     COMPUTE: tl.constexpr,  # fp32, or fp64 for fp64 tensors
     ACC: tl.constexpr,  # the bias gradient's accumulation type: fp32, or fp64
@@ -228,32 +261,22 @@ def _kernel(
         cols1 = pid_col * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
         if DBIAS_PARTIAL:
             tl.store(DBIAS + pid_row * n_cols + cols1, total, mask=cols1 < n_cols)
+            # The last program of the column block to finish adds the partial rows up, in row
+            # order: deterministic, and no second launch.  The barrier orders every thread's
+            # partial store before the count; the count's release / acquire (GPU scope) makes
+            # all rows visible to the last program.
+            tl.debug_barrier()
+            n_row_programs = tl.num_programs(0) // n_col_programs
+            done = tl.atomic_add(DONE + pid_col, 1, sem="acq_rel", scope="gpu")
+            if done == n_row_programs - 1:
+                _add_partials(DBIAS, GRAD, n_row_programs, n_cols, cols1, PARTS, TRIPS,
+                              BLOCK_COLS)
         else:
             tl.store(DBIAS + cols1, cast_rn(total, DBIAS.dtype.element_ty), mask=cols1 < n_cols)
     else:
         _tile(X, BIAS, DY, OUT, pid_row, rows, cols, b, seed, n_elements, n_cols, bias_cols,
               col_stride, threshold, scale, negative_slope, alpha, ACTIVATION, HAS_BIAS,
               BIAS_GATHER, DROPOUT, BACKWARD, COMPUTE, ROWS, EVEN, EVEN_COLS, N_ROUNDS)
-
-
-@jit
-def _bias_grad_kernel(
-    PARTIAL,  # [n_parts, n_cols] partial sums (fp32, fp64 for fp64)
-    DBIAS,  # (n_cols,) the bias gradient, in the bias' dtype
-    n_parts, n_cols,
-    PARTS: tl.constexpr, BLOCK_COLS: tl.constexpr,
-):
-    # column sums of the partials, PARTS rows a step, in a fixed order (deterministic)
-    cols = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)[None, :]
-    parts = tl.arange(0, PARTS)[:, None]
-    acc = tl.zeros([PARTS, BLOCK_COLS], dtype=PARTIAL.dtype.element_ty)
-    for start in range(0, n_parts, PARTS):
-        rows = start + parts
-        acc += tl.load(PARTIAL + rows * n_cols + cols, mask=(rows < n_parts) & (cols < n_cols),
-                       other=0.0)
-    total = tl.sum(acc, axis=0)
-    cols1 = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
-    tl.store(DBIAS + cols1, cast_rn(total, DBIAS.dtype.element_ty), mask=cols1 < n_cols)
 
 
 class DropoutConfig(NamedTuple):
@@ -303,6 +326,11 @@ def _view(x: torch.Tensor, has_bias: bool) -> _View:
 
 # Programs along rows for the bias gradient: about this many resident programs per SM in all
 DBIAS_PROGRAMS_PER_SM = 4
+# Partial rows a trip of the final bias-gradient sum (a [DBIAS_PARTS, BLOCK_COLS] tile in ACC):
+# 16 x 256 fp32 is 32 registers a thread (33 partial rows, 4096 columns on 132 SMs: 3 trips).
+# Up to DBIAS_UNROLL trips are unrolled.
+DBIAS_PARTS = 16
+DBIAS_UNROLL = 4
 
 
 def _dbias_row_programs(device: torch.device, groups: int, col_programs: int) -> int:
@@ -316,15 +344,16 @@ def _dbias_row_programs(device: torch.device, groups: int, col_programs: int) ->
 class _Launch(NamedTuple):
     """Everything of a ``_kernel`` launch but its tensors and the per-call seed int."""
     grid: tuple
-    kwargs: dict  # ``_kernel``'s parameters after DBIAS, by name (SEED and seed excepted)
+    kwargs: dict  # ``_kernel``'s parameters after DONE, by name (SEED and seed excepted)
     partial_rows: int  # rows of the bias gradient's partial sums, 0 for none
-    bias_grad: tuple | None  # (grid, kwargs) of the ``_bias_grad_kernel`` launch adding them
+    col_programs: int  # programs along columns: the last-program counts (with partial rows)
 
 
 def _arguments(x, bias, seed, cfg, backward, sum_dbias) -> _Launch:
     """The launch over x's memory (dense: any dim order) for these inputs' metadata and the
     config; ``sum_dbias`` (backward, a bias along a unit-stride last dim) sums the bias gradient
-    too: in the kernel directly, or into partial sums that ``_bias_grad_kernel`` adds up."""
+    too: in the kernel directly, or into partial sums that the last program of each column block
+    adds up (its int32 counts zeroed by the caller: a fill, no second kernel)."""
     n = x.numel()
     v = _view(x, bias is not None)
     n_rows = cdiv(n, v.n_cols)
@@ -337,6 +366,7 @@ def _arguments(x, bias, seed, cfg, backward, sum_dbias) -> _Launch:
         row_programs = cdiv(groups, steps)
         if row_programs > 1:
             partial_rows = row_programs
+    trips = cdiv(partial_rows, DBIAS_PARTS)
     even_cols = v.n_cols % v.block_cols == 0
     even = (even_cols and n == n_rows * v.n_cols and n_rows % (4 * v.rows) == 0
             and groups == row_programs * steps)
@@ -351,33 +381,31 @@ def _arguments(x, bias, seed, cfg, backward, sum_dbias) -> _Launch:
                    pairs)),
         ACTIVATION=cfg.activation, HAS_BIAS=bias is not None, DROPOUT=cfg.dropout,
         BACKWARD=backward, BIAS_GATHER=v.gather, SUM_DBIAS=sum_dbias,
-        DBIAS_PARTIAL=partial_rows > 0, SEED_FROM_PTR=seed is not None,
+        DBIAS_PARTIAL=partial_rows > 0, PARTS=DBIAS_PARTS,
+        TRIPS=trips if trips <= DBIAS_UNROLL else 0, SEED_FROM_PTR=seed is not None,
         COMPUTE=rt.compute_dtype(x.dtype), ACC=tl.float64 if acc64 else tl.float32,
         INT64=rt.needs_int64(x), ROWS=v.rows, BLOCK_COLS=v.block_cols, EVEN=even,
         EVEN_COLS=even_cols, N_ROUNDS=N_ROUNDS, num_warps=4)
-    bias_grad = None
-    if partial_rows:
-        # narrow column blocks: many programs, each with its loads in flight at once
-        bias_grad = ((cdiv(v.n_cols, 32),),
-                     dict(n_parts=row_programs, n_cols=v.n_cols,
-                          PARTS=min(32, next_pow2(row_programs)), BLOCK_COLS=32, num_warps=4))
-    return _Launch((row_programs * col_programs,), kwargs, partial_rows, bias_grad)
+    return _Launch((row_programs * col_programs,), kwargs, partial_rows, col_programs)
+
+
+def _bias_grad_buffers(x, bias, a: _Launch):
+    """(partial rows, zeroed counts) of a launch summing the bias gradient through partials."""
+    partial = x.new_empty((a.partial_rows, a.kwargs["n_cols"]), dtype=_dbias_accum(x, bias))
+    return partial, torch.zeros(a.col_programs, dtype=torch.int32, device=x.device)
 
 
 def _launch(x, bias, dy, out, seed, cfg, backward, dbias=None):
     """One ``_kernel`` launch (``_arguments``); with ``dbias`` the bias gradient is summed too,
-    into ``dbias`` directly or through partial sums (a second launch)."""
+    into ``dbias`` directly or through partial sums its last programs add up."""
     a = _arguments(x, bias, seed, cfg, backward, dbias is not None)
-    partial = None
+    partial = done = None
     if a.partial_rows:
-        partial = torch.empty((a.partial_rows, a.kwargs["n_cols"]), dtype=_dbias_accum(x, bias),
-                              device=x.device)
+        partial, done = _bias_grad_buffers(x, bias, a)
     _kernel[a.grid](x, bias if bias is not None else x, dy, out,
                     (partial if partial is not None else dbias) if dbias is not None else x,
+                    dbias if partial is not None else x, done if done is not None else x,
                     SEED=seed if seed is not None else x, seed=cfg.philox_seed, **a.kwargs)
-    if partial is not None:
-        grid, kwargs = a.bias_grad
-        _bias_grad_kernel[grid](partial, dbias, **kwargs)
 
 
 class _Program:
@@ -395,18 +423,12 @@ class _Program:
                 continue
             a = _arguments(x, bias, seed, cfg, backward, sum_dbias)
             site = Site(_kernel, a.grid, (), ("SEED",), ("seed",), **a.kwargs).fixed_dtypes()
-            bias_site = None
-            if a.bias_grad is not None:
-                bias_site = Site(_bias_grad_kernel, a.bias_grad[0], (),
-                                 **a.bias_grad[1]).fixed_dtypes()
-            self.sites[backward, sum_dbias] = (site, a.partial_rows, bias_site)
-        self.partial_cols = _view(x, bias is not None).n_cols
-        self.acc = _dbias_accum(x, bias) if bias is not None else None
+            self.sites[backward, sum_dbias] = (site, a)
 
     def forward(self, cfg, x, bias, seed):
         y = torch.empty_like(x)
         site = self.sites[False, False][0]
-        site(x, x if bias is None else bias, x, y, x, x if seed is None else seed,
+        site(x, x if bias is None else bias, x, y, x, x, x, x if seed is None else seed,
              cfg.philox_seed)
         return (y,)
 
@@ -416,17 +438,17 @@ class _Program:
         want_dbias = bias is not None and needs[1]
         if dy.stride() != self.stride or dy.dtype != self.dtype or (want_dbias and self.gather):
             return None
-        site, rows, bias_site = self.sites[True, want_dbias]
+        site, a = self.sites[True, want_dbias]
         dx = torch.empty_like(x)
-        dbias = out = None
+        dbias = out = grad = done = None
         if want_dbias:
             dbias = out = torch.empty_like(bias)
-            if rows:
-                out = x.new_empty((rows, self.partial_cols), dtype=self.acc)
+            if a.partial_rows:
+                out, done = _bias_grad_buffers(x, bias, a)
+                grad = dbias
         site(x, x if bias is None else bias, dy, dx, x if out is None else out,
+             x if grad is None else grad, x if done is None else done,
              x if seed is None else seed, cfg.philox_seed)
-        if bias_site is not None:
-            bias_site(out, dbias)
         return dx, dbias
 
 
@@ -469,7 +491,7 @@ def _forward_fake(x, bias, seed, cfg):
 
 def _backward(douts, saved, cfg, needs):
     """(dx, dbias) from x, the bias and the seed (never a mask): one kernel, which also sums the
-    bias gradient over rows (plus a small kernel adding its partial sums on a GPU)."""
+    bias gradient over rows (on a GPU through partial sums that its last programs add up)."""
     (dy,), (x, bias, seed) = douts, saved
     if not _walks_as_is(x):
         x = x.contiguous()

@@ -234,51 +234,57 @@ def _update_running(RMEAN, RVAR, NBT, c, cmask, n_tot, mean, m2, mom_hi, mom_lo,
 
 
 @triton.jit
-def _partial_deviation(PCOUNT, PMEAN, PMEAN_LO, p, P, C, c, cmask, ref, HAS_LO: tl.constexpr,
-                       COMPUTE: tl.constexpr):
-    """Partials p of channels c: (count n_i, mean_i - ref with mean_i as hi + lo, offsets, mask)."""
+def _partial_rows(PCOUNT, PMEAN, PMEAN_LO, PM2, p, P, C, c, cmask, HAS_LO: tl.constexpr,
+                  COMPUTE: tl.constexpr):
+    """Partials p of channels c: count, mean hi, mean lo (0 without HAS_LO), M2; 0 where
+    masked (a masked lane adds nothing: its count is 0)."""
     m = (p < P)[:, None] & cmask[None, :]
     offs = p[:, None] * C + c[None, :]
     n_i = tl.load(PCOUNT + offs, mask=m, other=0.0).to(COMPUTE)
-    d_i = tl.load(PMEAN + offs, mask=m, other=0.0).to(COMPUTE) - ref[None, :]
+    hi_i = tl.load(PMEAN + offs, mask=m, other=0.0).to(COMPUTE)
+    m2_i = tl.load(PM2 + offs, mask=m, other=0.0).to(COMPUTE)
     if HAS_LO:
-        d_i += tl.load(PMEAN_LO + offs, mask=m, other=0.0).to(COMPUTE)
-    return n_i, d_i, offs, m
+        lo_i = tl.load(PMEAN_LO + offs, mask=m, other=0.0).to(COMPUTE)
+    else:
+        lo_i = tl.zeros(offs.shape, COMPUTE)
+    return n_i, hi_i, lo_i, m2_i
 
 
 @triton.jit
 def _merge_partials(PCOUNT, PMEAN, PMEAN_LO, PM2, P, C, c, cmask, HAS_LO: tl.constexpr,
                     COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """(count, mean as hi + lo, M2) of channels c from their P partials."""
-    lanes_p = tl.arange(0, BLOCK_P)
-    # pass 1: count and a reference near the mean (its rounding does not matter: every partial
-    # mean is taken relative to it, exactly when close)
-    n_tot = tl.zeros([BLOCK_C], COMPUTE)
-    wsum = tl.zeros([BLOCK_C], COMPUTE)
-    for p0 in range(0, P, BLOCK_P):
-        p = p0 + lanes_p
-        m = (p < P)[:, None] & cmask[None, :]
-        offs = p[:, None] * C + c[None, :]
-        n_i = tl.load(PCOUNT + offs, mask=m, other=0.0).to(COMPUTE)
-        hi_i = tl.load(PMEAN + offs, mask=m, other=0.0).to(COMPUTE)
-        n_tot += tl.sum(n_i, 0)
-        wsum += tl.sum(n_i * hi_i, 0)
-    ref = wsum / tl.maximum(n_tot, 1.0)
+    """(count, mean as hi + lo, M2) of channels c from their P partials, in one pass over them.
+    About a reference ref (the weighted mean of the first BLOCK_P partials), with d_i = mean_i -
+    ref: M2 = sum (M2_i + n_i d_i^2) - n mean_d^2, mean = ref + mean_d (the parallel formula).
+    The first rows are part of the data, so n mean_d^2 is at most (P / BLOCK_P) times M2: a
+    few bits at worst, never catastrophic (as in ``_shifted_stats``).  Sums are kept per (row,
+    channel) lane and reduced once after the loop: a trip is loads and FMAs (a reduction a trip
+    costs shuffles and barriers)."""
+    p = tl.arange(0, BLOCK_P)
+    n_i, hi_i, lo_i, m2_i = _partial_rows(PCOUNT, PMEAN, PMEAN_LO, PM2, p, P, C, c, cmask,
+                                          HAS_LO, COMPUTE)
+    n_first = tl.sum(n_i, 0)
+    ref = tl.sum(n_i * hi_i, 0) / tl.maximum(n_first, 1.0)
     ref = tl.where(ref - ref == 0, ref, 0.0)  # an infinite partial mean: deviations from 0
-    # pass 2: the mean relative to ref
-    dsum = tl.zeros([BLOCK_C], COMPUTE)
-    for p0 in range(0, P, BLOCK_P):
-        n_i, d_i, offs, m = _partial_deviation(PCOUNT, PMEAN, PMEAN_LO, p0 + lanes_p, P, C, c,
-                                               cmask, ref, HAS_LO, COMPUTE)
-        dsum += tl.sum(n_i * d_i, 0)
+    # the first rows are summed from the registers that gave ref (no second load)
+    d_i = hi_i - ref[None, :] + lo_i
+    t_i = n_i * d_i
+    acc_n = n_i
+    acc_d = t_i
+    acc_q = m2_i + t_i * d_i
+    for p0 in range(BLOCK_P, P, BLOCK_P):
+        n_i, hi_i, lo_i, m2_i = _partial_rows(PCOUNT, PMEAN, PMEAN_LO, PM2, p0 + p, P, C, c,
+                                              cmask, HAS_LO, COMPUTE)
+        d_i = hi_i - ref[None, :] + lo_i
+        t_i = n_i * d_i
+        acc_n += n_i
+        acc_d += t_i
+        acc_q += m2_i + t_i * d_i
+    n_tot = tl.sum(acc_n, 0)
+    dsum = tl.sum(acc_d, 0)
     mean_d = dsum / tl.maximum(n_tot, 1.0)
-    # pass 3: M2 = sum of M2_i + n_i (mean_i - mean)^2 (exact parallel formula)
-    m2 = tl.zeros([BLOCK_C], COMPUTE)
-    for p0 in range(0, P, BLOCK_P):
-        n_i, d_i, offs, m = _partial_deviation(PCOUNT, PMEAN, PMEAN_LO, p0 + lanes_p, P, C, c,
-                                               cmask, ref, HAS_LO, COMPUTE)
-        d_i -= mean_d[None, :]
-        m2 += tl.sum(tl.load(PM2 + offs, mask=m, other=0.0).to(COMPUTE) + n_i * d_i * d_i, 0)
+    # NaN (inf or NaN input) stays NaN, as torch's variance: a plain maximum would give 0
+    m2 = tl.maximum(tl.sum(acc_q, 0) - mean_d * dsum, 0.0, propagate_nan=tl.PropagateNan.ALL)
     # The mean as hi + lo: with |mean| >> std, the rounding of hi alone would move every xhat by
     # up to ulp(mean) * invstd (3e-3 for 1000 + 0.01 * randn in fp32).
     mean_hi, mean_lo = _two_sum(ref, mean_d)

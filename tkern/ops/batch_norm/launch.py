@@ -15,6 +15,11 @@ from .._op import PlanCache, cdiv, f32_pairs, next_pow2
 from . import kernels as K
 from .launch_plan import _like, _prepare_input, flat_args, launch_args, plan
 
+# Partial rows a trip of the merge (``kernels._merge_partials``): with 128 channels and 4 warps,
+# 16 rows keep its four [rows, channels] sums and loads at 64 registers a thread (32: 252 in
+# all, 1 CTA per SM, predicted).
+MERGE_BLOCK_P = 16
+
 # Launch sites by (launcher, plan, dtype, flags, scalars): every argument of a launch but its
 # tensors follows from those, so a repeated layer's launch costs the tensors and one lookup
 # (tkern._launch.Site).  Keys hold the Plan itself (its view compares by identity), never an id.
@@ -118,7 +123,7 @@ def bn_combine_stats(count, mean, m2, mean_lo=None, eps=1e-5, running_mean=None,
         out_count = out_m2 = out_mean  # unused
     update = running_mean is not None and not local
     cumulative = update and momentum is None
-    block_p = min(next_pow2(P), 32)
+    block_p = min(next_pow2(P), MERGE_BLOCK_P)
     block_c = min(next_pow2(C), 128)
     eps_hi, eps_lo, mom_hi, mom_lo = f32_pairs(eps, 0.0 if momentum is None else momentum)
     K._stats_combine_kernel[(cdiv(C, block_c),)](
@@ -424,7 +429,7 @@ def train_forward(x, weight, bias, running_mean, running_var, num_batches_tracke
                               momentum, eps, activation, negative_slope, alpha,
                               residual=residual)
     count, mean, m2, mean_lo = bn_partial_stats(x)
-    p = plan(x, reduction=False)
+    p = plan(x, reduction=False, merging=True)
     view = p.view
     P, C = mean.shape
     weight, bias = _dense(weight, (C,), "weight"), _dense(bias, (C,), "bias")
@@ -461,7 +466,7 @@ def merge_normalize_site(p, x, y, P, update, cumulative, has_w, has_b, eps, mome
          *f32_pairs(eps, 0.0 if momentum is None else momentum, negative_slope, alpha)),
         named, UPDATE=update, CUMULATIVE=cumulative, HAS_W=has_w, HAS_B=has_b,
         ACTIVATION=activation, COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(y),
-        BLOCK_P=min(next_pow2(P), 32), BLOCK_S=p.BLOCK_S, BLOCK_C=p.BLOCK_C,
+        BLOCK_P=min(next_pow2(P), MERGE_BLOCK_P), BLOCK_S=p.BLOCK_S, BLOCK_C=p.BLOCK_C,
         num_warps=p.num_warps, **flat_args(p), **rflags)
 
 

@@ -46,6 +46,15 @@ FLAT_TILE_BYTES = 16384
 # more threads' issue slots).
 THREAD_BYTES = 64
 FLAT_THREAD_BYTES = 64
+# An elementwise program that first merges its channels' P partials (merge-normalize) re-reads
+# them from L2 (16 bytes per partial and channel), every program: programs of 2 units over 98
+# partials (ResNet-50 layer2, channels_last, batch 32) read 28x as many partial bytes as x bytes
+# (708 MB against 26 MB), and issued ~21 SASS per byte.  On a GPU such a program takes units
+# until its x bytes reach MERGE_X_PER_PARTIAL_BYTE times the partial bytes it reads, but keeps
+# MERGING_PROGRAMS_PER_SM programs per SM where the layer has the units (one wave, 4 CTAs an SM).
+MERGE_X_PER_PARTIAL_BYTE = 1
+MERGING_PROGRAMS_PER_SM = 4
+PARTIAL_BYTES = 16  # count, mean hi and lo, M2: fp32 each
 # On a GPU, a channel-major layer whose channels hold at most this many bytes each program takes
 # the one-launch path (statistics, then normalize re-reading its channels from L2) with one
 # program per CPP channels: with ~4 resident programs per SM, ~34 MB in flight fits H100/H200's
@@ -187,13 +196,15 @@ class Plan(NamedTuple):
     cpp: int = 1  # channels per program under flat
 
 
-def plan(x: torch.Tensor, reduction: bool = True) -> Plan:
+def plan(x: torch.Tensor, reduction: bool = True, merging: bool = False) -> Plan:
     """Tile shape and grid for ``x`` ([N, C, *spatial], already prepared).  Cached per shape,
-    strides, element size and device: host time matters for small layers."""
+    strides, element size and device: host time matters for small layers.  ``merging``: the
+    elementwise plan of a launch whose programs each merge the reduction plan's partials first
+    (``_merge_normalize_kernel``): more units a program on a GPU (MERGE_ELEMENTS_PER_PARTIAL)."""
     target = _target_programs(x.device, reduction)
     sms = rt.sm_count(x.device) if rt.plans_for_gpu(x.device) else 0
-    return _PLANS((x.shape, x.stride(), x.element_size(), target, reduction, sms), x, target,
-                  reduction, sms)
+    return _PLANS((x.shape, x.stride(), x.element_size(), target, reduction, sms, merging), x,
+                  target, reduction, sms, merging)
 
 
 def _flat_columns(C: int, S: int, elem: int):
@@ -216,7 +227,10 @@ def _flat_columns(C: int, S: int, elem: int):
     return best[1], best[2]
 
 
-def _make_plan(x: torch.Tensor, target: int, reduction: bool, sms: int) -> Plan:
+def _make_plan(x: torch.Tensor, target: int, reduction: bool, sms: int,
+               merging: bool = False) -> Plan:
+    if merging:
+        return _merging_plan(x, target, sms)
     view = _View(x)
     C, cols = view.C, view.cols
     if 1 < view.S <= FLAT_MAX_S and _channel_major(x, view):
@@ -241,6 +255,22 @@ def _make_plan(x: torch.Tensor, target: int, reduction: bool, sms: int) -> Plan:
     return _split(view, block_s, block_c, nsb, n_units, c_blocks, target, reduction,
                   one_program=narrow is not None,
                   num_warps=_warps(block_s * block_c * x.element_size()), gpu=sms > 0)
+
+
+def _merging_plan(x: torch.Tensor, target: int, sms: int) -> Plan:
+    """The elementwise plan, with more units a program on a GPU (MERGE_X_PER_PARTIAL_BYTE,
+    MERGING_PROGRAMS_PER_SM)."""
+    p = _make_plan(x, target, False, sms)
+    if not sms:
+        return p
+    partials = _make_plan(x, _target_programs(x.device, True), True, sms).num_partials
+    channels = p.cpp if p.flat else p.BLOCK_C
+    unit_bytes = p.BLOCK_S * p.BLOCK_C * x.element_size()  # (under flat: samples x positions)
+    by_bytes = cdiv(MERGE_X_PER_PARTIAL_BYTE * partials * channels * PARTIAL_BYTES, unit_bytes)
+    one_wave = cdiv(p.n_units, cdiv(MERGING_PROGRAMS_PER_SM * sms, p.grid[0]))
+    units = min(max(p.units_per_prog, min(by_bytes, one_wave)), p.n_units)
+    splits = cdiv(p.n_units, units)
+    return p._replace(units_per_prog=units, grid=(p.grid[0], splits), num_partials=splits)
 
 
 def _fused_channel_block(C: int, cols: int, elem: int, sms: int):

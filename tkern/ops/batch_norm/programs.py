@@ -62,7 +62,8 @@ class _Train:
         else:
             self.stats_site = launch.partial_stats_site(p, x).fixed_dtypes()
             self.ws_shape = (4, P, C)
-            self.site = launch.merge_normalize_site(plan(x, reduction=False), x, x, P, *head,
+            self.site = launch.merge_normalize_site(plan(x, reduction=False, merging=True), x, x,
+                                                    P, *head,
                                                     *tail).fixed_dtypes()
         self.backwards: dict = {}
 
