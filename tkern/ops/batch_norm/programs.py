@@ -43,13 +43,14 @@ class _Train:
     then dx, which totals them)."""
 
     def __init__(self, inputs, cfg):
-        x, weight, bias, running_mean, running_var, _, residual = inputs
+        x, weight, bias, running_mean, running_var, num_batches_tracked, residual = inputs
         self.act = (cfg.activation, cfg.negative_slope, cfg.alpha)
         self.x_stride, self.dtype = x.stride(), x.dtype
         self.C = C = x.shape[1]
         self.acc = rt.accum_dtype(x.dtype)
         self.update = running_mean is not None
         self.cumulative = self.update and cfg.momentum is None
+        self.count = count = launch.counts_batch(self.update, cfg.momentum, num_batches_tracked)
         self.p = p = plan(x, reduction=True)
         self.P = P = p.num_partials
         has_w, has_b = weight is not None, bias is not None
@@ -58,13 +59,13 @@ class _Train:
         tail = (has_w, has_b, cfg.eps, cfg.momentum, *self.act, named, rflags)
         if P == 1:
             self.stats_site = None
-            self.site = launch.fused_forward_site(p, x, x, *head, True, *tail).fixed_dtypes()
+            self.site = launch.fused_forward_site(p, x, x, *head, True, *tail,
+                                                  count).fixed_dtypes()
         else:
             self.stats_site = launch.partial_stats_site(p, x).fixed_dtypes()
             self.ws_shape = (4, P, C)
             self.site = launch.merge_normalize_site(plan(x, reduction=False, merging=True), x, x,
-                                                    P, *head,
-                                                    *tail).fixed_dtypes()
+                                                    P, *head, *tail, count).fixed_dtypes()
         self.backwards: dict = {}
 
     def forward(self, cfg, x, weight, bias, running_mean, running_var, num_batches_tracked,
@@ -75,7 +76,7 @@ class _Train:
         w = m if weight is None else weight
         b = m if bias is None else bias
         rm, rv = (running_mean, running_var) if self.update else (m, m)
-        nbt = num_batches_tracked if self.cumulative else m
+        nbt = num_batches_tracked if self.cumulative or self.count else m
         res = () if residual is None else (residual,)
         if self.stats_site is None:
             self.site(x, y, m, lo, inv, w, b, rm, rv, nbt, *res)
