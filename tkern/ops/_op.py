@@ -10,8 +10,9 @@ and its public function checks arguments, builds the config record and calls ``O
 From the declaration ``Op`` builds:
 
 - the eager autograd path.  Two ``autograd.Function`` classes: an old-style one (``forward(ctx,
-  ...)``) launched through the C++ ``_FunctionBase.apply`` directly, and a ``setup_context`` one
-  for torch.func transforms.  ``Function.apply`` with ``setup_context`` binds every call through
+  ...)``) launched through the C++ ``_FunctionBase.apply`` directly, whose tensor arguments are
+  only the ``grads`` inputs (the rest travel in one tuple), and a ``setup_context`` one, taking
+  every input, for torch.func transforms and for dynamo where there are no custom ops.  ``Function.apply`` with ``setup_context`` binds every call through
   ``inspect.signature`` (10-20 us); the old style skips that, so it is taken whenever no functorch
   transform is active.
 - the ``torch.library`` custom ops ``<name>`` and ``<name>_backward`` with fake implementations
@@ -191,6 +192,7 @@ class Op:
         self.grads = tuple(self.input_names.index(n) for n in grads)
         # backward's per-call work, precomputed (it runs on every training step)
         self._pick_needs = _picker(self.grads)
+        self._pick_grad_inputs = self._pick_needs
         self._pick_saves = _picker(self.saves)
         self._save_pickers: dict = {}  # config -> picker, for save_when
         self._pick_aux = _picker(self.aux)
@@ -223,15 +225,16 @@ class Op:
         if len(inputs) != self.n_inputs:
             raise TypeError(f"{self.name}: expected {self.n_inputs} inputs "
                             f"{self.input_names}, got {len(inputs)}")
-        if torch.compiler.is_compiling():
-            if not self.library:  # dynamo traces the Function (or breaks the graph)
-                out = self._fast_fn.apply(*inputs, cfg, None)
-                return out if self._n_diff > 1 else (out,)
+        compiling = torch.compiler.is_compiling()
+        if compiling and self.library:
             return self._compiled(inputs, cfg)
-        if torch._C._are_functorch_transforms_active():
+        if compiling or torch._C._are_functorch_transforms_active():
+            # the setup_context Function (dynamo traces it; without custom ops, or it breaks
+            # the graph)
             out = self._func_fn.apply(*inputs, cfg)
             return self._pick_diff(out if len(self.outputs) > 1 else (out,))
-        out = self._fast_apply(*inputs, cfg, self.program(inputs, cfg))
+        out = self._fast_apply(*self._pick_grad_inputs(inputs), inputs, cfg,
+                               self.program(inputs, cfg))
         return out if self._n_diff > 1 else (out,)
 
     def program(self, inputs: tuple, cfg):
@@ -251,7 +254,7 @@ class Op:
         has checked its arguments and that it is not being compiled)."""
         if torch._C._are_functorch_transforms_active():
             return self.apply(*inputs, cfg=cfg)
-        out = self._fast_apply(*inputs, cfg, program)
+        out = self._fast_apply(*self._pick_grad_inputs(inputs), inputs, cfg, program)
         return out if self._n_diff > 1 else (out,)
 
     # -- autograd (shared by both Function classes and the custom op's formula)
@@ -284,9 +287,10 @@ class Op:
         self._save_pickers[cfg] = pick
         return pick
 
-    def _grads(self, ctx, douts, backward, program=None):
+    def _grads(self, ctx, douts, backward, program=None, needs=None):
         """Gradients for ``grads`` (None where not needed)."""
-        needs = self._pick_needs(ctx.needs_input_grad)
+        if needs is None:
+            needs = self._pick_needs(ctx.needs_input_grad)
         if True not in needs:
             return self._no_grads
         for d in douts:
@@ -335,8 +339,14 @@ class Op:
         pick_diff = self._pick_diff
         n_diff = self._n_diff
 
+        n_grads = len(self.grads)
+
+        # The eager Function's arguments: the inputs that can get a gradient (autograd's edges),
+        # then every input in declared order as one tuple (the others, such as running stats
+        # updated in place, are no autograd business: each tensor argument costs host time),
+        # the config record and the program.
         def fast_forward(ctx, *args):  # returns the differentiable outputs; aux ones are saved
-            inputs, cfg, program = args[:-2], args[-2], args[-1]
+            inputs, cfg, program = args[-3], args[-2], args[-1]
             outs = op.forward(*inputs, cfg) if program is None else program.forward(cfg, *inputs)
             op._save(ctx, inputs, cfg, outs)
             ctx.program = program
@@ -354,9 +364,10 @@ class Op:
         def backward(ctx, *douts):
             return (*op._input_grads(op._grads(ctx, pick_douts(douts), op.backward)), *pad)
 
-        def fast_backward(ctx, *douts):  # douts: the differentiable outputs'; + config, program
-            grads = op._grads(ctx, douts, op.backward, ctx.program)
-            return (*op._input_grads(grads), None, None)
+        def fast_backward(ctx, *douts):  # douts: the differentiable outputs'
+            grads = op._grads(ctx, douts, op.backward, ctx.program,
+                              ctx.needs_input_grad[:n_grads])
+            return (*grads, None, None, None)  # the inputs tuple, the config, the program
 
         base = torch.autograd.Function
         cls_name = "".join(w.capitalize() for w in self.public_name.split("_"))
