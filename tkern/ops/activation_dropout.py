@@ -52,8 +52,8 @@ BLOCK = 4 * QUARTER
 BIAS_COLS = 256
 # Philox4x32 rounds per call: 7, the fewest that Salmon et al. (SC'11, "Parallel random numbers:
 # as easy as 1, 2, 3") found to pass TestU01's BigCrush with no failures (Triton's default, 10,
-# is their safety margin); each round costs ~6 instructions per 4 elements, and 10 rounds kept
-# bf16 bias+GELU+dropout issue-bound (perf/RESULTS.md)
+# is their safety margin); each round costs ~6 instructions per 4 elements (~4 with WIDE_MUL,
+# see _mul_hi_lo), and 10 rounds kept bf16 bias+GELU+dropout issue-bound (perf/RESULTS.md)
 N_ROUNDS = 7
 
 
