@@ -71,8 +71,8 @@ def _mul_hi_lo(a, M: tl.constexpr, WIDE_MUL: tl.constexpr):
     # mul.wide.u32 (IMAD.WIDE.U32) for both, where umulhi and a low multiply are two
     # instructions.  Inline PTX because the 64-bit form of the same product in Triton ops makes
     # Triton's layout pass convert the mask through shared memory instead of drawing it in the
-    # data's layout (perf.static_cost: 1012 SASS instructions a thread, 11 of them barriers, against
-    # 955).  Otherwise Triton's own two (the interpreter runs no inline PTX).
+    # data's layout (perf.static_cost, bf16 forward: 1012 SASS instructions a thread, 11 of them
+    # barriers, against 955).  Otherwise Triton's own two (the interpreter runs no inline PTX).
     if WIDE_MUL:
         hi, lo = tl.inline_asm_elementwise(
             "{ .reg .b64 t; mul.wide.u32 t, $2, $3; mov.b64 {$1, $0}, t; }", "=r,=r,r,r",
@@ -447,19 +447,20 @@ def _arguments(x, bias, seed, cfg, backward, sum_dbias) -> _Launch:
         COMPUTE=rt.compute_dtype(x.dtype), ACC=tl.float64 if acc64 else tl.float32,
         INT64=rt.needs_int64(x), ROWS=v.rows, BLOCK_COLS=v.block_cols, EVEN=even,
         EVEN_COLS=even_cols, N_ROUNDS=N_ROUNDS,
-        WIDE_MUL=cfg.dropout and x.element_size() <= 2 and _wide_mul(x.device),
+        WIDE_MUL=cfg.dropout and _wide_mul(x),
         num_warps=4)
     return _Launch((row_programs * col_programs,), kwargs, partial_rows, col_programs)
 
 
-def _wide_mul(device: torch.device) -> bool:
-    """Whether kernels on ``device`` are compiled for NVIDIA (CUDA, or CPU tensors planned as a
-    GPU's by perf.static_cost) and may use inline PTX: not in Triton's interpreter, not on ROCm.
-    Taken for 2-byte types only, whose instruction mix is the limit (4-byte types move twice
-    the bytes an element; their bias-gradient backward took 94 registers with it, against 80,
-    and fewer bytes in flight)."""
-    return (rt.plans_for_gpu(device) and device.type in ("cuda", "cpu")
-            and torch.version.hip is None and not rt.interpreter_enabled())
+def _wide_mul(x: torch.Tensor) -> bool:
+    """Whether the kernels take Philox's products from inline PTX (``_mul_hi_lo``): compiled for
+    NVIDIA (CUDA, or CPU tensors planned as a GPU's by perf.static_cost; not Triton's
+    interpreter, not ROCm), for 2-byte types, whose instruction mix is the limit (4-byte types
+    move twice the bytes an element; their bias-gradient backward took 94 registers with it,
+    against 80, and so fewer bytes in flight)."""
+    return (x.element_size() <= 2 and rt.plans_for_gpu(x.device)
+            and x.device.type in ("cuda", "cpu") and torch.version.hip is None
+            and not rt.interpreter_enabled())
 
 
 def _bias_grad_buffers(x, bias, a: _Launch):
