@@ -22,8 +22,11 @@ From the declaration ``Op`` builds:
 - the create_graph (double backward) path: with grad mode on inside backward, the op's
   ``composite`` (its forward in torch ops, from the saved tensors) is differentiated with
   ``create_graph=True``; first-order backward always runs the op's ``backward`` launcher.
-- the non-differentiable outputs (``aux``: saved statistics) are marked so, and gradients are not
-  materialised (``set_materialize_grads(False)``): no zeros tensor for them in backward.
+- the non-differentiable outputs (``aux``: saved statistics) stay inside the eager path: its
+  Function returns the differentiable outputs only and saves the aux ones as intermediates (an
+  output autograd tracks costs host time on every call); the torch.func and torch.compile paths
+  return them marked non-differentiable.  ``apply`` and ``run`` give the differentiable outputs
+  on every path.  Gradients are not materialised (``set_materialize_grads(False)``).
 - arity: ``apply`` checks the number of inputs; backward results are padded to the inputs.
 - programs (optional, the host fast path): ``program(inputs, cfg)`` returns an object with
   ``forward(cfg, *inputs) -> outputs`` and ``backward(douts, saved, cfg, needs) -> grads`` (or
@@ -179,6 +182,8 @@ class Op:
         self.composite, self.eager = composite, eager
         self.aux = tuple(outputs.index(n) for n in aux)
         self.diff_outputs = tuple(i for i in range(len(outputs)) if i not in self.aux)
+        self._pick_diff = _picker(self.diff_outputs)
+        self._n_diff = len(self.diff_outputs)
         names = self.input_names + outputs
         self.saves = tuple(names.index(n) for n in saves)  # indices into inputs + outputs
         # saved names kept only when a predicate of the config holds (None in their place else)
@@ -213,20 +218,21 @@ class Op:
         return self.apply(*inputs, cfg=cfg)
 
     def apply(self, *inputs, cfg):
-        """Run the kernels with autograd: a tuple of the declared outputs."""
+        """Run the kernels with autograd: a tuple of the differentiable outputs (``aux`` ones
+        are autograd's)."""
         if len(inputs) != self.n_inputs:
             raise TypeError(f"{self.name}: expected {self.n_inputs} inputs "
                             f"{self.input_names}, got {len(inputs)}")
         if torch.compiler.is_compiling():
             if not self.library:  # dynamo traces the Function (or breaks the graph)
                 out = self._fast_fn.apply(*inputs, cfg, None)
-                return out if len(self.outputs) > 1 else (out,)
+                return out if self._n_diff > 1 else (out,)
             return self._compiled(inputs, cfg)
         if torch._C._are_functorch_transforms_active():
             out = self._func_fn.apply(*inputs, cfg)
-        else:
-            out = self._fast_apply(*inputs, cfg, self.program(inputs, cfg))
-        return out if len(self.outputs) > 1 else (out,)
+            return self._pick_diff(out if len(self.outputs) > 1 else (out,))
+        out = self._fast_apply(*inputs, cfg, self.program(inputs, cfg))
+        return out if self._n_diff > 1 else (out,)
 
     def program(self, inputs: tuple, cfg):
         """The op's program for these inputs' signature and ``cfg`` (made once), or None."""
@@ -246,14 +252,18 @@ class Op:
         if torch._C._are_functorch_transforms_active():
             return self.apply(*inputs, cfg=cfg)
         out = self._fast_apply(*inputs, cfg, program)
-        return out if len(self.outputs) > 1 else (out,)
+        return out if self._n_diff > 1 else (out,)
 
     # -- autograd (shared by both Function classes and the custom op's formula)
 
     def _setup(self, ctx, inputs, cfg, outs):
-        ctx.set_materialize_grads(False)
+        """Autograd state for a Function that returns every output (aux ones marked)."""
         if self.aux:
             ctx.mark_non_differentiable(*self._pick_aux(outs))
+        self._save(ctx, inputs, cfg, outs)
+
+    def _save(self, ctx, inputs, cfg, outs):
+        ctx.set_materialize_grads(False)
         pick = self._pick_saves
         if self.save_when:
             pick = self._save_pickers.get(cfg)
@@ -322,12 +332,15 @@ class Op:
         n_out = len(self.outputs)
         pad = (None,)  # the config record
 
-        def fast_forward(ctx, *args):
+        pick_diff = self._pick_diff
+        n_diff = self._n_diff
+
+        def fast_forward(ctx, *args):  # returns the differentiable outputs; aux ones are saved
             inputs, cfg, program = args[:-2], args[-2], args[-1]
             outs = op.forward(*inputs, cfg) if program is None else program.forward(cfg, *inputs)
-            op._setup(ctx, inputs, cfg, outs)
+            op._save(ctx, inputs, cfg, outs)
             ctx.program = program
-            return outs if n_out > 1 else outs[0]
+            return pick_diff(outs) if n_diff > 1 else outs[op.diff_outputs[0]]
 
         def func_forward(*args):
             outs = op.forward(*args[:-1], args[-1])
@@ -341,8 +354,8 @@ class Op:
         def backward(ctx, *douts):
             return (*op._input_grads(op._grads(ctx, pick_douts(douts), op.backward)), *pad)
 
-        def fast_backward(ctx, *douts):  # the config record and the program
-            grads = op._grads(ctx, pick_douts(douts), op.backward, ctx.program)
+        def fast_backward(ctx, *douts):  # douts: the differentiable outputs'; + config, program
+            grads = op._grads(ctx, douts, op.backward, ctx.program)
             return (*op._input_grads(grads), None, None)
 
         base = torch.autograd.Function
@@ -441,7 +454,7 @@ class Op:
         for i, new in zip(self.mutates, got[n:]):
             if inputs[i] is not None:
                 inputs[i].copy_(new.detach())
-        return got[:n]
+        return self._pick_diff(got[:n])
 
 
 def _picker(indices: tuple) -> Callable:
