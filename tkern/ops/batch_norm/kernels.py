@@ -189,6 +189,16 @@ def _merge_positions(n_tot, hi, lo, m2, FLAT: tl.constexpr, FLAT_S: tl.constexpr
     return n_tot, hi, lo, m2
 
 
+@triton.jit
+def _partial_blocks(PCOUNT, PMEAN, PMEAN_LO, PM2, P, C, PARTS_ROWS: tl.constexpr):
+    """The [P, C] partials' four pointers: separate tensors, or (PARTS_ROWS) the blocks count,
+    mean, M2, mean_lo of one [4, P, C] tensor (a program makes no views)."""
+    if PARTS_ROWS:
+        n = P * C
+        return PCOUNT, PCOUNT + n, PCOUNT + 3 * n, PCOUNT + 2 * n
+    return PCOUNT, PMEAN, PMEAN_LO, PM2
+
+
 @jit
 def _stats_partial_kernel(
     X,  # input viewed as [N, C, S] through (sN, sC, sS)
@@ -200,8 +210,11 @@ def _stats_partial_kernel(
     FLAT_S: tl.constexpr = 1, FLAT_S2: tl.constexpr = 1, FLAT_C: tl.constexpr = 1,
     CPP: tl.constexpr = 1,  # under FLAT: positions per channel, its next power of 2, channel
                             # lanes, channels per program
+    PARTS_ROWS: tl.constexpr = False,  # one [4, P, C] tensor (see _partial_blocks)
 ):
     pid_p = tl.program_id(1)
+    PCOUNT, PMEAN, PMEAN_LO, PM2 = _partial_blocks(PCOUNT, PMEAN, PMEAN_LO, PM2,
+                                                   tl.num_programs(1), C, PARTS_ROWS)
     c, cmask, owned, pos, pmask, lc = _lanes(C, BLOCK_C, FLAT, FLAT_S, FLAT_C, CPP)
     n_tot, hi, lo, m2 = _shifted_stats(X, pos, pmask, S, sN, sC, sS, nsb, n_units,
                                        pid_p * units_per_prog, units_per_prog,
@@ -571,12 +584,15 @@ def _merge_normalize_kernel(
                             # lanes, channels per program
     COUNT: tl.constexpr = False,  # NBT += 1 (see _count_batch)
     STATS_ROWS: tl.constexpr = False,  # MEAN is [3, C]: MEAN_LO and INVSTD are its rows 1, 2
+    PARTS_ROWS: tl.constexpr = False,  # one [4, P, C] tensor (see _partial_blocks)
 ):
     """The split training forward's second launch: every program merges its channels' P
     partials itself (P small rows from L2, instead of a combine launch), the first program along
     the units writes the statistics and updates the running stats, and all normalize."""
     _count_batch(NBT, COUNT)
     MEAN, MEAN_LO, INVSTD = _stat_rows(MEAN, MEAN_LO, INVSTD, C, STATS_ROWS)
+    PCOUNT, PMEAN, PMEAN_LO, PM2 = _partial_blocks(PCOUNT, PMEAN, PMEAN_LO, PM2, P, C,
+                                                   PARTS_ROWS)
     c, cmask, owned, pos, pmask, lc = _lanes(C, BLOCK_C, FLAT, FLAT_S, FLAT_C, CPP)
     n_tot, mean, mean_lo, m2 = _merge_partials(PCOUNT, PMEAN, PMEAN_LO, PM2, P, C, c, cmask,
                                                True, COMPUTE, BLOCK_P, c.shape[0])

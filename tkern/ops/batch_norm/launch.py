@@ -84,11 +84,13 @@ def bn_partial_stats(x: torch.Tensor):
     return count, mean, m2, mean_lo
 
 
-def partial_stats_site(p, x) -> Site:
-    """``_stats_partial_kernel`` on plan ``p``: tensors (x, count, mean, mean_lo, m2)."""
+def partial_stats_site(p, x, rows=False) -> Site:
+    """``_stats_partial_kernel`` on plan ``p``: tensors (x, count, mean, mean_lo, m2); ``rows``:
+    count is one [4, P, C] tensor holding all four (blocks count, mean, m2, mean_lo)."""
     view = p.view
     return Site(K._stats_partial_kernel, p.grid, (view.C, view.cols, *view.strides(x)),
-                COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(), **launch_args(p))
+                COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(), **launch_args(p),
+                **_set(PARTS_ROWS=rows))
 
 
 def bn_combine_stats(count, mean, m2, mean_lo=None, eps=1e-5, running_mean=None,
@@ -480,7 +482,8 @@ def merge_normalize_site(p, x, y, P, update, cumulative, has_w, has_b, eps, mome
     """``_merge_normalize_kernel`` on the elementwise plan ``p`` over ``P`` partials: tensors
     (x, y, the four [P, C] partials, mean, mean_lo, invstd, weight, bias, running_mean,
     running_var, num_batches_tracked, then ``named``; dummies for absent ones); ``count``: the
-    kernel adds one to num_batches_tracked; ``rows``: mean holds all three statistics [3, C]."""
+    kernel adds one to num_batches_tracked; ``rows``: mean holds all three statistics [3, C]
+    and count all four partials [4, P, C] (see ``partial_stats_site``)."""
     view = p.view
     return Site(
         K._merge_normalize_kernel, p.grid,
@@ -490,7 +493,8 @@ def merge_normalize_site(p, x, y, P, update, cumulative, has_w, has_b, eps, mome
         named, UPDATE=update, CUMULATIVE=cumulative, HAS_W=has_w, HAS_B=has_b,
         ACTIVATION=activation, COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(y),
         BLOCK_P=min(next_pow2(P), MERGE_BLOCK_P), BLOCK_S=p.BLOCK_S, BLOCK_C=p.BLOCK_C,
-        num_warps=p.num_warps, **flat_args(p), **rflags, **_set(COUNT=count, STATS_ROWS=rows))
+        num_warps=p.num_warps, **flat_args(p), **rflags,
+        **_set(COUNT=count, STATS_ROWS=rows, PARTS_ROWS=rows))
 
 
 def normalize(x, weight, bias, stats, running_mean, running_var, eps, training, activation,

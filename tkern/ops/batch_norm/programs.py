@@ -65,7 +65,7 @@ class _Train:
             self.site = launch.fused_forward_site(p, x, x, *head, True, *tail, count,
                                                   rows=True).fixed_dtypes()
         else:
-            self.stats_site = launch.partial_stats_site(p, x).fixed_dtypes()
+            self.stats_site = launch.partial_stats_site(p, x, rows=True).fixed_dtypes()
             self.ws_like = x.new_empty((4, P, C), dtype=self.acc)
             self.site = launch.merge_normalize_site(plan(x, reduction=False, merging=True), x, x,
                                                     P, *head, *tail, count,
@@ -84,10 +84,9 @@ class _Train:
         if self.stats_site is None:
             self.site(x, y, stats, stats, stats, w, b, rm, rv, nbt, *res)
         else:
-            count, mean, m2, mean_lo = torch.empty_like(self.ws_like).unbind(0)
-            self.stats_site(x, count, mean, mean_lo, m2)
-            self.site(x, y, count, mean, mean_lo, m2, stats, stats, stats, w, b, rm, rv, nbt,
-                      *res)
+            ws = torch.empty_like(self.ws_like)  # the partials: the kernels' blocks
+            self.stats_site(x, ws, ws, ws, ws)
+            self.site(x, y, ws, ws, ws, ws, stats, stats, stats, w, b, rm, rv, nbt, *res)
         return y, stats
 
     def backward(self, douts, saved, cfg, needs):
