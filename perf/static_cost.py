@@ -1035,16 +1035,12 @@ def kernel_row(run: CaseRun, direction: str, name: str, launch: Launch, c: Compi
         for i in body:
             counts[i] = guess
     per_thread = sum(counts)
-    # bytes in flight: the steady state of the code that loads the most bytes over the launch
-    # (a loop body, or the whole kernel when the code outside loops does)
-    regions = [(sum(counts[i] * _width_bits(instrs[i][1]) // 8 for i in _own_body(lo, hi, c.sass.all_loops)
-                    if instrs[i][1].startswith("LDG")), (lo, hi))
-               for lo, hi in c.sass.all_loops if hi < len(instrs)]
-    in_loops = {i for _, (lo, hi) in regions for i in range(lo, hi + 1)}
-    regions.append((sum(_width_bits(op) // 8 for i, (_, op, _) in enumerate(instrs)
-                        if op.startswith("LDG") and i not in in_loops), None))
-    _, where = max(regions, key=lambda r: r[0])
-    inflight = _inflight_bytes(instrs if where is None else instrs[where[0]:where[1] + 1])
+    # bytes in flight: the steady state, the innermost loop bodies that load and run (the most
+    # of theirs), else the whole kernel
+    running = [(lo, hi) for lo, hi in c.sass.loops if hi < len(instrs) and counts[hi] > 0
+               and any(instrs[i][1].startswith("LDG") for i in range(lo, hi + 1))]
+    inflight = (max(_inflight_bytes(instrs[lo:hi + 1]) for lo, hi in running) if running
+                else _inflight_bytes(instrs))
     sass_per_byte = per_thread / bytes_per_thread if bytes_per_thread else None
     t_bw = total_b / (card.copy_gbps * 1e3)  # us
     inflight_total = min(ctas, slots) * threads * inflight
