@@ -14,8 +14,9 @@ uninitialised memory: the figures are host time, not results.
 Plans are the GPU's (``tkern._runtime.plan_as_gpu`` for a 132-SM card, as perf.static_cost
 records them), so every op takes the launch structure it takes on an H100/H200.
 
-Counts per call and direction: Triton launches (the hook above), and other torch kernels (aten
-ops seen by a TorchDispatchMode, leaving out allocations and views, which start no kernel).
+Counts per call and direction, of a repeated call: Triton launches (the hook above), and other
+torch kernels (aten ops seen by a TorchDispatchMode, leaving out allocations and views, which
+start no kernel).
 
 On a GPU the kernels run (no hook): tkern and eager both run the small shapes, timed with a
 synchronisation per round, i.e. launch-bound latency; Triton launches are not counted there.
@@ -192,10 +193,13 @@ def _dropout_case(bias):
         x = torch.randn(shape, requires_grad=True)
         b = torch.randn(shape[-1], requires_grad=True) if bias else None
         if ours:
-            return (lambda t: tkern.activation_dropout(t, "gelu", 0.1, bias=b)), x
-        if bias:
-            return (lambda t: F.dropout(F.gelu(t + b), 0.1)), x
-        return (lambda t: F.dropout(F.gelu(t), 0.1)), x
+            fn = lambda t: tkern.activation_dropout(t, "gelu", 0.1, bias=b)  # noqa: E731
+        elif bias:
+            fn = lambda t: F.dropout(F.gelu(t + b), 0.1)  # noqa: E731
+        else:
+            fn = lambda t: F.dropout(F.gelu(t), 0.1)  # noqa: E731
+        fn.leaves = (b,) if bias else ()  # other tensors getting a gradient
+        return fn, x
     return make
 
 
@@ -213,8 +217,11 @@ def _wn_make(shape, ours):
     g = torch.rand(shape[0], 1, requires_grad=True) + 0.5
     g = g.detach().requires_grad_()
     if ours:
-        return (lambda t: tkern.weight_norm(t, g, 0)), v
-    return (lambda t: torch._weight_norm(t, g, 0)), v
+        fn = lambda t: tkern.weight_norm(t, g, 0)  # noqa: E731
+    else:
+        fn = lambda t: torch._weight_norm(t, g, 0)  # noqa: E731
+    fn.leaves = (g,)
+    return fn, v
 
 
 # eager's tiny shapes keep the rank and the kind of call; its host cost does not depend on the
@@ -267,14 +274,17 @@ def _prepare(case: Case, ours: bool, log: "LaunchLog"):
     def fwd():
         return fn(x)
 
-    params = list(fn.parameters()) if isinstance(fn, torch.nn.Module) else []
+    leaves = [x, *(fn.parameters() if isinstance(fn, torch.nn.Module)
+                   else getattr(fn, "leaves", ()))]
 
     def full():
-        x.grad = None  # no accumulation kernel: autograd hands its gradient over
-        for p in params:
-            p.grad = None
+        for t in leaves:  # no accumulation kernel: autograd hands its gradients over
+            t.grad = None
         fn(x).backward(dy)
 
+    full()  # the counts are a repeated call's, as the timing (a first call also makes plans)
+    for t in leaves:
+        t.grad = None
     return fwd, full, _counts(fn, x, dy, log)
 
 

@@ -64,7 +64,7 @@ def main():
     f32 = tl.float32
     flat = dict(BIAS_GATHER=False, SUM_DBIAS=False, DBIAS_PARTIAL=False, PARTS=ad.DBIAS_PARTS, TRIPS=3,
                 ACC=f32, ROWS=1,
-                BLOCK_COLS=ad.QUARTER, EVEN_COLS=True, N_ROUNDS=ad.N_ROUNDS)
+                BLOCK_COLS=ad.QUARTER, EVEN_COLS=True, N_ROUNDS=ad.N_ROUNDS, WIDE_MUL=True)
     rows = dict(flat, ROWS=ad.QUARTER // ad.BIAS_COLS, BLOCK_COLS=ad.BIAS_COLS)
     for act in ("relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "elu", "tanh", "sigmoid",
                 "relu6", "hardtanh", "hardswish", "hardsigmoid", "mish", "softplus"):
@@ -81,6 +81,11 @@ def main():
                                          SEED_FROM_PTR=False, COMPUTE=f32, INT64=False, EVEN=even, **tile),
                         f"activation_dropout even={even} {name}", ptr="*bf16",
                         overrides={"SEED": "*i64"})
+    compile_variant(ad._kernel, dict(ACTIVATION="gelu", HAS_BIAS=True, DROPOUT=True, BACKWARD=False,
+                                     SEED_FROM_PTR=False, COMPUTE=f32, INT64=False, EVEN=True,
+                                     **dict(rows, WIDE_MUL=False)),
+                    "activation_dropout Philox without inline PTX", ptr="*bf16",
+                    overrides={"SEED": "*i64"})
     compile_variant(ad._kernel, dict(ACTIVATION="gelu", HAS_BIAS=True, DROPOUT=True, BACKWARD=True,
                                      SEED_FROM_PTR=False, COMPUTE=tl.float64, INT64=True, EVEN=False,
                                      **dict(rows, SUM_DBIAS=True, ACC=tl.float64)),

@@ -2,9 +2,12 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 import tkern
 from tkern import _runtime
@@ -256,6 +259,88 @@ def test_drop_threshold_keeps_p_to_2_pow_minus_32(device):
         u = t % 2**32  # the kernel's uint32 view
         assert 0 <= (u + 1) / 2**32 - p < 2**-32, p
     assert ad._scalars(1.0, 0.01, 1.0)[0] == -1  # 2^32 - 1: every word dropped
+
+
+@triton.jit
+def _philox_both(SEED, COUNTER, OURS, TRITONS, n, WIDE_MUL: tl.constexpr, BLOCK: tl.constexpr):
+    # COUNTER (n,) int32 or int64; OURS, TRITONS (4, n) int32: the words of both Philox forms
+    i = tl.arange(0, BLOCK)
+    m = i < n
+    seed = tl.load(SEED)
+    c = tl.load(COUNTER + i, mask=m, other=0)
+    a0, a1, a2, a3 = ad._philox4x32(seed, c, ad.N_ROUNDS, WIDE_MUL)
+    b0, b1, b2, b3 = tl.randint4x(seed, c, ad.N_ROUNDS)
+    for q, (a, b) in enumerate(((a0, b0), (a1, b1), (a2, b2), (a3, b3))):
+        tl.store(OURS + q * n + i, a.to(tl.int32, bitcast=True), mask=m)
+        tl.store(TRITONS + q * n + i, b.to(tl.int32, bitcast=True), mask=m)
+
+
+@pytest.mark.parametrize("counter_dtype", [torch.int32, torch.int64])
+def test_philox_words_match_triton(device, counter_dtype):
+    """The kernels' Philox (each round's products from wide multiplies: inline PTX where
+    compiled on NVIDIA) draws tl.randint4x's four words, for 32-bit counters and 64-bit ones
+    past 2^32 (the high word is a counter word too)."""
+    g = torch.Generator().manual_seed(11)
+    top = 2**31 - 1 if counter_dtype == torch.int32 else 2**40
+    counter = torch.cat([torch.randint(0, top, (120,), generator=g, dtype=torch.int64),
+                         torch.tensor([0, 1, 2**31 - 1] + ([2**32, 2**32 + 7, 2**40 - 1]
+                                                           if top > 2**31 else []))])
+    counter = counter.to(counter_dtype).to(device)
+    n = counter.numel()
+    wide = device.type == "cuda" and torch.version.hip is None
+    for seed in (0, 1234567, 2**31 - 2, 2**40 + 5):  # the last one's high word keys too
+        ours = torch.empty(4, n, dtype=torch.int32, device=device)
+        theirs = torch.empty_like(ours)
+        _philox_both[(1,)](torch.tensor(seed, device=device), counter, ours, theirs, n,
+                           WIDE_MUL=wide, BLOCK=triton.next_power_of_2(n))
+        assert torch.equal(ours, theirs), seed
+
+
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+
+
+def _philox_numpy(seed, counter, rounds):
+    """Philox4x32-rounds (Salmon et al.) in numpy uint64, from the paper's definition: the
+    reference the kernels' mask stream is pinned to."""
+    low = np.uint64(0xFFFFFFFF)
+    c = [counter & low, counter >> np.uint64(32), np.zeros_like(counter), np.zeros_like(counter)]
+    k = [np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)]
+    for _ in range(rounds):
+        p0 = c[0] * np.uint64(_PHILOX_M[0])  # < 2^64: exact
+        p1 = c[2] * np.uint64(_PHILOX_M[1])
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k[0], p1 & low, (p0 >> np.uint64(32)) ^ c[3] ^ k[1],
+             p0 & low]
+        k = [(k[0] + np.uint64(_PHILOX_W[0])) & low, (k[1] + np.uint64(_PHILOX_W[1])) & low]
+    return c
+
+
+@pytest.mark.parametrize("shape,bias,p", [((6, 300), True, 0.3), ((5000,), False, 1 / 3),
+                                          ((3, 4, 37), True, 0.9)])
+def test_mask_is_the_documented_philox_stream(device, shape, bias, p):
+    """Element (row, col) of the [rows, n_cols] view the kernels walk (rows of the last dim with
+    a bias, of QUARTER flat elements without) is dropped iff word row % 4 of Philox4x32-7 at
+    counter (row // 4) * n_cols + col is <= ceil(p 2^32) - 1: the mask equals a numpy Philox
+    bit for bit, with the seed as an int and as a tensor (CUDA graphs), so any change of the
+    stream (rounds, words, counters, threshold) shows here."""
+    n_cols = shape[-1] if bias else QUARTER
+    n = math.prod(shape)
+    o = np.arange(n, dtype=np.uint64)
+    row, col = o // np.uint64(n_cols), o % np.uint64(n_cols)
+    ones = torch.ones(shape, device=device)
+    b = torch.zeros(shape[-1], device=device) if bias else None
+    threshold = np.uint64(math.ceil(p * 2**32) - 1)
+    for seed in (77, 2**31 - 3):
+        words = _philox_numpy(seed, (row // np.uint64(4)) * np.uint64(n_cols) + col, 7)
+        r = np.choose((row % np.uint64(4)).astype(np.int64), words)
+        want = torch.from_numpy(r > threshold).reshape(shape).to(device)
+        cfg = ad.DropoutConfig("identity", p, True, 0.01, 1.0, seed)
+        for seed_tensor in (None, torch.tensor(seed, dtype=torch.int64, device=device)):
+            y, = ad._forward(ones, b, seed_tensor, cfg if seed_tensor is None
+                             else cfg._replace(philox_seed=0))
+            assert torch.equal(y != 0, want), (seed, seed_tensor is not None)
+        kept = want.sum().item()  # and the stream keeps 1 - p of the elements
+        assert abs(kept - n * (1 - p)) <= 5 * math.sqrt(n * p * (1 - p)), (kept, n * (1 - p))
 
 
 def test_fp32_gelu_as_accurate_as_torch(device):

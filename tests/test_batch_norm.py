@@ -959,7 +959,7 @@ def test_cached_launch_sites_follow_every_argument(device, shape):
 def _program_variants(device):
     """(name, call kwargs builder) over what a BatchNorm program is keyed on."""
     def make(shape=(4, 3, 5, 6), fmt=None, dtype=torch.float32, pdtype=None, affine=True,
-             stats=True, momentum=0.1, residual=False, training=True, act="relu"):
+             stats=True, momentum=0.1, residual=False, training=True, act="relu", count=False):
         def build():
             g = torch.Generator(device="cpu").manual_seed(7)
             x = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
@@ -974,7 +974,8 @@ def _program_variants(device):
             if stats:
                 rm = torch.randn(C, generator=g, dtype=torch.float64).to(device, pdt)
                 rv = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).to(device, pdt)
-            nbt = torch.tensor(3, device=device) if momentum is None else None
+            # the module's counter: counted by the call (in the kernel with a float momentum)
+            nbt = torch.tensor(3, device=device) if momentum is None or count else None
             if residual:
                 r = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
             return dict(x=x, w=w, b=b, rm=rm, rv=rv, nbt=nbt, r=r, training=training,
@@ -985,7 +986,10 @@ def _program_variants(device):
             ("no affine", make(affine=False)), ("no running stats", make(stats=False)),
             ("cumulative", make(momentum=None)), ("residual", make(residual=True)),
             ("eval", make(training=False)), ("eval residual", make(training=False, residual=True)),
-            ("2d", make(shape=(7, 5))), ("split", make(shape=(8, 2, 16, 16), act="silu"))]
+            ("2d", make(shape=(7, 5))), ("split", make(shape=(8, 2, 16, 16), act="silu")),
+            ("counted", make(count=True)),
+            ("counted split", make(shape=(8, 2, 16, 16), count=True)),
+            ("counted cumulative split", make(shape=(8, 2, 16, 16), momentum=None))]
 
 
 def _run_variant(v, dy_fmt, wanted):
@@ -1003,7 +1007,7 @@ def _run_variant(v, dy_fmt, wanted):
     inputs = [t for name, t in (("x", v["x"]), ("w", v["w"]), ("b", v["b"])) if name in wanted
               and t is not None]
     out += [y, *(torch.autograd.grad(y, inputs, dy) if inputs else ())]
-    return out + [t for t in (v["rm"], v["rv"]) if t is not None]
+    return out + [t for t in (v["rm"], v["rv"], v["nbt"]) if t is not None]
 
 
 def test_programs_match_the_launchers(device):
@@ -1014,7 +1018,7 @@ def test_programs_match_the_launchers(device):
     plain = bn_ops.OP.make_program
     for name, build in _program_variants(device):
         extra = name in ("nchw", "split")
-        assert (bn_ops.num_partials(build()["x"]) > 1) == (name == "split")
+        assert (bn_ops.num_partials(build()["x"]) > 1) == name.endswith("split")
         for wanted, dy_fmt in ((("x", "w", "b"), "like_y"),
                                *(((("x",), "like_y"), (("w", "b"), "like_y"),
                                   (("x", "w", "b"), "transposed")) if extra else ())):
@@ -1032,3 +1036,29 @@ def test_programs_match_the_launchers(device):
     # the checked-call cache and the programs were used
     _run_variant(_program_variants(device)[0][1](), "like_y", ("x",))
     assert bn_ops._CALLS.plans and all(p is not None for _, p, _, _ in bn_ops._CALLS.plans.values())
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 6), (8, 2, 16, 16)], ids=["one launch", "split"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_module_counts_batches(device, shape, momentum):
+    """num_batches_tracked and the running stats follow torch's module step by step, with the
+    repeated calls counting in the kernel (float momentum: no add_ of their own) or on the host
+    before the kernel reads the counter (momentum=None)."""
+    from perf.host import _KernelCounter
+    assert (bn_ops.num_partials(torch.empty(shape)) > 1) == (shape[0] == 8)
+    ref = torch.nn.BatchNorm2d(shape[1], momentum=momentum).to(device, torch.float64)
+    ours = tkern.nn.BatchNorm2d(shape[1], momentum=momentum).to(device, torch.float64)
+    for step in range(4):
+        x = torch.randn(shape, device=device, dtype=torch.float64) * 3 + step
+        with _KernelCounter() as k:
+            y = ours(x)
+        torch.testing.assert_close(y, ref(x))
+        assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item() == step + 1
+        torch.testing.assert_close(ours.running_mean, ref.running_mean)
+        torch.testing.assert_close(ours.running_var, ref.running_var)
+        if step:  # a repeated call: the checked-call cache's path
+            assert k.ops.count("add_") == (0 if momentum is not None else 1), k.ops
+    ours.eval(), ref.eval()
+    x = torch.randn(shape, device=device, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), ref(x))
+    assert ours.num_batches_tracked.item() == 4

@@ -69,23 +69,30 @@ class _TkernBatchNormMixin:
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``act(bn(input))``, or ``act(bn(input) + residual)`` with ``residual``."""
         self._check_input_dim(input)
-        momentum = 0.0 if self.momentum is None else self.momentum
-        nbt = None
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                # cumulative average: the kernel takes 1 / num_batches_tracked on the device
-                momentum, nbt = None, self.num_batches_tracked
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
+        weight, bias, running_mean, running_var, nbt = self._state()
+        training = self.training
+        counted = training and self.track_running_stats and nbt is not None
+        momentum = self.momentum
+        if momentum is None and not counted:
+            momentum = 0.0  # unused: no running stats to update
+        tracked = not training or self.track_running_stats
         return _batch_norm(
-            input,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight, self.bias, bn_training, momentum, self.eps,
-            self.activation, *self._activation_scalars(), self.approximate,
-            num_batches_tracked=nbt, residual=residual,
+            input, running_mean if tracked else None, running_var if tracked else None,
+            weight, bias, training or (running_mean is None and running_var is None), momentum,
+            self.eps, self.activation, *self._activation_scalars(), self.approximate,
+            num_batches_tracked=nbt if counted else None, residual=residual,
         )
+
+    def _state(self):
+        """weight, bias, running_mean, running_var, num_batches_tracked.  tkern's own classes
+        read the dicts ``Module.__getattr__`` would (10x cheaper); a subclass may define them
+        otherwise (a parametrization's properties)."""
+        if self.__class__ in _OWN_CLASSES:
+            p, b = self._parameters, self._buffers
+            return (p.get("weight"), p.get("bias"), b.get("running_mean"), b.get("running_var"),
+                    b.get("num_batches_tracked"))
+        return self.weight, self.bias, self.running_mean, self.running_var, \
+            self.num_batches_tracked
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -118,5 +125,7 @@ class BatchNorm3d(_TkernBatchNormMixin, torch.nn.BatchNorm3d):
     """``torch.nn.BatchNorm3d`` on tkern kernels (see :class:`BatchNorm1d`); input (N, C, D, H, W),
     contiguous or channels_last_3d."""
 
+
+_OWN_CLASSES = frozenset((BatchNorm1d, BatchNorm2d, BatchNorm3d))
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]

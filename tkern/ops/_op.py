@@ -10,8 +10,9 @@ and its public function checks arguments, builds the config record and calls ``O
 From the declaration ``Op`` builds:
 
 - the eager autograd path.  Two ``autograd.Function`` classes: an old-style one (``forward(ctx,
-  ...)``) launched through the C++ ``_FunctionBase.apply`` directly, and a ``setup_context`` one
-  for torch.func transforms.  ``Function.apply`` with ``setup_context`` binds every call through
+  ...)``) launched through the C++ ``_FunctionBase.apply`` directly, whose tensor arguments are
+  only the ``grads`` inputs (the rest travel in one tuple), and a ``setup_context`` one, taking
+  every input, for torch.func transforms and for dynamo where there are no custom ops.  ``Function.apply`` with ``setup_context`` binds every call through
   ``inspect.signature`` (10-20 us); the old style skips that, so it is taken whenever no functorch
   transform is active.
 - the ``torch.library`` custom ops ``<name>`` and ``<name>_backward`` with fake implementations
@@ -22,8 +23,11 @@ From the declaration ``Op`` builds:
 - the create_graph (double backward) path: with grad mode on inside backward, the op's
   ``composite`` (its forward in torch ops, from the saved tensors) is differentiated with
   ``create_graph=True``; first-order backward always runs the op's ``backward`` launcher.
-- the non-differentiable outputs (``aux``: saved statistics) are marked so, and gradients are not
-  materialised (``set_materialize_grads(False)``): no zeros tensor for them in backward.
+- the non-differentiable outputs (``aux``: saved statistics) stay inside the eager path: its
+  Function returns the differentiable outputs only and saves the aux ones as intermediates (an
+  output autograd tracks costs host time on every call); the torch.func and torch.compile paths
+  return them marked non-differentiable.  ``apply`` and ``run`` give the differentiable outputs
+  on every path.  Gradients are not materialised (``set_materialize_grads(False)``).
 - arity: ``apply`` checks the number of inputs; backward results are padded to the inputs.
 - programs (optional, the host fast path): ``program(inputs, cfg)`` returns an object with
   ``forward(cfg, *inputs) -> outputs`` and ``backward(douts, saved, cfg, needs) -> grads`` (or
@@ -179,6 +183,8 @@ class Op:
         self.composite, self.eager = composite, eager
         self.aux = tuple(outputs.index(n) for n in aux)
         self.diff_outputs = tuple(i for i in range(len(outputs)) if i not in self.aux)
+        self._pick_diff = _picker(self.diff_outputs)
+        self._n_diff = len(self.diff_outputs)
         names = self.input_names + outputs
         self.saves = tuple(names.index(n) for n in saves)  # indices into inputs + outputs
         # saved names kept only when a predicate of the config holds (None in their place else)
@@ -186,6 +192,7 @@ class Op:
         self.grads = tuple(self.input_names.index(n) for n in grads)
         # backward's per-call work, precomputed (it runs on every training step)
         self._pick_needs = _picker(self.grads)
+        self._pick_grad_inputs = self._pick_needs
         self._pick_saves = _picker(self.saves)
         self._save_pickers: dict = {}  # config -> picker, for save_when
         self._pick_aux = _picker(self.aux)
@@ -213,20 +220,22 @@ class Op:
         return self.apply(*inputs, cfg=cfg)
 
     def apply(self, *inputs, cfg):
-        """Run the kernels with autograd: a tuple of the declared outputs."""
+        """Run the kernels with autograd: a tuple of the differentiable outputs (``aux`` ones
+        are autograd's)."""
         if len(inputs) != self.n_inputs:
             raise TypeError(f"{self.name}: expected {self.n_inputs} inputs "
                             f"{self.input_names}, got {len(inputs)}")
-        if torch.compiler.is_compiling():
-            if not self.library:  # dynamo traces the Function (or breaks the graph)
-                out = self._fast_fn.apply(*inputs, cfg, None)
-                return out if len(self.outputs) > 1 else (out,)
+        compiling = torch.compiler.is_compiling()
+        if compiling and self.library:
             return self._compiled(inputs, cfg)
-        if torch._C._are_functorch_transforms_active():
+        if compiling or torch._C._are_functorch_transforms_active():
+            # the setup_context Function (dynamo traces it; without custom ops, or it breaks
+            # the graph)
             out = self._func_fn.apply(*inputs, cfg)
-        else:
-            out = self._fast_apply(*inputs, cfg, self.program(inputs, cfg))
-        return out if len(self.outputs) > 1 else (out,)
+            return self._pick_diff(out if len(self.outputs) > 1 else (out,))
+        out = self._fast_apply(*self._pick_grad_inputs(inputs), inputs, cfg,
+                               self.program(inputs, cfg))
+        return out if self._n_diff > 1 else (out,)
 
     def program(self, inputs: tuple, cfg):
         """The op's program for these inputs' signature and ``cfg`` (made once), or None."""
@@ -245,15 +254,19 @@ class Op:
         has checked its arguments and that it is not being compiled)."""
         if torch._C._are_functorch_transforms_active():
             return self.apply(*inputs, cfg=cfg)
-        out = self._fast_apply(*inputs, cfg, program)
-        return out if len(self.outputs) > 1 else (out,)
+        out = self._fast_apply(*self._pick_grad_inputs(inputs), inputs, cfg, program)
+        return out if self._n_diff > 1 else (out,)
 
     # -- autograd (shared by both Function classes and the custom op's formula)
 
     def _setup(self, ctx, inputs, cfg, outs):
-        ctx.set_materialize_grads(False)
+        """Autograd state for a Function that returns every output (aux ones marked)."""
         if self.aux:
             ctx.mark_non_differentiable(*self._pick_aux(outs))
+        self._save(ctx, inputs, cfg, outs)
+
+    def _save(self, ctx, inputs, cfg, outs):
+        ctx.set_materialize_grads(False)
         pick = self._pick_saves
         if self.save_when:
             pick = self._save_pickers.get(cfg)
@@ -274,9 +287,10 @@ class Op:
         self._save_pickers[cfg] = pick
         return pick
 
-    def _grads(self, ctx, douts, backward, program=None):
+    def _grads(self, ctx, douts, backward, program=None, needs=None):
         """Gradients for ``grads`` (None where not needed)."""
-        needs = self._pick_needs(ctx.needs_input_grad)
+        if needs is None:
+            needs = self._pick_needs(ctx.needs_input_grad)
         if True not in needs:
             return self._no_grads
         for d in douts:
@@ -322,12 +336,21 @@ class Op:
         n_out = len(self.outputs)
         pad = (None,)  # the config record
 
-        def fast_forward(ctx, *args):
-            inputs, cfg, program = args[:-2], args[-2], args[-1]
+        pick_diff = self._pick_diff
+        n_diff = self._n_diff
+
+        n_grads = len(self.grads)
+
+        # The eager Function's arguments: the inputs that can get a gradient (autograd's edges),
+        # then every input in declared order as one tuple (the others, such as running stats
+        # updated in place, are no autograd business: each tensor argument costs host time),
+        # the config record and the program.
+        def fast_forward(ctx, *args):  # returns the differentiable outputs; aux ones are saved
+            inputs, cfg, program = args[-3], args[-2], args[-1]
             outs = op.forward(*inputs, cfg) if program is None else program.forward(cfg, *inputs)
-            op._setup(ctx, inputs, cfg, outs)
+            op._save(ctx, inputs, cfg, outs)
             ctx.program = program
-            return outs if n_out > 1 else outs[0]
+            return pick_diff(outs) if n_diff > 1 else outs[op.diff_outputs[0]]
 
         def func_forward(*args):
             outs = op.forward(*args[:-1], args[-1])
@@ -341,9 +364,10 @@ class Op:
         def backward(ctx, *douts):
             return (*op._input_grads(op._grads(ctx, pick_douts(douts), op.backward)), *pad)
 
-        def fast_backward(ctx, *douts):  # the config record and the program
-            grads = op._grads(ctx, pick_douts(douts), op.backward, ctx.program)
-            return (*op._input_grads(grads), None, None)
+        def fast_backward(ctx, *douts):  # douts: the differentiable outputs'
+            grads = op._grads(ctx, douts, op.backward, ctx.program,
+                              ctx.needs_input_grad[:n_grads])
+            return (*grads, None, None, None)  # the inputs tuple, the config, the program
 
         base = torch.autograd.Function
         cls_name = "".join(w.capitalize() for w in self.public_name.split("_"))
@@ -441,7 +465,7 @@ class Op:
         for i, new in zip(self.mutates, got[n:]):
             if inputs[i] is not None:
                 inputs[i].copy_(new.detach())
-        return got[:n]
+        return self._pick_diff(got[:n])
 
 
 def _picker(indices: tuple) -> Callable:

@@ -52,9 +52,63 @@ BLOCK = 4 * QUARTER
 BIAS_COLS = 256
 # Philox4x32 rounds per call: 7, the fewest that Salmon et al. (SC'11, "Parallel random numbers:
 # as easy as 1, 2, 3") found to pass TestU01's BigCrush with no failures (Triton's default, 10,
-# is their safety margin); each round costs ~6 instructions per 4 elements, and 10 rounds kept
-# bf16 bias+GELU+dropout issue-bound (perf/RESULTS.md)
+# is their safety margin); each round costs ~6 instructions per 4 elements (~4 with WIDE_MUL,
+# see _mul_hi_lo), and 10 rounds kept bf16 bias+GELU+dropout issue-bound (perf/RESULTS.md)
 N_ROUNDS = 7
+
+
+# Philox4x32's multipliers and key increments (Salmon et al.), as Triton's tl.randint4x: the
+# same words (tests/test_activation_dropout.py checks them bit for bit)
+PHILOX_M0 = tl.constexpr(0xD2511F53)
+PHILOX_M1 = tl.constexpr(0xCD9E8D57)
+PHILOX_W0 = tl.constexpr(0x9E3779B9)
+PHILOX_W1 = tl.constexpr(0xBB67AE85)
+
+
+@triton.jit
+def _mul_hi_lo(a, M: tl.constexpr, WIDE_MUL: tl.constexpr):
+    # (hi, lo) words of the 64-bit product a * M (uint32).  WIDE_MUL (compiled on NVIDIA): one
+    # mul.wide.u32 (IMAD.WIDE.U32) for both, where umulhi and a low multiply are two
+    # instructions.  Inline PTX because the 64-bit form of the same product in Triton ops makes
+    # Triton's layout pass convert the mask through shared memory instead of drawing it in the
+    # data's layout (perf.static_cost, bf16 forward: 1012 SASS instructions a thread, 11 of them
+    # barriers, against 955).  Otherwise Triton's own two (the interpreter runs no inline PTX).
+    if WIDE_MUL:
+        hi, lo = tl.inline_asm_elementwise(
+            "{ .reg .b64 t; mul.wide.u32 t, $2, $3; mov.b64 {$1, $0}, t; }", "=r,=r,r,r",
+            [a, tl.full(a.shape, M, tl.uint32)], dtype=(tl.uint32, tl.uint32), is_pure=True,
+            pack=1)
+    else:
+        hi = tl.umulhi(a, M)
+        lo = tl.mul(a, M, sanitize_overflow=False)
+    return hi, lo
+
+
+@triton.jit
+def _philox4x32(seed, counter, N_ROUNDS: tl.constexpr, WIDE_MUL: tl.constexpr):
+    """The four uint32 words of Philox4x32-N_ROUNDS with key ``seed`` at counters (counter's low
+    word, its high word, 0, 0): ``tl.randint4x(seed, counter, N_ROUNDS)``'s words, each round's
+    two products from two wide multiplies (WIDE_MUL, see ``_mul_hi_lo``)."""
+    seed = seed.to(tl.uint64)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = (seed >> 32).to(tl.uint32)
+    c0 = counter.to(tl.uint32)
+    zero = c0 * 0
+    c1 = zero
+    if counter.dtype.primitive_bitwidth > 32:
+        c1 = (counter >> 32).to(tl.uint32)
+    c2 = zero
+    c3 = zero
+    for _ in tl.static_range(N_ROUNDS):
+        hi0, lo0 = _mul_hi_lo(c0, PHILOX_M0, WIDE_MUL)
+        hi2, lo2 = _mul_hi_lo(c2, PHILOX_M1, WIDE_MUL)
+        c0 = hi2 ^ c1 ^ k0
+        c1 = lo2
+        c2 = hi0 ^ c3 ^ k1
+        c3 = lo0
+        k0 = tl.add(k0, PHILOX_W0, sanitize_overflow=False)
+        k1 = tl.add(k1, PHILOX_W1, sanitize_overflow=False)
+    return c0, c1, c2, c3
 
 
 @triton.jit
@@ -112,7 +166,8 @@ def _tile(X, BIAS, DY, OUT, group, rows, cols, b, seed, n_elements, n_cols, bias
           col_stride, threshold, scale, negative_slope, alpha, ACTIVATION: tl.constexpr,
           HAS_BIAS: tl.constexpr, BIAS_GATHER: tl.constexpr, DROPOUT: tl.constexpr,
           BACKWARD: tl.constexpr, COMPUTE: tl.constexpr, ROWS: tl.constexpr,
-          EVEN: tl.constexpr, EVEN_COLS: tl.constexpr, N_ROUNDS: tl.constexpr):
+          EVEN: tl.constexpr, EVEN_COLS: tl.constexpr, N_ROUNDS: tl.constexpr,
+          WIDE_MUL: tl.constexpr):
     """One tile: rows 4 * (group * ROWS + i) + q (quarter q, i < ROWS) of the [rows, n_cols]
     view, columns ``cols``; writes y (dx) and returns the four quarters' outputs (COMPUTE) and
     their bounds masks."""
@@ -142,7 +197,11 @@ def _tile(X, BIAS, DY, OUT, group, rows, cols, b, seed, n_elements, n_cols, bias
     if DROPOUT:
         # one Philox call per (row // 4, column): its word q is the mask of row 4 * k_row + q,
         # each word in the quarter's own shape (the data's layout)
-        r0, r1, r2, r3 = tl.randint4x(seed, k_row * n_cols + cols, N_ROUNDS)
+        counter = k_row * n_cols + cols
+        if WIDE_MUL:
+            r0, r1, r2, r3 = _philox4x32(seed, counter, N_ROUNDS, WIDE_MUL)
+        else:  # the same words
+            r0, r1, r2, r3 = tl.randint4x(seed, counter, N_ROUNDS)
     else:
         r0, r1, r2, r3 = o0, o1, o2, o3  # unused
     y0 = _quarter_out(x0, b0, d0, r0, threshold, scale, negative_slope, alpha, ACTIVATION,
@@ -220,6 +279,7 @@ def _kernel(
     EVEN: tl.constexpr,  # every tile full: no bounds checks
     EVEN_COLS: tl.constexpr,  # BLOCK_COLS divides n_cols
     N_ROUNDS: tl.constexpr,  # Philox rounds
+    WIDE_MUL: tl.constexpr,  # Philox's products through PTX mul.wide (see _mul_hi_lo)
 ):
     # The mask of element (row, col) of the [rows, n_cols] view is word row % 4 of the Philox
     # call with counter (row // 4) * n_cols + col: a function of the element alone, so any
@@ -251,7 +311,7 @@ def _kernel(
                 X, BIAS, DY, OUT, pid_row * groups_per_program + step, rows, cols, b, seed,
                 n_elements, n_cols, bias_cols, col_stride, threshold, scale, negative_slope,
                 alpha, ACTIVATION, HAS_BIAS, BIAS_GATHER, DROPOUT, BACKWARD, COMPUTE, ROWS, EVEN,
-                EVEN_COLS, N_ROUNDS)
+                EVEN_COLS, N_ROUNDS, WIDE_MUL)
             if EVEN:
                 acc += (y0.to(ACC) + y1.to(ACC)) + (y2.to(ACC) + y3.to(ACC))
             else:  # out of bounds: no term (the activation of the zeros loaded there may be inf)
@@ -276,7 +336,8 @@ def _kernel(
     else:
         _tile(X, BIAS, DY, OUT, pid_row, rows, cols, b, seed, n_elements, n_cols, bias_cols,
               col_stride, threshold, scale, negative_slope, alpha, ACTIVATION, HAS_BIAS,
-              BIAS_GATHER, DROPOUT, BACKWARD, COMPUTE, ROWS, EVEN, EVEN_COLS, N_ROUNDS)
+              BIAS_GATHER, DROPOUT, BACKWARD, COMPUTE, ROWS, EVEN, EVEN_COLS, N_ROUNDS,
+              WIDE_MUL)
 
 
 class DropoutConfig(NamedTuple):
@@ -385,8 +446,21 @@ def _arguments(x, bias, seed, cfg, backward, sum_dbias) -> _Launch:
         TRIPS=trips if trips <= DBIAS_UNROLL else 0, SEED_FROM_PTR=seed is not None,
         COMPUTE=rt.compute_dtype(x.dtype), ACC=tl.float64 if acc64 else tl.float32,
         INT64=rt.needs_int64(x), ROWS=v.rows, BLOCK_COLS=v.block_cols, EVEN=even,
-        EVEN_COLS=even_cols, N_ROUNDS=N_ROUNDS, num_warps=4)
+        EVEN_COLS=even_cols, N_ROUNDS=N_ROUNDS,
+        WIDE_MUL=cfg.dropout and _wide_mul(x),
+        num_warps=4)
     return _Launch((row_programs * col_programs,), kwargs, partial_rows, col_programs)
+
+
+def _wide_mul(x: torch.Tensor) -> bool:
+    """Whether the kernels take Philox's products from inline PTX (``_mul_hi_lo``): compiled for
+    NVIDIA (CUDA, or CPU tensors planned as a GPU's by perf.static_cost; not Triton's
+    interpreter, not ROCm), for 2-byte types, whose instruction mix is the limit (4-byte types
+    move twice the bytes an element; their bias-gradient backward took 94 registers with it,
+    against 80, and so fewer bytes in flight)."""
+    return (x.element_size() <= 2 and rt.plans_for_gpu(x.device)
+            and x.device.type in ("cuda", "cpu") and torch.version.hip is None
+            and not rt.interpreter_enabled())
 
 
 def _bias_grad_buffers(x, bias, a: _Launch):

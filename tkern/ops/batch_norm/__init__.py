@@ -184,20 +184,27 @@ def _flat(t):
 
 
 # Calls that passed the checks below, by their scalars and signature (``_op.signature``): the
-# config record, the op's program, and whether the running stats (and num_batches_tracked) go to
-# the op.  A repeated layer's call then costs this key and the program's launches.
+# config record, the op's program, whether the running stats go to the op, and how the
+# module's counter is kept (``_NBT_*``).  A repeated layer's call then costs this key and the
+# program's launches.
 _CALLS = PlanCache(None)
+# num_batches_tracked on a repeated call: the kernel counts it (float momentum); the host counts
+# it and the kernel reads it (momentum=None); the host counts it (no running stats)
+_NBT_KERNEL, _NBT_READ, _NBT_HOST = 1, 2, 3
 
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                 activation, negative_slope, alpha, approximate, num_batches_tracked=None,
-                residual=None):
-    """Shared body of ``batch_norm`` and the modules.  ``momentum=None`` (modules only) means the
-    cumulative average 1 / num_batches_tracked, read on the device.  ``negative_slope`` and
-    ``alpha`` are the kernels' two activation scalars (``activations.activation_scalars``)."""
+                residual=None, counted=False):
+    """Shared body of ``batch_norm`` and the modules.  ``num_batches_tracked`` (modules, in
+    training with tracked stats): the module's counter, which this call advances by one first,
+    as torch's modules do (in the kernel on a repeated call: no add_ launch); ``momentum=None``
+    then means the cumulative average 1 / num_batches_tracked, read on the device
+    (``counted``: already advanced).  ``negative_slope`` and ``alpha`` are the kernels' two
+    activation scalars (``activations.activation_scalars``)."""
     key = None
     # plain tensors and float scalars only (a subclass or a 0-dim tensor takes the full path)
-    if (input.__class__ is torch.Tensor and eps.__class__ is float
+    if (input.__class__ is torch.Tensor and eps.__class__ is float and not counted
             and (momentum is None or momentum.__class__ is float)
             and not torch.compiler.is_compiling()
             and not torch._C._are_functorch_transforms_active()):  # wrapped tensors: full path
@@ -207,9 +214,14 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         hit = _CALLS.plans.get(key)
         if hit is not None:
             cfg, program, stats, nbt = hit
+            if nbt is not None and nbt != _NBT_KERNEL:
+                num_batches_tracked.add_(1)
             return OP.run(program, (input, weight, bias, running_mean if stats else None,
                                     running_var if stats else None,
-                                    num_batches_tracked if nbt else None, residual), cfg)[0]
+                                    num_batches_tracked if nbt is not None and nbt != _NBT_HOST
+                                    else None, residual), cfg)[0]
+    if num_batches_tracked is not None and not counted:
+        num_batches_tracked.add_(1)  # first, as torch's modules (even if a check fails below)
     kact = kernel_name(activation, approximate)
     if residual is not None and not (
             isinstance(residual, torch.Tensor) and isinstance(input, torch.Tensor)
@@ -219,7 +231,7 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         # broadcast, promotion, an empty batch or the eager fallback: torch adds, as
         # act(bn(x) + r) would
         y = _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                        None, negative_slope, alpha, "none", num_batches_tracked)
+                        None, negative_slope, alpha, "none", num_batches_tracked, counted=True)
         return eager_activation(y + residual, activation, negative_slope, alpha, approximate)
     _check(input, running_mean, running_var, weight, bias, training, eps)
     _check_scalars(input.dtype, eps, momentum if training and running_mean is not None else None,
@@ -262,7 +274,14 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     stats = rm is not None
     if (key is not None and weight is given[0] and bias is given[1]
             and (not stats or (rm is running_mean and rv is running_var))):
-        _CALLS.put(key, (cfg, OP.program(inputs, cfg), stats, nbt is not None))
+        mode = program = None
+        if num_batches_tracked is not None:
+            mode = _NBT_READ if nbt is not None else _NBT_KERNEL if update else _NBT_HOST
+        if mode == _NBT_KERNEL:  # the repeated call's inputs: the counter goes to the kernel
+            program = OP.program((*inputs[:5], num_batches_tracked, residual), cfg)
+        else:
+            program = OP.program(inputs, cfg)
+        _CALLS.put(key, (cfg, program, stats, mode))
     return y
 
 

@@ -465,6 +465,25 @@ def _finish_stats(MEAN, MEAN_LO, INVSTD, RMEAN, RVAR, NBT, c, smask, n_tot, mean
 
 
 @triton.jit
+def _stat_rows(MEAN, MEAN_LO, INVSTD, C, STATS_ROWS: tl.constexpr):
+    """The statistics' three pointers: separate [C] tensors, or (STATS_ROWS) the rows of one
+    [3, C] tensor (a program allocates one tensor and makes no views: host time)."""
+    if STATS_ROWS:
+        return MEAN, MEAN + C, MEAN + 2 * C
+    return MEAN, MEAN_LO, INVSTD
+
+
+@triton.jit
+def _count_batch(NBT, COUNT: tl.constexpr):
+    """num_batches_tracked += 1 in program (0, 0) when COUNT: a module's training call counts
+    its batch in the kernel rather than with an add_ launch of its own (the kernels never read
+    NBT then: with momentum=None, CUMULATIVE, the caller counts before the launch)."""
+    if COUNT:
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            tl.store(NBT, tl.load(NBT) + 1)
+
+
+@triton.jit
 def _affine_normalize(X, Y, W, B, c, cmask, pos, pmask, lc, mean, mean_lo, invstd, slope_hi,
                       slope_lo, alpha_hi, alpha_lo, S, sxN, sxC, sxS, syN, syC, syS, nsb,
                       n_units, u0, units, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
@@ -494,7 +513,7 @@ def _fused_forward_kernel(
     X, Y,  # [N, C, S] through their strides
     MEAN, MEAN_LO, INVSTD,  # [C] outputs: the batch mean as hi + lo, 1 / sqrt(biased var + eps)
     W, B,  # [C] affine weight and bias (dummies when HAS_W / HAS_B is False)
-    RMEAN, RVAR, NBT,  # running stats, updated in place when UPDATE; NBT when CUMULATIVE
+    RMEAN, RVAR, NBT,  # running stats, updated in place when UPDATE; NBT: CUMULATIVE, COUNT
     C, S, sxN, sxC, sxS, syN, syC, syS,
     nsb, n_units,
     eps_hi, eps_lo, mom_hi, mom_lo, slope_hi, slope_lo, alpha_hi, alpha_lo,  # fp32 pairs
@@ -507,10 +526,14 @@ def _fused_forward_kernel(
     FLAT_S: tl.constexpr = 1, FLAT_S2: tl.constexpr = 1, FLAT_C: tl.constexpr = 1,
     CPP: tl.constexpr = 1,  # under FLAT: positions per channel, its next power of 2, channel
                             # lanes, channels per program
+    COUNT: tl.constexpr = False,  # NBT += 1 (see _count_batch)
+    STATS_ROWS: tl.constexpr = False,  # MEAN is [3, C]: MEAN_LO and INVSTD are its rows 1, 2
 ):
     """Training forward in one launch for layers whose channel blocks span few units: each
     program reduces its channels over the whole batch, writes the statistics, updates the running
     stats and (WRITE_Y) normalizes, re-reading x while it is still in cache."""
+    _count_batch(NBT, COUNT)
+    MEAN, MEAN_LO, INVSTD = _stat_rows(MEAN, MEAN_LO, INVSTD, C, STATS_ROWS)
     c, cmask, owned, pos, pmask, lc = _lanes(C, BLOCK_C, FLAT, FLAT_S, FLAT_C, CPP)
     u0 = tl.program_id(1) * n_units  # 0 (a one-column grid), as a tensor _unit can widen
     n_tot, mean, mean_lo, m2 = _shifted_stats(X, pos, pmask, S, sxN, sxC, sxS, nsb, n_units,
@@ -533,7 +556,7 @@ def _merge_normalize_kernel(
     PCOUNT, PMEAN, PMEAN_LO, PM2,  # [P, C] partials of _stats_partial_kernel
     MEAN, MEAN_LO, INVSTD,  # [C] outputs: the batch mean as hi + lo, 1 / sqrt(biased var + eps)
     W, B,  # [C] affine weight and bias (dummies when HAS_W / HAS_B is False)
-    RMEAN, RVAR, NBT,  # running stats, updated in place when UPDATE; NBT when CUMULATIVE
+    RMEAN, RVAR, NBT,  # running stats, updated in place when UPDATE; NBT: CUMULATIVE, COUNT
     P, C, S, sxN, sxC, sxS, syN, syC, syS,
     nsb, n_units, units_per_prog,
     eps_hi, eps_lo, mom_hi, mom_lo, slope_hi, slope_lo, alpha_hi, alpha_lo,  # fp32 pairs
@@ -546,10 +569,14 @@ def _merge_normalize_kernel(
     FLAT_S: tl.constexpr = 1, FLAT_S2: tl.constexpr = 1, FLAT_C: tl.constexpr = 1,
     CPP: tl.constexpr = 1,  # under FLAT: positions per channel, its next power of 2, channel
                             # lanes, channels per program
+    COUNT: tl.constexpr = False,  # NBT += 1 (see _count_batch)
+    STATS_ROWS: tl.constexpr = False,  # MEAN is [3, C]: MEAN_LO and INVSTD are its rows 1, 2
 ):
     """The split training forward's second launch: every program merges its channels' P
     partials itself (P small rows from L2, instead of a combine launch), the first program along
     the units writes the statistics and updates the running stats, and all normalize."""
+    _count_batch(NBT, COUNT)
+    MEAN, MEAN_LO, INVSTD = _stat_rows(MEAN, MEAN_LO, INVSTD, C, STATS_ROWS)
     c, cmask, owned, pos, pmask, lc = _lanes(C, BLOCK_C, FLAT, FLAT_S, FLAT_C, CPP)
     n_tot, mean, mean_lo, m2 = _merge_partials(PCOUNT, PMEAN, PMEAN_LO, PM2, P, C, c, cmask,
                                                True, COMPUTE, BLOCK_P, c.shape[0])
@@ -673,10 +700,15 @@ def _backward_reduce_kernel(
     FLAT_S: tl.constexpr = 1, FLAT_S2: tl.constexpr = 1, FLAT_C: tl.constexpr = 1,
     CPP: tl.constexpr = 1,  # under FLAT: positions per channel, its next power of 2, channel
                             # lanes, channels per program
+    STATS_ROWS: tl.constexpr = False,  # MEAN is [3, C]: MEAN_LO and INVSTD are its rows 1, 2
+    SUMS_ROWS: tl.constexpr = False,  # one [2, P, C] tensor: PSUM_GX is its block 1
 ):
     """Sums of g = dy * act'(z) and g * xhat over this program's units.  EVAL_DX (dx needs no
     sums) writes dx in the same pass; TRAIN_DX (one program per channel block, so the sums are
     whole) writes dx in a second pass, x and dy still in cache."""
+    MEAN, MEAN_LO, INVSTD = _stat_rows(MEAN, MEAN_LO, INVSTD, C, STATS_ROWS)
+    if SUMS_ROWS:
+        PSUM_GX = PSUM_G + tl.num_programs(1) * C
     c, cmask, owned, pos, pmask, lc, mean_c, mean_lo_c, invstd_c, w_c, b_c, negative_slope, alpha = \
         _program_channels(MEAN, MEAN_LO, INVSTD, W, B, C, eps_hi, eps_lo, slope_hi, slope_lo,
                           alpha_hi, alpha_lo, HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE, BLOCK_C,
@@ -749,8 +781,13 @@ def _dx_kernel(
     FLAT_S: tl.constexpr = 1, FLAT_S2: tl.constexpr = 1, FLAT_C: tl.constexpr = 1,
     CPP: tl.constexpr = 1,  # under FLAT: positions per channel, its next power of 2, channel
                             # lanes, channels per program
+    STATS_ROWS: tl.constexpr = False,  # MEAN is [3, C]: MEAN_LO and INVSTD are its rows 1, 2
+    SUMS_ROWS: tl.constexpr = False,  # one [2, n_rows, C] tensor: SUM_GX is its block 1
     BLOCK_P: tl.constexpr = 16,  # partial rows a trip of the training sums
 ):
+    MEAN, MEAN_LO, INVSTD = _stat_rows(MEAN, MEAN_LO, INVSTD, C, STATS_ROWS)
+    if SUMS_ROWS:
+        SUM_GX = SUM_G + n_rows * C
     c, cmask, owned, pos, pmask, lc, mean_c, mean_lo_c, invstd_c, w_c, b_c, negative_slope, alpha = \
         _program_channels(MEAN, MEAN_LO, INVSTD, W, B, C, eps_hi, eps_lo, slope_hi, slope_lo,
                           alpha_hi, alpha_lo, HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE, BLOCK_C,

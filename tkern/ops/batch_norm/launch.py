@@ -270,9 +270,10 @@ def _backward_pass(x, dy, mean, invstd, weight, bias, activation, negative_slope
 
 
 def backward_reduce_site(p, x, dy, out, eval_dx, train_dx, count, activation, negative_slope,
-                         alpha, named, flags, rflags) -> Site:
+                         alpha, named, flags, rflags, rows=False) -> Site:
     """``_backward_reduce_kernel`` on plan ``p``: tensors (x, dy, dx or a dummy, the
-    ``_stat_args`` pointers, the two [P, C] partial rows, then ``named``)."""
+    ``_stat_args`` pointers, the two [P, C] partial rows, then ``named``).  ``rows`` (programs):
+    the statistics are one [3, C] tensor, the partial rows one [2, P, C] (see ``_set``)."""
     view = p.view
     inv_hi, inv_lo = f32_pairs(1.0 / max(count, 1))
     return Site(
@@ -281,7 +282,7 @@ def backward_reduce_site(p, x, dy, out, eval_dx, train_dx, count, activation, ne
         inv_n_hi=inv_hi, inv_n_lo=inv_lo, **_activation_scalars(negative_slope, alpha),
         EVAL_DX=eval_dx, TRAIN_DX=train_dx, ACTIVATION=activation,
         COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(dy, out), **dict(flags),
-        **launch_args(p), **rflags)
+        **launch_args(p), **rflags, **_set(STATS_ROWS=rows, SUMS_ROWS=rows and not train_dx))
 
 
 def bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g=None, sum_gx=None, count=1,
@@ -321,9 +322,10 @@ def bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g=None, sum_gx=None, c
 
 
 def dx_site(p, x, dy, dx, rows, count, training, write_sums, write_dr, activation,
-            negative_slope, alpha, named, flags, rflags) -> Site:
+            negative_slope, alpha, named, flags, rflags, one_tensor=False) -> Site:
     """``_dx_kernel`` on plan ``p``: tensors (x, dy, dx, the ``_stat_args`` pointers, sum_g,
-    sum_gx, sums_out, then ``named``)."""
+    sum_gx, sums_out, then ``named``).  ``one_tensor`` (programs): the statistics are one
+    [3, C] tensor, sum_g and sum_gx one [2, rows, C] (see ``_set``)."""
     view = p.view
     inv_hi, inv_lo = f32_pairs(1.0 / max(count, 1))
     return Site(
@@ -333,7 +335,8 @@ def dx_site(p, x, dy, dx, rows, count, training, write_sums, write_dr, activatio
         **_activation_scalars(negative_slope, alpha), TRAINING=training,
         WRITE_SUMS=write_sums, ACTIVATION=activation,
         COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(dy, dx), **dict(flags),
-        **launch_args(p), **rflags, **(dict(WRITE_DR=True) if write_dr else {}))
+        **launch_args(p), **rflags,
+        **_set(WRITE_DR=write_dr, STATS_ROWS=one_tensor, SUMS_ROWS=one_tensor))
 
 
 def num_partials(x: torch.Tensor) -> int:
@@ -366,25 +369,34 @@ def _fused_forward(x, weight, bias, running_mean, running_var, num_batches_track
     y = torch.empty_like(x) if write_y else x
     update = running_mean is not None
     cumulative = update and momentum is None
+    count = counts_batch(update, momentum, num_batches_tracked)
     named, rflags, rtensors = _residual_site(residual)
 
-    key = ("fused_forward", p, x.dtype, update, cumulative, write_y, weight is not None,
+    key = ("fused_forward", p, x.dtype, update, cumulative, count, write_y, weight is not None,
            bias is not None, eps, momentum, activation, negative_slope, alpha, named)
     site = _site(key, lambda: fused_forward_site(
         p, x, y, update, cumulative, write_y, weight is not None, bias is not None, eps,
-        momentum, activation, negative_slope, alpha, named, rflags))
+        momentum, activation, negative_slope, alpha, named, rflags, count))
     m, lo, inv = stats.unbind(0)
     site(x, y, m, lo, inv, weight if weight is not None else m, bias if bias is not None else m,
          running_mean if update else m, running_var if update else m,
-         num_batches_tracked if cumulative else m, *rtensors)
+         num_batches_tracked if cumulative or count else m, *rtensors)
     return (y if write_y else None), stats
 
 
+def counts_batch(update, momentum, num_batches_tracked) -> bool:
+    """Whether the training forward's kernel adds one to ``num_batches_tracked``: given with a
+    float momentum (with momentum=None the caller counts first, and the kernels read it)."""
+    return update and momentum is not None and num_batches_tracked is not None
+
+
 def fused_forward_site(p, x, y, update, cumulative, write_y, has_w, has_b, eps, momentum,
-                       activation, negative_slope, alpha, named, rflags) -> Site:
+                       activation, negative_slope, alpha, named, rflags, count=False,
+                       rows=False) -> Site:
     """``_fused_forward_kernel`` on plan ``p``: tensors (x, y, mean, mean_lo, invstd, weight,
     bias, running_mean, running_var, num_batches_tracked, then ``named``; dummies for absent
-    ones)."""
+    ones); ``count``: the kernel adds one to num_batches_tracked; ``rows``: mean is one [3, C]
+    tensor holding all three (mean_lo and invstd unused)."""
     view = p.view
     eps_hi, eps_lo, mom_hi, mom_lo = f32_pairs(eps, 0.0 if momentum is None else momentum)
     return Site(
@@ -395,7 +407,12 @@ def fused_forward_site(p, x, y, update, cumulative, write_y, has_w, has_b, eps, 
         UPDATE=update, CUMULATIVE=cumulative, WRITE_Y=write_y, HAS_W=has_w,
         HAS_B=has_b, ACTIVATION=activation, COMPUTE=rt.compute_dtype(x.dtype),
         INT64=view.int64(y), BLOCK_S=p.BLOCK_S, BLOCK_C=p.BLOCK_C,
-        num_warps=p.num_warps, **flat_args(p), **rflags)
+        num_warps=p.num_warps, **flat_args(p), **rflags, **_set(COUNT=count, STATS_ROWS=rows))
+
+
+def _set(**flags) -> dict:
+    """The flags that are on (launches without them keep their key and their defaults)."""
+    return {k: True for k, v in flags.items() if v}
 
 
 def _stats_impl(x, running_mean, running_var, num_batches_tracked, momentum, eps):
@@ -403,6 +420,8 @@ def _stats_impl(x, running_mean, running_var, num_batches_tracked, momentum, eps
     x = _prepare_input(x)
     acc = rt.accum_dtype(x.dtype)
     if x.numel() == 0:  # nothing to normalize; running stats stay as they are (as torch)
+        if counts_batch(running_mean is not None, momentum, num_batches_tracked):
+            num_batches_tracked.add_(1)
         stats = torch.zeros((3, x.shape[1]), dtype=acc, device=x.device)
         stats[2].fill_(1.0)
         return stats
@@ -439,25 +458,29 @@ def train_forward(x, weight, bias, running_mean, running_var, num_batches_tracke
     y = torch.empty_like(x)
     update = running_mean is not None
     cumulative = update and momentum is None
+    counts = counts_batch(update, momentum, num_batches_tracked)
     named, rflags, rtensors = _residual_site(residual)
     site = _site(
-        ("merge_normalize", p, x.dtype, update, cumulative, weight is not None,
+        ("merge_normalize", p, x.dtype, update, cumulative, counts, weight is not None,
          bias is not None, eps, momentum, activation, negative_slope, alpha, named),
         lambda: merge_normalize_site(p, x, y, P, update, cumulative, weight is not None,
                                      bias is not None, eps, momentum, activation,
-                                     negative_slope, alpha, named, rflags))
+                                     negative_slope, alpha, named, rflags, counts))
     m, lo, inv = stats.unbind(0)
     site(x, y, count, mean, mean_lo, m2, m, lo, inv, weight if weight is not None else m,
          bias if bias is not None else m, running_mean if update else m,
-         running_var if update else m, num_batches_tracked if cumulative else m, *rtensors)
+         running_var if update else m, num_batches_tracked if cumulative or counts else m,
+         *rtensors)
     return y, stats
 
 
 def merge_normalize_site(p, x, y, P, update, cumulative, has_w, has_b, eps, momentum,
-                         activation, negative_slope, alpha, named, rflags) -> Site:
+                         activation, negative_slope, alpha, named, rflags, count=False,
+                         rows=False) -> Site:
     """``_merge_normalize_kernel`` on the elementwise plan ``p`` over ``P`` partials: tensors
     (x, y, the four [P, C] partials, mean, mean_lo, invstd, weight, bias, running_mean,
-    running_var, num_batches_tracked, then ``named``; dummies for absent ones)."""
+    running_var, num_batches_tracked, then ``named``; dummies for absent ones); ``count``: the
+    kernel adds one to num_batches_tracked; ``rows``: mean holds all three statistics [3, C]."""
     view = p.view
     return Site(
         K._merge_normalize_kernel, p.grid,
@@ -467,7 +490,7 @@ def merge_normalize_site(p, x, y, P, update, cumulative, has_w, has_b, eps, mome
         named, UPDATE=update, CUMULATIVE=cumulative, HAS_W=has_w, HAS_B=has_b,
         ACTIVATION=activation, COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(y),
         BLOCK_P=min(next_pow2(P), MERGE_BLOCK_P), BLOCK_S=p.BLOCK_S, BLOCK_C=p.BLOCK_C,
-        num_warps=p.num_warps, **flat_args(p), **rflags)
+        num_warps=p.num_warps, **flat_args(p), **rflags, **_set(COUNT=count, STATS_ROWS=rows))
 
 
 def normalize(x, weight, bias, stats, running_mean, running_var, eps, training, activation,

@@ -43,46 +43,51 @@ class _Train:
     then dx, which totals them)."""
 
     def __init__(self, inputs, cfg):
-        x, weight, bias, running_mean, running_var, _, residual = inputs
+        x, weight, bias, running_mean, running_var, num_batches_tracked, residual = inputs
         self.act = (cfg.activation, cfg.negative_slope, cfg.alpha)
         self.x_stride, self.dtype = x.stride(), x.dtype
         self.C = C = x.shape[1]
         self.acc = rt.accum_dtype(x.dtype)
         self.update = running_mean is not None
         self.cumulative = self.update and cfg.momentum is None
+        self.count = count = launch.counts_batch(self.update, cfg.momentum, num_batches_tracked)
         self.p = p = plan(x, reduction=True)
         self.P = P = p.num_partials
         has_w, has_b = weight is not None, bias is not None
         named, rflags, _ = launch._residual_site(residual)
         head = (self.update, self.cumulative)
         tail = (has_w, has_b, cfg.eps, cfg.momentum, *self.act, named, rflags)
+        # allocation templates: empty_like of a tensor costs half of new_empty(shape, dtype=)
+        self.stats_like = x.new_empty((3, C), dtype=self.acc)
+        self.c_like = self.stats_like[0]
         if P == 1:
             self.stats_site = None
-            self.site = launch.fused_forward_site(p, x, x, *head, True, *tail).fixed_dtypes()
+            self.site = launch.fused_forward_site(p, x, x, *head, True, *tail, count,
+                                                  rows=True).fixed_dtypes()
         else:
             self.stats_site = launch.partial_stats_site(p, x).fixed_dtypes()
-            self.ws_shape = (4, P, C)
+            self.ws_like = x.new_empty((4, P, C), dtype=self.acc)
             self.site = launch.merge_normalize_site(plan(x, reduction=False, merging=True), x, x,
-                                                    P, *head,
-                                                    *tail).fixed_dtypes()
+                                                    P, *head, *tail, count,
+                                                    rows=True).fixed_dtypes()
         self.backwards: dict = {}
 
     def forward(self, cfg, x, weight, bias, running_mean, running_var, num_batches_tracked,
                 residual):
-        stats = x.new_empty((3, self.C), dtype=self.acc)
-        m, lo, inv = stats.unbind(0)
+        stats = torch.empty_like(self.stats_like)  # mean, mean_lo, invstd: the kernel's rows
         y = torch.empty_like(x)
-        w = m if weight is None else weight
-        b = m if bias is None else bias
-        rm, rv = (running_mean, running_var) if self.update else (m, m)
-        nbt = num_batches_tracked if self.cumulative else m
+        w = stats if weight is None else weight
+        b = stats if bias is None else bias
+        rm, rv = (running_mean, running_var) if self.update else (stats, stats)
+        nbt = num_batches_tracked if self.cumulative or self.count else stats
         res = () if residual is None else (residual,)
         if self.stats_site is None:
-            self.site(x, y, m, lo, inv, w, b, rm, rv, nbt, *res)
+            self.site(x, y, stats, stats, stats, w, b, rm, rv, nbt, *res)
         else:
-            count, mean, m2, mean_lo = x.new_empty(self.ws_shape, dtype=self.acc).unbind(0)
+            count, mean, m2, mean_lo = torch.empty_like(self.ws_like).unbind(0)
             self.stats_site(x, count, mean, mean_lo, m2)
-            self.site(x, y, count, mean, mean_lo, m2, m, lo, inv, w, b, rm, rv, nbt, *res)
+            self.site(x, y, count, mean, mean_lo, m2, stats, stats, stats, w, b, rm, rv, nbt,
+                      *res)
         return y, stats
 
     def backward(self, douts, saved, cfg, needs):
@@ -110,6 +115,10 @@ class _TrainBackward:
         self.w_dtype = None if weight is None else weight.dtype
         self.b_dtype = None if bias is None else bias.dtype
         self.acc, self.C, self.P = prog.acc, prog.C, prog.P
+        self.c_like = prog.c_like
+        self.sums_like = prog.stats_like[:2]
+        if prog.P > 1:
+            self.ws_like = prog.ws_like[:2]
         act = prog.act
         flags = _stat_flags(True, False, weight, bias, 0.0)
         count = x.numel() // prog.C
@@ -117,43 +126,41 @@ class _TrainBackward:
         if prog.P == 1:  # sums, then dx from the program's cached tiles
             named, rflags, _ = launch._residual_site(residual, x)
             self.reduce_site = launch.backward_reduce_site(
-                p, x, dy, x, False, True, count, *act, named, flags, rflags).fixed_dtypes()
+                p, x, dy, x, False, True, count, *act, named, flags, rflags,
+                rows=True).fixed_dtypes()
             self.dx_site = None
         else:
             named, rflags, _ = launch._residual_site(residual, x)
             self.reduce_site = launch.backward_reduce_site(
-                p, x, dy, x, False, False, 1, *act, named, flags, rflags).fixed_dtypes()
+                p, x, dy, x, False, False, 1, *act, named, flags, rflags,
+                rows=True).fixed_dtypes()
             named, rflags, _ = launch._residual_site(residual)
             self.dx_site = launch.dx_site(
                 plan(x, reduction=False), x, dy, x, prog.P, count, True, need_wb, False, *act,
-                named, flags, rflags).fixed_dtypes()
+                named, flags, rflags, one_tensor=True).fixed_dtypes()
 
     def __call__(self, dy, saved):
         if not self.need_x:
             return None
-        x, weight, bias, _, _, residual, stats = saved
-        mean, mean_lo, invstd = stats.unbind(0)
-        w = mean if weight is None else weight
-        b = mean if bias is None else bias
-        ws = x.new_empty((2, self.P, self.C), dtype=self.acc)
-        sum_g, sum_gx = ws.unbind(0)
+        x, weight, bias, _, _, residual, stats = saved  # stats: one [3, C] (the kernels' rows)
+        w = stats if weight is None else weight
+        b = stats if bias is None else bias
         dx = torch.empty_like(x)
         if residual is None:
             dr, res = None, ()
         else:
             dr = torch.empty_like(x)
             res = (residual, dr)
-        if self.dx_site is None:
-            self.reduce_site(x, dy, dx, mean, mean_lo, invstd, w, b, sum_g, sum_gx, *res)
-            sums = ws[:, 0] if self.need_wb else None
+        if self.dx_site is None:  # whole sums, straight into the gradients (no views)
+            db, dw = torch.empty_like(self.c_like), torch.empty_like(self.c_like)
+            self.reduce_site(x, dy, dx, stats, stats, stats, w, b, db, dw, *res)
         else:
-            self.reduce_site(x, dy, x, mean, mean_lo, invstd, w, b, sum_g, sum_gx, *res)
-            sums = ws.new_empty((2, self.C)) if self.need_wb else None
-            self.dx_site(x, dy, dx, mean, mean_lo, invstd, w, b, sum_g, sum_gx,
-                         mean if sums is None else sums, *res[:1])
-        db = dw = None
+            ws = torch.empty_like(self.ws_like)  # [2, P, C]: the kernels' blocks
+            self.reduce_site(x, dy, x, stats, stats, stats, w, b, ws, ws, *res)
+            sums = torch.empty_like(self.sums_like) if self.need_wb else stats
+            self.dx_site(x, dy, dx, stats, stats, stats, w, b, ws, ws, sums, *res[:1])
+            db, dw = sums.unbind(0) if self.need_wb else (None, None)
         if self.need_wb:
-            db, dw = sums.unbind(0)
             if self.need_w and self.w_dtype != self.acc:
                 dw = dw.to(self.w_dtype)
             if self.need_b and self.b_dtype != self.acc:
