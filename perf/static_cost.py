@@ -13,8 +13,9 @@
    (registers, spill stores) and the SASS (nvdisasm, shipped with Triton).
 3. Read the SASS and the PTX: global access widths on the data tensors (PTX addresses traced to
    the kernel's pointer arguments), loads in flight per thread before their first use, loops,
-   instructions per DRAM byte; then predict the kernel's share of copy bandwidth with the model
-   written down in perf/RESULTS.md ("Static predictions").
+   instructions per DRAM byte (each loop at its own trip count: the TTIR's loop bounds run on the
+   launch's arguments, see ``loop_counts``); then predict the kernel's share of copy bandwidth
+   with the model written down in perf/RESULTS.md ("Static predictions").
 
 Everything printed or written is a prediction from machine code, never a measurement.
 """
@@ -631,10 +632,8 @@ def _parse_ttir(ttir: str):
                 stack.append((other.body, other))
                 continue
             if owner is not None and owner.kind == "for":
-                m = re.search(r"(loc\(.*\))\s*$", line)
+                m = re.search(r"(loc\(.*\))\s*$", line)  # the loop's location closes it
                 owner.chain = _loc_chain(m.group(1), locs) if m else ()
-                if m and m.group(1).startswith("loc(#"):
-                    owner.chain = _loc_chain(m.group(1)[4:-1], locs)
             continue
         opens = line.endswith("{")
         m = re.search(r"scf\.for (%[\w.$-]+) = (%[\w.$-]+) to (%[\w.$-]+) step (%[\w.$-]+)", line)
@@ -822,7 +821,7 @@ def _ptx_loops(ptx: str) -> list:
     return out
 
 
-def _chain_key(chain: tuple, files: bool = True) -> tuple:
+def _chain_key(chain: tuple) -> tuple:
     # file names as the basename: the TTIR, PTX and SASS spell a path each their own way
     return tuple((os.path.basename(f), ln) for f, ln in chain)
 
