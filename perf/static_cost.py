@@ -1208,6 +1208,11 @@ def main(argv=None) -> int:
     rs = _analysis_rows(args.card, ops, args.dtypes.split(","), args.quick, args.match, progress)
     if not args.quiet:
         print_table(rs, card)
+    guessed = [r for r in rs if r.trips_guessed]
+    if guessed:  # never silent: these rows' loop counts are the bytes rule's, not the launch's
+        print(f"# {len(guessed)} rows count some loop's trips from bytes (see their limiter): "
+              + ", ".join(f"{r.op} {r.case} {r.kernel} {r.direction}" for r in guessed),
+              file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.as_dict() for r in rs], f, indent=1)
