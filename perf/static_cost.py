@@ -13,8 +13,9 @@
    (registers, spill stores) and the SASS (nvdisasm, shipped with Triton).
 3. Read the SASS and the PTX: global access widths on the data tensors (PTX addresses traced to
    the kernel's pointer arguments), loads in flight per thread before their first use, loops,
-   instructions per DRAM byte; then predict the kernel's share of copy bandwidth with the model
-   written down in perf/RESULTS.md ("Static predictions").
+   instructions per DRAM byte (each loop at its own trip count: the TTIR's loop bounds run on the
+   launch's arguments, see ``loop_counts``); then predict the kernel's share of copy bandwidth
+   with the model written down in perf/RESULTS.md ("Static predictions").
 
 Everything printed or written is a prediction from machine code, never a measurement.
 """
@@ -105,6 +106,7 @@ class Launch:
     attrs: dict
     options: object
     tensors: list
+    scalars: dict = field(default_factory=dict)  # index -> value of each int / float argument
 
     @property
     def name(self) -> str:
@@ -160,15 +162,18 @@ class _Recorder:
         if callable(grid):
             grid = grid(bound)
         grid = tuple(grid) + (1,) * (3 - len(grid))
-        tensors, index = [], 0
+        tensors, scalars, index = [], {}, 0
         for p, (name, value) in zip(jit.params, bound.items()):
             if p.is_constexpr or signature.get(name) == "constexpr":
                 continue
             if isinstance(value, torch.Tensor):
                 nb = _span_bytes(value)
                 tensors.append(TensorArg(index, name, nb, (value.data_ptr(), nb)))
+            elif isinstance(value, (int, float)):
+                scalars[index] = value
             index += 1
-        self.events.append(Launch(jit, grid, signature, constexprs, attrs, options, tensors))
+        self.events.append(Launch(jit, grid, signature, constexprs, attrs, options, tensors,
+                                  scalars))
 
     @contextlib.contextmanager
     def active(self):
@@ -322,6 +327,9 @@ class Access:
 class Sass:
     instrs: list  # (address, opcode, operands)
     loops: list  # innermost loops as (first index, last index)
+    all_loops: list = field(default_factory=list)  # every loop (first, last), nested ones too
+    lines: list = field(default_factory=list)  # per instruction: its source (file, line) chain,
+    # innermost first (a line of an inlined function, then the call sites)
 
 
 @dataclass
@@ -333,6 +341,8 @@ class Compiled:
     sass: Sass
     accesses: list  # Access per global load/store in the PTX
     mufu: int
+    ttir: str = ""
+    ptx: str = ""
 
 
 def _bindir() -> str:
@@ -374,7 +384,8 @@ def compile_launch(launch: Launch) -> Compiled:
         regs_n, spill_n = int(regs.group(1)), int(spill.group(1)) if spill else 0
     ptx = k.asm["ptx"]
     res = Compiled(regs_n, spill_n, int(k.metadata.shared), launch.options.num_warps, sass,
-                   _ptx_accesses(ptx), sum(1 for _, op, _ in sass.instrs if op.startswith("MUFU")))
+                   _ptx_accesses(ptx), sum(1 for _, op, _ in sass.instrs if op.startswith("MUFU")),
+                   k.asm.get("ttir", ""), ptx)
     _cache[key] = res
     return res
 
@@ -383,40 +394,60 @@ _SASS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T\d]+\s+)?([A-Z][A-Z0-9_.]
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 
 
+_LINE = re.compile(r'^\s*//## File "([^"]+)", line (\d+)')
+
+
 def _read_sass(cubin: bytes) -> Sass:
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
     try:
-        text = subprocess.run([os.path.join(_bindir(), "nvdisasm"), "-c", f.name],
+        # -gi: the source line (and inlining chain) of each instruction, from Triton's -lineinfo
+        text = subprocess.run([os.path.join(_bindir(), "nvdisasm"), "-c", "-gi", f.name],
                               capture_output=True, text=True, check=True, timeout=120).stdout
     finally:
         os.unlink(f.name)
-    instrs, labels, pending = [], {}, []
+    instrs, lines, labels, pending = [], [], {}, []
+    chain, fresh = (), True
     for line in text.splitlines():
+        m = _LINE.match(line)
+        if m:  # one comment line per level of the chain, innermost first; sticky until the next
+            chain = (chain if not fresh else ()) + ((m.group(1), int(m.group(2))),)
+            fresh = False
+            continue
         m = _LABEL.match(line)
         if m:
             pending.append(m.group(1))
             continue
         m = _SASS.search(line)
         if m:
+            fresh = True
             for lab in pending:
                 labels[lab] = len(instrs)
             pending = []
             instrs.append((int(m.group(1), 16), m.group(2), m.group(3).strip()))
+            lines.append(chain)
     # drop the padding after the last EXIT (a branch to itself, NOPs)
     last_exit = max((i for i, (_, op, _) in enumerate(instrs) if op == "EXIT"), default=len(instrs) - 1)
-    instrs = [ins for i, ins in enumerate(instrs) if i <= last_exit or not (
-        ins[1] in ("NOP",) or ins[1].startswith("BRA"))]
-    instrs = [ins for ins in instrs if ins[1] != "NOP"]
-    loops = []
-    # labels index the list before the padding went: padding is only at the end
+    keep = [i for i, ins in enumerate(instrs) if (i <= last_exit or not (
+        ins[1] in ("NOP",) or ins[1].startswith("BRA"))) and ins[1] != "NOP"]
+    # NOPs go: labels move to the next instruction kept
+    new_index, j = {}, 0
+    for i in range(len(instrs) + 1):
+        while j < len(keep) and keep[j] < i:
+            j += 1
+        new_index[i] = j
+    labels = {lab: new_index[i] for lab, i in labels.items()}
+    instrs, lines = [instrs[i] for i in keep], [lines[i] for i in keep]
+    heads = {}
     for i, (_, op, operands) in enumerate(instrs):
         if op.startswith("BRA"):
             m = re.search(r"(\.L_x_\d+)", operands)
-            if m and m.group(1) in labels and labels[m.group(1)] < i:
-                loops.append((labels[m.group(1)], i))
+            if m and m.group(1) in labels and labels[m.group(1)] <= i:
+                head = labels[m.group(1)]
+                heads[head] = max(heads.get(head, i), i)  # several back edges: one loop
+    loops = sorted(heads.items())
     inner = [lp for lp in loops if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
-    return Sass(instrs, inner)
+    return Sass(instrs, inner, loops, lines)
 
 
 def _width_bits(op: str) -> int:
@@ -521,6 +552,405 @@ def _ptx_accesses(ptx: str) -> list:
 
 
 # ----------------------------------------------------------------------------------------------
+# loop trip counts, from the launch's own arguments
+#
+# Each ``scf.for`` of the kernel's TTIR is run on the launch's integer arguments and program ids
+# (its bounds are scalar arithmetic on them), which gives its trips per program; each SASS loop
+# is the TTIR loop with its back edge's source line (and inlining chain: nvdisasm -gi, from
+# Triton's -lineinfo); a SASS loop that ptxas unrolled runs one trip per ``k`` TTIR trips, k =
+# its memory instructions over the PTX loop's (the unrolled copy first, the remainder loop next).
+
+_MAX_PROGRAMS = 2048  # programs evaluated per launch (evenly spread over the grid beyond that)
+_MAX_ITERS = 64  # iterations of a loop walked to evaluate the loops nested in it (spread beyond)
+
+
+@dataclass
+class _TOp:
+    kind: str  # "op", "for", "if", "other" (a region not walked: its loops count as unknown)
+    res: str = ""
+    name: str = ""
+    args: tuple = ()
+    attr: str = ""
+    type: str = ""
+    body: list = field(default_factory=list)  # for / other: [ops]; if: [then ops, else ops]
+    iv: str = ""
+    chain: tuple = ()
+    id: int = -1
+
+
+def _loc_chain(ref: str, locs: dict, depth=0) -> tuple:
+    """((file, line), ...) innermost first, from a TTIR location (``#locN`` or ``loc(...)``)."""
+    text = locs.get(ref, ref) if ref.startswith("#") else ref
+    if depth > 64:
+        return ()
+    m = re.match(r'loc\("([^"]+)":(\d+):\d+\)', text)
+    if m:
+        return ((m.group(1), int(m.group(2))),)
+    m = re.match(r'loc\(callsite\((#loc\d*|loc\(.*?\)) at (#loc\d*|loc\(.*?\))\)\)', text)
+    if m:
+        return _loc_chain(m.group(1), locs, depth + 1) + _loc_chain(m.group(2), locs, depth + 1)
+    m = re.match(r'loc\("[^"]*"\((#loc\d*)\)\)', text) or re.match(r'loc\(fused\[(#loc\d*)', text) \
+        or re.match(r'loc\((#loc\d*)\)', text)
+    if m:
+        return _loc_chain(m.group(1), locs, depth + 1)
+    return ()
+
+
+_TT_RES = re.compile(r"^(%[\w.$-]+)(?::\d+)? = ([\w.]+)\s*(.*)$")
+_TT_VAL = re.compile(r"%[\w.$#-]+")
+
+
+def _parse_ttir(ttir: str):
+    """(argument names, top-level ops, loops by id): the scalar ops, loops and ifs of the TTIR."""
+    locs = {}
+    for m in re.finditer(r"^(#loc\d*) = (loc\(.*\))\s*$", ttir, re.M):
+        locs[m.group(1)] = m.group(2)
+    sig = re.search(r"tt\.func public @\w+\((.*)\)(?: attributes \{[^}]*\})? \{\s*$", ttir, re.M)
+    if sig is None:
+        return None
+    args = re.findall(r"%([\w.$-]+):\s", sig.group(1))
+    top: list = []
+    stack = [(top, None)]  # (ops list being filled, the op owning it)
+    loops = {}
+    body = ttir[sig.end():]
+    for raw in body.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#loc"):
+            continue
+        if line.startswith("}"):
+            if len(stack) == 1:
+                break  # the function's end
+            ops, owner = stack.pop()
+            if owner is not None and owner.kind == "if" and re.match(r"\}\s*else\s*\{", line):
+                owner.body.append([])
+                stack.append((owner.body[-1], owner))
+                continue
+            if re.match(r"\}\s*(do|else)\s*\{", line) or line.startswith("}) {") \
+                    or re.match(r"\}\)?\s*,\s*\{", line):
+                other = _TOp("other")
+                stack[-1][0].append(other)
+                stack.append((other.body, other))
+                continue
+            if owner is not None and owner.kind == "for":
+                m = re.search(r"(loc\(.*\))\s*$", line)  # the loop's location closes it
+                owner.chain = _loc_chain(m.group(1), locs) if m else ()
+            continue
+        opens = line.endswith("{")
+        m = re.search(r"scf\.for (%[\w.$-]+) = (%[\w.$-]+) to (%[\w.$-]+) step (%[\w.$-]+)", line)
+        if m and opens:
+            op = _TOp("for", iv=m.group(1), args=(m.group(2), m.group(3), m.group(4)), id=len(loops))
+            loops[op.id] = op
+            stack[-1][0].append(op)
+            stack.append((op.body, op))
+            continue
+        m = re.search(r"scf\.if (%[\w.$#-]+)", line)
+        if m and opens:
+            op = _TOp("if", args=(m.group(1),), body=[[]])
+            stack[-1][0].append(op)
+            stack.append((op.body[0], op))
+            continue
+        if opens:  # any other region (a reduction's combiner, a while loop)
+            op = _TOp("other")
+            stack[-1][0].append(op)
+            stack.append((op.body, op))
+            continue
+        m = _TT_RES.match(line)
+        if not m:
+            continue
+        res, name, rest = m.groups()
+        text = rest.split(" loc(")[0]
+        head, _, ty = text.rpartition(" : ")
+        if "tensor" in ty or "ptr" in ty or not name.startswith(("arith.", "tt.get_")):
+            continue
+        attr = ""
+        if name == "arith.constant":
+            attr = head.strip()
+        elif name == "arith.cmpi":
+            attr, _, head = head.partition(",")
+            attr = attr.strip()
+        elif name.startswith("tt.get_"):
+            attr = head.strip()
+        stack[-1][0].append(_TOp("op", res=res, name=name, args=tuple(_TT_VAL.findall(head)),
+                                 attr=attr, type=ty.strip()))
+    return args, top, loops
+
+
+def _wrap(v: int, ty: str) -> int:
+    m = re.search(r"\bi(\d+)\b", ty.split(" to ")[-1])
+    if not m or isinstance(v, bool):
+        return v
+    bits = int(m.group(1))
+    if bits == 1:
+        return int(bool(v))
+    v &= (1 << bits) - 1
+    return v - (1 << bits) if v >> (bits - 1) else v
+
+
+def _tdiv(a, b):
+    q = abs(a) // abs(b)
+    return q if (a >= 0) == (b >= 0) else -q
+
+
+_CMP = {"eq": lambda a, b: a == b, "ne": lambda a, b: a != b, "slt": lambda a, b: a < b,
+        "sle": lambda a, b: a <= b, "sgt": lambda a, b: a > b, "sge": lambda a, b: a >= b,
+        "ult": lambda a, b: a < b, "ule": lambda a, b: a <= b, "ugt": lambda a, b: a > b,
+        "uge": lambda a, b: a >= b}
+_ARITH = {"arith.addi": lambda a, b: a + b, "arith.subi": lambda a, b: a - b,
+          "arith.muli": lambda a, b: a * b, "arith.divsi": _tdiv, "arith.divui": lambda a, b: a // b,
+          "arith.remsi": lambda a, b: a - _tdiv(a, b) * b, "arith.remui": lambda a, b: a % b,
+          "arith.floordivsi": lambda a, b: a // b, "arith.ceildivsi": lambda a, b: -(-a // b),
+          "arith.ceildivui": lambda a, b: -(-a // b),
+          "arith.minsi": min, "arith.maxsi": max, "arith.minui": min, "arith.maxui": max,
+          "arith.andi": lambda a, b: a & b, "arith.ori": lambda a, b: a | b,
+          "arith.xori": lambda a, b: a ^ b, "arith.shli": lambda a, b: a << b,
+          "arith.shrsi": lambda a, b: a >> b, "arith.shrui": lambda a, b: a >> b}
+
+
+def _eval_op(op: _TOp, env: dict):
+    if op.name == "arith.constant":
+        a = op.attr
+        if a in ("true", "false"):
+            return a == "true"
+        try:
+            return int(a)
+        except ValueError:
+            return None
+    if op.name in ("tt.get_program_id", "tt.get_num_programs"):
+        return env.get(("pid" if op.name == "tt.get_program_id" else "npid", op.attr))
+    vals = [env.get(a) for a in op.args]
+    if not vals or any(v is None for v in vals):
+        return None
+    try:
+        if op.name in _ARITH and len(vals) == 2:
+            return _wrap(_ARITH[op.name](*vals), op.type)
+        if op.name == "arith.cmpi":
+            return bool(_CMP[op.attr](*vals))
+        if op.name == "arith.select" and len(vals) == 3:
+            return vals[1] if vals[0] else vals[2]
+        if op.name in ("arith.extsi", "arith.extui", "arith.trunci", "arith.index_cast",
+                       "arith.index_castui"):
+            return _wrap(vals[0], op.type)
+    except (ZeroDivisionError, KeyError):
+        return None
+    return None
+
+
+def _loops_in(ops) -> list:
+    out = []
+    for op in ops:
+        if op.kind == "for":
+            out.append(op)
+            out += _loops_in(op.body)
+        elif op.kind == "if":
+            for region in op.body:
+                out += _loops_in(region)
+        elif op.kind == "other":
+            out += _loops_in(op.body)
+    return out
+
+
+def _walk(ops, env, weight, visit, unknown):
+    """Evaluate ``ops`` in ``env``; ``visit(loop id, trips, weight)`` per loop instance."""
+    for op in ops:
+        if op.kind == "op":
+            env[op.res] = _eval_op(op, env)
+        elif op.kind == "for":
+            lb, ub, st = (env.get(a) for a in op.args)
+            if lb is None or ub is None or not st or st < 0:
+                unknown.update(lp.id for lp in [op] + _loops_in(op.body))
+                continue
+            n = max(0, -(-(ub - lb) // st))
+            visit(op.id, n, weight)
+            inner = _loops_in(op.body)
+            if not inner or not n:
+                continue
+            picks = range(n) if n <= _MAX_ITERS else [
+                int((j + 0.5) * n / _MAX_ITERS) for j in range(_MAX_ITERS)]
+            w = weight * n / len(picks)
+            for j in picks:
+                env[op.iv] = lb + j * st
+                _walk(op.body, env, w, visit, unknown)
+        elif op.kind == "if":
+            cond = env.get(op.args[0])
+            if cond is None:
+                for region in op.body:
+                    unknown.update(lp.id for lp in _loops_in(region))
+                continue
+            region = op.body[0] if cond else (op.body[1] if len(op.body) > 1 else [])
+            _walk(region, env, weight, visit, unknown)
+        else:
+            unknown.update(lp.id for lp in _loops_in(op.body))
+
+
+_PTX_LOC = re.compile(r"^\s*\.loc\s+(\d+)\s+(\d+)\s+\d+(?:,.*?inlined_at\s+(\d+)\s+(\d+)\s+\d+)?", re.M)
+
+
+def _ptx_loops(ptx: str) -> list:
+    """PTX loops as (line chain of the back edge, Counter of the line chains of the global
+    memory instructions in its own body); PTX names at most two levels (a line, its call site)."""
+    files = dict(re.findall(r'^\s*\.file\s+(\d+)\s+"([^"]+)"', ptx, re.M))
+    items, labels, chain = [], {}, ()
+    for line in ptx.splitlines():
+        m = _PTX_LOC.match(line)
+        if m:
+            chain = ((files.get(m.group(1), m.group(1)), int(m.group(2))),)
+            if m.group(3):
+                chain += ((files.get(m.group(3), m.group(3)), int(m.group(4))),)
+            continue
+        m = re.match(r"^(\$L__BB\d+_\d+):", line)
+        if m:
+            labels[m.group(1)] = len(items)
+            continue
+        s = line.strip()
+        if not s or s.startswith(("//", ".", "$", "{", "}")):
+            continue
+        items.append((s, chain))
+    loops = []
+    for i, (s, chain) in enumerate(items):
+        m = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+)", s)
+        if m and m.group(1) in labels and labels[m.group(1)] <= i:
+            loops.append((labels[m.group(1)], i, chain))
+    out = []
+    for lo, hi, chain in loops:
+        inner = [(a, b) for a, b, _ in loops if (a, b) != (lo, hi) and lo <= a and b <= hi]
+        mem = collections.Counter(
+            _chain_key(items[j][1])[:2] for j in range(lo, hi + 1)
+            if re.search(r"\b(ld|st)\.global", items[j][0])
+            and not any(a <= j <= b for a, b in inner))
+        out.append((chain, mem))
+    return out
+
+
+def _chain_key(chain: tuple) -> tuple:
+    # file names as the basename: the TTIR, PTX and SASS spell a path each their own way
+    return tuple((os.path.basename(f), ln) for f, ln in chain)
+
+
+@dataclass
+class LoopCount:
+    """Executions per thread of a kernel's SASS: ``counts[i]`` of instruction i (code outside
+    loops 1), ``trips[(lo, hi)]`` each SASS loop's trips per program (averaged over the grid),
+    ``fallback``: loops whose trips could not be derived from the launch (counted by the bytes
+    rule, see ``kernel_row``), each with why."""
+
+    counts: list
+    trips: dict
+    fallback: dict
+    lines: dict = field(default_factory=dict)  # (lo, hi) -> (source line, unroll factor)
+
+
+def _own_body(lo, hi, loops):
+    inner = [(a, b) for a, b in loops if (a, b) != (lo, hi) and lo <= a and b <= hi]
+    return [i for i in range(lo, hi + 1) if not any(a <= i <= b for a, b in inner)]
+
+
+def loop_counts(launch: Launch, c: Compiled, n_instrs: int) -> LoopCount:
+    """Per-loop trip counts for the first ``n_instrs`` SASS instructions (see above)."""
+    sass = c.sass
+    loops = [(lo, hi) for lo, hi in sass.all_loops if hi < n_instrs]
+    counts = [1.0] * n_instrs
+    trips, fallback = {}, {}
+    if not loops:
+        return LoopCount(counts, trips, fallback)
+    parsed = _parse_ttir(c.ttir) if c.ttir else None
+    lines = sass.lines if len(sass.lines) == len(sass.instrs) else [()] * len(sass.instrs)
+    own = {lp: _own_body(*lp, loops) for lp in loops}
+    if parsed is None:
+        for lp in loops:
+            fallback[lp] = "no TTIR to evaluate"
+        return LoopCount(counts, trips, fallback)
+    args, top, tloops = parsed
+    by_chain = collections.defaultdict(list)
+    for op in tloops.values():
+        by_chain[_chain_key(op.chain)].append(op.id)
+    # each SASS loop's TTIR loop: the one written at its back edge's source line
+    owner = {}
+    for lp in loops:
+        key = _chain_key(lines[lp[1]]) if lines[lp[1]] else ()
+        ids = by_chain.get(key, []) if key else []
+        if not ids:  # else the TTIR loop whose line its own instructions carry most often
+            seen = collections.Counter(_chain_key(lines[i]) for i in own[lp] if lines[i])
+            for k, _ in seen.most_common():
+                if by_chain.get(k):
+                    ids = by_chain[k]
+                    break
+        if len(ids) == 1:
+            owner[lp] = ids[0]
+        else:
+            fallback[lp] = ("no source line" if not lines[lp[1]] else
+                            f"line {lines[lp[1]][0][1]}: " + ("no TTIR loop there" if not ids
+                                                              else "several TTIR loops there"))
+    # unroll factors: the SASS loop's copies of the PTX loop's memory instructions (those written
+    # at the same lines: copies of a nested loop peeled into its body are not its own)
+    ptx = collections.defaultdict(list)
+    for chain, m in _ptx_loops(c.ptx):
+        ptx[_chain_key(chain)[:2]].append(m)
+    siblings = collections.defaultdict(list)
+    for lp, tid in owner.items():
+        siblings[tid].append(lp)
+    factor = {}
+    for tid, lps in siblings.items():
+        bases = [m for m in ptx.get(_chain_key(tloops[tid].chain)[:2], ()) if m]
+        base = min(bases, key=lambda m: sum(m.values())) if bases else None
+        for lp in lps:
+            copies = sum(1 for i in own[lp] if _is_mem(sass.instrs[i][1])
+                         and _chain_key(lines[i])[:2] in base) if base else 0
+            if copies:
+                factor[lp] = max(1, round(copies / sum(base.values())))
+            elif len(lps) > 1:  # no memory: by size against the smallest copy
+                factor[lp] = max(1, round(len(own[lp]) / min(len(own[o]) for o in lps)))
+            else:
+                factor[lp] = 1
+        lps.sort(key=lambda lp: -factor[lp])
+    env0 = {}
+    for i, name in enumerate(args):
+        env0["%" + name] = launch.scalars.get(i)
+    if len(args) != sum(1 for _ in _nonconstexpr_params(launch)):
+        for lp in list(owner):
+            fallback[lp] = "TTIR arguments do not match the launch's"
+            owner.pop(lp)
+    gx, gy, gz = launch.grid
+    total = gx * gy * gz
+    picks = range(total) if total <= _MAX_PROGRAMS else [
+        int((j + 0.5) * total / _MAX_PROGRAMS) for j in range(_MAX_PROGRAMS)]
+    acc = collections.Counter()
+    unknown: set = set()
+
+    def visit(tid, n, weight):
+        for lp in siblings.get(tid, ()):  # the unrolled copies first, the rest to the remainder
+            k = factor[lp]
+            acc[lp] += weight * (n // k)
+            n -= (n // k) * k
+
+    for lin in picks:
+        env = dict(env0)
+        env[("pid", "x")], env[("pid", "y")], env[("pid", "z")] = (
+            lin % gx, (lin // gx) % gy, lin // (gx * gy))
+        env[("npid", "x")], env[("npid", "y")], env[("npid", "z")] = gx, gy, gz
+        _walk(top, env, 1.0, visit, unknown)
+    where = {lp: (tloops[tid].chain[0][1] if tloops[tid].chain else None, factor[lp])
+             for lp, tid in owner.items()}
+    for lp, tid in owner.items():
+        if tid in unknown:
+            fallback[lp] = f"line {tloops[tid].chain[0][1] if tloops[tid].chain else '?'}: " \
+                           "bounds not known from the launch's arguments"
+        else:
+            trips[lp] = acc[lp] / len(picks)
+    for lp in sorted(loops, key=lambda lp: lp[1] - lp[0], reverse=True):  # outer loops first
+        if lp in trips:
+            for i in own[lp]:
+                counts[i] = trips[lp]
+    return LoopCount(counts, trips, fallback, where)
+
+
+def _nonconstexpr_params(launch: Launch):
+    for p in launch.fn.params:
+        if p.is_constexpr or launch.signature.get(p.name) == "constexpr":
+            continue
+        yield p
+
+
+# ----------------------------------------------------------------------------------------------
 # 3. the model
 
 
@@ -541,6 +971,7 @@ class Row:
     time_us: float = 0.0  # predicted; not in the JSON (derived)
     limiter: str = ""
     min_passes: float | None = None
+    trips_guessed: bool = False  # some loop's trips came from the bytes rule (see limiter)
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in FIELDS}
@@ -589,21 +1020,26 @@ def kernel_row(run: CaseRun, direction: str, name: str, launch: Launch, c: Compi
         if last_loads:  # loops there counted once
             waves = math.ceil(last_loads / max(_inflight_bytes(last), 1))
             t_last = waves * card.latency_ns / 1e3
-    loops = [(lo, hi) for lo, hi in c.sass.loops if hi < len(instrs)]
-    loop_idx = [i for lo, hi in loops for i in range(lo, hi + 1)]
-    loop_mem = [i for i in loop_idx if _is_mem(instrs[i][1])]
     bytes_per_thread = total_b / max(ctas * threads, 1)
-    if loop_mem:  # steady state: loop bodies; trips from the bytes each thread moves
-        body = [instrs[i] for i in loop_idx]
-        outside = [ins for i, ins in enumerate(instrs) if i not in set(loop_idx)]
-        body_bytes = sum(_width_bits(op) // 8 for _, op, _ in body if _is_mem(op))
-        out_bytes = sum(_width_bits(op) // 8 for _, op, _ in outside if _is_mem(op))
-        trips = max(1.0, (bytes_per_thread - out_bytes) / body_bytes)
-        per_thread = len(outside) + trips * len(body)
-        inflight = max(_inflight_bytes(instrs[lo:hi + 1]) for lo, hi in loops)
-    else:
-        per_thread = len(instrs)
-        inflight = _inflight_bytes(instrs)
+    lc = loop_counts(launch, c, len(instrs))
+    counts = lc.counts
+    if lc.fallback:
+        # loops whose trips the launch does not give: the bytes each thread moves that the rest
+        # of the kernel does not, spread over their bodies (one trip at least); flagged
+        known = sum(counts[i] * _width_bits(op) // 8 for i, (_, op, _) in enumerate(instrs)
+                    if _is_mem(op) and not any(lo <= i <= hi for lo, hi in lc.fallback))
+        body = [i for lo, hi in lc.fallback for i in _own_body(lo, hi, list(lc.fallback))]
+        body_bytes = sum(_width_bits(instrs[i][1]) // 8 for i in body if _is_mem(instrs[i][1]))
+        guess = max(1.0, (bytes_per_thread - known) / body_bytes) if body_bytes else 1.0
+        for i in body:
+            counts[i] = guess
+    per_thread = sum(counts)
+    # bytes in flight: the steady state, the innermost loop bodies that load and run (the most
+    # of theirs), else the whole kernel
+    running = [(lo, hi) for lo, hi in c.sass.loops if hi < len(instrs) and counts[hi] > 0
+               and any(instrs[i][1].startswith("LDG") for i in range(lo, hi + 1))]
+    inflight = (max(_inflight_bytes(instrs[lo:hi + 1]) for lo, hi in running) if running
+                else _inflight_bytes(instrs))
     sass_per_byte = per_thread / bytes_per_thread if bytes_per_thread else None
     t_bw = total_b / (card.copy_gbps * 1e3)  # us
     inflight_total = min(ctas, slots) * threads * inflight
@@ -612,7 +1048,7 @@ def kernel_row(run: CaseRun, direction: str, name: str, launch: Launch, c: Compi
     warps_per_sm = min(occ, math.ceil(ctas / card.sms)) * c.num_warps
     issue = active_sms * card.issue_per_sm * min(1.0, warps_per_sm / 4) * card.clock_ghz * 1e3
     t_issue = per_thread * threads * ctas / issue  # us
-    mufu = c.mufu * (per_thread / max(len(instrs), 1))  # MUFU share of the dynamic count
+    mufu = sum(n for n, (_, op, _) in zip(counts, instrs) if op.startswith("MUFU"))
     t_mufu = mufu * threads * ctas / (active_sms * card.mufu_per_sm * card.clock_ghz * 1e3)
     bound = max((t_bw, "bandwidth"), (t_lat, "bytes in flight"), (t_issue, "issue"),
                 (t_mufu, "MUFU"))
@@ -628,7 +1064,10 @@ def kernel_row(run: CaseRun, direction: str, name: str, launch: Launch, c: Compi
                round(sass_per_byte, 2) if sass_per_byte is not None else None,
                round(total_b / run.x_bytes, 3) if run.x_bytes else 0.0, round(pct, 1),
                time_us=t, limiter=bound[1] + (", tail" if tail > 0.1 * bound[0] else "")
-               + (", last-program step" if t_last else ""))
+               + (", last-program step" if t_last else "")
+               + ("".join(f"; trips from bytes at SASS {lo}-{hi} ({why})"
+                          for (lo, hi), why in sorted(lc.fallback.items()))),
+               trips_guessed=bool(lc.fallback))
 
 
 def torch_row(run: CaseRun, direction: str, op: TorchOp, card: Card) -> Row:
@@ -769,6 +1208,11 @@ def main(argv=None) -> int:
     rs = _analysis_rows(args.card, ops, args.dtypes.split(","), args.quick, args.match, progress)
     if not args.quiet:
         print_table(rs, card)
+    guessed = [r for r in rs if r.trips_guessed]
+    if guessed:  # never silent: these rows' loop counts are the bytes rule's, not the launch's
+        print(f"# {len(guessed)} rows count some loop's trips from bytes (see their limiter): "
+              + ", ".join(f"{r.op} {r.case} {r.kernel} {r.direction}" for r in guessed),
+              file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.as_dict() for r in rs], f, indent=1)

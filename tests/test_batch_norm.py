@@ -662,6 +662,23 @@ def test_flat_gpu_plans(device, monkeypatch, shape, one_program):
         _functional_case(device, torch.float32, shape, True, act="silu")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dx_totals_many_partial_rows(device, monkeypatch, dtype):
+    """The dx kernel totals the backward's partial rows BLOCK_P (16) at a time over all its
+    threads: FLAT tiles (7 x 7) planned for a 16-SM card with 19 partials per channel (two trips,
+    the second masked), by the 2x rule; channels_last with more than 16 partials is
+    test_merge_of_many_partials."""
+    monkeypatch.setattr(bn_plan, "FUSED_PROGRAM_BYTES", 512)
+    monkeypatch.setattr(bn_plan, "FLAT_TILE_BYTES", 512 * dtype.itemsize)  # 2 samples a tile
+    monkeypatch.setattr(bn_plan, "MIN_UNITS", (1, 1))
+    monkeypatch.setattr(bn_plan._PLANS, "plans", {})
+    shape = (37, 5, 7, 7)
+    with bn_ops.rt.plan_as_gpu(16):
+        p = bn_plan.plan(torch.empty(shape, device=device, dtype=dtype))
+        assert p.flat and p.num_partials > 16 and p.num_partials % 16
+        _functional_case(device, dtype, shape, True, act="relu")
+
+
 @pytest.mark.parametrize("dtype,data", [(torch.float32, "large_mean"),
                                         (torch.float32, "by_sample"),
                                         (torch.float64, "by_sample")])
@@ -669,8 +686,9 @@ def test_merge_of_many_partials(device, monkeypatch, dtype, data):
     """The split forward as a 16-SM card plans it, with tiles shrunk so that a small layer has
     25 partials per channel: every merge-normalize program merges them in several trips of
     kernels._merge_partials (one pass about the first rows' mean), over the raised units of the
-    merging plan.  Data: a large mean (the hi + lo mean), and sample means far apart in batch
-    order (the first rows' reference is then off the mean: the bound of _merge_partials)."""
+    merging plan (and the backward's dx kernel totals as many partial rows, BLOCK_P a trip).
+    Data: a large mean (the hi + lo mean), and sample means far apart in batch order (the first
+    rows' reference is then off the mean: the bound of _merge_partials)."""
     monkeypatch.setattr(bn_plan, "TILE_BYTES", 64 * dtype.itemsize)  # tiles of 8 x 4
     monkeypatch.setattr(bn_plan._PLANS, "plans", {})
     shape = (25, 3, 8, 8)

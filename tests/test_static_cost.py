@@ -97,3 +97,67 @@ def test_totals_count_every_launch(rows):
                  and p["kernel"] != "(total)"]
         assert abs(sum(p["dram_passes"] for p in parts) - r["dram_passes"]) < 1e-2
         assert r["predicted_pct_copy"] <= max(p["predicted_pct_copy"] for p in parts) + 1e-6
+
+
+@pytest.fixture(scope="module")
+def loops():
+    """Hand-made kernels (tests/_static_cost_loops.py) compiled for sm_90a in a process of their
+    own (this one runs Triton's interpreter), with their per-loop trip counts."""
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except Exception as e:
+        pytest.skip(f"Triton has no NVIDIA backend here: {e}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TKERN_STATIC_COST"] = "1"
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "_static_cost_loops.py")], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def _by_line(kernel, line):
+    return [lp for lp in kernel["loops"] if lp["line"] == line]
+
+
+def test_each_loop_has_its_own_trip_count(loops):
+    # _two_loops(n_a=5, n_b=37) on 3 programs: loop A runs 5 trips, loop B 37 + program id
+    # (37, 38, 39: 38 on average); expected executions per thread = the code outside loops once
+    # plus each loop body times its trips (one body a trip where ptxas kept one copy)
+    k = loops["two_loops"]
+    assert not k["fallback"] and not k["trips_guessed"], k
+    a, b = _by_line(k, k["lines"]["loop A"]), _by_line(k, k["lines"]["loop B"])
+    assert a and b and len(a) + len(b) == len(k["loops"]), k["loops"]
+    assert sum(lp["trips"] * lp["factor"] for lp in a) == pytest.approx(5)
+    assert sum(lp["trips"] * lp["factor"] for lp in b) == pytest.approx(38)
+    assert all(lp["ldg"] and not lp["stg"] for lp in a) and all(lp["stg"] and not lp["ldg"] for lp in b)
+    expected = k["outside"] + sum(lp["trips"] * lp["body"] for lp in a + b)
+    if len(a) == len(b) == 1 and a[0]["factor"] == b[0]["factor"] == 1:
+        expected_plain = k["outside"] + 5 * a[0]["body"] + 38 * b[0]["body"]
+        assert expected == pytest.approx(expected_plain)
+    assert k["dynamic"] == pytest.approx(expected)
+    # DRAM bytes: X (2 rows) once, OUT (64 rows); the bytes rule's one trip count for both loops
+    # (those bytes a thread over the 32 bytes of both bodies) would be far off
+    bytes_per_thread = (2 + 64) * 128 * 4 / (k["threads"] * k["ctas"])
+    assert k["sass_per_byte"] == pytest.approx(k["dynamic"] / bytes_per_thread, rel=1e-2)
+    shared = k["outside"] + bytes_per_thread / 16 / 2 * sum(lp["body"] for lp in a + b)
+    assert abs(shared - k["dynamic"]) > 0.2 * k["dynamic"]
+
+
+def test_unrolled_and_nested_loops(loops):
+    # _small_and_nested(n_s=23, n_o=6): the small loop 23 trips (split between ptxas' unrolled
+    # copy and its remainder loop when it unrolls), the outer loop 6, the inner o + 1 each time:
+    # 1 + 2 + ... + 6 = 21 trips a program
+    k = loops["small_and_nested"]
+    assert not k["fallback"], k
+    for tag, trips in (("small", 23), ("outer", 6), ("inner", 21)):
+        got = _by_line(k, k["lines"][tag])
+        assert got, (tag, k["loops"])
+        assert sum(lp["trips"] * lp["factor"] for lp in got) == pytest.approx(trips), (tag, got)
+
+
+def test_unknown_trip_counts_are_flagged(loops):
+    # a bound loaded from memory: the launch cannot give it, so the row says so
+    k = loops["loaded_bound"]
+    assert k["fallback"] and k["trips_guessed"], k
+    assert "trips from bytes" in k["limiter"] and "bounds not known" in k["limiter"], k["limiter"]

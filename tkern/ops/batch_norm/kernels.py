@@ -799,6 +799,7 @@ def _dx_kernel(
                             # lanes, channels per program
     STATS_ROWS: tl.constexpr = False,  # MEAN is [3, C]: MEAN_LO and INVSTD are its rows 1, 2
     SUMS_ROWS: tl.constexpr = False,  # one [2, n_rows, C] tensor: SUM_GX is its block 1
+    BLOCK_P: tl.constexpr = 16,  # partial rows a trip of the training sums
 ):
     MEAN, MEAN_LO, INVSTD = _stat_rows(MEAN, MEAN_LO, INVSTD, C, STATS_ROWS)
     if SUMS_ROWS:
@@ -808,12 +809,20 @@ def _dx_kernel(
                           alpha_hi, alpha_lo, HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE, BLOCK_C,
                           FLAT, FLAT_S, FLAT_C, CPP)
     if TRAINING:
-        # the partials' totals: P small rows from L2, so no separate reduction launch
-        sum_g = tl.zeros(c.shape, COMPUTE)
-        sum_gx = tl.zeros(c.shape, COMPUTE)
-        for p in range(0, n_rows):
-            sum_g += tl.load(SUM_G + p * C + c, mask=cmask, other=0.0).to(COMPUTE)
-            sum_gx += tl.load(SUM_GX + p * C + c, mask=cmask, other=0.0).to(COMPUTE)
+        # the partials' totals: P small rows from L2, so no separate reduction launch; BLOCK_P
+        # rows a trip spread over all threads, per-lane sums reduced once after the loop (a row
+        # a trip had every thread load its channels' values of every row)
+        rows = tl.arange(0, BLOCK_P)
+        acc_g = tl.zeros([BLOCK_P, c.shape[0]], COMPUTE)
+        acc_gx = tl.zeros([BLOCK_P, c.shape[0]], COMPUTE)
+        for p0 in range(0, n_rows, BLOCK_P):
+            p = p0 + rows
+            m = (p < n_rows)[:, None] & cmask[None, :]
+            offs = p[:, None] * C + c[None, :]
+            acc_g += tl.load(SUM_G + offs, mask=m, other=0.0).to(COMPUTE)
+            acc_gx += tl.load(SUM_GX + offs, mask=m, other=0.0).to(COMPUTE)
+        sum_g = tl.sum(acc_g, 0)
+        sum_gx = tl.sum(acc_gx, 0)
         if WRITE_SUMS:  # once per channel: by the first program along the units
             first = owned & (c < tl.where(tl.program_id(1) == 0, C, 0))  # (bool & scalar mistypes)
             tl.store(SUMS + c, sum_g, mask=first)
