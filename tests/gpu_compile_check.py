@@ -159,22 +159,27 @@ def main():
     compile_variant(lrn._lrn_forward_kernel, consts, "lrn forward fp64", ptr="*fp64")
     compile_variant(lrn._lrn_backward_kernel, consts, "lrn backward fp64", ptr="*fp64")
     # the sliding kernels (positions contiguous): windows, the per-launch flags, int64, fp64
-    for (before, after), flags in [((2, 2), dict(NEG_BASE=False, BETA_ZERO=False, FTZ=True)),
-                                   ((0, 0), dict(NEG_BASE=True, BETA_ZERO=False, FTZ=False)),
-                                   ((4, 4), dict(NEG_BASE=True, BETA_ZERO=True, FTZ=False)),
-                                   ((0, 3), dict(NEG_BASE=False, BETA_ZERO=False, FTZ=True))]:
+    # (the backward's MASK_S: a one-block S; RCP: s^(-beta-1) through rcp, with FTZ only)
+    for (before, after), flags, back in [
+            ((2, 2), dict(NEG_BASE=False, BETA_ZERO=False, FTZ=True), dict(MASK_S=False, RCP=True)),
+            ((2, 2), dict(NEG_BASE=False, BETA_ZERO=False, FTZ=True), dict(MASK_S=True, RCP=False)),
+            ((0, 0), dict(NEG_BASE=True, BETA_ZERO=False, FTZ=False), dict(MASK_S=True, RCP=False)),
+            ((4, 4), dict(NEG_BASE=True, BETA_ZERO=True, FTZ=False), dict(MASK_S=False, RCP=False)),
+            ((0, 3), dict(NEG_BASE=False, BETA_ZERO=False, FTZ=True), dict(MASK_S=False, RCP=True))]:
         for int64 in (False, True):
             consts = dict(BEFORE=before, AFTER=after, FAST=True, COMPUTE=f32, INT64=int64,
                           BLOCK_S=512, **flags)
-            name = f"window=({before},{after}) {flags} int64={int64}"
+            name = f"window=({before},{after}) {flags} {back} int64={int64}"
             compile_variant(lrn._lrn_forward_slide_kernel, consts, f"lrn forward slide {name}",
                             ptr="*bf16")
-            compile_variant(lrn._lrn_backward_slide_kernel, consts, f"lrn backward slide {name}",
-                            ptr="*fp16")
+            compile_variant(lrn._lrn_backward_slide_kernel, dict(consts, **back),
+                            f"lrn backward slide {name}", ptr="*fp16")
     consts = dict(BEFORE=2, AFTER=2, FAST=False, COMPUTE=tl.float64, INT64=False, BLOCK_S=128,
                   NEG_BASE=True, BETA_ZERO=False, FTZ=False)
     compile_variant(lrn._lrn_forward_slide_kernel, consts, "lrn forward slide fp64", ptr="*fp64")
-    compile_variant(lrn._lrn_backward_slide_kernel, consts, "lrn backward slide fp64", ptr="*fp64")
+    for mask_s in (False, True):
+        compile_variant(lrn._lrn_backward_slide_kernel, dict(consts, MASK_S=mask_s, RCP=False),
+                        f"lrn backward slide fp64 MASK_S={mask_s}", ptr="*fp64")
     for layout in (0, 1, 2):
         for backward in (False, True):
             compile_variant(

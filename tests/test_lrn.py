@@ -215,6 +215,41 @@ def test_sliding_kernels(device, monkeypatch, shape, size):
     torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("reciprocal", [False, True])
+@pytest.mark.parametrize("shape,size", [((1, 6, 55, 55), 5), ((1, 5, 27, 27), 5),
+                                        ((1, 37, 14, 14), 3), ((2, 5, 7), 5), ((1, 13, 3), 9)])
+def test_sliding_backward_blocks(device, monkeypatch, shape, size, reciprocal):
+    """The sliding backward's tiling: a last position block that overlaps the one before (S =
+    3025, 729, 196 against blocks of 512, 256, 128) or a masked one (S = 7, 3: one block); 8-channel
+    chunks whose last trips run masked (C = 37, 13: a short last chunk; C = 6, 5: one chunk, the
+    window past both edges); and the reciprocal form of s^(-beta-1) with its scalings (taken on a
+    GPU only, forced here with exact division), against torch in fp64."""
+    monkeypatch.setattr(lrn_ops, "SLIDE_CHUNK", 8)
+    monkeypatch.setattr(lrn_ops, "_reciprocal_path", lambda cfg, fast: reciprocal)
+    x = torch.randn(*shape, device=device, dtype=torch.float64)
+    g = torch.randn_like(x)
+    x3 = x.view(x.shape[0], x.shape[1], -1)
+    cfg = lrn_ops.LrnConfig(False, size // 2, (size - 1) // 2, 0.7 / size, 0.75, 1.3)
+    site = lrn_ops._backward_site(x3, x3, x3, cfg)
+    assert site.kernel is lrn_ops._lrn_backward_slide_kernel  # the path under test
+    assert site.kwargs["RCP"] == reciprocal and site.kwargs["MASK_S"] == (x3.shape[2] < 16)
+    params = (size, 0.7, 0.75, 1.3)
+    _, gx = _grads(tkern.local_response_norm, x, g, *params)
+    _, gx_ref = _grads(F.local_response_norm, x, g, *params)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_reciprocal_path_conditions():
+    """The reciprocal form only where its scalings are exact and s, s / 16 and 16 / s normal."""
+    ok = lrn_ops.LrnConfig(False, 2, 2, 1e-4 / 5, 0.75, 2.0)
+    assert lrn_ops._reciprocal_path(ok, True) and not lrn_ops._reciprocal_path(ok, False)
+    for bad in (ok._replace(k=2.0**-122), ok._replace(k=0.0), ok._replace(k=-1.0),
+                ok._replace(scale=2.0**-101), ok._replace(scale=-1e-4),
+                ok._replace(beta=2.0**-90), ok._replace(beta=1.0), ok._replace(beta=-0.5)):
+        assert not lrn_ops._reciprocal_path(bad, True), bad
+    assert lrn_ops._reciprocal_path(ok._replace(scale=0.0), True)
+
+
 def test_sliding_plan_on_a_gpu():
     """Planned as on a 132-SM GPU (what perf.static_cost records): the sliding kernels for NCHW
     (16-channel chunks where the grid is small, 32 where large), the tile kernels for

@@ -261,6 +261,11 @@ def _lrn_backward_kernel(
 # comes from memory once (plus a halo of size - 1 channels per chunk, from L2) and every window
 # sum is still summed directly (no running sum to cancel).  Four channels a loop trip, their loads
 # issued before their math: four loads per thread in flight (Little's law: bytes in flight).
+# The backward's loop runs unmasked (a mask costs a compare, a zeroing move and predicate
+# shuffles per element and row: a fifth of its instructions): its last position block overlaps
+# the one before instead of being partial, the halo steps that may touch channels outside
+# [0, C) are peeled off in front, and the trips at the end of the last chunk run in a second,
+# masked loop.
 
 
 @triton.jit
@@ -286,17 +291,32 @@ def _slot(i: tl.constexpr, v1, v2, v3, v4, v5, v6, v7, v8):
 
 
 @triton.jit
-def _row(P, ch, s, C, S, COMPUTE: tl.constexpr):
-    # one channel's row at P (pointer to position 0 of channel ch) for the block's positions;
-    # zeros outside channels [0, C) (torch's zero padding): a scalar limit, one compare a lane
-    lim = tl.where((ch >= 0) & (ch < C), S, 0)
-    return tl.load(P + s, mask=s < lim, other=0.0).to(COMPUTE)
+def _row(P, ch, s, C, S, COMPUTE: tl.constexpr, ROWS: tl.constexpr = True,
+         MASK_S: tl.constexpr = True):
+    # one channel's row at P (pointer to position 0 of channel ch) for the block's positions.
+    # ROWS: zeros outside channels [0, C) (torch's zero padding): a scalar limit, one compare a
+    # lane, or without MASK_S one scalar predicate for the row; else the caller knows ch is in
+    # range, and only MASK_S (a partial block) masks
+    if ROWS and MASK_S:
+        v = tl.load(P + s, mask=s < tl.where((ch >= 0) & (ch < C), S, 0), other=0.0)
+    elif ROWS:
+        v = tl.load(P + s, mask=(ch >= 0) & (ch < C), other=0.0)
+    elif MASK_S:
+        v = tl.load(P + s, mask=s < S, other=0.0)
+    else:
+        v = tl.load(P + s)
+    return v.to(COMPUTE)
 
 
 @triton.jit
-def _slide_start(C, S, s_tiles, chunk, INT64: tl.constexpr, BLOCK_S: tl.constexpr):
-    # (n, first channel, end channel, positions).  Chunks of one (n, position block) are adjacent
-    # in launch order: a chunk's halo was just read by its neighbour (L2).
+def _slide_start(C, S, s_tiles, chunk, INT64: tl.constexpr, BLOCK_S: tl.constexpr,
+                 MASK_S: tl.constexpr = True):
+    # (n, first channel, end channel, first position, positions from it).  Chunks of one
+    # (n, position block) are adjacent in launch order: a chunk's halo was just read by its
+    # neighbour (L2).  MASK_S False (S >= BLOCK_S): the last block ends at S, overlapping the one
+    # before, so that no position needs a mask; the positions both hold are computed twice and
+    # stored twice with the same value.  The first position goes into the row pointers, so that
+    # each lane's offsets from them are constants (one address a row, not one a lane).
     pid = tl.program_id(0)
     c_chunks = tl.cdiv(C, chunk)
     q = pid % c_chunks
@@ -307,8 +327,12 @@ def _slide_start(C, S, s_tiles, chunk, INT64: tl.constexpr, BLOCK_S: tl.constexp
     if INT64:
         n = n.to(tl.int64)
         c0 = c0.to(tl.int64)
-    s = st * BLOCK_S + tl.arange(0, BLOCK_S)
-    return n, c0, tl.minimum(c0 + chunk, C), s
+    s0 = st * BLOCK_S
+    if not MASK_S:
+        s0 = tl.minimum(s0, S - BLOCK_S)
+    if INT64:
+        s0 = s0.to(tl.int64)
+    return n, c0, tl.minimum(c0 + chunk, C), s0, tl.arange(0, BLOCK_S)
 
 
 @triton.jit
@@ -319,14 +343,17 @@ def _wide(v, INT64: tl.constexpr):
 
 
 @triton.jit
-def _log2_abs(v, FAST: tl.constexpr, FTZ: tl.constexpr):
+def _log2_abs(v, FAST: tl.constexpr, FTZ: tl.constexpr, NEG_BASE: tl.constexpr = True):
     # FTZ (with FAST): the host knows s is a normal number, where lg2's .ftz form gives the same
-    # result without the subnormal-input fix-up (three instructions)
+    # result without the subnormal-input fix-up (three instructions).  NEG_BASE False: v >= 0
+    # (or -0, whose log2 is -inf too), so no abs
+    if NEG_BASE:
+        v = tl.abs(v)
     if FAST and FTZ:
-        r = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [tl.abs(v)],
+        r = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [v],
                                       dtype=tl.float32, is_pure=True, pack=1)
     else:
-        r = _log2(tl.abs(v), FAST)
+        r = _log2(v, FAST)
     return r
 
 
@@ -343,6 +370,18 @@ def _pow_from_log(lg, s, e, neg, NEG_BASE: tl.constexpr, FAST: tl.constexpr,
     if NEG_BASE:
         p = tl.where(s < 0.0, p * neg, p)
     return p
+
+
+@triton.jit
+def _recip(v, FAST: tl.constexpr):
+    # 1 / v; FAST: one MUFU instruction (rcp.approx.ftz, ~1 ulp), for a normal v whose reciprocal
+    # is normal (the host's _reciprocal_path)
+    if FAST:
+        r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [v],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        r = 1.0 / v
+    return r
 
 
 @triton.jit
@@ -390,7 +429,8 @@ def _lrn_forward_slide_kernel(
     FAST: tl.constexpr, COMPUTE: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     WIN: tl.constexpr = BEFORE + AFTER + 1
-    n, c0, c_end, s = _slide_start(C, S, s_tiles, chunk, INT64, BLOCK_S)
+    n, c0, c_end, s0, s = _slide_start(C, S, s_tiles, chunk, INT64, BLOCK_S)
+    s = s0 + s
     kk = from_pair(k_hi, k_lo, COMPUTE)
     aa = from_pair(a_hi, a_lo, COMPUTE)
     bb = from_pair(b_hi, b_lo, COMPUTE)
@@ -436,11 +476,15 @@ def _backward_step(DP, L, c0, c_end, C, s, S, lead, g,
                    u1, u2, u3, u4, u5, u6, u7, u8, kk, aa, bb, neg, e1, two_ab,
                    BEFORE: tl.constexpr, AFTER: tl.constexpr, WIN: tl.constexpr,
                    NEG_BASE: tl.constexpr, BETA_ZERO: tl.constexpr, FAST: tl.constexpr,
-                   FTZ: tl.constexpr):
+                   FTZ: tl.constexpr, RCP: tl.constexpr, STORE: tl.constexpr,
+                   ROWS: tl.constexpr, MASK_S: tl.constexpr, NEED_U: tl.constexpr):
     # Step L: lead = x at L completes s_m at m = L - AFTER and with it (g = dy_m)
     # t_m = dy_m x_m s_m^(-beta-1) and u_m = dy_m s_m^(-beta); channel i = m - BEFORE (row
     # pointer DP), whose mirrored window [i - AFTER, i + BEFORE] of t is then complete, gets
     #     dx_i = u_i - 2 a beta x_i sum t.
+    # STORE False: a halo step (i before the chunk), which only fills the t and u windows; NEED_U
+    # False: its u is never used (m before the chunk).  ROWS: some channel of the step may lie
+    # outside [0, C) or its store outside the chunk (masks and the t select); else none does.
     m = L - AFTER
     i = m - BEFORE
     if BETA_ZERO:  # y = x exactly (s^0 = 1 even at s = 0), and a zero second term as in torch
@@ -453,27 +497,82 @@ def _backward_step(DP, L, c0, c_end, C, s, S, lead, g,
             xm = lead
         else:
             xm = _slot(AFTER, v1, v2, v3, v4, v5, v6, v7, v8)
-        lg = _log2_abs(sm, FAST, FTZ)
-        # outside [0, C) t is 0 (g is 0 there, and k = 0 would give 0 * inf)
-        t = tl.where((m >= 0) & (m < C), g * xm * _pow_from_log(lg, sm, e1, -neg, NEG_BASE, FAST),
-                     0.0)
-        u = g * _pow_from_log(lg, sm, -bb, neg, NEG_BASE, FAST, FTZ)
-        tsum = t
-        for j in tl.static_range(1, WIN):
-            tsum += _slot(j, t1, t2, t3, t4, t5, t6, t7, t8)
-        if WIN == 1:
-            xi = lead
+        lg = _log2_abs(sm, FAST, FTZ, NEG_BASE)
+        if RCP:  # sm = s / 16 (see the kernel): s^-beta = 2^(-beta (lg + 4)), t = 16 u x / s
+            u = g * _pow_from_log(lg + 4.0, sm, -bb, neg, NEG_BASE, FAST, FTZ)
+            t = u * xm * _recip(sm, FAST)
         else:
-            xi = _slot(WIN - 1, v1, v2, v3, v4, v5, v6, v7, v8)
-        if BEFORE == 0:
-            ui = u
+            t = g * xm * _pow_from_log(lg, sm, e1, -neg, NEG_BASE, FAST)
+            if NEED_U:
+                u = g * _pow_from_log(lg, sm, -bb, neg, NEG_BASE, FAST, FTZ)
+            else:
+                u = t
+        if ROWS:  # outside [0, C) t is 0 (g is 0 there, and k = 0 would give 0 * inf)
+            t = tl.where((m >= 0) & (m < C), t, 0.0)
+        dx = t
+        if STORE:
+            tsum = t
+            for j in tl.static_range(1, WIN):
+                tsum += _slot(j, t1, t2, t3, t4, t5, t6, t7, t8)
+            if WIN == 1:
+                xi = lead
+            else:
+                xi = _slot(WIN - 1, v1, v2, v3, v4, v5, v6, v7, v8)
+            if BEFORE == 0:
+                ui = u
+            else:
+                ui = _slot(BEFORE, u1, u2, u3, u4, u5, u6, u7, u8)
+            dx = ui - two_ab * xi * tsum
+    if STORE:
+        out = cast_rn(dx, DP.dtype.element_ty)
+        if ROWS and MASK_S:
+            tl.store(DP + s, out, mask=s < tl.where((i >= c0) & (i < c_end), S, 0))
+        elif ROWS:
+            tl.store(DP + s, out, mask=(i >= c0) & (i < c_end))
+        elif MASK_S:
+            tl.store(DP + s, out, mask=s < S)
         else:
-            ui = _slot(BEFORE, u1, u2, u3, u4, u5, u6, u7, u8)
-        dx = ui - two_ab * xi * tsum
-    tl.store(DP + s, cast_rn(dx, DP.dtype.element_ty),
-             mask=s < tl.where((i >= c0) & (i < c_end), S, 0))
+            tl.store(DP + s, out)
     return (lead, v1, v2, v3, v4, v5, v6, v7, t, t1, t2, t3, t4, t5, t6, t7,
             u, u1, u2, u3, u4, u5, u6, u7)
+
+
+@triton.jit
+def _backward_trip(xp, gp, dp, sxc, sgc, sdc, L, c0, c_end, C, s, S,
+                   v1, v2, v3, v4, v5, v6, v7, v8, t1, t2, t3, t4, t5, t6, t7, t8,
+                   u1, u2, u3, u4, u5, u6, u7, u8, kk, aa, bb, neg, e1, two_ab,
+                   BEFORE: tl.constexpr, AFTER: tl.constexpr, WIN: tl.constexpr,
+                   NEG_BASE: tl.constexpr, BETA_ZERO: tl.constexpr, FAST: tl.constexpr,
+                   FTZ: tl.constexpr, RCP: tl.constexpr, ROWS: tl.constexpr,
+                   MASK_S: tl.constexpr, COMPUTE: tl.constexpr):
+    # steps L .. L + 3 (see _backward_step), their loads issued together before the math
+    x0 = _row(xp, L, s, C, S, COMPUTE, ROWS, MASK_S)
+    g0 = _row(gp, L - AFTER, s, C, S, COMPUTE, ROWS, MASK_S)
+    x1 = _row(xp + sxc, L + 1, s, C, S, COMPUTE, ROWS, MASK_S)
+    g1 = _row(gp + sgc, L + 1 - AFTER, s, C, S, COMPUTE, ROWS, MASK_S)
+    x2 = _row(xp + 2 * sxc, L + 2, s, C, S, COMPUTE, ROWS, MASK_S)
+    g2 = _row(gp + 2 * sgc, L + 2 - AFTER, s, C, S, COMPUTE, ROWS, MASK_S)
+    x3 = _row(xp + 3 * sxc, L + 3, s, C, S, COMPUTE, ROWS, MASK_S)
+    g3 = _row(gp + 3 * sgc, L + 3 - AFTER, s, C, S, COMPUTE, ROWS, MASK_S)
+    (v1, v2, v3, v4, v5, v6, v7, v8, t1, t2, t3, t4, t5, t6, t7, t8,
+     u1, u2, u3, u4, u5, u6, u7, u8) = _backward_step(
+        dp, L, c0, c_end, C, s, S, x0, g0, v1, v2, v3, v4, v5, v6, v7, v8,
+        t1, t2, t3, t4, t5, t6, t7, t8, u1, u2, u3, u4, u5, u6, u7, u8, kk, aa, bb, neg, e1,
+        two_ab, BEFORE, AFTER, WIN, NEG_BASE, BETA_ZERO, FAST, FTZ, RCP, True, ROWS, MASK_S, True)
+    (v1, v2, v3, v4, v5, v6, v7, v8, t1, t2, t3, t4, t5, t6, t7, t8,
+     u1, u2, u3, u4, u5, u6, u7, u8) = _backward_step(
+        dp + sdc, L + 1, c0, c_end, C, s, S, x1, g1, v1, v2, v3, v4, v5, v6, v7, v8,
+        t1, t2, t3, t4, t5, t6, t7, t8, u1, u2, u3, u4, u5, u6, u7, u8, kk, aa, bb, neg, e1,
+        two_ab, BEFORE, AFTER, WIN, NEG_BASE, BETA_ZERO, FAST, FTZ, RCP, True, ROWS, MASK_S, True)
+    (v1, v2, v3, v4, v5, v6, v7, v8, t1, t2, t3, t4, t5, t6, t7, t8,
+     u1, u2, u3, u4, u5, u6, u7, u8) = _backward_step(
+        dp + 2 * sdc, L + 2, c0, c_end, C, s, S, x2, g2, v1, v2, v3, v4, v5, v6, v7, v8,
+        t1, t2, t3, t4, t5, t6, t7, t8, u1, u2, u3, u4, u5, u6, u7, u8, kk, aa, bb, neg, e1,
+        two_ab, BEFORE, AFTER, WIN, NEG_BASE, BETA_ZERO, FAST, FTZ, RCP, True, ROWS, MASK_S, True)
+    return _backward_step(
+        dp + 3 * sdc, L + 3, c0, c_end, C, s, S, x3, g3, v1, v2, v3, v4, v5, v6, v7, v8,
+        t1, t2, t3, t4, t5, t6, t7, t8, u1, u2, u3, u4, u5, u6, u7, u8, kk, aa, bb, neg, e1,
+        two_ab, BEFORE, AFTER, WIN, NEG_BASE, BETA_ZERO, FAST, FTZ, RCP, True, ROWS, MASK_S, True)
 
 
 # chunk unspecialised: a 16-divisible chunk would give the four rows of a trip different
@@ -488,61 +587,74 @@ def _lrn_backward_slide_kernel(
     k_hi, k_lo, a_hi, a_lo, b_hi, b_lo,
     BEFORE: tl.constexpr, AFTER: tl.constexpr, NEG_BASE: tl.constexpr, BETA_ZERO: tl.constexpr,
     FTZ: tl.constexpr, FAST: tl.constexpr, COMPUTE: tl.constexpr, INT64: tl.constexpr,
+    MASK_S: tl.constexpr,  # S < BLOCK_S: positions masked (else the last block overlaps)
+    RCP: tl.constexpr,  # s^(-beta-1) as s^-beta / s (see _reciprocal_path)
     BLOCK_S: tl.constexpr,
 ):
-    # see _backward_step; the first WIN - 1 steps of a chunk fill the t window (its halo).
+    # see _backward_step.  The first WIN - 1 steps of a chunk fill the t and u windows (its halo,
+    # no stores); then trips of four steps, unmasked while every channel they touch is in
+    # [0, C) and every store in the chunk, the rest (the last chunk's end) masked.
     # beta = 0 keeps the same walk with dx = dy (dy carried in the t slots).
     WIN: tl.constexpr = BEFORE + AFTER + 1
-    n, c0, c_end, s = _slide_start(C, S, s_tiles, chunk, INT64, BLOCK_S)
+    # s: positions from s0, which the row pointers hold; MASK_S implies s0 = 0 (one block)
+    n, c0, c_end, s0, s = _slide_start(C, S, s_tiles, chunk, INT64, BLOCK_S, MASK_S)
     kk = from_pair(k_hi, k_lo, COMPUTE)
     aa = from_pair(a_hi, a_lo, COMPUTE)
     bb = from_pair(b_hi, b_lo, COMPUTE)
     neg = _negative_base(-bb)
     e1 = -bb - 1.0
     two_ab = 2.0 * aa * bb
+    if RCP:  # the steps take s / 16 and carry 16 t (exact scalings: see _reciprocal_path)
+        kk = kk * 0.0625
+        aa = aa * 0.0625
+        two_ab = two_ab * 0.0625
     sxc = _wide(sxc, INT64)
     sgc = _wide(sgc, INT64)
     sdc = _wide(sdc, INT64)
-    xp = X + n * sxn + c0 * sxc  # lead channel L
-    gp = G + n * sgn + (c0 - AFTER) * sgc  # channel m = L - AFTER
-    dp = DX + n * sdn + (c0 - AFTER - BEFORE) * sdc  # channel i = m - BEFORE
+    xp = X + n * sxn + c0 * sxc + s0  # lead channel L
+    gp = G + n * sgn + (c0 - AFTER) * sgc + s0  # channel m = L - AFTER
+    dp = DX + n * sdn + (c0 - AFTER - BEFORE) * sdc + s0  # channel i = m - BEFORE
     z = tl.zeros([BLOCK_S], dtype=COMPUTE)
     v1, v2, v3, v4, v5, v6, v7, v8 = z, z, z, z, z, z, z, z  # x at L - 1, L - 2, ...
     t1, t2, t3, t4, t5, t6, t7, t8 = z, z, z, z, z, z, z, z  # t at m - 1, m - 2, ...
     u1, u2, u3, u4, u5, u6, u7, u8 = z, z, z, z, z, z, z, z  # u at m - 1, m - 2, ...
     for d in tl.static_range(1 - WIN, 0):  # x below the first lead c0 fills the window
         v8, v7, v6, v5, v4, v3, v2 = v7, v6, v5, v4, v3, v2, v1
-        v1 = _row(xp + d * sxc, c0 + d, s, C, S, COMPUTE)
-    # four steps a trip, their loads issued together before the math (see the forward)
-    for L in range(c0, c_end + BEFORE + AFTER, 4):
-        x0 = _row(xp, L, s, C, S, COMPUTE)
-        g0 = _row(gp, L - AFTER, s, C, S, COMPUTE)
-        x1 = _row(xp + sxc, L + 1, s, C, S, COMPUTE)
-        g1 = _row(gp + sgc, L + 1 - AFTER, s, C, S, COMPUTE)
-        x2 = _row(xp + 2 * sxc, L + 2, s, C, S, COMPUTE)
-        g2 = _row(gp + 2 * sgc, L + 2 - AFTER, s, C, S, COMPUTE)
-        x3 = _row(xp + 3 * sxc, L + 3, s, C, S, COMPUTE)
-        g3 = _row(gp + 3 * sgc, L + 3 - AFTER, s, C, S, COMPUTE)
+        v1 = _row(xp + d * sxc, c0 + d, s, C, S, COMPUTE, True, MASK_S)
+    for h in tl.static_range(0, WIN - 1):  # the halo: L = c0 + h, m before c0 + BEFORE
+        xh = _row(xp + h * sxc, c0 + h, s, C, S, COMPUTE, True, MASK_S)
+        gh = _row(gp + h * sgc, c0 + h - AFTER, s, C, S, COMPUTE, True, MASK_S)
         (v1, v2, v3, v4, v5, v6, v7, v8, t1, t2, t3, t4, t5, t6, t7, t8,
          u1, u2, u3, u4, u5, u6, u7, u8) = _backward_step(
-            dp, L, c0, c_end, C, s, S, x0, g0, v1, v2, v3, v4, v5, v6, v7, v8,
+            dp, c0 + h, c0, c_end, C, s, S, xh, gh, v1, v2, v3, v4, v5, v6, v7, v8,
             t1, t2, t3, t4, t5, t6, t7, t8, u1, u2, u3, u4, u5, u6, u7, u8, kk, aa, bb, neg, e1,
-            two_ab, BEFORE, AFTER, WIN, NEG_BASE, BETA_ZERO, FAST, FTZ)
+            two_ab, BEFORE, AFTER, WIN, NEG_BASE, BETA_ZERO, FAST, FTZ, RCP, False, True, MASK_S,
+            h >= AFTER)
+    xp += (WIN - 1) * sxc
+    gp += (WIN - 1) * sgc
+    dp += (WIN - 1) * sdc
+    # trip L is unmasked when its highest channel L + 3 < C and its highest store
+    # L + 3 - (WIN - 1) < c_end (its lowest channels are past the halo, in range)
+    first = c0 + (WIN - 1)
+    end = c_end + (WIN - 1)
+    safe = tl.minimum(tl.cdiv(tl.maximum(tl.minimum(C, end) - 3 - first, 0), 4),
+                      tl.cdiv(c_end - c0, 4))
+    mid = first + 4 * safe
+    for L in range(first, mid, 4):
         (v1, v2, v3, v4, v5, v6, v7, v8, t1, t2, t3, t4, t5, t6, t7, t8,
-         u1, u2, u3, u4, u5, u6, u7, u8) = _backward_step(
-            dp + sdc, L + 1, c0, c_end, C, s, S, x1, g1, v1, v2, v3, v4, v5, v6, v7, v8,
+         u1, u2, u3, u4, u5, u6, u7, u8) = _backward_trip(
+            xp, gp, dp, sxc, sgc, sdc, L, c0, c_end, C, s, S, v1, v2, v3, v4, v5, v6, v7, v8,
             t1, t2, t3, t4, t5, t6, t7, t8, u1, u2, u3, u4, u5, u6, u7, u8, kk, aa, bb, neg, e1,
-            two_ab, BEFORE, AFTER, WIN, NEG_BASE, BETA_ZERO, FAST, FTZ)
+            two_ab, BEFORE, AFTER, WIN, NEG_BASE, BETA_ZERO, FAST, FTZ, RCP, False, MASK_S, COMPUTE)
+        xp += 4 * sxc
+        gp += 4 * sgc
+        dp += 4 * sdc
+    for L in range(mid, end, 4):
         (v1, v2, v3, v4, v5, v6, v7, v8, t1, t2, t3, t4, t5, t6, t7, t8,
-         u1, u2, u3, u4, u5, u6, u7, u8) = _backward_step(
-            dp + 2 * sdc, L + 2, c0, c_end, C, s, S, x2, g2, v1, v2, v3, v4, v5, v6, v7, v8,
+         u1, u2, u3, u4, u5, u6, u7, u8) = _backward_trip(
+            xp, gp, dp, sxc, sgc, sdc, L, c0, c_end, C, s, S, v1, v2, v3, v4, v5, v6, v7, v8,
             t1, t2, t3, t4, t5, t6, t7, t8, u1, u2, u3, u4, u5, u6, u7, u8, kk, aa, bb, neg, e1,
-            two_ab, BEFORE, AFTER, WIN, NEG_BASE, BETA_ZERO, FAST, FTZ)
-        (v1, v2, v3, v4, v5, v6, v7, v8, t1, t2, t3, t4, t5, t6, t7, t8,
-         u1, u2, u3, u4, u5, u6, u7, u8) = _backward_step(
-            dp + 3 * sdc, L + 3, c0, c_end, C, s, S, x3, g3, v1, v2, v3, v4, v5, v6, v7, v8,
-            t1, t2, t3, t4, t5, t6, t7, t8, u1, u2, u3, u4, u5, u6, u7, u8, kk, aa, bb, neg, e1,
-            two_ab, BEFORE, AFTER, WIN, NEG_BASE, BETA_ZERO, FAST, FTZ)
+            two_ab, BEFORE, AFTER, WIN, NEG_BASE, BETA_ZERO, FAST, FTZ, RCP, True, MASK_S, COMPUTE)
         xp += 4 * sxc
         gp += 4 * sgc
         dp += 4 * sdc
@@ -613,6 +725,19 @@ def _normal_powers(cfg) -> bool:
     the smallest normal, a >= 0 (so s >= k), and 0 <= beta < 126 / 128 (s <= fp32's max keeps
     s^-beta above 2^-126).  Then lg2/ex2's .ftz forms give the exact same results."""
     return cfg.k >= 2.0**-125 and cfg.scale >= 0.0 and 0.0 <= cfg.beta < 126 / 128
+
+
+def _reciprocal_path(cfg, fast: bool) -> bool:
+    """Whether the backward takes s^(-beta-1) = s^-beta / s (one ex2 for both powers and an rcp,
+    no subnormal fix-ups) where it would take a second ex2 (each with a fix-up for subnormal
+    results).  It works with s / 16 and 16 t, so that s / 16 and 16 / s are normal fp32 numbers
+    for every s in [k, fp32's max] (rcp's .ftz form then loses nothing; s^-beta 1/s never goes
+    through a subnormal intermediate, where a subnormal s^(-beta-1) lost bits), and k / 16,
+    a / 16 and 2 a beta / 16 are exact: FAST and _normal_powers, k >= 2^-121, a and 2 a beta
+    zero or at least 2^-100."""
+    two_ab = 2.0 * cfg.scale * cfg.beta
+    return (fast and _normal_powers(cfg) and cfg.k >= 2.0**-121
+            and (cfg.scale == 0.0 or (cfg.scale >= 2.0**-100 and two_ab >= 2.0**-100)))
 
 
 def _slide_args(ts, cfg):
@@ -749,7 +874,9 @@ def _backward_site(x3, g3, d3, cfg) -> Site:
     slide = _slide_args((x3, g3, d3), cfg)
     if slide is not None:
         grid, args, kw = slide
-        return Site(_lrn_backward_slide_kernel, grid, args, **kw)
+        return Site(_lrn_backward_slide_kernel, grid, args,
+                    MASK_S=x3.shape[2] < kw["BLOCK_S"], RCP=_reciprocal_path(cfg, kw["FAST"]),
+                    **kw)
     grid, dims, kw = _launch_args(x3, cfg)
     return Site(_lrn_backward_kernel, grid,
                 (*dims, *x3.stride(), *g3.stride(), *d3.stride()),
