@@ -266,6 +266,11 @@ def test_sliding_plan_on_a_gpu():
         cl = torch.empty(2, 96, 5, 5).to(memory_format=torch.channels_last)
         cl3 = cl.view(2, 96, -1)  # channels contiguous: positions are not
         assert lrn_ops._slide_args((cl3, cl3), cfg) is None
+        # AlexNet conv2 at batch 32: 768 programs at 32 channels, 5.8 an SM: the backward (whose
+        # halo costs math) keeps 32, the forward takes 16
+        mid = torch.empty(32, 256, 729)
+        assert lrn_ops._forward_site(mid, mid, cfg).tail[3] == 16
+        assert lrn_ops._backward_site(mid, mid, mid, cfg).tail[3] == 32
     assert args_small[3] == 16 and args_large[3] == 32
     assert kw["FTZ"] and not kw["NEG_BASE"] and not kw["BETA_ZERO"]
     assert not rt.plans_for_gpu(small.device)

@@ -704,8 +704,11 @@ class LrnConfig(NamedTuple):
 # and the backward's first size - 1 steps of a chunk compute its halo), and elements per thread.
 SLIDE_CHUNK = 32
 # ... halved on a GPU when the grid would hold fewer programs than this per SM: long-running
-# programs over few waves leave a tail of lone programs (perf.static_cost's model)
+# programs over few waves leave a tail of lone programs (perf.static_cost's model).  The
+# backward's halo steps cost math (5 steps' worth per 16 channels, 9 per 32), its forward's only
+# loads: it keeps 32 down to fewer programs (AlexNet conv2 at batch 32: 5.8 an SM)
 SLIDE_MIN_PROGRAMS_PER_SM = 6
+SLIDE_MIN_PROGRAMS_PER_SM_BACKWARD = 5
 SLIDE_ELEMENTS_PER_THREAD = 4
 
 
@@ -740,9 +743,10 @@ def _reciprocal_path(cfg, fast: bool) -> bool:
             and (cfg.scale == 0.0 or (cfg.scale >= 2.0**-100 and two_ab >= 2.0**-100)))
 
 
-def _slide_args(ts, cfg):
+def _slide_args(ts, cfg, min_programs=None):
     """Launch of the sliding kernels for the (N, C, S) views ``ts`` (x first), or None where they
-    do not apply: positions not unit-stride in every tensor, one position, or a looped window."""
+    do not apply: positions not unit-stride in every tensor, one position, or a looped window.
+    ``min_programs``: per SM, below which chunks are halved (SLIDE_MIN_PROGRAMS_PER_SM)."""
     N, C, S = ts[0].shape
     before, after = min(cfg.before, C - 1), min(cfg.after, C - 1)
     if S == 1 or before + after + 1 > MAX_UNROLLED_WINDOW or any(t.stride(2) != 1 for t in ts):
@@ -752,7 +756,8 @@ def _slide_args(ts, cfg):
     chunk = min(C, SLIDE_CHUNK)
     if (rt.plans_for_gpu(ts[0].device) and chunk > 16
             and N * s_tiles * triton.cdiv(C, chunk)
-            < SLIDE_MIN_PROGRAMS_PER_SM * rt.sm_count(ts[0].device)):
+            < (SLIDE_MIN_PROGRAMS_PER_SM if min_programs is None else min_programs)
+            * rt.sm_count(ts[0].device)):
         chunk = 16
     grid = (N * s_tiles * triton.cdiv(C, chunk),)
     fast = (ts[0].device.type in ("cuda", "cpu") and rt.plans_for_gpu(ts[0].device)
@@ -871,7 +876,7 @@ def _backward_buffers(x, dy, last):
 
 
 def _backward_site(x3, g3, d3, cfg) -> Site:
-    slide = _slide_args((x3, g3, d3), cfg)
+    slide = _slide_args((x3, g3, d3), cfg, SLIDE_MIN_PROGRAMS_PER_SM_BACKWARD)
     if slide is not None:
         grid, args, kw = slide
         return Site(_lrn_backward_slide_kernel, grid, args,
