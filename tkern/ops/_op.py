@@ -12,9 +12,10 @@ From the declaration ``Op`` builds:
 - the eager autograd path.  Two ``autograd.Function`` classes: an old-style one (``forward(ctx,
   ...)``) launched through the C++ ``_FunctionBase.apply`` directly, whose tensor arguments are
   only the ``grads`` inputs (the rest travel in one tuple), and a ``setup_context`` one, taking
-  every input, for torch.func transforms and for dynamo where there are no custom ops.  ``Function.apply`` with ``setup_context`` binds every call through
-  ``inspect.signature`` (10-20 us); the old style skips that, so it is taken whenever no functorch
-  transform is active.
+  every input, for torch.func transforms and for dynamo where there are no custom ops.
+  ``Function.apply`` with ``setup_context`` binds every call through ``inspect.signature``
+  (10-20 us); the old style skips that, so it is taken whenever no functorch transform is
+  active.
 - the ``torch.library`` custom ops ``<name>`` and ``<name>_backward`` with fake implementations
   and ``register_autograd``, used under ``torch.compile`` (``torch.compiler.is_compiling()``).
   Inputs an op mutates (BatchNorm's running stats) are updated in place on the eager path; the
