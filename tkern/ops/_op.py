@@ -141,12 +141,19 @@ def clear_plan_caches() -> None:
 def signature(tensors: tuple) -> tuple:
     """What a program may depend on besides the config: each tensor's shape, strides, dtype and
     device (None for an absent one; alignment is the launch sites' concern), and the runtime
-    rule's state (``rt.plan_as_gpu``; for CPU tensors, whether the interpreter is on)."""
-    sig = tuple([None if t is None else (t.shape, t.stride(), t.dtype, t.device)
-                 for t in tensors])
-    first = sig[0]
-    cpu = first is not None and first[3].type == "cpu"
-    return (*sig, rt._planned_sms, cpu and rt.interpreter_enabled())
+    rule's state (``rt.plan_as_gpu``; for CPU tensors, whether the interpreter is on).  One flat
+    tuple (a tensor gives four entries, a torch.Size first; None one): cheaper to build and to
+    hash than a tuple per tensor, and as unambiguous."""
+    sig = []
+    for t in tensors:
+        if t is None:
+            sig.append(None)
+        else:
+            sig += (t.shape, t.stride(), t.dtype, t.device)
+    cpu = tensors[0] is not None and sig[3].type == "cpu"  # the first tensor's device
+    sig.append(rt._planned_sms)
+    sig.append(cpu and rt.interpreter_enabled())
+    return tuple(sig)
 
 
 # ----------------------------------------------------------------------------------------------
