@@ -339,6 +339,51 @@ def _floor_us(reps: int, rounds: int) -> tuple[float, float]:
     return fwd, both
 
 
+def _bare_bn_us(reps: int, rounds: int, log) -> tuple[float, float, float]:
+    """BatchNorm2d(2048)+relu's own program (``programs.make``: the same allocations and
+    launches) in the leanest Python autograd.Function: no module, no argument checks, no
+    checked-call key, no op mechanism.  (fwd, fwd+bwd, eager's fwd+bwd in the same rounds) in
+    us: how far the public call is from what any Python Function calling these launches pays."""
+    import tkern
+    from tkern.ops.batch_norm import autograd as bn_autograd, programs
+
+    gpu = torch.cuda.is_available()
+    case = CASES[0]
+    with torch.device("cuda" if gpu else "cpu"):
+        shape = case.tiny if gpu else case.shape
+        m = tkern.nn.BatchNorm2d(shape[1], activation="relu")
+        x = torch.randn(shape, requires_grad=True)
+        dy = torch.randn(shape)
+    w, b = m.weight, m.bias
+    rest = (m.running_mean, m.running_var, m.num_batches_tracked, None)
+    cfg = bn_autograd.BatchNormConfig(1e-5, True, 0.1, "relu", 0.01, 1.0)
+    prog = programs.make((x, w, b, *rest), cfg)
+
+    class Bare(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w, b):
+            y, stats = prog.forward(cfg, x, w, b, *rest)
+            ctx.save_for_backward(x, w, b, stats)
+            return y
+
+        @staticmethod
+        def backward(ctx, dy):
+            x, w, b, stats = ctx.saved_tensors
+            return prog.backward((dy,), (x, w, b, None, None, None, stats), cfg,
+                                 (True, True, True, False))[:3]
+
+    apply = super(torch.autograd.Function, Bare).apply  # the C++ apply, as tkern's op
+
+    def full():
+        x.grad = w.grad = b.grad = None
+        apply(x, w, b).backward(dy)
+
+    e_fwd, e_full, _ = _prepare(case, False, log)
+    full()
+    fwd, both, eager = _time_us([lambda: apply(x, w, b), full, e_full], reps, rounds)
+    return fwd, both, eager
+
+
 def _cached_cpu_allocations() -> None:
     """Large CPU tensors from the heap rather than fresh mmaps (glibc ``mallopt``): close to a
     GPU's caching allocator, so that allocating tkern's full-size outputs costs what it costs
@@ -370,6 +415,12 @@ def run(reps: int = 40, cases=None, out=print, rounds: int = 25) -> list[dict]:
             for case in cases or CASES:
                 ours, theirs = _measure_pair(case, reps, rounds)
                 rows.append(dict(case=case.name, shape=case.shape, tkern=ours, eager=theirs))
+            bare = None
+            if any(case is CASES[0] for case in cases or CASES):
+                ctx = (contextlib.nullcontext(LaunchLog()) if torch.cuda.is_available()
+                       else skip_kernel_bodies())
+                with ctx as log:
+                    bare = _bare_bn_us(reps, rounds, log)
         floor = _floor_us(reps, rounds)
     finally:
         torch.set_num_threads(threads)
@@ -388,6 +439,10 @@ def run(reps: int = 40, cases=None, out=print, rounds: int = 25) -> list[dict]:
         out(f"{r['case']:38s} {str(tuple(r['shape'])):>18s} | {t['fwd_us']:9.1f} {t['full_us']:8.1f}"
             f" {f'{lf} / {lb}':>10s} {other:28s} | {e['fwd_us']:9.1f} {e['full_us']:8.1f} |"
             f" {t['full_us'] / e['full_us']:.2f}x")
+    if bare is not None:
+        out(f"bare: {CASES[0].name}'s own program in a minimal Python autograd.Function (no "
+            f"module, checks or key): {bare[0]:.1f} / {bare[1]:.1f} us fwd / fwd+bwd, "
+            f"{bare[1] / bare[2]:.2f}x eager's {bare[2]:.1f} in the same rounds")
     out(f"floor: a Python autograd.Function that only allocates (3 inputs): {floor[0]:.1f} / "
         f"{floor[1]:.1f} us fwd / fwd+bwd, paid by every op written as one")
     return rows

@@ -987,6 +987,7 @@ def _program_variants(device):
             ("cumulative", make(momentum=None)), ("residual", make(residual=True)),
             ("eval", make(training=False)), ("eval residual", make(training=False, residual=True)),
             ("2d", make(shape=(7, 5))), ("split", make(shape=(8, 2, 16, 16), act="silu")),
+            ("eval split", make(shape=(8, 2, 16, 16), training=False)),
             ("counted", make(count=True)),
             ("counted split", make(shape=(8, 2, 16, 16), count=True)),
             ("counted cumulative split", make(shape=(8, 2, 16, 16), momentum=None))]
@@ -1017,8 +1018,8 @@ def test_programs_match_the_launchers(device):
     launchers."""
     plain = bn_ops.OP.make_program
     for name, build in _program_variants(device):
-        extra = name in ("nchw", "split")
-        assert (bn_ops.num_partials(build()["x"]) > 1) == name.endswith("split")
+        extra = name in ("nchw", "split", "eval", "eval split")
+        assert (bn_ops.num_partials(build()["x"]) > 1) == name.endswith("split"), name
         for wanted, dy_fmt in ((("x", "w", "b"), "like_y"),
                                *(((("x",), "like_y"), (("w", "b"), "like_y"),
                                   (("x", "w", "b"), "transposed")) if extra else ())):

@@ -39,7 +39,9 @@ def test_host_mode_counts_launches():
     for r in rows:  # eager's side ran too, with kernels of its own and no Triton launches
         assert r["eager"]["counts"]["fwd"][0] == 0 and r["eager"]["counts"]["fwd"][1]
         assert r["tkern"]["fwd_us"] > 0 and r["eager"]["full_us"] > 0
-    assert len(lines) == 4 + len(names) and all(n in "\n".join(lines) for n in names)
+    assert len(lines) == 5 + len(names) and all(n in "\n".join(lines) for n in names)
+    # BatchNorm's program in a bare Python Function: the reference line beside the floor
+    assert lines[-2].startswith("bare: BatchNorm2d(2048)+relu train") and "x eager" in lines[-2]
     assert lines[-1].startswith("floor: ")
 
 

@@ -19,7 +19,7 @@ import inspect
 import torch
 
 from ..activations import activation_repr, activation_scalars, check_activation
-from ..ops.batch_norm import _batch_norm
+from ..ops.batch_norm import _CALLS, _batch_norm, checked_key, repeat
 
 
 # Whether the installed torch's BatchNorm takes ``bias=`` (torch >= 2.13).
@@ -37,6 +37,11 @@ def drop_bias(module: torch.nn.Module, bias: bool) -> None:
     """``bias=False`` on a torch without the argument: what torch >= 2.13's constructor does."""
     if not TORCH_HAS_BIAS_ARG and module.affine and not bias:
         module.register_parameter("bias", None)
+
+
+# what the kernels' activation scalars are made of
+_ACTIVATION_ATTRIBUTES = frozenset(("activation", "negative_slope", "alpha", "approximate",
+                                    "min_val", "max_val", "beta", "threshold"))
 
 
 class _TkernBatchNormMixin:
@@ -75,13 +80,37 @@ class _TkernBatchNormMixin:
         momentum = self.momentum
         if momentum is None and not counted:
             momentum = 0.0  # unused: no running stats to update
-        tracked = not training or self.track_running_stats
-        return _batch_norm(
-            input, running_mean if tracked else None, running_var if tracked else None,
-            weight, bias, training or (running_mean is None and running_var is None), momentum,
-            self.eps, self.activation, *self._activation_scalars(), self.approximate,
-            num_batches_tracked=nbt if counted else None, residual=residual,
-        )
+        if not training or self.track_running_stats:
+            rm, rv = running_mean, running_var
+        else:
+            rm = rv = None
+        bn_training = training or (running_mean is None and running_var is None)
+        slope, alpha = self._kernel_scalars()
+        nbt = nbt if counted else None
+        eps, activation, approximate = self.eps, self.activation, self.approximate
+        # a repeated call: the checked-call cache, without _batch_norm's argument handling
+        key = checked_key(bn_training, momentum, eps, activation, slope, alpha, approximate,
+                          (input, rm, rv, weight, bias, nbt, residual))
+        if key is not None:
+            hit = _CALLS.plans.get(key)
+            if hit is not None:
+                return repeat(hit, input, rm, rv, weight, bias, nbt, residual)
+        return _batch_norm(input, rm, rv, weight, bias, bn_training, momentum, eps, activation,
+                           slope, alpha, approximate, num_batches_tracked=nbt,
+                           residual=residual, key=key)
+
+    def _kernel_scalars(self):
+        """The kernels' two activation scalars, made once per value of the activation's
+        attributes (``__setattr__`` forgets them)."""
+        got = self.__dict__.get("_tk_scalars")
+        if got is None:
+            got = self.__dict__["_tk_scalars"] = self._activation_scalars()
+        return got
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in _ACTIVATION_ATTRIBUTES:
+            self.__dict__.pop("_tk_scalars", None)
 
     def _state(self):
         """weight, bias, running_mean, running_var, num_batches_tracked.  tkern's own classes

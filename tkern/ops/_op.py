@@ -12,9 +12,10 @@ From the declaration ``Op`` builds:
 - the eager autograd path.  Two ``autograd.Function`` classes: an old-style one (``forward(ctx,
   ...)``) launched through the C++ ``_FunctionBase.apply`` directly, whose tensor arguments are
   only the ``grads`` inputs (the rest travel in one tuple), and a ``setup_context`` one, taking
-  every input, for torch.func transforms and for dynamo where there are no custom ops.  ``Function.apply`` with ``setup_context`` binds every call through
-  ``inspect.signature`` (10-20 us); the old style skips that, so it is taken whenever no functorch
-  transform is active.
+  every input, for torch.func transforms and for dynamo where there are no custom ops.
+  ``Function.apply`` with ``setup_context`` binds every call through ``inspect.signature``
+  (10-20 us); the old style skips that, so it is taken whenever no functorch transform is
+  active.
 - the ``torch.library`` custom ops ``<name>`` and ``<name>_backward`` with fake implementations
   and ``register_autograd``, used under ``torch.compile`` (``torch.compiler.is_compiling()``).
   Inputs an op mutates (BatchNorm's running stats) are updated in place on the eager path; the
@@ -140,12 +141,19 @@ def clear_plan_caches() -> None:
 def signature(tensors: tuple) -> tuple:
     """What a program may depend on besides the config: each tensor's shape, strides, dtype and
     device (None for an absent one; alignment is the launch sites' concern), and the runtime
-    rule's state (``rt.plan_as_gpu``; for CPU tensors, whether the interpreter is on)."""
-    sig = tuple([None if t is None else (t.shape, t.stride(), t.dtype, t.device)
-                 for t in tensors])
-    first = sig[0]
-    cpu = first is not None and first[3].type == "cpu"
-    return (*sig, rt._planned_sms, cpu and rt.interpreter_enabled())
+    rule's state (``rt.plan_as_gpu``; for CPU tensors, whether the interpreter is on).  One flat
+    tuple (a tensor gives four entries, a torch.Size first; None one): cheaper to build and to
+    hash than a tuple per tensor, and as unambiguous."""
+    sig = []
+    for t in tensors:
+        if t is None:
+            sig.append(None)
+        else:
+            sig += (t.shape, t.stride(), t.dtype, t.device)
+    cpu = tensors[0] is not None and sig[3].type == "cpu"  # the first tensor's device
+    sig.append(rt._planned_sms)
+    sig.append(cpu and rt.interpreter_enabled())
+    return tuple(sig)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -193,33 +193,54 @@ _CALLS = PlanCache(None)
 _NBT_KERNEL, _NBT_READ, _NBT_HOST = 1, 2, 3
 
 
+def checked_key(training, momentum, eps, activation, negative_slope, alpha, approximate,
+                tensors):
+    """The checked-call cache's key (``_CALLS``) of a call with these scalars and ``tensors``
+    (input, running_mean, running_var, weight, bias, num_batches_tracked, residual), or None
+    where the cache steps aside: a tensor subclass, non-float scalars (a 0-dim tensor: its
+    value may change), torch.compile, functorch transforms (wrapped tensors)."""
+    if (tensors[0].__class__ is torch.Tensor and eps.__class__ is float
+            and (momentum is None or momentum.__class__ is float)
+            and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()):
+        return (training, momentum, eps, activation, negative_slope, alpha, approximate,
+                *signature(tensors))
+    return None
+
+
+def repeat(hit, input, running_mean, running_var, weight, bias, num_batches_tracked, residual):
+    """A repeated call (a ``_CALLS`` entry): the module's counter kept as the entry says, then
+    the op's program; y."""
+    cfg, program, stats, nbt = hit
+    if nbt is not None and nbt != _NBT_KERNEL:
+        num_batches_tracked.add_(1)
+    return OP.run(program, (input, weight, bias, running_mean if stats else None,
+                            running_var if stats else None,
+                            num_batches_tracked if nbt is not None and nbt != _NBT_HOST
+                            else None, residual), cfg)[0]
+
+
+_LOOK_UP = object()  # _batch_norm's default: look the call up (a module passes its own key)
+
+
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                 activation, negative_slope, alpha, approximate, num_batches_tracked=None,
-                residual=None, counted=False):
+                residual=None, counted=False, key=_LOOK_UP):
     """Shared body of ``batch_norm`` and the modules.  ``num_batches_tracked`` (modules, in
     training with tracked stats): the module's counter, which this call advances by one first,
     as torch's modules do (in the kernel on a repeated call: no add_ launch); ``momentum=None``
     then means the cumulative average 1 / num_batches_tracked, read on the device
     (``counted``: already advanced).  ``negative_slope`` and ``alpha`` are the kernels' two
-    activation scalars (``activations.activation_scalars``)."""
-    key = None
-    # plain tensors and float scalars only (a subclass or a 0-dim tensor takes the full path)
-    if (input.__class__ is torch.Tensor and eps.__class__ is float and not counted
-            and (momentum is None or momentum.__class__ is float)
-            and not torch.compiler.is_compiling()
-            and not torch._C._are_functorch_transforms_active()):  # wrapped tensors: full path
-        tensors = (input, running_mean, running_var, weight, bias, num_batches_tracked, residual)
-        key = (training, momentum, eps, activation, negative_slope, alpha, approximate,
-               *signature(tensors))
-        hit = _CALLS.plans.get(key)
+    activation scalars (``activations.activation_scalars``).  ``key``: the caller's
+    ``checked_key``, already looked up and missed (the modules' forward)."""
+    if key is _LOOK_UP:
+        key = None if counted else checked_key(
+            training, momentum, eps, activation, negative_slope, alpha, approximate,
+            (input, running_mean, running_var, weight, bias, num_batches_tracked, residual))
+        hit = None if key is None else _CALLS.plans.get(key)
         if hit is not None:
-            cfg, program, stats, nbt = hit
-            if nbt is not None and nbt != _NBT_KERNEL:
-                num_batches_tracked.add_(1)
-            return OP.run(program, (input, weight, bias, running_mean if stats else None,
-                                    running_var if stats else None,
-                                    num_batches_tracked if nbt is not None and nbt != _NBT_HOST
-                                    else None, residual), cfg)[0]
+            return repeat(hit, input, running_mean, running_var, weight, bias,
+                          num_batches_tracked, residual)
     if num_batches_tracked is not None and not counted:
         num_batches_tracked.add_(1)  # first, as torch's modules (even if a check fails below)
     kact = kernel_name(activation, approximate)

@@ -4,7 +4,7 @@ once, so that a repeated layer's call costs its allocations and its launches.
 A program is made for inputs the kernels read in place: x dense and addressable
 (``_prepare_input`` returns it), the residual in x's layout, weight, bias and running stats
 contiguous ``[C]``.  Anything else (program None), and a backward whose dy is not laid out as
-x, or which the program does not cover (eval backward, no dx wanted), runs the launchers of
+x, or which the program does not cover (no dx wanted), runs the launchers of
 ``launch.py``, which the programs share their sites with: the same kernels, the same arguments.
 A program's sites are ``fixed_dtypes()`` ones (keyed by alignment only): its signature fixes the
 dtype of everything it launches with, dy included (autograd hands it over in y's dtype).
@@ -169,8 +169,9 @@ class _TrainBackward:
 
 
 class _Eval:
-    """Eval: the forward's one normalize launch from the running stats; backward by
-    ``launch.backward``."""
+    """Eval: the forward's one normalize launch from the running stats; backward with dx wanted
+    in one launch (the reduction pass writing dx when weight or bias want a gradient, else the
+    elementwise dx kernel)."""
 
     def __init__(self, inputs, cfg):
         x, weight, bias, running_mean, running_var, _, residual = inputs
@@ -179,6 +180,10 @@ class _Eval:
         self.site = launch.normalize_site(plan(x, reduction=False), x, x, cfg.activation,
                                           cfg.negative_slope, cfg.alpha, named, flags,
                                           rflags).fixed_dtypes()
+        self.x_stride, self.dtype = x.stride(), x.dtype
+        self.empty = x.new_empty(0)
+        self.sums_like = x.new_empty((2, x.shape[1]), dtype=rt.accum_dtype(x.dtype))
+        self.backwards: dict = {}
 
     def forward(self, cfg, x, weight, bias, running_mean, running_var, num_batches_tracked,
                 residual):
@@ -186,7 +191,67 @@ class _Eval:
         rm = running_mean
         self.site(x, y, rm, rm, running_var, rm if weight is None else weight,
                   rm if bias is None else bias, *(() if residual is None else (residual,)))
-        return y, y.new_empty(0)
+        return y, torch.empty_like(self.empty)
 
     def backward(self, douts, saved, cfg, needs):
-        return None
+        dy = douts[0]
+        if dy.stride() != self.x_stride or dy.dtype != self.dtype or not needs[0]:
+            return None  # the launchers (dy laid out otherwise; no dx: sums only)
+        run = self.backwards.get(needs)
+        if run is None:
+            run = self.backwards[needs] = _EvalBackward(self, saved, dy, cfg, needs)
+        return run(dy, saved)
+
+
+class _EvalBackward:
+    """One eval backward variant (dx wanted) of an ``_Eval`` program: ``launch.backward``'s
+    eval branch with its sites made once."""
+
+    def __init__(self, prog: _Eval, saved, dy, cfg, needs):
+        x, weight, bias, _, _, residual, _ = saved
+        _, need_w, need_b, need_r = needs
+        self.need_w, self.need_b = need_w, need_b
+        self.need_wb = need_w or need_b
+        self.need_r = need_r and residual is not None
+        self.w_dtype = None if weight is None else weight.dtype
+        self.b_dtype = None if bias is None else bias.dtype
+        self.sums_like = prog.sums_like
+        act = (cfg.activation, cfg.negative_slope, cfg.alpha)
+        flags = _stat_flags(False, True, weight, bias, cfg.eps)
+        # dr is written wherever a residual is read (the reduction pass), or when wanted (dx)
+        named, rflags, _ = launch._residual_site(residual, x)
+        if self.need_wb:
+            p = plan(x, reduction=True)
+            self.P = p.num_partials
+            self.site = launch.backward_reduce_site(p, x, dy, x, True, False, 1, *act, named,
+                                                    flags, rflags).fixed_dtypes()
+            if self.P > 1:
+                self.ws_like = x.new_empty((2, self.P, x.shape[1]), dtype=self.sums_like.dtype)
+        else:
+            self.site = launch.dx_site(plan(x, reduction=False), x, dy, x, 1, 1, False, False,
+                                       self.need_r, *act, named, flags, rflags).fixed_dtypes()
+
+    def __call__(self, dy, saved):
+        x, weight, bias, rm, rv, residual, _ = saved
+        w = rm if weight is None else weight
+        b = rm if bias is None else bias
+        dx = torch.empty_like(x)
+        dr = None if residual is None else torch.empty_like(x)
+        res = () if residual is None else (residual, dr)
+        db = dw = None
+        if not self.need_wb:
+            self.site(x, dy, dx, rm, rm, rv, w, b, rm, rm, rm, *res)
+        elif self.P == 1:  # whole sums straight into the gradients
+            db, dw = torch.empty_like(self.sums_like).unbind(0)
+            self.site(x, dy, dx, rm, rm, rv, w, b, db, dw, *res)
+        else:  # the partial sums' deterministic combine, as launch.backward
+            ws = torch.empty_like(self.ws_like)
+            self.site(x, dy, dx, rm, rm, rv, w, b, *ws.unbind(0), *res)
+            db, dw = ws.sum(1).unbind(0)
+        if self.need_wb:
+            if self.need_w and self.w_dtype != db.dtype:
+                dw = dw.to(self.w_dtype)
+            if self.need_b and self.b_dtype != db.dtype:
+                db = db.to(self.b_dtype)
+        return (dx, dw if self.need_w else None, db if self.need_b else None,
+                dr if self.need_r else None)
