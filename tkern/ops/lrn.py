@@ -545,15 +545,16 @@ def _backward_trip(xp, gp, dp, sxc, sgc, sdc, L, c0, c_end, C, s, S,
                    NEG_BASE: tl.constexpr, BETA_ZERO: tl.constexpr, FAST: tl.constexpr,
                    FTZ: tl.constexpr, RCP: tl.constexpr, ROWS: tl.constexpr,
                    MASK_S: tl.constexpr, COMPUTE: tl.constexpr):
-    # steps L .. L + 3 (see _backward_step), their loads issued together before the math
-    x0 = _row(xp, L, s, C, S, COMPUTE, ROWS, MASK_S)
+    # steps L .. L + 3 (see _backward_step), their loads issued together before the math (dy
+    # first: ptxas then keeps one more load in flight, perf.static_cost)
     g0 = _row(gp, L - AFTER, s, C, S, COMPUTE, ROWS, MASK_S)
-    x1 = _row(xp + sxc, L + 1, s, C, S, COMPUTE, ROWS, MASK_S)
     g1 = _row(gp + sgc, L + 1 - AFTER, s, C, S, COMPUTE, ROWS, MASK_S)
-    x2 = _row(xp + 2 * sxc, L + 2, s, C, S, COMPUTE, ROWS, MASK_S)
     g2 = _row(gp + 2 * sgc, L + 2 - AFTER, s, C, S, COMPUTE, ROWS, MASK_S)
-    x3 = _row(xp + 3 * sxc, L + 3, s, C, S, COMPUTE, ROWS, MASK_S)
     g3 = _row(gp + 3 * sgc, L + 3 - AFTER, s, C, S, COMPUTE, ROWS, MASK_S)
+    x0 = _row(xp, L, s, C, S, COMPUTE, ROWS, MASK_S)
+    x1 = _row(xp + sxc, L + 1, s, C, S, COMPUTE, ROWS, MASK_S)
+    x2 = _row(xp + 2 * sxc, L + 2, s, C, S, COMPUTE, ROWS, MASK_S)
+    x3 = _row(xp + 3 * sxc, L + 3, s, C, S, COMPUTE, ROWS, MASK_S)
     (v1, v2, v3, v4, v5, v6, v7, v8, t1, t2, t3, t4, t5, t6, t7, t8,
      u1, u2, u3, u4, u5, u6, u7, u8) = _backward_step(
         dp, L, c0, c_end, C, s, S, x0, g0, v1, v2, v3, v4, v5, v6, v7, v8,
