@@ -701,7 +701,7 @@ def test_merge_of_many_partials(device, monkeypatch, dtype, data):
         x = torch.empty(shape, device=device, dtype=dtype).contiguous(
             memory_format=torch.channels_last)
         red = bn_plan.plan(x)
-        merging = bn_plan.plan(x, reduction=False, merging=True)
+        merging = bn_plan.plan(x, reduction=False, merging=bn_plan.PARTIAL_BYTES)
         assert red.num_partials > 16 and not red.flat  # two merge trips of 16 rows
         assert merging.units_per_prog > bn_plan.plan(x, reduction=False).units_per_prog
         # x bytes a program >= the partial bytes it merges, or one wave of programs

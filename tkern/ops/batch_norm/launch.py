@@ -13,7 +13,8 @@ from ... import _runtime as rt
 from ..._launch import Site
 from .._op import PlanCache, cdiv, f32_pairs, next_pow2
 from . import kernels as K
-from .launch_plan import _like, _prepare_input, flat_args, launch_args, plan
+from .launch_plan import (DX_PARTIAL_BYTES, PARTIAL_BYTES, _like, _prepare_input, flat_args,
+                          launch_args, plan)
 
 # Partial rows a trip of the merge (``kernels._merge_partials``): with 128 channels and 4 warps,
 # 16 rows keep its four [rows, channels] sums and loads at 64 registers a thread (32: 252 in
@@ -306,11 +307,13 @@ def bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g=None, sum_gx=None, c
         sum_g, sum_gx = _dense(sum_g, rows_shape, "sum_g"), _dense(sum_gx, rows_shape, "sum_gx")
         if sums_out is not None:
             _in_place(sums_out.view(-1), 2 * C, "sums_out")
-    p = plan(x, reduction=False)
+    rows = sum_g.shape[0] if training and sum_g.dim() == 2 else 1
+    # every program totals the partial rows itself: with several, the merging plan's longer
+    # programs (x bytes at least the rows' bytes they re-read, as the forward's merge)
+    p = plan(x, reduction=False, merging=DX_PARTIAL_BYTES if rows > 1 else 0)
     view = p.view
     dy = _like(dy, x, view)
     ptrs, flags = _stat_args(x, mean, mean_lo, invstd, weight, bias, var, eps)
-    rows = sum_g.shape[0] if training and sum_g.dim() == 2 else 1
     named, rflags, rtensors = _residual_site(residual, dr)
 
     key = ("dx", p, x.dtype, dy.stride(), rows, count, training, sums_out is not None,
@@ -450,7 +453,7 @@ def train_forward(x, weight, bias, running_mean, running_var, num_batches_tracke
                               momentum, eps, activation, negative_slope, alpha,
                               residual=residual)
     count, mean, m2, mean_lo = bn_partial_stats(x)
-    p = plan(x, reduction=False, merging=True)
+    p = plan(x, reduction=False, merging=PARTIAL_BYTES)
     view = p.view
     P, C = mean.shape
     weight, bias = _dense(weight, (C,), "weight"), _dense(bias, (C,), "bias")

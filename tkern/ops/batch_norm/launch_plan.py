@@ -52,9 +52,12 @@ FLAT_THREAD_BYTES = 64
 # (708 MB against 26 MB), and issued ~21 SASS per byte.  On a GPU such a program takes units
 # until its x bytes reach MERGE_X_PER_PARTIAL_BYTE times the partial bytes it reads, but keeps
 # MERGING_PROGRAMS_PER_SM programs per SM where the layer has the units (one wave, 4 CTAs an SM).
+# The split backward's dx programs, which total the P partial sums the same way, take such a
+# plan too, for their smaller partials.
 MERGE_X_PER_PARTIAL_BYTE = 1
 MERGING_PROGRAMS_PER_SM = 4
 PARTIAL_BYTES = 16  # count, mean hi and lo, M2: fp32 each
+DX_PARTIAL_BYTES = 8  # sum g, sum g * xhat: fp32 each
 # On a GPU, a channel-major layer whose channels hold at most this many bytes each program takes
 # the one-launch path (statistics, then normalize re-reading its channels from L2) with one
 # program per CPP channels: with ~4 resident programs per SM, ~34 MB in flight fits H100/H200's
@@ -196,11 +199,12 @@ class Plan(NamedTuple):
     cpp: int = 1  # channels per program under flat
 
 
-def plan(x: torch.Tensor, reduction: bool = True, merging: bool = False) -> Plan:
+def plan(x: torch.Tensor, reduction: bool = True, merging: int = 0) -> Plan:
     """Tile shape and grid for ``x`` ([N, C, *spatial], already prepared).  Cached per shape,
     strides, element size and device: host time matters for small layers.  ``merging``: the
-    elementwise plan of a launch whose programs each merge the reduction plan's partials first
-    (``_merge_normalize_kernel``): more units a program on a GPU (MERGE_ELEMENTS_PER_PARTIAL)."""
+    bytes per partial and channel that every program of an elementwise launch first reads
+    (``_merge_normalize_kernel``: PARTIAL_BYTES; the split backward's dx: DX_PARTIAL_BYTES):
+    more units a program on a GPU (MERGE_X_PER_PARTIAL_BYTE)."""
     target = _target_programs(x.device, reduction)
     sms = rt.sm_count(x.device) if rt.plans_for_gpu(x.device) else 0
     return _PLANS((x.shape, x.stride(), x.element_size(), target, reduction, sms, merging), x,
@@ -228,9 +232,9 @@ def _flat_columns(C: int, S: int, elem: int):
 
 
 def _make_plan(x: torch.Tensor, target: int, reduction: bool, sms: int,
-               merging: bool = False) -> Plan:
+               merging: int = 0) -> Plan:
     if merging:
-        return _merging_plan(x, target, sms)
+        return _merging_plan(x, target, sms, merging)
     view = _View(x)
     C, cols = view.C, view.cols
     if 1 < view.S <= FLAT_MAX_S and _channel_major(x, view):
@@ -257,7 +261,7 @@ def _make_plan(x: torch.Tensor, target: int, reduction: bool, sms: int,
                   num_warps=_warps(block_s * block_c * x.element_size()), gpu=sms > 0)
 
 
-def _merging_plan(x: torch.Tensor, target: int, sms: int) -> Plan:
+def _merging_plan(x: torch.Tensor, target: int, sms: int, partial_bytes: int) -> Plan:
     """The elementwise plan, with more units a program on a GPU (MERGE_X_PER_PARTIAL_BYTE,
     MERGING_PROGRAMS_PER_SM)."""
     p = _make_plan(x, target, False, sms)
@@ -266,7 +270,7 @@ def _merging_plan(x: torch.Tensor, target: int, sms: int) -> Plan:
     partials = _make_plan(x, _target_programs(x.device, True), True, sms).num_partials
     channels = p.cpp if p.flat else p.BLOCK_C
     unit_bytes = p.BLOCK_S * p.BLOCK_C * x.element_size()  # (under flat: samples x positions)
-    by_bytes = cdiv(MERGE_X_PER_PARTIAL_BYTE * partials * channels * PARTIAL_BYTES, unit_bytes)
+    by_bytes = cdiv(MERGE_X_PER_PARTIAL_BYTE * partials * channels * partial_bytes, unit_bytes)
     one_wave = cdiv(p.n_units, cdiv(MERGING_PROGRAMS_PER_SM * sms, p.grid[0]))
     units = min(max(p.units_per_prog, min(by_bytes, one_wave)), p.n_units)
     splits = cdiv(p.n_units, units)

@@ -16,7 +16,7 @@ import torch
 
 from ... import _runtime as rt
 from . import launch
-from .launch_plan import _prepare_input, plan
+from .launch_plan import DX_PARTIAL_BYTES, PARTIAL_BYTES, _prepare_input, plan
 
 
 def make(inputs, cfg):
@@ -67,8 +67,8 @@ class _Train:
         else:
             self.stats_site = launch.partial_stats_site(p, x, rows=True).fixed_dtypes()
             self.ws_like = x.new_empty((4, P, C), dtype=self.acc)
-            self.site = launch.merge_normalize_site(plan(x, reduction=False, merging=True), x, x,
-                                                    P, *head, *tail, count,
+            merging = plan(x, reduction=False, merging=PARTIAL_BYTES)
+            self.site = launch.merge_normalize_site(merging, x, x, P, *head, *tail, count,
                                                     rows=True).fixed_dtypes()
         self.backwards: dict = {}
 
@@ -135,8 +135,8 @@ class _TrainBackward:
                 rows=True).fixed_dtypes()
             named, rflags, _ = launch._residual_site(residual)
             self.dx_site = launch.dx_site(
-                plan(x, reduction=False), x, dy, x, prog.P, count, True, need_wb, False, *act,
-                named, flags, rflags, one_tensor=True).fixed_dtypes()
+                plan(x, reduction=False, merging=DX_PARTIAL_BYTES), x, dy, x, prog.P, count,
+                True, need_wb, False, *act, named, flags, rflags, one_tensor=True).fixed_dtypes()
 
     def __call__(self, dy, saved):
         if not self.need_x:
