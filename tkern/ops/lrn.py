@@ -291,6 +291,13 @@ def _slot(i: tl.constexpr, v1, v2, v3, v4, v5, v6, v7, v8):
 
 
 @triton.jit
+def _lanes_mask(s, pred):
+    # a scalar predicate as a mask of s's shape: triton 3.9's interpreter stores through no
+    # scalar (nor broadcast_to) mask; compiled, the all-true block folds away (one predicate)
+    return tl.full(s.shape, 1, tl.int1) & pred
+
+
+@triton.jit
 def _row(P, ch, s, C, S, COMPUTE: tl.constexpr, ROWS: tl.constexpr = True,
          MASK_S: tl.constexpr = True):
     # one channel's row at P (pointer to position 0 of channel ch) for the block's positions.
@@ -300,7 +307,7 @@ def _row(P, ch, s, C, S, COMPUTE: tl.constexpr, ROWS: tl.constexpr = True,
     if ROWS and MASK_S:
         v = tl.load(P + s, mask=s < tl.where((ch >= 0) & (ch < C), S, 0), other=0.0)
     elif ROWS:
-        v = tl.load(P + s, mask=(ch >= 0) & (ch < C), other=0.0)
+        v = tl.load(P + s, mask=_lanes_mask(s, (ch >= 0) & (ch < C)), other=0.0)
     elif MASK_S:
         v = tl.load(P + s, mask=s < S, other=0.0)
     else:
@@ -528,7 +535,7 @@ def _backward_step(DP, L, c0, c_end, C, s, S, lead, g,
         if ROWS and MASK_S:
             tl.store(DP + s, out, mask=s < tl.where((i >= c0) & (i < c_end), S, 0))
         elif ROWS:
-            tl.store(DP + s, out, mask=(i >= c0) & (i < c_end))
+            tl.store(DP + s, out, mask=_lanes_mask(s, (i >= c0) & (i < c_end)))
         elif MASK_S:
             tl.store(DP + s, out, mask=s < S)
         else:
