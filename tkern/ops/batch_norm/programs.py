@@ -99,7 +99,23 @@ class _Train:
         return run(dy, saved)
 
 
-class _TrainBackward:
+class _Gradients:
+    """The four gradients of a backward variant, dw and db (accumulated in fp32 / fp64) in the
+    parameters' dtypes; None where not wanted."""
+
+    need_w = need_b = need_r = False
+    w_dtype = b_dtype = None
+
+    def _grads(self, dx, dw, db, dr):
+        if self.need_w and dw.dtype != self.w_dtype:
+            dw = dw.to(self.w_dtype)
+        if self.need_b and db.dtype != self.b_dtype:
+            db = db.to(self.b_dtype)
+        return (dx, dw if self.need_w else None, db if self.need_b else None,
+                dr if self.need_r else None)
+
+
+class _TrainBackward(_Gradients):
     """One training backward variant (which gradients are wanted) of a ``_Train`` program."""
 
     def __init__(self, prog: _Train, saved, dy, needs):
@@ -159,13 +175,7 @@ class _TrainBackward:
             sums = torch.empty_like(self.sums_like) if self.need_wb else stats
             self.dx_site(x, dy, dx, stats, stats, stats, w, b, ws, ws, sums, *res[:1])
             db, dw = sums.unbind(0) if self.need_wb else (None, None)
-        if self.need_wb:
-            if self.need_w and self.w_dtype != self.acc:
-                dw = dw.to(self.w_dtype)
-            if self.need_b and self.b_dtype != self.acc:
-                db = db.to(self.b_dtype)
-        return (dx, dw if self.need_w else None, db if self.need_b else None,
-                dr if self.need_r else None)
+        return self._grads(dx, dw, db, dr)
 
 
 class _Eval:
@@ -203,7 +213,7 @@ class _Eval:
         return run(dy, saved)
 
 
-class _EvalBackward:
+class _EvalBackward(_Gradients):
     """One eval backward variant (dx wanted) of an ``_Eval`` program: ``launch.backward``'s
     eval branch with its sites made once."""
 
@@ -248,10 +258,4 @@ class _EvalBackward:
             ws = torch.empty_like(self.ws_like)
             self.site(x, dy, dx, rm, rm, rv, w, b, *ws.unbind(0), *res)
             db, dw = ws.sum(1).unbind(0)
-        if self.need_wb:
-            if self.need_w and self.w_dtype != db.dtype:
-                dw = dw.to(self.w_dtype)
-            if self.need_b and self.b_dtype != db.dtype:
-                db = db.to(self.b_dtype)
-        return (dx, dw if self.need_w else None, db if self.need_b else None,
-                dr if self.need_r else None)
+        return self._grads(dx, dw, db, dr)
