@@ -135,11 +135,10 @@ class _P:
 
 
 def _hooks_idle() -> bool:
-    rt = _RUNTIME_KNOBS
-    for hook in (rt.launch_enter_hook, rt.launch_exit_hook):
-        if hook is not None and getattr(hook, "calls", True):
-            return False
-    return True
+    knobs = _RUNTIME_KNOBS
+    enter, exit_ = knobs.launch_enter_hook, knobs.launch_exit_hook
+    return ((enter is None or not getattr(enter, "calls", True))
+            and (exit_ is None or not getattr(exit_, "calls", True)))
 
 
 _JIT = triton.runtime.jit.JITFunction
@@ -211,6 +210,16 @@ def _tokens(tensors: tuple) -> tuple:
     return tuple([(t.dtype, not t.data_ptr() & 15) for t in tensors])
 
 
+def all_aligned(*tensors) -> bool:
+    """Whether every tensor (None skipped) starts at a 16-byte aligned address: what Triton
+    specialises pointers on (``Site.aligned``)."""
+    bits = 0
+    for t in tensors:
+        if t is not None:
+            bits |= t.data_ptr()
+    return not bits & 15
+
+
 def _aligned_key(device: int, tensors: tuple):
     """A fixed-dtype site's key: the device when every address is 16-byte aligned (fresh
     allocations always are), else which ones are."""
@@ -238,7 +247,7 @@ class Site:
     dtypes (an op's program, whose signature fixes them): keyed by alignment alone."""
 
     __slots__ = ("kernel", "grid", "tail", "kwargs", "named", "live", "fixed", "_entries",
-                 "__weakref__")
+                 "_aligned_hit", "__weakref__")
 
     def __init__(self, kernel, grid: tuple, tail: tuple = (), named: tuple = (), live: tuple = (),
                  **kwargs):
@@ -248,6 +257,9 @@ class Site:
         self.grid = (grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1)
         self.fixed = False
         self._entries: dict = {}
+        # a fixed site's entry for aligned tensors without named ones: (compiled, device,
+        # launcher, function, packed, rest), what ``aligned`` calls without a lookup
+        self._aligned_hit = None
 
     def fixed_dtypes(self) -> "Site":
         site = Site(self.kernel, self.grid, self.tail, self.named, self.live, **self.kwargs)
@@ -270,17 +282,43 @@ class Site:
         return values, tuple(names.index(n) for n in by_name)
 
     def __call__(self, *args):
+        self._launch(args, False)
+
+    def aligned(self, *args):
+        """``self(*args)`` for a caller that has checked (``all_aligned``) that every tensor
+        argument it did not allocate itself is 16-byte aligned (fresh allocations are): a
+        ``fixed_dtypes`` site is then keyed by the device alone, its tensors unread."""
+        hit = self._aligned_hit
+        if hit is not None and _JIT.run is _TRITON_RUN and _hooks_idle():
+            compiled, device, launcher, function, packed, rest = hit
+            if compiled:
+                if torch._C._cuda_getDevice() == device:
+                    g = self.grid
+                    launcher(g[0], g[1], g[2], torch._C._cuda_getCurrentRawStream(device),
+                             function, packed, None, None, None, *args, *rest)
+                    return
+            elif EMULATION is not None and EMULATION.active:
+                g = self.grid
+                launcher(g[0], g[1], g[2], 0, function, packed, None, None, None, *args, *rest)
+                return
+        self._launch(args, self.fixed)
+
+    def _launch(self, args, aligned):
         compiled = self.kernel.__class__ is _FastJIT
         emulated = not compiled and EMULATION is not None and EMULATION.active
-        if (compiled or emulated) and _own_path():
+        if (compiled or emulated) and _JIT.run is _TRITON_RUN and _hooks_idle():  # _own_path
             # the hit path, also what perf.host measures on CPU (device -1, no launcher)
             # a CUDA tensor exists, so CUDA is initialised: the device query without the checks
             device = torch._C._cuda_getDevice() if compiled else -1
-            tensors = args[:len(args) - len(self.live)] if self.live else args
-            key = _aligned_key(device, tensors) if self.fixed else (device, *_tokens(tensors))
+            if aligned:
+                key = device  # what _aligned_key gives for aligned tensors
+            else:
+                tensors = args[:len(args) - len(self.live)] if self.live else args
+                key = (_aligned_key(device, tensors) if self.fixed
+                       else (device, *_tokens(tensors)))
             hit = self._entries.get(key)
             if hit is not None:
-                launcher, function, packed, rest, slots = hit
+                launcher, function, packed, rest, slots = hit  # rest: tail and the rest
                 if slots:
                     k = len(args) - len(slots)
                     rest = list(rest)
@@ -290,20 +328,24 @@ class Site:
                 g = self.grid
                 launcher(g[0], g[1], g[2],
                          torch._C._cuda_getCurrentRawStream(device) if compiled else 0, function,
-                         packed, None, None, None, *args, *self.tail, *rest)
+                         packed, None, None, None, *args, *rest)
                 return
             lead, kwargs = self._split(args)
             kernel = self.kernel[self.grid](*lead, *self.tail, **kwargs)
             if compiled and kernel is None:
                 return
             rest, slots = self._rest(_params(self.kernel).params, len(lead))
+            n_tail = len(self.tail)
+            rest, slots = (*self.tail, *rest), tuple(n_tail + slot for slot in slots)
             if compiled:
                 entry = Entry(kernel, (), 0, {})
                 entry.bind()
-                self._entries[key] = (entry.launcher, entry.function, entry.packed, rest, slots)
+                made = (entry.launcher, entry.function, entry.packed, rest, slots)
             else:
-                self._entries[key] = (_emulated_launch, self.kernel.fn.__name__, None, rest,
-                                      slots)
+                made = (_emulated_launch, self.kernel.fn.__name__, None, rest, slots)
+            self._entries[key] = made
+            if self.fixed and key == device and not slots:
+                self._aligned_hit = (compiled, device, *made[:4])
             return
         lead, kwargs = self._split(args)
         self.kernel[self.grid](*lead, *self.tail, **kwargs)

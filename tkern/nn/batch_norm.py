@@ -19,6 +19,7 @@ import inspect
 import torch
 
 from ..activations import activation_repr, activation_scalars, check_activation
+from ..ops._op import ABSENT, call_state, tensor_guard
 from ..ops.batch_norm import _CALLS, _batch_norm, checked_key, repeat
 
 
@@ -38,6 +39,11 @@ def drop_bias(module: torch.nn.Module, bias: bool) -> None:
     if not TORCH_HAS_BIAS_ARG and module.affine and not bias:
         module.register_parameter("bias", None)
 
+
+# where a module keeps its last checked call, by training mode (``_remember``)
+_MEMO = {True: "_tk_train_call", False: "_tk_eval_call"}
+_SEEN = "_tk_last_checked"  # the last checked call's entry (``_remember``)
+_MEMO_NAMES = frozenset((*_MEMO.values(), _SEEN))
 
 # what the kernels' activation scalars are made of
 _ACTIVATION_ATTRIBUTES = frozenset(("activation", "negative_slope", "alpha", "approximate",
@@ -73,8 +79,30 @@ class _TkernBatchNormMixin:
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``act(bn(input))``, or ``act(bn(input) + residual)`` with ``residual``."""
+        # A repeated call: the tensors of a call this module checked and ran before, by one
+        # guard on their metadata (``_remember``), then the op's program.
+        memo = None if torch.compiler.is_compiling() else self.__dict__.get(
+            _MEMO[self.training])
+        if memo is not None:
+            p, s = self._parameters, self._buffers
+            weight, bias = p.get("weight"), p.get("bias")
+            rm, rv = s.get("running_mean"), s.get("running_var")
+            nbt = s.get("num_batches_tracked")
+            if (memo[0](input, ABSENT if weight is None else weight,
+                        ABSENT if bias is None else bias, ABSENT if rm is None else rm,
+                        ABSENT if rv is None else rv, ABSENT if nbt is None else nbt,
+                        ABSENT if residual is None else residual)
+                    and memo[2] == call_state()
+                    and not torch._C._are_functorch_transforms_active()):
+                return repeat(memo[1], input, rm, rv, weight, bias, nbt, residual)
+        return self._checked_forward(input, residual)
+
+    def _checked_forward(self, input, residual):
+        """torch's _BatchNorm.forward: the checks and the mode's arguments, then the op."""
         self._check_input_dim(input)
-        weight, bias, running_mean, running_var, nbt = self._state()
+        weight, bias, running_mean, running_var, nbt = state = (
+            self.weight, self.bias, self.running_mean, self.running_var,
+            self.num_batches_tracked)
         training = self.training
         counted = training and self.track_running_stats and nbt is not None
         momentum = self.momentum
@@ -88,16 +116,41 @@ class _TkernBatchNormMixin:
         slope, alpha = self._kernel_scalars()
         nbt = nbt if counted else None
         eps, activation, approximate = self.eps, self.activation, self.approximate
-        # a repeated call: the checked-call cache, without _batch_norm's argument handling
+        # the checked-call cache, without _batch_norm's argument handling
         key = checked_key(bn_training, momentum, eps, activation, slope, alpha, approximate,
                           (input, rm, rv, weight, bias, nbt, residual))
-        if key is not None:
-            hit = _CALLS.plans.get(key)
-            if hit is not None:
-                return repeat(hit, input, rm, rv, weight, bias, nbt, residual)
-        return _batch_norm(input, rm, rv, weight, bias, bn_training, momentum, eps, activation,
-                           slope, alpha, approximate, num_batches_tracked=nbt,
-                           residual=residual, key=key)
+        hit = None if key is None else _CALLS.plans.get(key)
+        if hit is not None:
+            y = repeat(hit, input, rm, rv, weight, bias, nbt, residual)
+        else:
+            y = _batch_norm(input, rm, rv, weight, bias, bn_training, momentum, eps, activation,
+                            slope, alpha, approximate, num_batches_tracked=nbt,
+                            residual=residual, key=key)
+            hit = None if key is None else _CALLS.plans.get(key)
+        if hit is not None:
+            self._remember(hit, input, state, residual)
+        return y
+
+    def _remember(self, hit, input, state, residual):
+        """Keep ``hit`` (a ``_CALLS`` entry) for calls whose tensors have these ones' metadata,
+        read from the module's dicts as forward reads them: only where those dicts hold what
+        attribute access gave (a subclass's properties, or a hook's plain ``weight`` attribute
+        as old-style weight_norm sets, do not).  Any attribute set forgets it
+        (``__setattr__``); a tensor swapped in the dicts fails the guard.  Made on the second
+        checked call in a row with this entry (a guard costs a few checked calls' keys): a
+        module fed shapes in turn keeps to the checked path."""
+        d = self.__dict__
+        if self.__class__ not in _OWN_CLASSES or d.get(_SEEN) is not hit:
+            d[_SEEN] = hit
+            return
+        p, s = self._parameters, self._buffers
+        if (state[0] is not p.get("weight") or state[1] is not p.get("bias")
+                or state[2] is not s.get("running_mean") or state[3] is not s.get("running_var")
+                or state[4] is not s.get("num_batches_tracked")):
+            return
+        guard = tensor_guard((input, *(ABSENT if t is None else t for t in state),
+                              ABSENT if residual is None else residual))
+        d[_MEMO[self.training]] = (guard, hit, call_state())
 
     def _kernel_scalars(self):
         """The kernels' two activation scalars, made once per value of the activation's
@@ -109,19 +162,25 @@ class _TkernBatchNormMixin:
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
+        d = self.__dict__
         if name in _ACTIVATION_ATTRIBUTES:
-            self.__dict__.pop("_tk_scalars", None)
+            d.pop("_tk_scalars", None)
+        if name != "training":  # momentum, eps, a parameter...: the remembered calls may differ
+            self._forget_calls()
 
-    def _state(self):
-        """weight, bias, running_mean, running_var, num_batches_tracked.  tkern's own classes
-        read the dicts ``Module.__getattr__`` would (10x cheaper); a subclass may define them
-        otherwise (a parametrization's properties)."""
-        if self.__class__ in _OWN_CLASSES:
-            p, b = self._parameters, self._buffers
-            return (p.get("weight"), p.get("bias"), b.get("running_mean"), b.get("running_var"),
-                    b.get("num_batches_tracked"))
-        return self.weight, self.bias, self.running_mean, self.running_var, \
-            self.num_batches_tracked
+    def __delattr__(self, name):
+        super().__delattr__(name)
+        self._forget_calls()
+
+    def _forget_calls(self):
+        d = self.__dict__
+        for name in _MEMO_NAMES:
+            d.pop(name, None)
+
+    def __getstate__(self):
+        # the remembered calls hold guards (C objects): not copied, not pickled
+        state = super().__getstate__()
+        return {k: v for k, v in state.items() if k not in _MEMO_NAMES}
 
     def extra_repr(self) -> str:
         s = super().extra_repr()

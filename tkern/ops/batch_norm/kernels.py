@@ -192,10 +192,12 @@ def _merge_positions(n_tot, hi, lo, m2, FLAT: tl.constexpr, FLAT_S: tl.constexpr
 @triton.jit
 def _partial_blocks(PCOUNT, PMEAN, PMEAN_LO, PM2, P, C, PARTS_ROWS: tl.constexpr):
     """The [P, C] partials' four pointers: separate tensors, or (PARTS_ROWS) the blocks count,
-    mean, M2, mean_lo of one [4, P, C] tensor (a program makes no views)."""
+    mean, M2, mean_lo of one [3 + 4P, C] tensor after its 3 statistics rows (a program's one
+    allocation: no views, and backward's partial sums reuse it)."""
     if PARTS_ROWS:
         n = P * C
-        return PCOUNT, PCOUNT + n, PCOUNT + 3 * n, PCOUNT + 2 * n
+        base = PCOUNT + 3 * C
+        return base, base + n, base + 3 * n, base + 2 * n
     return PCOUNT, PMEAN, PMEAN_LO, PM2
 
 
@@ -210,7 +212,7 @@ def _stats_partial_kernel(
     FLAT_S: tl.constexpr = 1, FLAT_S2: tl.constexpr = 1, FLAT_C: tl.constexpr = 1,
     CPP: tl.constexpr = 1,  # under FLAT: positions per channel, its next power of 2, channel
                             # lanes, channels per program
-    PARTS_ROWS: tl.constexpr = False,  # one [4, P, C] tensor (see _partial_blocks)
+    PARTS_ROWS: tl.constexpr = False,  # one [3 + 4P, C] tensor (see _partial_blocks)
 ):
     pid_p = tl.program_id(1)
     PCOUNT, PMEAN, PMEAN_LO, PM2 = _partial_blocks(PCOUNT, PMEAN, PMEAN_LO, PM2,
@@ -584,7 +586,7 @@ def _merge_normalize_kernel(
                             # lanes, channels per program
     COUNT: tl.constexpr = False,  # NBT += 1 (see _count_batch)
     STATS_ROWS: tl.constexpr = False,  # MEAN is [3, C]: MEAN_LO and INVSTD are its rows 1, 2
-    PARTS_ROWS: tl.constexpr = False,  # one [4, P, C] tensor (see _partial_blocks)
+    PARTS_ROWS: tl.constexpr = False,  # one [3 + 4P, C] tensor (see _partial_blocks)
 ):
     """The split training forward's second launch: every program merges its channels' P
     partials itself (P small rows from L2, instead of a combine launch), the first program along
@@ -717,13 +719,15 @@ def _backward_reduce_kernel(
     CPP: tl.constexpr = 1,  # under FLAT: positions per channel, its next power of 2, channel
                             # lanes, channels per program
     STATS_ROWS: tl.constexpr = False,  # MEAN is [3, C]: MEAN_LO and INVSTD are its rows 1, 2
-    SUMS_ROWS: tl.constexpr = False,  # one [2, P, C] tensor: PSUM_GX is its block 1
+    SUMS_ROWS: tl.constexpr = False,  # PSUM_G is [3 + 2P, C] or taller: the two [P, C]
+                                      # blocks after 3 rows (the statistics' forward tensor)
 ):
     """Sums of g = dy * act'(z) and g * xhat over this program's units.  EVAL_DX (dx needs no
     sums) writes dx in the same pass; TRAIN_DX (one program per channel block, so the sums are
     whole) writes dx in a second pass, x and dy still in cache."""
     MEAN, MEAN_LO, INVSTD = _stat_rows(MEAN, MEAN_LO, INVSTD, C, STATS_ROWS)
     if SUMS_ROWS:
+        PSUM_G += 3 * C
         PSUM_GX = PSUM_G + tl.num_programs(1) * C
     c, cmask, owned, pos, pmask, lc, mean_c, mean_lo_c, invstd_c, w_c, b_c, negative_slope, alpha = \
         _program_channels(MEAN, MEAN_LO, INVSTD, W, B, C, eps_hi, eps_lo, slope_hi, slope_lo,
@@ -780,6 +784,8 @@ def _dx_kernel(
     MEAN, MEAN_LO, INVSTD, W, B,  # [C] saved statistics (MEAN_LO when HAS_LO) and affine parameters
     SUM_G, SUM_GX,  # [P, C] partial sums of g and g * xhat over the (global) batch; eval: unused
     SUMS,  # [2, C] output when WRITE_SUMS: the partials' totals (sum g, sum g * xhat)
+    # (SUMS_ROWS: SUM_G's tensor holds both partial blocks, SUMS is [C] for sum g and the
+    # SUM_GX argument [C] for sum g * xhat: a program's dbias and dweight, no views)
     n_rows,  # rows of SUM_G / SUM_GX, summed here in order (deterministic)
     C, S, sxN, sxC, sxS, sdN, sdC, sdS, soN, soC, soS,
     nsb, n_units, units_per_prog,
@@ -798,12 +804,17 @@ def _dx_kernel(
     CPP: tl.constexpr = 1,  # under FLAT: positions per channel, its next power of 2, channel
                             # lanes, channels per program
     STATS_ROWS: tl.constexpr = False,  # MEAN is [3, C]: MEAN_LO and INVSTD are its rows 1, 2
-    SUMS_ROWS: tl.constexpr = False,  # one [2, n_rows, C] tensor: SUM_GX is its block 1
+    SUMS_ROWS: tl.constexpr = False,  # SUM_G is [3 + 2 n_rows, C] or taller: the two blocks
+                                      # after 3 rows (see _backward_reduce_kernel)
     BLOCK_P: tl.constexpr = 16,  # partial rows a trip of the training sums
 ):
     MEAN, MEAN_LO, INVSTD = _stat_rows(MEAN, MEAN_LO, INVSTD, C, STATS_ROWS)
     if SUMS_ROWS:
+        OUT_GX = SUM_GX
+        SUM_G += 3 * C
         SUM_GX = SUM_G + n_rows * C
+    else:
+        OUT_GX = SUMS + C
     c, cmask, owned, pos, pmask, lc, mean_c, mean_lo_c, invstd_c, w_c, b_c, negative_slope, alpha = \
         _program_channels(MEAN, MEAN_LO, INVSTD, W, B, C, eps_hi, eps_lo, slope_hi, slope_lo,
                           alpha_hi, alpha_lo, HAS_LO, FROM_VAR, HAS_W, HAS_B, COMPUTE, BLOCK_C,
@@ -826,7 +837,7 @@ def _dx_kernel(
         if WRITE_SUMS:  # once per channel: by the first program along the units
             first = owned & (c < tl.where(tl.program_id(1) == 0, C, 0))  # (bool & scalar mistypes)
             tl.store(SUMS + c, sum_g, mask=first)
-            tl.store(SUMS + C + c, sum_gx, mask=first)
+            tl.store(OUT_GX + c, sum_gx, mask=first)
         inv_n = from_pair(inv_n_hi, inv_n_lo, COMPUTE)
         mean_g = _at_pos(sum_g * inv_n, lc, FLAT)
         mean_gx = _at_pos(sum_gx * inv_n, lc, FLAT)

@@ -87,7 +87,8 @@ def bn_partial_stats(x: torch.Tensor):
 
 def partial_stats_site(p, x, rows=False) -> Site:
     """``_stats_partial_kernel`` on plan ``p``: tensors (x, count, mean, mean_lo, m2); ``rows``:
-    count is one [4, P, C] tensor holding all four (blocks count, mean, m2, mean_lo)."""
+    count is one [3 + 4P, C] tensor holding all four after 3 rows (blocks count, mean, m2,
+    mean_lo; the rows are the statistics', see ``merge_normalize_site``)."""
     view = p.view
     return Site(K._stats_partial_kernel, p.grid, (view.C, view.cols, *view.strides(x)),
                 COMPUTE=rt.compute_dtype(x.dtype), INT64=view.int64(), **launch_args(p),
@@ -276,7 +277,8 @@ def backward_reduce_site(p, x, dy, out, eval_dx, train_dx, count, activation, ne
                          alpha, named, flags, rflags, rows=False) -> Site:
     """``_backward_reduce_kernel`` on plan ``p``: tensors (x, dy, dx or a dummy, the
     ``_stat_args`` pointers, the two [P, C] partial rows, then ``named``).  ``rows`` (programs):
-    the statistics are one [3, C] tensor, the partial rows one [2, P, C] (see ``_set``)."""
+    the statistics are one [3, C] tensor; split, they are the first 3 rows of the forward's
+    [3 + 4P, C] tensor, whose next 2P rows take the partial sums (see ``_set``)."""
     view = p.view
     inv_hi, inv_lo = f32_pairs(1.0 / max(count, 1))
     return Site(
@@ -329,8 +331,10 @@ def bn_backward_dx(x, dy, mean, invstd, weight, bias, sum_g=None, sum_gx=None, c
 def dx_site(p, x, dy, dx, rows, count, training, write_sums, write_dr, activation,
             negative_slope, alpha, named, flags, rflags, one_tensor=False) -> Site:
     """``_dx_kernel`` on plan ``p``: tensors (x, dy, dx, the ``_stat_args`` pointers, sum_g,
-    sum_gx, sums_out, then ``named``).  ``one_tensor`` (programs): the statistics are one
-    [3, C] tensor, sum_g and sum_gx one [2, rows, C] (see ``_set``)."""
+    sum_gx, sums_out, then ``named``).  ``one_tensor`` (programs): the statistics are the
+    first 3 rows of one tensor whose next 2 x ``rows`` rows hold sum_g and sum_gx (see
+    ``backward_reduce_site``), passed as sum_g; the sum_gx and sums_out slots then take the two
+    totals' [C] outputs (dweight, dbias)."""
     view = p.view
     inv_hi, inv_lo = f32_pairs(1.0 / max(count, 1))
     return Site(
@@ -485,8 +489,9 @@ def merge_normalize_site(p, x, y, P, update, cumulative, has_w, has_b, eps, mome
     """``_merge_normalize_kernel`` on the elementwise plan ``p`` over ``P`` partials: tensors
     (x, y, the four [P, C] partials, mean, mean_lo, invstd, weight, bias, running_mean,
     running_var, num_batches_tracked, then ``named``; dummies for absent ones); ``count``: the
-    kernel adds one to num_batches_tracked; ``rows``: mean holds all three statistics [3, C]
-    and count all four partials [4, P, C] (see ``partial_stats_site``)."""
+    kernel adds one to num_batches_tracked; ``rows``: mean is one [3 + 4P, C] tensor holding
+    the three statistics (rows 0-2) and the four partials after them (``count``'s tensor too,
+    see ``partial_stats_site``)."""
     view = p.view
     return Site(
         K._merge_normalize_kernel, p.grid,

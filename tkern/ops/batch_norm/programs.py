@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ... import _runtime as rt
+from ..._launch import all_aligned
 from . import launch
 from .launch_plan import DX_PARTIAL_BYTES, PARTIAL_BYTES, _prepare_input, plan
 
@@ -57,8 +58,11 @@ class _Train:
         named, rflags, _ = launch._residual_site(residual)
         head = (self.update, self.cumulative)
         tail = (has_w, has_b, cfg.eps, cfg.momentum, *self.act, named, rflags)
-        # allocation templates: empty_like of a tensor costs half of new_empty(shape, dtype=)
-        self.stats_like = x.new_empty((3, C), dtype=self.acc)
+        # allocation templates: empty_like of a tensor costs half of new_empty(shape, dtype=).
+        # The statistics [3, C]; split, the forward's partials [4, P, C] follow them in the same
+        # tensor, and backward's partial sums [2, P, C] take their place (it runs on the
+        # forward's stream, after it): one allocation per call for both.
+        self.stats_like = x.new_empty((3 if P == 1 else 3 + 4 * P, C), dtype=self.acc)
         self.c_like = self.stats_like[0]
         if P == 1:
             self.stats_site = None
@@ -66,7 +70,6 @@ class _Train:
                                                   rows=True).fixed_dtypes()
         else:
             self.stats_site = launch.partial_stats_site(p, x, rows=True).fixed_dtypes()
-            self.ws_like = x.new_empty((4, P, C), dtype=self.acc)
             merging = plan(x, reduction=False, merging=PARTIAL_BYTES)
             self.site = launch.merge_normalize_site(merging, x, x, P, *head, *tail, count,
                                                     rows=True).fixed_dtypes()
@@ -74,19 +77,22 @@ class _Train:
 
     def forward(self, cfg, x, weight, bias, running_mean, running_var, num_batches_tracked,
                 residual):
-        stats = torch.empty_like(self.stats_like)  # mean, mean_lo, invstd: the kernel's rows
+        stats = torch.empty_like(self.stats_like)  # mean, mean_lo, invstd (, partials): rows
         y = torch.empty_like(x)
         w = stats if weight is None else weight
         b = stats if bias is None else bias
         rm, rv = (running_mean, running_var) if self.update else (stats, stats)
         nbt = num_batches_tracked if self.cumulative or self.count else stats
         res = () if residual is None else (residual,)
+        aligned = all_aligned(x, weight, bias, running_mean, running_var, num_batches_tracked,
+                              residual)  # the caller's tensors (the others are fresh)
+        site = self.site.aligned if aligned else self.site
         if self.stats_site is None:
-            self.site(x, y, stats, stats, stats, w, b, rm, rv, nbt, *res)
-        else:
-            ws = torch.empty_like(self.ws_like)  # the partials: the kernels' blocks
-            self.stats_site(x, ws, ws, ws, ws)
-            self.site(x, y, ws, ws, ws, ws, stats, stats, stats, w, b, rm, rv, nbt, *res)
+            site(x, y, stats, stats, stats, w, b, rm, rv, nbt, *res)
+        else:  # the partials in stats' rows after the statistics
+            (self.stats_site.aligned if aligned else self.stats_site)(x, stats, stats, stats,
+                                                                      stats)
+            site(x, y, stats, stats, stats, stats, stats, stats, stats, w, b, rm, rv, nbt, *res)
         return y, stats
 
     def backward(self, douts, saved, cfg, needs):
@@ -131,9 +137,6 @@ class _TrainBackward(_Gradients):
         self.b_dtype = None if bias is None else bias.dtype
         self.acc, self.C, self.P = prog.acc, prog.C, prog.P
         self.c_like = prog.c_like
-        self.sums_like = prog.stats_like[:2]
-        if prog.P > 1:
-            self.ws_like = prog.ws_like[:2]
         act = prog.act
         flags = _stat_flags(True, False, weight, bias, 0.0)
         count = x.numel() // prog.C
@@ -157,7 +160,8 @@ class _TrainBackward(_Gradients):
     def __call__(self, dy, saved):
         if not self.need_x:
             return None
-        x, weight, bias, _, _, residual, stats = saved  # stats: one [3, C] (the kernels' rows)
+        # stats: the forward's one tensor, [3, C] or (split) [3 + 4P, C]: the kernels' rows
+        x, weight, bias, _, _, residual, stats = saved
         w = stats if weight is None else weight
         b = stats if bias is None else bias
         dx = torch.empty_like(x)
@@ -166,15 +170,19 @@ class _TrainBackward(_Gradients):
         else:
             dr = torch.empty_like(x)
             res = (residual, dr)
+        aligned = all_aligned(x, dy, weight, bias, residual)  # the others are fresh
+        reduce_site = self.reduce_site.aligned if aligned else self.reduce_site
         if self.dx_site is None:  # whole sums, straight into the gradients (no views)
             db, dw = torch.empty_like(self.c_like), torch.empty_like(self.c_like)
-            self.reduce_site(x, dy, dx, stats, stats, stats, w, b, db, dw, *res)
-        else:
-            ws = torch.empty_like(self.ws_like)  # [2, P, C]: the kernels' blocks
-            self.reduce_site(x, dy, x, stats, stats, stats, w, b, ws, ws, *res)
-            sums = torch.empty_like(self.sums_like) if self.need_wb else stats
-            self.dx_site(x, dy, dx, stats, stats, stats, w, b, ws, ws, sums, *res[:1])
-            db, dw = sums.unbind(0) if self.need_wb else (None, None)
+            reduce_site(x, dy, dx, stats, stats, stats, w, b, db, dw, *res)
+        else:  # the partial sums in stats' rows after the statistics (the forward's partials)
+            reduce_site(x, dy, x, stats, stats, stats, w, b, stats, stats, *res)
+            if self.need_wb:
+                db, dw = torch.empty_like(self.c_like), torch.empty_like(self.c_like)
+            else:
+                db = dw = stats  # not written
+            (self.dx_site.aligned if aligned else self.dx_site)(
+                x, dy, dx, stats, stats, stats, w, b, stats, dw, db, *res[:1])
         return self._grads(dx, dw, db, dr)
 
 
@@ -199,8 +207,10 @@ class _Eval:
                 residual):
         y = torch.empty_like(x)
         rm = running_mean
-        self.site(x, y, rm, rm, running_var, rm if weight is None else weight,
-                  rm if bias is None else bias, *(() if residual is None else (residual,)))
+        site = (self.site.aligned if all_aligned(x, weight, bias, rm, running_var, residual)
+                else self.site)
+        site(x, y, rm, rm, running_var, rm if weight is None else weight,
+             rm if bias is None else bias, *(() if residual is None else (residual,)))
         return y, torch.empty_like(self.empty)
 
     def backward(self, douts, saved, cfg, needs):
@@ -249,13 +259,15 @@ class _EvalBackward(_Gradients):
         dr = None if residual is None else torch.empty_like(x)
         res = () if residual is None else (residual, dr)
         db = dw = None
+        site = (self.site.aligned if all_aligned(x, dy, weight, bias, rm, rv, residual)
+                else self.site)
         if not self.need_wb:
-            self.site(x, dy, dx, rm, rm, rv, w, b, rm, rm, rm, *res)
+            site(x, dy, dx, rm, rm, rv, w, b, rm, rm, rm, *res)
         elif self.P == 1:  # whole sums straight into the gradients
             db, dw = torch.empty_like(self.sums_like).unbind(0)
-            self.site(x, dy, dx, rm, rm, rv, w, b, db, dw, *res)
+            site(x, dy, dx, rm, rm, rv, w, b, db, dw, *res)
         else:  # the partial sums' deterministic combine, as launch.backward
             ws = torch.empty_like(self.ws_like)
-            self.site(x, dy, dx, rm, rm, rv, w, b, *ws.unbind(0), *res)
+            site(x, dy, dx, rm, rm, rv, w, b, *ws.unbind(0), *res)
             db, dw = ws.sum(1).unbind(0)
         return self._grads(dx, dw, db, dr)
