@@ -1063,3 +1063,66 @@ def test_module_counts_batches(device, shape, momentum):
     x = torch.randn(shape, device=device, dtype=torch.float64)
     torch.testing.assert_close(ours(x), ref(x))
     assert ours.num_batches_tracked.item() == 4
+
+
+@pytest.mark.parametrize("guards", ["dynamo", "signature"])
+def test_module_remembers_its_checked_call(device, monkeypatch, guards):
+    """A module's repeated call skips the checks (one guard on its tensors' metadata, made on the
+    second checked call in a row) and still follows torch through whatever changes between
+    calls: a layout, momentum, a parameter swapped in the dicts or removed, train / eval, a
+    residual, a plain ``weight`` attribute set by a hook; deepcopy and pickle work after calls."""
+    import copy
+    import pickle
+
+    import tkern.nn.batch_norm as bn_module
+
+    if guards == "signature":  # tensor_guard's fallback, for a torch without dynamo's guards
+        monkeypatch.setattr(_op, "_TensorGuards", None)
+    checked = []
+    real_key = bn_module.checked_key
+    monkeypatch.setattr(bn_module, "checked_key", lambda *a: checked.append(1) or real_key(*a))
+    kw = dict(device=device, dtype=torch.float64)
+    ref = torch.nn.BatchNorm2d(4, **kw)
+    ours = tkern.nn.BatchNorm2d(4, activation="relu", **kw)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5), ref.bias.uniform_(-0.5, 0.5)
+    ours.load_state_dict(ref.state_dict())
+
+    def step(x, residual=None, m=ours, r=ref):
+        y = m(x) if residual is None else m(x, residual)
+        z = r(x) if residual is None else r(x) + residual
+        torch.testing.assert_close(y, torch.relu(z))
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            if getattr(r, name) is not None:
+                torch.testing.assert_close(getattr(m, name), getattr(r, name))
+        return len(checked)
+
+    def x(fmt=torch.contiguous_format):
+        return (torch.randn(2, 4, 3, 3, **kw) * 2 + 1).contiguous(memory_format=fmt)
+
+    assert [step(x()) for _ in range(4)] == [1, 2, 2, 2]  # remembered from the second call
+    ours.momentum = ref.momentum = 0.3  # an attribute set forgets the call
+    assert [step(x()) for _ in range(3)] == [3, 4, 4]
+    assert step(x(torch.channels_last)) == 5  # another layout: the guard fails
+    assert step(x()) == 5  # ... and the remembered call still holds
+    w = torch.nn.Parameter(torch.rand(4, **kw) + 0.5)
+    ours._parameters["weight"], ref._parameters["weight"] = w, w  # swapped in the dict
+    assert step(x()) == 5  # same metadata: the remembered call, with the new tensor
+    ours.register_parameter("bias", None), ref.register_parameter("bias", None)
+    assert [step(x()) for _ in range(3)] == [6, 7, 7]
+    r = torch.randn(2, 4, 3, 3, **kw)
+    assert [step(x(), r) for _ in range(3)] == [8, 9, 9]  # a residual: a call of its own
+    ours.eval(), ref.eval()
+    assert [step(x()) for _ in range(3)] == [10, 11, 11]
+    ours.train(), ref.train()
+    assert step(x(), r) == 11  # each mode keeps its own (training's: the residual call)
+    for clone in (copy.deepcopy(ours), pickle.loads(pickle.dumps(ours))):
+        twin = copy.deepcopy(ref)
+        step(x(), m=clone, r=twin), step(x(), m=clone, r=twin)
+    # a plain ``weight`` attribute (old-style weight_norm's hook sets one): attribute access's
+    for m in (ours, ref):
+        del m._parameters["weight"]
+        m.weight = torch.full((4,), 2.0, **kw)
+    step(x()), step(x())
+    m_weight = ours.__dict__["weight"]
+    assert m_weight is not None and bn_module._MEMO[True] not in ours.__dict__

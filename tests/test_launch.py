@@ -235,3 +235,56 @@ def test_fixed_dtype_site_keys_on_alignment(monkeypatch):
     assert len(slow) == 2 and len(compiled.calls) == 2 and compiled.calls[-1][9].data_ptr() & 15
     site(x)
     assert len(slow) == 2 and compiled.calls[-1][9] is x
+
+
+def test_aligned_site_call(monkeypatch):
+    """``Site.aligned`` (a caller that checked its tensors' alignment): a fixed site's entry for
+    aligned tensors, shared with plain calls, found without a key; a non-fixed site keys as
+    ever."""
+    jf, compiled, slow = _fake_gpu(monkeypatch, _probe.fn, dns=["seed"], stream=5)
+    site = _launch.Site(jf, (4,), (5, 7, 1.5), flag=True, B=8).fixed_dtypes()
+    x, y = torch.randn(16), torch.randn(32)
+    assert _launch.all_aligned(x, None, y) and not _launch.all_aligned(x, y[1:])
+    site.aligned(x)  # first: Triton's run
+    site.aligned(y)
+    site(x)
+    assert len(slow) == 1 and [c[9] for c in compiled.calls] == [y, x]
+    assert compiled.calls[0][:9] == (4, 1, 1, 5, "fn-handle", "meta", None, None, None)
+    plain = _launch.Site(jf, (4,), (5, 7, 1.5), flag=True, B=8)
+    plain.aligned(x)  # the kernel's own cache has this variant: no Triton run
+    plain.aligned(x.double())  # keyed by dtype too: a variant of its own, Triton's run
+    assert len(slow) == 2 and plain._aligned_hit is None
+
+
+def test_programs_vouch_only_for_aligned_tensors(device, monkeypatch):
+    """BatchNorm's programs take ``Site.aligned`` only when every tensor they did not allocate
+    is 16-byte aligned; a misaligned input takes the checked key, with the same results."""
+    import tkern
+
+    vouched = []
+    original = _launch.Site.aligned
+
+    def aligned(self, *args):
+        vouched.append(all(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor)))
+        return original(self, *args)
+
+    monkeypatch.setattr(_launch.Site, "aligned", aligned)
+    kw = dict(device=device, dtype=torch.float64)
+    for shape in ((4, 3, 5, 6), (8, 2, 16, 16)):  # one launch; split
+        ref = torch.nn.BatchNorm2d(shape[1], **kw)
+        ours = tkern.nn.BatchNorm2d(shape[1], **kw)
+        base = torch.randn(torch.Size(shape).numel() + 1, **kw)
+        for offset in (0, 1, 0, 1):  # 8-byte offset: misaligned for Triton's 16
+            x = base[offset:offset + torch.Size(shape).numel()].view(shape).requires_grad_()
+            dy = torch.randn(shape, **kw)
+            n = len(vouched)
+            y = ours(x)
+            (dx,) = torch.autograd.grad(y, x, dy)
+            xr = x.detach().requires_grad_()
+            yr = ref(xr)
+            (dxr,) = torch.autograd.grad(yr, xr, dy)
+            torch.testing.assert_close(y, yr)
+            torch.testing.assert_close(dx, dxr)
+            if offset:
+                assert len(vouched) == n, "a misaligned input was vouched for"
+        assert vouched and all(vouched)

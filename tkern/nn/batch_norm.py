@@ -88,10 +88,10 @@ class _TkernBatchNormMixin:
             weight, bias = p.get("weight"), p.get("bias")
             rm, rv = s.get("running_mean"), s.get("running_var")
             nbt = s.get("num_batches_tracked")
-            if (memo[0](input, ABSENT if weight is None else weight,
-                        ABSENT if bias is None else bias, ABSENT if rm is None else rm,
-                        ABSENT if rv is None else rv, ABSENT if nbt is None else nbt,
-                        ABSENT if residual is None else residual)
+            if (memo[0](input, ABSENT[1] if weight is None else weight,
+                        ABSENT[2] if bias is None else bias, ABSENT[3] if rm is None else rm,
+                        ABSENT[4] if rv is None else rv, ABSENT[5] if nbt is None else nbt,
+                        ABSENT[6] if residual is None else residual)
                     and memo[2] == call_state()
                     and not torch._C._are_functorch_transforms_active()):
                 return repeat(memo[1], input, rm, rv, weight, bias, nbt, residual)
@@ -148,8 +148,8 @@ class _TkernBatchNormMixin:
                 or state[2] is not s.get("running_mean") or state[3] is not s.get("running_var")
                 or state[4] is not s.get("num_batches_tracked")):
             return
-        guard = tensor_guard((input, *(ABSENT if t is None else t for t in state),
-                              ABSENT if residual is None else residual))
+        tensors = (input, *state, residual)
+        guard = tensor_guard(tuple(ABSENT[i] if t is None else t for i, t in enumerate(tensors)))
         d[_MEMO[self.training]] = (guard, hit, call_state())
 
     def _kernel_scalars(self):

@@ -155,17 +155,19 @@ try:  # dynamo's guard on tensors' metadata: one C call (torch.compile checks it
 except ImportError:  # pragma: no cover - every torch tkern supports has it
     _TensorGuards = None
 
-# stands for an absent (None) tensor in a guard: no tensor an op takes is a 0-element fp32
-# vector where the guard saw this one (a call with C = 0 has no elements and no program)
-ABSENT = torch.empty(0)
+# ``ABSENT[i]`` stands for an absent (None) tensor at position i of a guard: no tensor an op
+# takes is a 0-element fp32 vector where the guard saw one (a call with C = 0 has no elements
+# and no program).  One per position: TensorGuards fails a check that repeats an object.
+ABSENT = tuple(torch.empty(0) for _ in range(16))
 
 
 def tensor_guard(tensors: tuple) -> Callable[..., bool]:
-    """``check(*tensors) -> bool``: whether tensors (``ABSENT`` for None) have the metadata
+    """``check(*tensors) -> bool``: whether tensors (``ABSENT[i]`` for None) have the metadata
     ``tensors`` have now: class, shape, strides, dtype, device, requires_grad and dispatch keys,
     everything ``signature`` covers but its last entries (``call_state``).  dynamo's
     TensorGuards where torch has them: one C call, ~0.4 us for seven tensors, against ~3 us
-    for building and hashing a signature (which it falls back to)."""
+    for building and hashing a signature (which it falls back to).  A check passing one tensor
+    twice fails: conservative, as a guard must be."""
     if _TensorGuards is not None:
         try:
             return _TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
@@ -433,6 +435,10 @@ class Op:
         self._fast_fn = fast
         # the C++ apply itself: Function.apply adds only functorch checks for old-style forwards
         self._fast_apply = super(base, fast).apply
+        # for a caller that has checked what ``run`` checks (no torch.func transform active, not
+        # compiling): ``fast(*grad_inputs, inputs, cfg, program)`` -> the differentiable output
+        # (a tuple of them where there are several)
+        self.fast = self._fast_apply
 
     # -- torch.library (torch.compile)
 

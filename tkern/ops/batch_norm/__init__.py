@@ -209,15 +209,16 @@ def checked_key(training, momentum, eps, activation, negative_slope, alpha, appr
 
 
 def repeat(hit, input, running_mean, running_var, weight, bias, num_batches_tracked, residual):
-    """A repeated call (a ``_CALLS`` entry): the module's counter kept as the entry says, then
-    the op's program; y."""
+    """A repeated call (a ``_CALLS`` entry; the caller has checked that no torch.func transform
+    is active, ``checked_key`` does): the module's counter kept as the entry says, then the op's
+    program; y."""
     cfg, program, stats, nbt = hit
     if nbt is not None and nbt != _NBT_KERNEL:
         num_batches_tracked.add_(1)
-    return OP.run(program, (input, weight, bias, running_mean if stats else None,
-                            running_var if stats else None,
-                            num_batches_tracked if nbt is not None and nbt != _NBT_HOST
-                            else None, residual), cfg)[0]
+    inputs = (input, weight, bias, running_mean if stats else None,
+              running_var if stats else None,
+              num_batches_tracked if nbt is not None and nbt != _NBT_HOST else None, residual)
+    return OP.fast(input, weight, bias, residual, inputs, cfg, program)  # OP.grads' inputs
 
 
 _LOOK_UP = object()  # _batch_norm's default: look the call up (a module passes its own key)
