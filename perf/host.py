@@ -164,10 +164,34 @@ def gpu_like_plans(sm_count: int = 132):
 class Case:
     """One call: ``make(shape, ours)`` -> (fn, input needing grad).  tkern runs on ``shape`` (its
     plans, hence its launches, depend on it); eager PyTorch on ``tiny``, where its CPU kernels
-    cost least (see the module docstring)."""
+    cost least (see the module docstring).  Targets (issue 13): ``ratio``, the most tkern's
+    fwd+bwd host µs may be of eager's (None: none); ``kernels``, the most kernels tkern may
+    start per call (forward, backward), Triton's and torch's together."""
 
-    def __init__(self, name: str, make: Callable, shape: tuple, tiny: tuple):
+    def __init__(self, name: str, make: Callable, shape: tuple, tiny: tuple,
+                 ratio: float | None = None, kernels: tuple = (1, 1)):
         self.name, self.make, self.shape, self.tiny = name, make, shape, tiny
+        self.ratio, self.kernels = ratio, kernels
+
+
+# torch kernels only the CPU path starts: CPU tensors draw dropout's seed as a CPU tensor
+# (torch.randint); CUDA ones read and advance the generator's host-side state (tkern/ops/_rng.py)
+_CPU_ONLY = frozenset(("randint",))
+
+
+def verdict(case: "Case", row: dict) -> tuple[bool, str]:
+    """(met, what is over) of a measured row against ``case``'s targets."""
+    over = []
+    t = row["tkern"]
+    for direction, most in zip(("fwd", "bwd"), case.kernels):
+        launches, others = t["counts"][direction]
+        n = launches + sum(1 for name in others if name not in _CPU_ONLY)
+        if n > most:
+            over.append(f"{direction} {n} > {most} kernels")
+    ratio = t["full_us"] / row["eager"]["full_us"]
+    if case.ratio is not None and ratio > case.ratio:
+        over.append(f"{ratio:.2f}x > {case.ratio:.1f}x")
+    return not over, "; ".join(over)
 
 
 def _bn_case(activation, training):
@@ -227,16 +251,21 @@ def _wn_make(shape, ours):
 # eager's tiny shapes keep the rank and the kind of call; its host cost does not depend on the
 # sizes on a GPU, its CPU kernels here do (BatchNorm's per channel, dropout's Bernoulli draw per
 # element), so the smallest shapes give the tightest bound on its host cost
+# (targets: BatchNorm training <= 2 kernels each way, 1 where a channel fits one program's
+# cache, as at 7x7; a bias gradient may take a second backward kernel)
 CASES = [
-    Case("BatchNorm2d(2048)+relu train", _bn_case("relu", True), (32, 2048, 7, 7), (2, 8, 2, 2)),
-    Case("BatchNorm2d(64)+relu train", _bn_case("relu", True), (32, 64, 56, 56), (2, 8, 2, 2)),
+    Case("BatchNorm2d(2048)+relu train", _bn_case("relu", True), (32, 2048, 7, 7), (2, 8, 2, 2),
+         ratio=1.0),
+    Case("BatchNorm2d(64)+relu train", _bn_case("relu", True), (32, 64, 56, 56), (2, 8, 2, 2),
+         ratio=1.0, kernels=(2, 2)),
     Case("BatchNorm2d(2048) eval", _bn_case(None, False), (32, 2048, 7, 7), (2, 8, 2, 2)),
     # tkern on a small shape too: with GPU plans its launches are a large shape's (the bias
     # gradient in partial rows, added up by the kernel's last programs)
-    Case("activation_dropout gelu p=0.1 +bias", _dropout_case(True), (16, 1024), (2, 8)),
-    Case("activation_dropout gelu p=0.1", _dropout_case(False), (16, 1024), (2, 8)),
-    Case("local_response_norm size 5", _lrn_make, (2, 96, 9, 9), (1, 8, 2, 2)),
-    Case("weight_norm dim 0", _wn_make, (256, 256), (8, 8)),
+    Case("activation_dropout gelu p=0.1 +bias", _dropout_case(True), (16, 1024), (2, 8),
+         ratio=1.0, kernels=(1, 2)),
+    Case("activation_dropout gelu p=0.1", _dropout_case(False), (16, 1024), (2, 8), ratio=1.0),
+    Case("local_response_norm size 5", _lrn_make, (2, 96, 9, 9), (1, 8, 2, 2), ratio=1.0),
+    Case("weight_norm dim 0", _wn_make, (256, 256), (8, 8), kernels=(2, 2)),
 ]
 
 
@@ -414,7 +443,9 @@ def run(reps: int = 40, cases=None, out=print, rounds: int = 25) -> list[dict]:
         with plans:
             for case in cases or CASES:
                 ours, theirs = _measure_pair(case, reps, rounds)
-                rows.append(dict(case=case.name, shape=case.shape, tkern=ours, eager=theirs))
+                row = dict(case=case.name, shape=case.shape, tkern=ours, eager=theirs)
+                row["met"], row["over"] = verdict(case, row)
+                rows.append(row)
             bare = None
             if any(case is CASES[0] for case in cases or CASES):
                 ctx = (contextlib.nullcontext(LaunchLog()) if torch.cuda.is_available()
@@ -429,7 +460,7 @@ def run(reps: int = 40, cases=None, out=print, rounds: int = 25) -> list[dict]:
         f"tkern on the shape shown, eager on a tiny shape (its CPU kernels run); "
         f"least of {rounds} interleaved rounds of {reps} calls")
     head = (f"{'case':38s} {'shape':>18s} | {'tkern fwd':>9s} {'fwd+bwd':>8s} {'launch f/b':>10s}"
-            f" {'other torch f / b':28s} | {'eager fwd':>9s} {'fwd+bwd':>8s} | ratio")
+            f" {'other torch f / b':28s} | {'eager fwd':>9s} {'fwd+bwd':>8s} | ratio | target")
     out(head)
     out("-" * len(head))
     for r in rows:
@@ -438,7 +469,7 @@ def run(reps: int = 40, cases=None, out=print, rounds: int = 25) -> list[dict]:
         other = f"{','.join(of) or '-'} / {','.join(ob) or '-'}"
         out(f"{r['case']:38s} {str(tuple(r['shape'])):>18s} | {t['fwd_us']:9.1f} {t['full_us']:8.1f}"
             f" {f'{lf} / {lb}':>10s} {other:28s} | {e['fwd_us']:9.1f} {e['full_us']:8.1f} |"
-            f" {t['full_us'] / e['full_us']:.2f}x")
+            f" {t['full_us'] / e['full_us']:.2f}x | {'met' if r['met'] else 'OVER: ' + r['over']}")
     if bare is not None:
         out(f"bare: {CASES[0].name}'s own program in a minimal Python autograd.Function (no "
             f"module, checks or key): {bare[0]:.1f} / {bare[1]:.1f} us fwd / fwd+bwd, "

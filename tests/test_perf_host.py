@@ -40,6 +40,11 @@ def test_host_mode_counts_launches():
         assert r["eager"]["counts"]["fwd"][0] == 0 and r["eager"]["counts"]["fwd"][1]
         assert r["tkern"]["fwd_us"] > 0 and r["eager"]["full_us"] > 0
     assert len(lines) == 5 + len(names) and all(n in "\n".join(lines) for n in names)
+    assert lines[1].rstrip().endswith("| target")
+    for r in rows:  # the kernel counts are exact: those targets hold on every machine
+        assert "kernels" not in r["over"], (r["case"], r["over"])
+        (line,) = [line for line in lines if line.startswith(r["case"] + " ")]
+        assert line.endswith("| met") if r["met"] else "| OVER: " in line
     # BatchNorm's program in a bare Python Function: the reference line beside the floor
     assert lines[-2].startswith("bare: BatchNorm2d(2048)+relu train") and "x eager" in lines[-2]
     assert lines[-1].startswith("floor: ")
@@ -58,3 +63,19 @@ def test_skipped_bodies_still_bind_arguments():
         import tkern
         tkern.local_response_norm(x.view(1, 4, 1), 3)
     assert log.launches == 1 and log.names == ["_lrn_forward_kernel"] and y.eq(7).all()
+
+
+def test_verdict_counts_kernels_and_ratio():
+    """The target column: Triton launches and torch kernels together (bar the CPU path's seed
+    draw), and the fwd+bwd ratio where the case has one."""
+    case = host.Case("c", None, (1,), (1,), ratio=1.0, kernels=(1, 2))
+
+    def row(fwd, bwd, us):
+        return dict(tkern=dict(counts={"fwd": fwd, "bwd": bwd}, full_us=us),
+                    eager=dict(full_us=10.0))
+
+    assert host.verdict(case, row((1, ["randint"]), (1, ["zeros"]), 9.0)) == (True, "")
+    assert host.verdict(case, row((1, ["add_"]), (1, []), 10.0)) == (False, "fwd 2 > 1 kernels")
+    assert host.verdict(case, row((1, []), (3, []), 11.0)) == (
+        False, "bwd 3 > 2 kernels; 1.10x > 1.0x")
+    assert host.verdict(host.Case("e", None, (1,), (1,)), row((1, []), (1, []), 30.0))[0]
