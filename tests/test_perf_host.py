@@ -43,7 +43,7 @@ def test_host_mode_counts_launches():
     assert lines[1].rstrip().endswith("| target")
     for r in rows:  # the kernel counts are exact: those targets hold on every machine
         assert "kernels" not in r["over"], (r["case"], r["over"])
-        (line,) = [line for line in lines if line.startswith(r["case"] + " ")]
+        (line,) = [line for line in lines if line.startswith(f"{r['case']:38s} ")]
         assert line.endswith("| met") if r["met"] else "| OVER: " in line
     # BatchNorm's program in a bare Python Function: the reference line beside the floor
     assert lines[-2].startswith("bare: BatchNorm2d(2048)+relu train") and "x eager" in lines[-2]
