@@ -258,7 +258,7 @@ class Site:
         self.fixed = False
         self._entries: dict = {}
         # a fixed site's entry for aligned tensors without named ones: (compiled, device,
-        # launcher, function, packed, rest), what ``aligned`` calls without a lookup
+        # launcher, grid x 3, function, packed, rest), what ``aligned`` calls without a lookup
         self._aligned_hit = None
 
     def fixed_dtypes(self) -> "Site":
@@ -290,16 +290,14 @@ class Site:
         ``fixed_dtypes`` site is then keyed by the device alone, its tensors unread."""
         hit = self._aligned_hit
         if hit is not None and _JIT.run is _TRITON_RUN and _hooks_idle():
-            compiled, device, launcher, function, packed, rest = hit
+            compiled, device, launcher, g0, g1, g2, function, packed, rest = hit
             if compiled:
                 if torch._C._cuda_getDevice() == device:
-                    g = self.grid
-                    launcher(g[0], g[1], g[2], torch._C._cuda_getCurrentRawStream(device),
-                             function, packed, None, None, None, *args, *rest)
+                    launcher(g0, g1, g2, torch._C._cuda_getCurrentRawStream(device), function,
+                             packed, None, None, None, *args, *rest)
                     return
             elif EMULATION is not None and EMULATION.active:
-                g = self.grid
-                launcher(g[0], g[1], g[2], 0, function, packed, None, None, None, *args, *rest)
+                launcher(g0, g1, g2, 0, function, packed, None, None, None, *args, *rest)
                 return
         self._launch(args, self.fixed)
 
@@ -345,7 +343,9 @@ class Site:
                 made = (_emulated_launch, self.kernel.fn.__name__, None, rest, slots)
             self._entries[key] = made
             if self.fixed and key == device and not slots:
-                self._aligned_hit = (compiled, device, *made[:4])
+                launcher, function, packed, rest = made[:4]
+                self._aligned_hit = (compiled, device, launcher, *self.grid, function, packed,
+                                     rest)
             return
         lead, kwargs = self._split(args)
         self.kernel[self.grid](*lead, *self.tail, **kwargs)

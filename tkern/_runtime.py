@@ -76,6 +76,9 @@ def check_same_device(*tensors: torch.Tensor | None) -> torch.device | None:
 # Set by ``plan_as_gpu``: the SM count of a card that CPU tensors' launches are planned for, so that
 # perf.static_cost can record, without a GPU, the launches a GPU run makes (and compile them).
 _planned_sms: int | None = None
+# A new object whenever what plans depend on changes (``plan_as_gpu``; ``_op.clear_plan_caches``):
+# a call remembered with one is valid while it is current (``_op.call_state``).
+plan_state = object()
 _sm_counts: dict = {}
 
 
@@ -84,12 +87,14 @@ def plan_as_gpu(sm_count: int):
     """Within this block CPU tensors take the GPU path and GPU-sized plans for a card of
     ``sm_count`` SMs.  For recording launches only (perf.static_cost): the caller intercepts
     the launches, which would otherwise run compiled code on CPU memory."""
-    global _planned_sms
+    global _planned_sms, plan_state
     saved, _planned_sms = _planned_sms, int(sm_count)
+    plan_state = object()
     try:
         yield
     finally:
         _planned_sms = saved
+        plan_state = object()
 
 
 def plans_for_gpu(device: torch.device) -> bool:

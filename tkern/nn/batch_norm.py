@@ -18,9 +18,10 @@ import inspect
 
 import torch
 
+from .. import _runtime as rt
 from ..activations import activation_repr, activation_scalars, check_activation
 from ..ops._op import ABSENT, call_state, tensor_guard
-from ..ops.batch_norm import _CALLS, _batch_norm, checked_key, repeat
+from ..ops.batch_norm import _CALLS, _batch_norm, checked_key, repeat, runner
 
 
 # Whether the installed torch's BatchNorm takes ``bias=`` (torch >= 2.13).
@@ -92,9 +93,10 @@ class _TkernBatchNormMixin:
                         ABSENT[2] if bias is None else bias, ABSENT[3] if rm is None else rm,
                         ABSENT[4] if rv is None else rv, ABSENT[5] if nbt is None else nbt,
                         ABSENT[6] if residual is None else residual)
-                    and memo[2] == call_state()
+                    and memo[2] is rt.plan_state
+                    and (memo[3] is None or memo[3] is rt.interpreter_enabled())
                     and not torch._C._are_functorch_transforms_active()):
-                return repeat(memo[1], input, rm, rv, weight, bias, nbt, residual)
+                return memo[1](input, rm, rv, weight, bias, nbt, residual)
         return self._checked_forward(input, residual)
 
     def _checked_forward(self, input, residual):
@@ -150,7 +152,7 @@ class _TkernBatchNormMixin:
             return
         tensors = (input, *state, residual)
         guard = tensor_guard(tuple(ABSENT[i] if t is None else t for i, t in enumerate(tensors)))
-        d[_MEMO[self.training]] = (guard, hit, call_state())
+        d[_MEMO[self.training]] = (guard, runner(hit), *call_state(input.device))
 
     def _kernel_scalars(self):
         """The kernels' two activation scalars, made once per value of the activation's

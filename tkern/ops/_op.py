@@ -37,7 +37,8 @@ From the declaration ``Op`` builds:
   op's plain ``forward`` / ``backward`` must run.  ``apply`` keeps them per
   ``signature(inputs)`` and ``program_key(cfg)`` (default: the whole config; dropout leaves out
   its per-call seed); a public function that caches its own checks per signature hands one to
-  ``run``.
+  ``run`` (only programs ``program`` made: it gives each its ``tk_saves`` picker, what the
+  eager Function saves for it without a per-call lookup).
 
 Declaration contract (``inputs`` are tensors, ``?`` marks an optional one; ``cfg`` is an instance
 of ``config``, a NamedTuple whose annotated fields become the custom ops' scalar arguments):
@@ -133,21 +134,20 @@ class PlanCache:
 
 
 _CACHES: "weakref.WeakSet[PlanCache]" = weakref.WeakSet()
-_epoch = 0  # advanced by clear_plan_caches: what a remembered call (``call_state``) was made in
 
 
 def clear_plan_caches() -> None:
-    global _epoch
-    _epoch += 1
+    rt.plan_state = object()  # calls remembered before (``call_state``) are stale
     for cache in list(_CACHES):
         cache.clear()
 
 
-def call_state() -> tuple:
-    """What a call remembered by its tensors' guard (``tensor_guard``) also depends on: the plan
-    caches' epoch, ``rt.plan_as_gpu`` and the interpreter switch (``signature``'s last
-    entries)."""
-    return (_epoch, rt._planned_sms, rt.interpreter_enabled())
+def call_state(device: torch.device) -> tuple:
+    """What a call on ``device`` remembered by its tensors' guard (``tensor_guard``) also
+    depends on (``signature``'s last entries): ``(rt.plan_state, interpreter switch or None)``,
+    the switch only for CPU tensors.  Still current while ``state[0] is rt.plan_state and
+    state[1] in (None, rt.interpreter_enabled())``: no tuple built per call."""
+    return rt.plan_state, rt.interpreter_enabled() if device.type == "cpu" else None
 
 
 try:  # dynamo's guard on tensors' metadata: one C call (torch.compile checks its graphs' inputs so)
@@ -254,8 +254,9 @@ class Op:
         self.mutates = tuple(self.input_names.index(n) for n in mutates)
         self.library = library
         self.make_program = program
+        if program_key is not None and save_when:  # a program's saves picker is per config
+            raise ValueError(f"{name}: save_when needs the whole config as the program key")
         self.program_key = program_key or (lambda cfg: cfg)
-        self._whole_config_key = program_key is None
         self._programs = PlanCache(None)
         self._build_functions()
         if library:
@@ -296,8 +297,8 @@ class Op:
         if key in programs:
             return programs[key]
         made = self.make_program(inputs, cfg)
-        if made is not None and self.save_when and self._whole_config_key:
-            made.tk_saves = self._save_picker(cfg)  # _save: no config lookup per call
+        if made is not None:  # what autograd saves, picked from (*inputs, *outputs, None)
+            made.tk_saves = self._save_picker(cfg) if self.save_when else self._pick_saves
         self._programs.put(key, made)
         return made
 
@@ -317,13 +318,11 @@ class Op:
             ctx.mark_non_differentiable(*self._pick_aux(outs))
         self._save(ctx, inputs, cfg, outs)
 
-    def _save(self, ctx, inputs, cfg, outs, program=None):
+    def _save(self, ctx, inputs, cfg, outs):
         ctx.set_materialize_grads(False)
         pick = self._pick_saves
         if self.save_when:
-            pick = getattr(program, "tk_saves", None)  # set by ``program``
-            if pick is None:
-                pick = self._save_pickers.get(cfg)
+            pick = self._save_pickers.get(cfg)
             if pick is None:
                 pick = self._save_picker(cfg)
         ctx.save_for_backward(*pick((*inputs, *outs, None)))
@@ -399,12 +398,20 @@ class Op:
         # then every input in declared order as one tuple (the others, such as running stats
         # updated in place, are no autograd business: each tensor argument costs host time),
         # the config record and the program.
+        first_diff = op.diff_outputs[0]
+
         def fast_forward(ctx, *args):  # returns the differentiable outputs; aux ones are saved
             inputs, cfg, program = args[-3], args[-2], args[-1]
-            outs = op.forward(*inputs, cfg) if program is None else program.forward(cfg, *inputs)
-            op._save(ctx, inputs, cfg, outs, program)
+            if program is None:
+                outs = op.forward(*inputs, cfg)
+                op._save(ctx, inputs, cfg, outs)
+            else:  # _save with the program's own picker (``program`` made it)
+                outs = program.forward(cfg, *inputs)
+                ctx.set_materialize_grads(False)
+                ctx.save_for_backward(*program.tk_saves((*inputs, *outs, None)))
+                ctx.cfg = cfg
             ctx.program = program
-            return pick_diff(outs) if n_diff > 1 else outs[op.diff_outputs[0]]
+            return pick_diff(outs) if n_diff > 1 else outs[first_diff]
 
         def func_forward(*args):
             outs = op.forward(*args[:-1], args[-1])

@@ -221,6 +221,27 @@ def repeat(hit, input, running_mean, running_var, weight, bias, num_batches_trac
     return OP.fast(input, weight, bias, residual, inputs, cfg, program)  # OP.grads' inputs
 
 
+def runner(hit):
+    """``repeat`` for one ``_CALLS`` entry with its branches taken once (a module keeps it for
+    its repeated calls): ``run(input, running_mean, running_var, weight, bias,
+    num_batches_tracked, residual) -> y``."""
+    cfg, program, stats, nbt = hit
+    fast = OP.fast
+    if stats and nbt == _NBT_KERNEL:  # training: the kernel counts the batch
+        def run(input, running_mean, running_var, weight, bias, num_batches_tracked, residual):
+            return fast(input, weight, bias, residual, (input, weight, bias, running_mean,
+                        running_var, num_batches_tracked, residual), cfg, program)
+    elif stats and nbt is None:  # eval
+        def run(input, running_mean, running_var, weight, bias, num_batches_tracked, residual):
+            return fast(input, weight, bias, residual, (input, weight, bias, running_mean,
+                        running_var, None, residual), cfg, program)
+    else:
+        def run(input, running_mean, running_var, weight, bias, num_batches_tracked, residual):
+            return repeat(hit, input, running_mean, running_var, weight, bias,
+                          num_batches_tracked, residual)
+    return run
+
+
 _LOOK_UP = object()  # _batch_norm's default: look the call up (a module passes its own key)
 
 
