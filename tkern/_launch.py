@@ -289,7 +289,11 @@ class Site:
         argument it did not allocate itself is 16-byte aligned (fresh allocations are): a
         ``fixed_dtypes`` site is then keyed by the device alone, its tensors unread."""
         hit = self._aligned_hit
-        if hit is not None and _JIT.run is _TRITON_RUN and _hooks_idle():
+        knobs = _RUNTIME_KNOBS  # _own_path, inlined: this runs on every launch of a program
+        enter, exit_ = knobs.launch_enter_hook, knobs.launch_exit_hook
+        if (hit is not None and _JIT.run is _TRITON_RUN
+                and (enter is None or not getattr(enter, "calls", True))
+                and (exit_ is None or not getattr(exit_, "calls", True))):
             compiled, device, launcher, g0, g1, g2, function, packed, rest = hit
             if compiled:
                 if torch._C._cuda_getDevice() == device:
